@@ -752,8 +752,9 @@ def load(name, split, subset=None, **kw) -> ImageDataset:
     For "synthetic", ``kw`` goes to :func:`synthetic` and the test split uses other noise (seed + 1,000,003).
     """
     validate.choice("name", name, DATASETS)
-    _check_split_subset(name, split, DATASETS[name]["default_subset"][split] if subset is None else subset)
+    validate.choice("split", split, DATASETS[name]["splits"])
     subset = DATASETS[name]["default_subset"][split] if subset is None else subset
+    _check_split_subset(name, split, subset)
     if name == "synthetic":
         seed = kw.pop("seed", 0)
         validate.number("seed", seed, integer=True)
