@@ -488,7 +488,8 @@ def cifar10(split="train", subset="mini", *, data_dir=None, download=False, augm
     else the bundle's JPEG copies (``lossless=False``, warns once).
     """
     _check_split_subset("cifar10", split, subset)
-    _flag("download", download), _flag("augment", augment)
+    _flag("download", download)
+    _flag("augment", augment)
     _check_dir(data_dir)
     name = f"cifar10/{split}/{subset}"
     if subset == "mini":
@@ -529,7 +530,8 @@ def cifar10(split="train", subset="mini", *, data_dir=None, download=False, augm
 def cifar100(split="test", subset="test20", *, data_dir=None, download=False, augment=False) -> ImageDataset:
     """CIFAR-100 (fine labels). ``test20``: test images 0-19 (bundle or torchvision); ``full``: torchvision."""
     _check_split_subset("cifar100", split, subset)
-    _flag("download", download), _flag("augment", augment)
+    _flag("download", download)
+    _flag("augment", augment)
     if subset == "test20" and split != "test":
         raise ValueError(f"subset='test20' exists only for split='test'; got split={split!r} "
                          "(use subset='full' for the training set)")
@@ -657,7 +659,8 @@ def tinyimagenet(split="val", subset="bundle", *, data_dir=None, download=False,
     train = 500 * class + k for ``<wnid>_k.JPEG``.
     """
     _check_split_subset("tinyimagenet", split, subset)
-    _flag("download", download), _flag("augment", augment)
+    _flag("download", download)
+    _flag("augment", augment)
     _check_dir(data_dir)
     name = f"tinyimagenet/{split}/{subset}"
     need_full = split == "train" and subset == "full"
@@ -769,7 +772,8 @@ def make_loader(dataset, batch_size, *, shuffle, seed=0, drop_last=False, num_wo
     if not isinstance(dataset, torch.utils.data.Dataset):
         raise TypeError(f"dataset must be a torch Dataset (e.g. an ImageDataset); got {type(dataset).__name__}")
     validate.number("batch_size", batch_size, min=1, integer=True)
-    _flag("shuffle", shuffle), _flag("drop_last", drop_last)
+    _flag("shuffle", shuffle)
+    _flag("drop_last", drop_last)
     validate.number("seed", seed, integer=True)
     validate.number("num_workers", num_workers, min=0, integer=True)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
