@@ -761,6 +761,7 @@ def load(name, split, subset=None, **kw) -> ImageDataset:
     if name == "synthetic":
         seed = kw.pop("seed", 0)
         validate.number("seed", seed, integer=True)
+        kw.pop("data_dir", None), kw.pop("download", None)  # generated, nothing to find or fetch
         ds = synthetic(seed=seed + (0 if split == "train" else 1_000_003), **kw)
         ds.name = f"synthetic/{split}"
         return ds

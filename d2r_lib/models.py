@@ -5,7 +5,7 @@ pooling, so the same definition runs on 32×32 (CIFAR) and 64×64 (Tiny ImageNet
 
 | name               | role                                   | parameters (10 classes) |
 |--------------------|----------------------------------------|-------------------------|
-| `small_cnn`        | fast CPU teaching model                | 141,034                 |
+| `small_cnn`        | fast CPU teaching model                | 35,962                  |
 | `preact_resnet18`  | target (PreActResNet-18)               | 11,171,146              |
 | `resnet18`         | guide: LBGAT/D2R ResNet18_cifar        | 11,173,962              |
 | `resnet18_standard`| CIFAR ResNet-18 with layer2 stride 2   | 11,173,962              |
@@ -27,7 +27,7 @@ from . import validate
 class SmallCNN(nn.Module):
     """Five 3×3 convolutions with BatchNorm, three max-pools, one linear layer: fast on a laptop CPU."""
 
-    def __init__(self, num_classes: int = 10, width: int = 32):
+    def __init__(self, num_classes: int = 10, width: int = 16):
         super().__init__()
         w = width
 

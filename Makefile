@@ -1,0 +1,31 @@
+# The two commands of the README, and what they need. Every target creates .venv when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: book test quickstart demo clean-book
+
+# Main job: build the book (executes every chapter at the `cpu` profile on the offline CIFAR-10 data).
+book: $(STAMP)
+	$(VENV)/bin/jupyter-book build . -W --keep-going
+	@echo "The book is at $(CURDIR)/_build/html/index.html"
+
+# Tests: the library, every chapter at the `smoke` profile, the book build, the exercises.
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile -q
+
+quickstart: $(STAMP)
+	$(PY) -m d2r_lib quickstart
+
+demo: $(STAMP)
+	$(PY) -m d2r_lib demo
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+clean-book:
+	rm -rf _build
