@@ -47,6 +47,7 @@ protocol (ε = 8/255, PGD-20 and CW-20 with step 2/255). `autoattack` names an `
 entry or "off"."""
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PROFILE_ENV = "D2R_PROFILE"
 CHAPTER_DIR = Path(__file__).resolve().parents[1] / "book"
 
 
@@ -104,9 +105,14 @@ def resolve(profile: str = "cpu", *, seed: int = 0, device: str = "auto", verbos
     """Fill every None override from the profile, validate all values, pick and print the device.
 
     Overrides that are not profile fields (e.g. `beta_values` of chapter 3) are kept in `cfg.extra`.
+    The environment variable D2R_PROFILE, when set, replaces `profile` (the test suite builds the whole
+    book at the smoke profile this way).
     """
     from . import data, evaluate, models  # local: keep `import d2r_lib.experiments` light
 
+    if os.environ.get(PROFILE_ENV):
+        profile = os.environ[PROFILE_ENV]
+        validate.choice(PROFILE_ENV, profile, PROFILES)
     validate.choice("profile", profile, PROFILES)
     validate.number("seed", seed, min=0, integer=True)
     values = dict(PROFILES[profile])

@@ -103,8 +103,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def key(self) -> str:
-        """A short hash of every field: the checkpoint-cache key."""
-        blob = json.dumps(self.as_dict(), sort_keys=True, default=str)
+        """A short hash of every field and of the library code that trains: the checkpoint-cache key."""
+        blob = json.dumps(self.as_dict(), sort_keys=True, default=str) + code_fingerprint()
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
@@ -119,6 +119,14 @@ class TrainResult:
     history: list[dict]
     checkpoint: Path | None
     config: TrainConfig
+
+
+def code_fingerprint() -> str:
+    """Hash of the modules whose code decides what a run trains: a change there invalidates cached runs."""
+    digest = hashlib.sha256()
+    for name in ("attacks", "data", "losses", "methods", "models", "train"):
+        digest.update((Path(__file__).parent / f"{name}.py").read_bytes())
+    return digest.hexdigest()[:12]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
