@@ -13,7 +13,7 @@ book: $(STAMP)
 
 # Tests: the library, every chapter at the `smoke` profile, the book build, the exercises.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile -q
 
 quickstart: $(STAMP)
 	$(PY) -m d2r_lib quickstart

@@ -1,0 +1,940 @@
+"""d2r_lib.checks has teeth: the library's own implementations pass every check, and for every check at least
+two deliberately wrong implementations are rejected with the specific message that names the mistake."""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from d2r_lib import attacks, checks, losses, methods
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The checks use tiny tensors: one thread is fastest and avoids oversubscription under pytest -n."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _norm(t):
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+
+
+# ================================================================================ correct implementations
+def _accuracy(model, x, y):
+    with attacks.eval_mode(model), torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def _lib_robust_accuracy(model, x, y, *, eps, step_size, steps):
+    return _accuracy(model, attacks.pgd(model, x, y, eps=eps, step_size=step_size, steps=steps), y)
+
+
+def _lib_masked(model, x, y, surrogate):
+    pgd = attacks.ATTACKS["pgd"]
+    white = _accuracy(model, pgd(model, x, y, 0.3), y)
+    return white > 0.1 or _accuracy(model, pgd(surrogate, x, y, 0.3), y) < white - 0.05
+
+
+LIBRARY = {
+    "fgsm": lambda m, x, y, eps: attacks.fgsm(m, x, y, eps=eps),
+    "project_linf": lambda xa, x, eps: attacks.project(xa, x, eps, "linf"),
+    "project_l2": lambda xa, x, eps: attacks.project(xa, x, eps, "l2"),
+    "pgd_linf": lambda m, x, y, eps, a, k: attacks.pgd(m, x, y, eps=eps, step_size=a, steps=k),
+    "pgd_l2": lambda m, x, y, eps, a, k: attacks.pgd(m, x, y, eps=eps, step_size=a, steps=k, norm="l2"),
+    "pgd_at_loss": losses.pgd_at_loss,
+    "pgd_at_step": lambda m, o, x, y, **k: methods.train_step("pgd_at", m, None, o, x, y, **k)["loss"],
+    "robust_accuracy": _lib_robust_accuracy,
+    "trades_kl": losses.trades_kl,
+    "trades_loss": losses.trades_loss,
+    "trades_attack": lambda m, x, eps, a, k: attacks.trades_attack(m, x, eps=eps, step_size=a, steps=k),
+    "trades_step": lambda m, o, x, y, **k: methods.train_step("trades", m, None, o, x, y, **k)["loss"],
+    "lbgat0_loss": losses.lbgat_loss,
+    "lbgat_loss": losses.lbgat_loss,
+    "make_optimizer": methods.make_optimizer,
+    "lbgat_step": lambda t, g, o, x, y, **k: methods.train_step("lbgat", t, g, o, x, y, **k)["loss"],
+    "official_kl": losses.official_kl,
+    "d2r_clean_term": lambda zn, zg: losses.d2r_terms(zn, zn, zg, torch.zeros(len(zn), dtype=torch.long))["clean"],
+    "d2r_adv_term": lambda za, zg: losses.d2r_terms(za, za, zg, torch.zeros(len(za), dtype=torch.long))["adv"],
+    "d2r_loss": losses.d2r_loss,
+    "guide_reference": lambda g, x: (lambda p: p)(_guide_ref(g, x)),
+    "cag_objective": lambda za, pg: attacks.official_kl_sum(pg, za),
+    "cag": lambda t, g, x, eps, a, k: attacks.cag(t, g, x, eps=eps, step_size=a, steps=k),
+    "d2r_step": lambda t, g, o, x, y, **k: methods.train_step("d2r", t, g, o, x, y, **k)["loss"],
+    "accuracy": _accuracy,
+    "eps_sweep": lambda m, x, y, attack, eps_values: [_accuracy(m, attack(m, x, y, e), y) for e in eps_values],
+    "transfer_accuracy": lambda s, t, x, y, attack, eps: _accuracy(t, attack(s, x, y, eps), y),
+    "gradient_masking": _lib_masked,
+}
+
+
+def _guide_ref(guide, x):
+    with attacks.eval_mode(guide), torch.no_grad():
+        return F.softmax(guide(x), dim=1)
+
+
+def test_every_check_has_a_library_implementation():
+    names = {n[len("check_"):] for n in checks.__all__ if n.startswith("check_")}
+    assert names == set(LIBRARY)
+
+
+@pytest.mark.parametrize("name", sorted(LIBRARY))
+def test_library_implementation_passes(name, capsys):
+    getattr(checks, f"check_{name}")(LIBRARY[name])
+    out = capsys.readouterr().out
+    assert out.startswith("✓ "), out
+
+
+def test_not_implemented_passes_through():
+    def stub(*args, **kwargs):
+        raise NotImplementedError("Task 1: write the body of `fgsm` (replace this line)")
+
+    for name in ("fgsm", "trades_loss", "cag", "d2r_step", "accuracy", "gradient_masking", "make_optimizer"):
+        with pytest.raises(NotImplementedError, match="Task 1"):
+            getattr(checks, f"check_{name}")(stub)
+
+
+def test_other_errors_become_verdicts_and_the_rng_is_untouched():
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    with pytest.raises(checks.CheckFailed, match=r"your function raised ZeroDivisionError"):
+        checks.check_trades_kl(lambda a, b: 1 / 0)
+    checks.check_trades_kl(losses.trades_kl)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert issubclass(checks.CheckFailed, AssertionError)
+
+
+def test_a_non_callable_is_a_type_error():
+    with pytest.raises(TypeError, match="pass your function itself"):
+        checks.check_fgsm(torch.zeros(3))
+
+
+# ================================================================================ wrong implementations
+def _grad(model, x, y, objective=None, reduction="sum"):
+    x = x.detach().clone().requires_grad_(True)
+    with attacks.eval_mode(model):
+        z = model(x)
+        loss = F.cross_entropy(z, y, reduction=reduction) if objective is None else objective(z)
+        return torch.autograd.grad(loss, x)[0]
+
+
+# -- chapter 1
+def fgsm_raw_gradient(m, x, y, eps):
+    return (x + eps * _grad(m, x, y)).clamp(0, 1)
+
+
+def fgsm_no_clamp(m, x, y, eps):
+    return x + eps * _grad(m, x, y).sign()
+
+
+def fgsm_descent(m, x, y, eps):
+    return (x - eps * _grad(m, x, y).sign()).clamp(0, 1)
+
+
+def fgsm_train_mode(m, x, y, eps):
+    x = x.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(F.cross_entropy(m(x), y), x)
+    return (x.detach() + eps * grad.sign()).clamp(0, 1)
+
+
+def fgsm_not_detached(m, x, y, eps):
+    x = x.clone().requires_grad_(True)
+    with attacks.eval_mode(m):
+        grad, = torch.autograd.grad(F.cross_entropy(m(x), y), x, retain_graph=True)
+    return (x + eps * grad.sign()).clamp(0, 1)
+
+
+def fgsm_leaves_eval_mode(m, x, y, eps):
+    m.eval()
+    return fgsm_train_mode(m, x, y, eps)
+
+
+def linf_no_clamp(xa, x, eps):
+    return x + (xa - x).clamp(-eps, eps)
+
+
+def linf_no_ball(xa, x, eps):
+    return xa.clamp(0, 1)
+
+
+def linf_rescaled(xa, x, eps):
+    d = xa - x
+    m = d.flatten(1).abs().max(dim=1).values.view(-1, 1, 1, 1)
+    return (x + d * (eps / m).clamp(max=1.0)).clamp(0, 1)
+
+
+def linf_in_place(xa, x, eps):
+    xa -= x
+    return (x + xa.clamp_(-eps, eps)).clamp(0, 1)
+
+
+def l2_batch_norm(xa, x, eps):
+    d = xa - x
+    return (x + d * (eps / d.norm().clamp_min(1e-12)).clamp(max=1.0)).clamp(0, 1)
+
+
+def l2_always_rescale(xa, x, eps):
+    d = xa - x
+    return (x + d * eps / _norm(d)).clamp(0, 1)
+
+
+def l2_clip_pixels(xa, x, eps):
+    return attacks.project(xa, x, eps, "linf")
+
+
+def l2_unguarded(xa, x, eps):
+    d = xa - x
+    n = d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    return (x + d / n * n.clamp(max=eps)).clamp(0, 1)      # 0/0 when δ = 0
+
+
+def l2_no_clamp(xa, x, eps):
+    d = xa - x
+    return x + d * (eps / _norm(d)).clamp(max=1.0)
+
+
+def _pgd(m, x, y, eps, a, k, *, start="uniform", step="sign", project="each", norm="linf"):
+    x = x.detach()
+    with attacks.eval_mode(m):
+        if start == "uniform" and norm == "linf":
+            xa = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+        elif start == "uniform":
+            d = torch.randn_like(x)
+            d = d / _norm(d)
+            xa = (x + d * eps * torch.rand(x.shape[0], 1, 1, 1)).clamp(0, 1)
+        elif start == "randn":
+            xa = (x + eps * torch.randn_like(x).clamp(-1, 1)).clamp(0, 1)
+        elif start == "gaussian":
+            xa = x + 0.001 * torch.randn_like(x)
+        else:
+            xa = x.clone()
+        for _ in range(k):
+            g = _grad(m, xa, y)
+            d = {"sign": g.sign(), "grad": g, "l2": g / _norm(g), "l2batch": g / g.norm()}[step]
+            xa = xa + a * d
+            if project == "each":
+                xa = attacks.project(xa, x, eps, norm)
+            elif project == "linf":
+                xa = attacks.project(xa, x, eps, "linf")
+            elif project == "noclamp":
+                xa = x + (xa - x).clamp(-eps, eps)
+        if project == "end":
+            xa = attacks.project(xa, x, eps, norm)
+    return xa.detach()
+
+
+def pgd_no_random_start(m, x, y, eps, a, k):
+    return _pgd(m, x, y, eps, a, k, start="clean")
+
+
+def pgd_gaussian_start(m, x, y, eps, a, k):
+    return _pgd(m, x, y, eps, a, k, start="gaussian")
+
+
+def pgd_no_projection(m, x, y, eps, a, k):
+    return _pgd(m, x, y, eps, a, k, project="none").clamp(0, 1)
+
+
+def pgd_project_once(m, x, y, eps, a, k):
+    return _pgd(m, x, y, eps, a, k, project="end")
+
+
+def pgd_raw_gradient(m, x, y, eps, a, k):
+    return _pgd(m, x, y, eps, a, k, step="grad")
+
+
+def pgd_no_clamp(m, x, y, eps, a, k):
+    return _pgd(m, x, y, eps, a, k, project="noclamp")
+
+
+def pgd_other_rng(m, x, y, eps, a, k):
+    """Correct PGD whose random start uses other random numbers than the library's."""
+    return _pgd(m, x, y, eps, a, k, start="randn")
+
+
+def pgd_other_rng_raw_gradient(m, x, y, eps, a, k):
+    return _pgd(m, x, y, eps, a, k, start="randn", step="grad")
+
+
+def pgd_l2_sign(m, x, y, eps, a, k):
+    return _pgd(m, x, y, eps, a, k, norm="l2", step="sign")
+
+
+def pgd_l2_batch(m, x, y, eps, a, k):
+    return _pgd(m, x, y, eps, a, k, norm="l2", step="l2batch")
+
+
+def pgd_l2_linf_projection(m, x, y, eps, a, k):
+    return _pgd(m, x, y, eps, a, k, norm="l2", step="l2", project="linf")
+
+
+def pgd_l2_no_start(m, x, y, eps, a, k):
+    return _pgd(m, x, y, eps, a, k, norm="l2", step="l2", start="clean")
+
+
+# -- chapter 2
+def step_factory(method, *, attack=None, loss=None, zero_grad=True, eval_after=False, attack_train_mode=False):
+    """A training step built from library pieces with one piece swapped for a mistake."""
+    def step(*args, **k):
+        if method in ("lbgat", "d2r"):
+            t, g, opt, x, y = args
+        else:
+            (t, opt, x, y), g = args, None
+        budget = {a: k[a] for a in ("eps", "step_size", "steps")}
+        if attack_train_mode:
+            stack = contextlib.ExitStack()
+            for mod in (t, g):
+                if mod is not None:
+                    stack.enter_context(_no_eval(mod))
+            with stack:
+                xa = methods.make_adversarial(method, t, g, x, y, **budget)
+        elif attack is None:
+            xa = methods.make_adversarial(method, t, g, x, y, **budget)
+        else:
+            xa = attack(t, g, x, y, budget)
+        if eval_after:                 # a learner who switched to eval for the attack and never back
+            t.eval()
+            if g is not None:
+                g.eval()
+        else:
+            t.train()
+            if g is not None:
+                g.train()
+        value = (methods.compute_terms(method, t, g, x, xa, y, **{a: b for a, b in k.items() if a == "beta"})["loss"]
+                 if loss is None else loss(t, g, x, xa, y, k))
+        if zero_grad:
+            opt.zero_grad()
+        value.backward()
+        opt.step()
+        return value.item()
+    return step
+
+
+@contextlib.contextmanager
+def _no_eval(module):
+    """Make module.eval() a no-op (a learner who forgot eval mode), restoring the class method afterwards."""
+    original = module.train
+
+    def train(mode=True):
+        return original(True)
+
+    module.train = train
+    try:
+        yield
+    finally:
+        del module.train
+
+
+def robust_percent(m, x, y, *, eps, step_size, steps):
+    return 100 * _lib_robust_accuracy(m, x, y, eps=eps, step_size=step_size, steps=steps)
+
+
+def robust_clean(m, x, y, *, eps, step_size, steps):
+    attacks.pgd(m, x, y, eps=eps, step_size=step_size, steps=steps)
+    return _accuracy(m, x, y)
+
+
+def robust_train_mode(m, x, y, *, eps, step_size, steps):
+    xa = attacks.pgd(m, x, y, eps=eps, step_size=step_size, steps=steps)
+    with torch.no_grad():
+        return (m(xa).argmax(1) == y).float().mean().item()
+
+
+def robust_fgsm(m, x, y, *, eps, step_size, steps):
+    return _accuracy(m, attacks.fgsm(m, x, y, eps=eps), y)
+
+
+# -- chapter 3
+def trades_kl_reversed(zn, za):
+    return F.kl_div(F.log_softmax(zn, 1), F.softmax(za, 1), reduction="batchmean")
+
+
+def trades_kl_mean(zn, za):
+    return F.kl_div(F.log_softmax(za, 1), F.softmax(zn, 1))
+
+
+def trades_kl_sum(zn, za):
+    return F.kl_div(F.log_softmax(za, 1), F.softmax(zn, 1), reduction="sum")
+
+
+def trades_kl_probs(zn, za):
+    return F.kl_div(F.softmax(za, 1), F.softmax(zn, 1), reduction="batchmean")
+
+
+def trades_kl_dim0(zn, za):
+    return F.kl_div(F.log_softmax(za, 0), F.softmax(zn, 0), reduction="batchmean")
+
+
+def trades_ce_adv(zn, za, y, beta=6.0):
+    return F.cross_entropy(za, y) + beta * losses.trades_kl(zn, za)
+
+
+def trades_reversed(zn, za, y, beta=6.0):
+    return F.cross_entropy(zn, y) + beta * trades_kl_reversed(zn, za)
+
+
+def trades_mean(zn, za, y, beta=6.0):
+    return F.cross_entropy(zn, y) + beta * trades_kl_mean(zn, za)
+
+
+def trades_beta_ignored(zn, za, y, beta=6.0):
+    return F.cross_entropy(zn, y) + 6.0 * losses.trades_kl(zn, za)
+
+
+def trades_detached_nat(zn, za, y, beta=6.0):
+    return F.cross_entropy(zn, y) + beta * losses.trades_kl(zn.detach(), za)
+
+
+def _trades_like(m, x, eps, a, k, *, start="gaussian", reverse=False, eval_mode=True, detach=True, project=True):
+    x = x.detach()
+    ctx = attacks.eval_mode(m) if eval_mode else contextlib.nullcontext()
+    with ctx:
+        with torch.no_grad():
+            p = F.softmax(m(x), 1)
+        xa = x + 0.001 * torch.randn_like(x) if start == "gaussian" else \
+            (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+        for _ in range(k):
+            xa = xa.detach().requires_grad_(True)
+            z = m(xa)
+            obj = F.kl_div(p.log(), F.softmax(z, 1), reduction="sum") if reverse else \
+                F.kl_div(F.log_softmax(z, 1), p, reduction="sum")
+            g, = torch.autograd.grad(obj, xa, create_graph=not detach)
+            xa = xa + a * g.sign() if not detach else xa.detach() + a * g.sign()
+            if project:
+                xa = torch.min(torch.max(xa, x - eps), x + eps)
+            xa = xa.clamp(0, 1)
+    return xa.detach() if detach else xa
+
+
+def trades_uniform_start(m, x, eps, a, k):
+    return _trades_like(m, x, eps, a, k, start="uniform")
+
+
+def trades_attack_reversed(m, x, eps, a, k):
+    return _trades_like(m, x, eps, a, k, reverse=True)
+
+
+def trades_attack_train_mode(m, x, eps, a, k):
+    return _trades_like(m, x, eps, a, k, eval_mode=False)
+
+
+def trades_attack_not_detached(m, x, eps, a, k):
+    return _trades_like(m, x, eps, a, k, detach=False)
+
+
+def trades_attack_no_projection(m, x, eps, a, k):
+    return _trades_like(m, x, eps, a, k, project=False)
+
+
+# -- chapter 4
+def lbgat0_ce_target(za, zg, y):
+    return F.cross_entropy(za, y) + F.mse_loss(za, zg)
+
+
+def lbgat0_mse_probs(za, zg, y):
+    return F.cross_entropy(zg, y) + F.mse_loss(F.softmax(za, 1), F.softmax(zg, 1))
+
+
+def lbgat0_mse_class_sum(za, zg, y):
+    return F.cross_entropy(zg, y) + ((za - zg) ** 2).sum(1).mean()
+
+
+def lbgat0_detached_guide(za, zg, y):
+    return F.cross_entropy(zg, y) + F.mse_loss(za, zg.detach())
+
+
+def lbgat_kl_reversed(za, zg, y, beta=0.0, logits_nat=None):
+    loss = losses.lbgat_loss(za, zg, y)
+    return loss + beta * trades_kl_reversed(logits_nat, za) if beta > 0 else loss
+
+
+def lbgat_kl_guide(za, zg, y, beta=0.0, logits_nat=None):
+    loss = losses.lbgat_loss(za, zg, y)
+    return loss + beta * losses.trades_kl(zg, za) if beta > 0 else loss
+
+
+def lbgat_no_beta(za, zg, y, beta=0.0, logits_nat=None):
+    return losses.lbgat_loss(za, zg, y)
+
+
+def lbgat_beta_fixed(za, zg, y, beta=0.0, logits_nat=None):
+    loss = losses.lbgat_loss(za, zg, y)
+    return loss + 6.0 * losses.trades_kl(logits_nat, za) if beta > 0 else loss
+
+
+def optimizer_target_only(t, g):
+    return torch.optim.SGD(t.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
+
+
+def optimizer_wd_5e4(t, g):
+    return torch.optim.SGD([*t.parameters(), *g.parameters()], lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
+def optimizer_adam(t, g):
+    return torch.optim.Adam([*t.parameters(), *g.parameters()], lr=0.1)
+
+
+def optimizer_nesterov(t, g):
+    return torch.optim.SGD([*t.parameters(), *g.parameters()], lr=0.1, momentum=0.9, weight_decay=2e-4,
+                           nesterov=True)
+
+
+# -- chapter 5
+def okl_no_eps(p, lq):
+    return (p * (torch.log(p) - lq)).mean()
+
+
+def okl_batchmean(p, lq):
+    return (p * (torch.log(p + 1e-5) - lq)).sum() / p.shape[0]
+
+
+def okl_reversed(p, lq):
+    q = lq.exp()
+    return (q * (torch.log(q + 1e-5) - torch.log(p))).mean()
+
+
+def okl_eps_both(p, lq):
+    return (p * (torch.log(p + 1e-5) - torch.log(lq.exp() + 1e-5))).mean()
+
+
+def _okl(zp, zq, reduction="mean"):
+    return losses.official_kl(F.softmax(zp, 1), F.log_softmax(zq, 1), reduction)
+
+
+def clean_no_abs(zn, zg):
+    return _okl(zn, zg) - _okl(zg, zn)
+
+
+def clean_sum(zn, zg):
+    return _okl(zn, zg) + _okl(zg, zn)
+
+
+def clean_batchmean(zn, zg):
+    return (_okl(zn, zg, "batchmean") - _okl(zg, zn, "batchmean")).abs()
+
+
+def clean_single(zn, zg):
+    return _okl(zn, zg)
+
+
+def clean_no_eps(zn, zg):
+    return (okl_no_eps(F.softmax(zn, 1), F.log_softmax(zg, 1)) - okl_no_eps(F.softmax(zg, 1), F.log_softmax(zn, 1))).abs()
+
+
+def adv_reversed(za, zg):
+    return _okl(zg, za)
+
+
+def adv_batchmean(za, zg):
+    return _okl(za, zg, "batchmean")
+
+
+def adv_no_eps(za, zg):
+    return okl_no_eps(F.softmax(za, 1), F.log_softmax(zg, 1))
+
+
+def _d2r(za, zn, zg, y, w_clean=20.0, w_adv=30.0, *, ce=None, clean=None, adv=None, swap=False):
+    ce_term = F.cross_entropy(zg if ce is None else ce(za, zn), y)
+    clean_term = (clean or (lambda: (_okl(zn, zg) - _okl(zg, zn)).abs()))()
+    adv_term = (adv or (lambda: _okl(za, zg)))()
+    if swap:
+        w_clean, w_adv = w_adv, w_clean
+    return ce_term + F.mse_loss(za, zg) + w_clean * clean_term + w_adv * adv_term
+
+
+def d2r_ce_nat(za, zn, zg, y, w_clean=20.0, w_adv=30.0):
+    return _d2r(za, zn, zg, y, w_clean, w_adv, ce=lambda a, n: n)
+
+
+def d2r_swapped(za, zn, zg, y, w_clean=20.0, w_adv=30.0):
+    return _d2r(za, zn, zg, y, w_clean, w_adv, swap=True)
+
+
+def d2r_adv_trades_direction(za, zn, zg, y, w_clean=20.0, w_adv=30.0):
+    return _d2r(za, zn, zg, y, w_clean, w_adv, adv=lambda: _okl(zg, za))
+
+
+def d2r_no_abs(za, zn, zg, y, w_clean=20.0, w_adv=30.0):
+    return _d2r(za, zn, zg, y, w_clean, w_adv, clean=lambda: _okl(zn, zg) - _okl(zg, zn))
+
+
+def d2r_batchmean(za, zn, zg, y, w_clean=20.0, w_adv=30.0):
+    return losses.d2r_loss(za, zn, zg, y, w_clean=w_clean, w_adv=w_adv, kl_reduction="batchmean")
+
+
+def d2r_fixed_weights(za, zn, zg, y, w_clean=20.0, w_adv=30.0):
+    return losses.d2r_loss(za, zn, zg, y)
+
+
+def d2r_detached_guide(za, zn, zg, y, w_clean=20.0, w_adv=30.0):
+    t = losses.d2r_terms(za, zn, zg.detach(), y, w_clean=w_clean, w_adv=w_adv)
+    return F.cross_entropy(zg, y) + t["mse"] + w_clean * t["clean"] + w_adv * t["adv"]
+
+
+# -- chapter 6
+def ref_train_mode(g, x):
+    with torch.no_grad():
+        return F.softmax(g(x), 1)
+
+
+def ref_with_graph(g, x):
+    with attacks.eval_mode(g):
+        return F.softmax(g(x), 1)
+
+
+def ref_logits(g, x):
+    with attacks.eval_mode(g), torch.no_grad():
+        return g(x)
+
+
+def ref_log_probs(g, x):
+    with attacks.eval_mode(g), torch.no_grad():
+        return F.log_softmax(g(x), 1)
+
+
+def ref_twice(g, x):
+    with attacks.eval_mode(g), torch.no_grad():
+        g(x)
+        return F.softmax(g(x), 1)
+
+
+def ref_leaves_eval(g, x):
+    g.eval()
+    with torch.no_grad():
+        return F.softmax(g(x), 1)
+
+
+def cagobj_reversed(za, pg):
+    return (F.softmax(za, 1) * (torch.log(F.softmax(za, 1) + 1e-5) - torch.log(pg))).sum()
+
+
+def cagobj_mean(za, pg):
+    return (pg * (torch.log(pg + 1e-5) - F.log_softmax(za, 1))).mean()
+
+
+def cagobj_exact(za, pg):
+    return F.kl_div(F.log_softmax(za, 1), pg, reduction="sum")
+
+
+def cagobj_raw_logits(za, pg):
+    return (pg * (torch.log(pg + 1e-5) - za)).sum()
+
+
+def _cag(t, g, x, eps, a, k, *, reference="guide", eval_mode=True, per_step=False, grad_guide=False,
+         restore=True, start="gaussian", reverse=False):
+    x = x.detach()
+
+    def ref():
+        if reference == "target":
+            src = t
+        else:
+            src = g
+        if grad_guide:
+            return F.softmax(src(x), 1).detach()
+        with torch.no_grad():
+            return F.softmax(src(x), 1)
+
+    if eval_mode:
+        stack = attacks.eval_mode(t, g) if restore else contextlib.nullcontext()
+        if not restore:
+            t.eval()
+            g.eval()
+    else:
+        stack = contextlib.nullcontext()
+    with stack:
+        p = ref()
+        xa = x + 0.001 * torch.randn_like(x) if start == "gaussian" else \
+            (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+        for _ in range(k):
+            if per_step:
+                p = ref()
+            xa = xa.detach().requires_grad_(True)
+            z = t(xa)
+            obj = losses.official_k(F.softmax(z, 1), torch.log(p)).sum() if reverse else \
+                losses.official_k(p, F.log_softmax(z, 1)).sum()
+            grad, = torch.autograd.grad(obj, xa)
+            xa = torch.min(torch.max(xa.detach() + a * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    return xa.detach()
+
+
+def cag_target_reference(t, g, x, eps, a, k):
+    return _cag(t, g, x, eps, a, k, reference="target")
+
+
+def cag_train_mode(t, g, x, eps, a, k):
+    return _cag(t, g, x, eps, a, k, eval_mode=False)
+
+
+def cag_guide_every_step(t, g, x, eps, a, k):
+    return _cag(t, g, x, eps, a, k, per_step=True)
+
+
+def cag_guide_with_graph(t, g, x, eps, a, k):
+    return _cag(t, g, x, eps, a, k, grad_guide=True)
+
+
+def cag_modes_not_restored(t, g, x, eps, a, k):
+    return _cag(t, g, x, eps, a, k, restore=False)
+
+
+def cag_uniform_start(t, g, x, eps, a, k):
+    return _cag(t, g, x, eps, a, k, start="uniform")
+
+
+def cag_reversed(t, g, x, eps, a, k):
+    return _cag(t, g, x, eps, a, k, reverse=True)
+
+
+# -- chapter 8
+def accuracy_percent(m, x, y):
+    return 100 * _accuracy(m, x, y)
+
+
+def accuracy_train_mode(m, x, y):
+    with torch.no_grad():
+        return (m(x).argmax(1) == y).float().mean().item()
+
+
+def accuracy_with_grad(m, x, y):
+    with attacks.eval_mode(m):
+        return (m(x).argmax(1) == y).float().mean().item()
+
+
+def accuracy_error_rate(m, x, y):
+    return 1 - _accuracy(m, x, y)
+
+
+def accuracy_leaves_eval(m, x, y):
+    m.eval()
+    with torch.no_grad():
+        return (m(x).argmax(1) == y).float().mean().item()
+
+
+def sweep_cumulative(m, x, y, attack, eps_values):
+    out = []
+    for e in eps_values:
+        x = attack(m, x, y, e)
+        out.append(_accuracy(m, x, y))
+    return out
+
+
+def sweep_percent(m, x, y, attack, eps_values):
+    return [100 * _accuracy(m, attack(m, x, y, e), y) for e in eps_values]
+
+
+def sweep_clean(m, x, y, attack, eps_values):
+    return [_accuracy(m, x, y) for _ in eps_values]
+
+
+def sweep_wrong_eps(m, x, y, attack, eps_values):
+    return [_accuracy(m, attack(m, x, y, 8 / 255), y) for _ in eps_values]
+
+
+def transfer_whitebox(s, t, x, y, attack, eps):
+    return _accuracy(t, attack(t, x, y, eps), y)
+
+
+def transfer_source_evaluated(s, t, x, y, attack, eps):
+    return _accuracy(s, attack(s, x, y, eps), y)
+
+
+def transfer_percent(s, t, x, y, attack, eps):
+    return 100 * _accuracy(t, attack(s, x, y, eps), y)
+
+
+def masked_never(model, x, y, surrogate):
+    return False
+
+
+def masked_always(model, x, y, surrogate):
+    return True
+
+
+def masked_small_eps(model, x, y, surrogate):
+    """Tests at ε = 0.1, where an honest model may still be robust."""
+    pgd = attacks.ATTACKS["pgd"]
+    return _accuracy(model, pgd(model, x, y, 0.1), y) > 0.1
+
+
+def masked_returns_number(model, x, y, surrogate):
+    return _accuracy(model, attacks.ATTACKS["pgd"](model, x, y, 0.3), y)
+
+
+WRONG = [
+    # chapter 1
+    ("fgsm", fgsm_raw_gradient, r"raw gradient, ε·∇; FGSM steps along its sign"),
+    ("fgsm", fgsm_no_clamp, r"forgets the clamp to \[0, 1\]: [\d.]+ % of the pixels"),
+    ("fgsm", fgsm_descent, r"stepped \*down\* the loss"),
+    ("fgsm", fgsm_train_mode, r"the model ran in train mode during your attack"),
+    ("fgsm", fgsm_not_detached, r"still carries a graph .*x_adv.detach\(\)"),
+    ("fgsm", fgsm_leaves_eval_mode, r"left the model in eval mode, but it came in train mode"),
+    ("project_linf", linf_no_clamp, r"forgets the clamp to \[0, 1\]: [\d.]+ % of the pixels are outside"),
+    ("project_linf", linf_no_ball, r"leaves [\d.]+ % of the pixels outside the ε-ball"),
+    ("project_linf", linf_rescaled, r"rescaled δ as a whole"),
+    ("project_linf", linf_in_place, r"modified its inputs in place"),
+    ("project_l2", l2_batch_norm, r"norm of the whole batch; the L2 ball is per example"),
+    ("project_l2", l2_always_rescale, r"scaled every δ to norm ε, also those already inside"),
+    ("project_l2", l2_clip_pixels, r"clipped each pixel to \[−ε, ε\] \(the L∞ projection\)"),
+    ("project_l2", l2_unguarded, r"NaN/inf when δ = 0"),
+    ("project_l2", l2_no_clamp, r"forgets the clamp to \[0, 1\]"),
+    ("pgd_linf", pgd_no_random_start, r"no random start"),
+    ("pgd_linf", pgd_gaussian_start, r"the TRADES start"),
+    ("pgd_linf", pgd_no_projection, r"leaves [\d.]+ % of the pixels outside the ε-ball"),
+    ("pgd_linf", pgd_project_once, r"projected only once, after the loop"),
+    ("pgd_linf", pgd_raw_gradient, r"raw gradient α·∇; L∞ PGD steps along its sign"),
+    ("pgd_linf", pgd_no_clamp, r"forgets the clamp to \[0, 1\]"),
+    ("pgd_linf", pgd_other_rng_raw_gradient, r"raises its objective much less than the library's"),
+    ("pgd_l2", pgd_l2_sign, r"stepped along sign\(∇\) \(the L∞ step\)"),
+    ("pgd_l2", pgd_l2_batch, r"norm of the whole batch; normalise per example"),
+    ("pgd_l2", pgd_l2_linf_projection, r"projected onto the L∞ ball"),
+    ("pgd_l2", pgd_l2_no_start, r"no random start"),
+    # chapter 2
+    ("pgd_at_loss", lambda z, y: F.cross_entropy(F.softmax(z, 1), y), r"softmax before F.cross_entropy"),
+    ("pgd_at_loss", lambda z, y: F.cross_entropy(z, y, reduction="sum"), r"summed the cross-entropy over the batch"),
+    ("pgd_at_loss", lambda z, y: F.nll_loss(z, y), r"F.nll_loss expects log-probabilities"),
+    ("pgd_at_loss", lambda z, y: F.cross_entropy(z, y).item(), r"return the loss as a torch tensor"),
+    ("pgd_at_step", step_factory("pgd_at", loss=lambda t, g, x, xa, y, k: F.cross_entropy(t(x), y)),
+     r"trained on the clean batch"),
+    ("pgd_at_step", step_factory("pgd_at", zero_grad=False), r"forgot optimizer.zero_grad\(\)"),
+    ("pgd_at_step", step_factory("pgd_at", attack_train_mode=True),
+     r"target's BatchNorm saw 3 training-mode forward passes, the library's step 1"),
+    ("pgd_at_step", step_factory("pgd_at", eval_after=True), r"saw 0 training-mode forward passes.*model.train\(\)"),
+    ("pgd_at_step", step_factory("pgd_at", attack=lambda t, g, x, y, b: attacks.fgsm(t, x, y, eps=b["eps"])),
+     r"generated x′ with FGSM"),
+    ("robust_accuracy", robust_percent, r"returned a percentage"),
+    ("robust_accuracy", robust_clean, r"measured the clean accuracy"),
+    ("robust_accuracy", robust_train_mode, r"the model ran in train mode"),
+    ("robust_accuracy", robust_fgsm, r"attacked with FGSM"),
+    # chapter 3
+    ("trades_kl", trades_kl_reversed, r"KL direction reversed: you computed KL\(p\(x′\) ‖ p\(x\)\)"),
+    ("trades_kl", trades_kl_mean, r"averaged over batch × classes \(F.kl_div's reduction='mean'\)"),
+    ("trades_kl", trades_kl_sum, r"summed over the batch as well"),
+    ("trades_kl", trades_kl_probs, r"first argument must be log-probabilities: you passed probabilities"),
+    ("trades_kl", trades_kl_dim0, r"softmax over the batch \(dim=0\)"),
+    ("trades_loss", trades_ce_adv, r"CE term uses the adversarial logits"),
+    ("trades_loss", trades_reversed, r"KL direction reversed"),
+    ("trades_loss", trades_mean, r"KL averages over batch × classes"),
+    ("trades_loss", trades_beta_ignored, r"ignored the `beta` argument"),
+    ("trades_loss", trades_detached_nat, r"gradient w.r.t. `logits_nat` differs.*don't detach it"),
+    ("trades_attack", trades_uniform_start, r"uniformly random point of the ε-ball; TRADES starts at x \+ 0.001"),
+    ("trades_attack", trades_attack_reversed, r"KL direction reversed: you ascended KL\(p\(x′\) ‖ p\(x\)\)"),
+    ("trades_attack", trades_attack_train_mode, r"target ran in train mode during your attack"),
+    ("trades_attack", trades_attack_not_detached, r"still carries a graph"),
+    ("trades_attack", trades_attack_no_projection, r"outside the ε-ball"),
+    ("trades_step", step_factory("trades", loss=lambda t, g, x, xa, y, k: trades_ce_adv(t(x), t(xa), y, k["beta"])),
+     r"CE term uses f\(x′\)"),
+    ("trades_step", step_factory("trades", attack=lambda t, g, x, y, b: attacks.pgd(t, x, y, **b)),
+     r"generated x′ with PGD on the cross-entropy"),
+    ("trades_step", step_factory("trades", loss=lambda t, g, x, xa, y, k: losses.trades_loss(t(x), t(xa), y)),
+     r"ignored the `beta` argument"),
+    ("trades_step", step_factory("trades", attack_train_mode=True), r"BatchNorm saw \d+ training-mode.*eval mode"),
+    # chapter 4
+    ("lbgat0_loss", lbgat0_ce_target, r"CE term uses the target's adversarial logits"),
+    ("lbgat0_loss", lbgat0_mse_probs, r"MSE compares probabilities"),
+    ("lbgat0_loss", lbgat0_mse_class_sum, r"MSE sums the squared error over the classes \((10|100)× too large\)"),
+    ("lbgat0_loss", lbgat0_detached_guide, r"gradient w.r.t. `logits_guide` differs.*don't detach g\(x\)"),
+    ("lbgat_loss", lbgat_kl_reversed, r"KL direction reversed: you computed KL\(p_f\(x′\) ‖ p_f\(x\)\)"),
+    ("lbgat_loss", lbgat_kl_guide, r"β-term compares the guide with the target"),
+    ("lbgat_loss", lbgat_no_beta, r"dropped the β-term"),
+    ("lbgat_loss", lbgat_beta_fixed, r"ignored the `beta` argument"),
+    ("make_optimizer", optimizer_target_only, r"guide's parameter tensors are not in the optimizer"),
+    ("make_optimizer", optimizer_wd_5e4, r"weight_decay = 0.0005; the official code uses 0.0002"),
+    ("make_optimizer", optimizer_adam, r"you built Adam; the official code uses torch.optim.SGD"),
+    ("make_optimizer", optimizer_nesterov, r"nesterov = True"),
+    ("lbgat_step", step_factory("lbgat", attack=lambda t, g, x, y, b: attacks.cag(t, g, x, **b)),
+     r"generated x′ with CAG"),
+    ("lbgat_step", step_factory("lbgat", loss=lambda t, g, x, xa, y, k: (lambda zg: F.cross_entropy(zg, y)
+                                + F.mse_loss(t(x), zg))(g(x))), r"MSE uses the target's clean logits"),
+    ("lbgat_step", step_factory("lbgat", loss=lambda t, g, x, xa, y, k: (lambda zg: F.cross_entropy(zg, y)
+                                + F.mse_loss(t(xa), zg))(g.eval()(x))), r"guide's BatchNorm saw 0"),
+    # chapter 5
+    ("official_kl", okl_no_eps, r"left out the \+1e-5"),
+    ("official_kl", okl_batchmean, r"'batchmean'\), so your value is (10|100)× the official"),
+    ("official_kl", okl_reversed, r"KL direction reversed: you computed K̄L\(Q ‖ P\)"),
+    ("official_kl", okl_eps_both, r"added 1e-5 inside log q as well"),
+    ("d2r_clean_term", clean_no_abs, r"dropped the absolute value"),
+    ("d2r_clean_term", clean_sum, r"added the two KLs"),
+    ("d2r_clean_term", clean_batchmean, r"'batchmean' \(sum over classes\), (10|100)× the official"),
+    ("d2r_clean_term", clean_single, r"returned a single KL"),
+    ("d2r_clean_term", clean_no_eps, r"left out the \+1e-5"),
+    ("d2r_adv_term", adv_reversed, r"KL direction reversed: you computed K̄L\(p_g\(x\) ‖ p_f\(x′\)\)"),
+    ("d2r_adv_term", adv_batchmean, r"'batchmean'"),
+    ("d2r_adv_term", adv_no_eps, r"left out the \+1e-5"),
+    ("d2r_loss", d2r_ce_nat, r"CE term uses the target's clean logits f\(x\)"),
+    ("d2r_loss", d2r_swapped, r"weights are swapped"),
+    ("d2r_loss", d2r_adv_trades_direction, r"adversarial term in the TRADES/CAG direction"),
+    ("d2r_loss", d2r_no_abs, r"clean term lost its absolute value"),
+    ("d2r_loss", d2r_batchmean, r"KL terms use 'batchmean'"),
+    ("d2r_loss", d2r_fixed_weights, r"ignored w_clean / w_adv"),
+    ("d2r_loss", d2r_detached_guide, r"gradient w.r.t. `logits_guide` differs"),
+    # chapter 6
+    ("guide_reference", ref_train_mode, r"guide ran in train mode"),
+    ("guide_reference", ref_with_graph, r"ran with gradients enabled.*torch.no_grad\(\)"),
+    ("guide_reference", ref_logits, r"returned the logits g\(x\)"),
+    ("guide_reference", ref_log_probs, r"returned log-probabilities"),
+    ("guide_reference", ref_twice, r"the guide ran 2 times"),
+    ("guide_reference", ref_leaves_eval, r"left the guide in eval mode"),
+    ("cag_objective", cagobj_reversed, r"KL direction reversed: you computed Σ KL\(p_f\(x′\) ‖ p_g\(x\)\)"),
+    ("cag_objective", cagobj_mean, r"averaged over batch × classes; the CAG objective is a plain sum"),
+    ("cag_objective", cagobj_exact, r"computed the exact KL"),
+    ("cag_objective", cagobj_raw_logits, r"raw logits f\(x′\) where log p_f\(x′\) belongs"),
+    ("cag", cag_target_reference, r"target's own p_f\(x\) as the reference.*TRADES/LBGAT generation"),
+    ("cag", cag_train_mode, r"ran in train mode during your attack"),
+    ("cag", cag_guide_every_step, r"the guide ran \d+ times during your attack.*compute it once, before the loop"),
+    ("cag", cag_guide_with_graph, r"guide's forward pass ran with gradients enabled"),
+    ("cag", cag_modes_not_restored, r"left the (target|guide) in eval mode, but it came in train mode"),
+    ("cag", cag_uniform_start, r"CAG starts at x \+ 0.001·N\(0, I\)"),
+    ("cag", cag_reversed, r"KL direction reversed: you ascended KL\(p_f\(x′\) ‖ p_g\(x\)\)"),
+    ("d2r_step", step_factory("d2r", attack=lambda t, g, x, y, b: attacks.trades_attack(t, x, **b)),
+     r"generated x′ with the target alone \(TRADES/LBGAT generation\); D2R uses CAG"),
+    ("d2r_step", step_factory("d2r", loss=lambda t, g, x, xa, y, k: losses.d2r_loss(t(xa), t(x), g(x), y,
+                                                                                     kl_reduction="batchmean")),
+     r"KL terms use 'batchmean'"),
+    ("d2r_step", step_factory("d2r", loss=lambda t, g, x, xa, y, k: losses.lbgat_loss(t(xa), g(x), y)),
+     r"used the LBGAT loss"),
+    ("d2r_step", step_factory("d2r", loss=lambda t, g, x, xa, y, k: (lambda z: losses.d2r_loss(
+        z[: len(x)], z[len(x):], g(x), y))(t(torch.cat([xa, x])))),
+     r"target's BatchNorm saw 1 training-mode forward passes, the library's step 2"),
+    ("d2r_step", step_factory("d2r", attack_train_mode=True), r"BatchNorm saw \d+ training-mode.*eval mode"),
+    # chapter 8
+    ("accuracy", accuracy_percent, r"returned a percentage"),
+    ("accuracy", accuracy_train_mode, r"the model ran in train mode"),
+    ("accuracy", accuracy_with_grad, r"ran with gradients enabled"),
+    ("accuracy", accuracy_error_rate, r"returned the error rate"),
+    ("accuracy", accuracy_leaves_eval, r"left the model in eval mode"),
+    ("eps_sweep", sweep_cumulative, r"attacked the previous ε's adversarial images"),
+    ("eps_sweep", sweep_percent, r"returned a percentage"),
+    ("eps_sweep", sweep_clean, r"called the attack 0 times"),
+    ("eps_sweep", sweep_wrong_eps, r"called the attack with ε = "),
+    ("transfer_accuracy", transfer_whitebox, r"attacked the target itself \(white-box\)"),
+    ("transfer_accuracy", transfer_source_evaluated, r"evaluated the source model on its own adversarial examples"),
+    ("transfer_accuracy", transfer_percent, r"returned a percentage"),
+    ("gradient_masking", masked_never, r"did not flag 'quantised input \(torch.round\)'"),
+    ("gradient_masking", masked_always, r"flagged the honest model 'linear \(honest\)'"),
+    ("gradient_masking", masked_small_eps, r"flagged the honest model"),
+    ("gradient_masking", masked_returns_number, r"return True or False"),
+]
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides the total loss")
+@pytest.mark.parametrize("name,wrong,pattern", WRONG, ids=[f"{n}-{getattr(w, '__name__', 'lambda')}-{i}"
+                                                            for i, (n, w, _) in enumerate(WRONG)])
+def test_wrong_implementation_rejected_with_specific_message(name, wrong, pattern):
+    with pytest.raises(checks.CheckFailed, match=pattern):
+        getattr(checks, f"check_{name}")(wrong)
+
+
+def test_every_check_rejects_at_least_two_mistakes():
+    counts = {}
+    for name, _, _ in WRONG:
+        counts[name] = counts.get(name, 0) + 1
+    assert set(counts) == set(LIBRARY)
+    assert min(counts.values()) >= 2, counts
+
+
+def test_random_start_with_other_random_numbers_passes_on_invariants(capsys):
+    """A correct PGD that draws its start differently is accepted (invariants + loss reached), with a note."""
+    checks.check_pgd_linf(pgd_other_rng)
+    assert "your random numbers differ from the library's" in capsys.readouterr().out
