@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 TERM_LABELS = {
-    "loss": "total loss", "ce": "CE(g(x), y)", "mse": "MSE(f(x′), g(x))", "clean": "|KL(f‖g) − KL(g‖f)| (clean)",
+    "loss": "total loss", "ce": "cross-entropy", "mse": "MSE(f(x′), g(x))", "clean": "|KL(f‖g) − KL(g‖f)| (clean)",
     "adv": "KL(p_f(x′) ‖ p_g(x)) (adv)", "kl_fg": "KL(p_f(x) ‖ p_g(x))", "kl_gf": "KL(p_g(x) ‖ p_f(x))",
     "kl": "KL term", "bce": "boosted CE",
 }
@@ -50,15 +50,20 @@ def image_grid(x: torch.Tensor, x_adv: torch.Tensor, *, labels=None, preds_clean
     return fig
 
 
-def training_curves(history: Sequence[Mapping], *, terms: Sequence[str] | None = None, title: str | None = None):
-    """Left: every training loss term per epoch (log scale); right: held-out clean and PGD accuracy. Chapter 2."""
+def training_curves(history: Sequence[Mapping], *, terms: Sequence[str] | None = None, title: str | None = None,
+                    labels: Mapping[str, str] | None = None):
+    """Left: every training loss term per epoch (log scale); right: held-out clean and PGD accuracy. Chapter 2.
+
+    labels: legend text per term, e.g. {"ce": "CE(g(x), y)"} for the guided methods (default: TERM_LABELS).
+    """
+    names = {**TERM_LABELS, **(labels or {})}
     epochs = [r["epoch"] for r in history]
     keys = terms or [k[6:] for k in history[0] if k.startswith("train_")]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
     for k in keys:
         values = [r.get(f"train_{k}") for r in history]
         if all(v is not None and v > 0 for v in values):
-            ax1.plot(epochs, values, marker="o", label=TERM_LABELS.get(k, k))
+            ax1.plot(epochs, values, marker="o", label=names.get(k, k))
     ax1.set_yscale("log")
     ax1.set_xlabel("epoch"), ax1.set_ylabel("training loss term (epoch mean)")
     ax1.legend(fontsize=7)

@@ -103,8 +103,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def key(self) -> str:
-        """A short hash of every field and of the library code that trains: the checkpoint-cache key."""
-        blob = json.dumps(self.as_dict(), sort_keys=True, default=str) + code_fingerprint()
+        """A short hash of every field (method parameters with their defaults filled in) and of the library
+        code that trains: the checkpoint-cache key. Passing a default explicitly gives the same key."""
+        fields = {**self.as_dict(), "method_params": methods.get_method(self.method).resolve(**self.method_params)}
+        blob = json.dumps(fields, sort_keys=True, default=str) + code_fingerprint()
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property

@@ -28,7 +28,8 @@ def library_function_names() -> set[str]:
 
 
 def code_without_magics(source: str) -> str:
-    return "\n".join("pass" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines())
+    """IPython magics (%pip, !ls) become `pass` at the same indentation, so the cell parses as Python."""
+    return "\n".join(re.sub(r"^(\s*)[%!].*$", r"\1pass", line) for line in source.splitlines())
 
 
 def lint(path: Path) -> list[str]:

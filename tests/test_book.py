@@ -55,7 +55,7 @@ def test_lint_catches_problems(tmp_path):
 @pytest.fixture(scope="module")
 def built_book(tmp_path_factory):
     out = tmp_path_factory.mktemp("book")
-    env = {**os.environ, "D2R_PROFILE": "smoke", "D2R_CACHE_DIR": str(out / "cache"), "MPLBACKEND": "Agg"}
+    env = {**os.environ, "D2R_PROFILE": "smoke", "D2R_CACHE_DIR": str(out / "cache")}
     jb = Path(sys.executable).with_name("jupyter-book")
     started = time.perf_counter()
     r = subprocess.run([str(jb), "build", str(ROOT), "--path-output", str(out), "-W", "--keep-going"],

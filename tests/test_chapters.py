@@ -11,8 +11,8 @@ from notebook_lint import CHAPTERS
 @pytest.fixture(scope="module")
 def smoke_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("chapters")
-    saved = {k: os.environ.get(k) for k in ("D2R_CACHE_DIR", "D2R_RESULTS_DIR", "MPLBACKEND")}
-    os.environ.update(D2R_CACHE_DIR=str(root / "cache"), D2R_RESULTS_DIR=str(root / "results"), MPLBACKEND="Agg")
+    saved = {k: os.environ.get(k) for k in ("D2R_CACHE_DIR", "D2R_RESULTS_DIR")}
+    os.environ.update(D2R_CACHE_DIR=str(root / "cache"), D2R_RESULTS_DIR=str(root / "results"))
     yield root
     for k, v in saved.items():
         if v is None:
