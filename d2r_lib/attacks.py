@@ -135,8 +135,10 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps
                 step = step_size * grad / _l2_norm(grad)
             x_new = project(x_adv.detach() + step, x, eps, norm)
             if stop_on_success:
-                active = (logits.detach().argmax(1) == y).view(-1, *([1] * (x.dim() - 1)))
-                x_new = torch.where(active, x_new, x_adv.detach())
+                still_correct = logits.detach().argmax(1) == y
+                if not still_correct.any():
+                    break  # every example is already fooled: the remaining steps would change nothing
+                x_new = torch.where(still_correct.view(-1, *([1] * (x.dim() - 1))), x_new, x_adv.detach())
             x_adv = x_new.detach()
     return x_adv
 

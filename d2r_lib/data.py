@@ -484,8 +484,8 @@ def _check_split_subset(name, split, subset):
 def cifar10(split="train", subset="mini", *, data_dir=None, download=False, augment=False) -> ImageDataset:
     """CIFAR-10. ``mini``: the lossless subsets (train: MINI_TRAIN_INDICES, 7,897; test: 0-999).
 
-    ``full``: torchvision's ``cifar-10-batches-py`` (lossless) if present or ``download=True``,
-    else the bundle's JPEG copies (``lossless=False``, warns once).
+    ``full``: torchvision's ``cifar-10-batches-py`` (lossless) if present, else the bundle's JPEG copies
+    (``lossless=False``, warns once), else a torchvision download when ``download=True``.
     """
     _check_split_subset("cifar10", split, subset)
     _flag("download", download)
@@ -509,11 +509,12 @@ def cifar10(split="train", subset="mini", *, data_dir=None, download=False, augm
                         augment=augment, select=expected)
     jpeg = ["cifar10_train_50000_jpeg.zip", "cifar10_train_50000_jpeg"] if split == "train" \
         else ["cifar10_test_10000_jpeg.npz"]
-    try:
-        path = _locate([["cifar-10-batches-py"]], data_dir, "CIFAR-10 (lossless)")
+    try:  # what is on disk first (lossless before JPEG), so offline machines never try the network
+        path = _locate([["cifar-10-batches-py"], jpeg], data_dir, f"CIFAR-10 {split} (full)")
     except FileNotFoundError:
-        path = _download_cifar("cifar10", split, data_dir) if download else \
-            _locate([["cifar-10-batches-py"], jpeg], data_dir, f"CIFAR-10 {split} (full)")
+        if not download:
+            raise
+        path = _download_cifar("cifar10", split, data_dir)
     if path.name == "cifar-10-batches-py":
         arrays = _read_cifar_folder(path, "cifar10", split)
         return _dataset(arrays, name=name, source="torchvision:cifar-10-batches-py", lossless=True, path=path,

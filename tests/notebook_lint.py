@@ -8,8 +8,8 @@ import nbformat
 import yaml
 
 import d2r_lib
-from d2r_lib import (attacks, checkpoint, data, evaluate, experiments, losses, methods, models, plot, train,
-                     widgets)
+from d2r_lib import (attacks, checkpoint, checks, costmodel, data, evaluate, experiments, losses, methods, models,
+                     plot, train, widgets)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
@@ -21,7 +21,8 @@ def repository_url() -> str:
 
 def library_function_names() -> set[str]:
     names = set()
-    for module in (attacks, checkpoint, data, evaluate, experiments, losses, methods, models, plot, train, widgets):
+    for module in (attacks, checkpoint, checks, costmodel, data, evaluate, experiments, losses, methods, models, plot,
+                   train, widgets):
         names |= {n for n, obj in vars(module).items()
                   if not n.startswith("_") and inspect.isfunction(obj) and obj.__module__ == module.__name__}
     return names
