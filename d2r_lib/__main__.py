@@ -187,6 +187,36 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    """Images per second of D2R + CAG training steps and of PGD-20 evaluation on this machine."""
+    import torch
+    from . import attacks, costmodel, experiments, models
+    device = experiments.pick_device(a.device)
+    print(f"device {device}, torch threads {torch.get_num_threads()}, K = {a.steps}, median of {a.repeats} steps")
+    for pair in a.pairs:
+        parts = pair.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and not parts[2].isdigit()):
+            raise ValueError(f"--pairs entries must be target:guide or target:guide:batch; got {pair!r}")
+        target, guide, batch = parts if len(parts) == 3 else (*parts, a.batch_size)
+        seconds = costmodel.measure_step(a.method, target, guide, steps=a.steps, batch_size=int(batch),
+                                         device=device, repeats=a.repeats)
+        print(f"  {a.method} train step  target {target:<16} guide {guide:<16} batch {int(batch):>4}: "
+              f"{1 / seconds:8.1f} images/s")
+    for name in a.eval_models:
+        model = models.build_model(name).to(device).eval()
+        x = torch.rand(a.eval_batch_size, 3, 32, 32, device=device)
+        y = torch.randint(0, 10, (a.eval_batch_size,), device=device)
+        attacks.pgd(model, x[:2], y[:2], steps=1)  # warm-up
+        times = []
+        for _ in range(a.repeats):
+            started = time.perf_counter()
+            attacks.pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=20)
+            times.append(time.perf_counter() - started)
+        print(f"  PGD-20 evaluation  model {name:<16} batch {a.eval_batch_size:>4}: "
+              f"{a.eval_batch_size / sorted(times)[len(times) // 2]:8.1f} images/s (all 20 steps, no early stop)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m d2r_lib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,6 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p, checkpoint_required=False)
     p.set_defaults(run=cmd_quickstart)
 
+    p = sub.add_parser("bench", help="images/s of training steps and PGD-20 evaluation on this machine",
+                       description="A benchmark that prints numbers: images per second of one training step "
+                                   "(attack + loss + SGD) for target:guide[:batch] pairs, and of PGD-20.")
+    p.add_argument("--method", default="d2r", help="a method of the registry (default %(default)s)")
+    p.add_argument("--pairs", nargs="+", default=["small_cnn:small_cnn:128", "small_cnn:small_cnn:32",
+                                                  "preact_resnet18:resnet18:32"],
+                   help="target:guide[:batch] (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=10, help="attack steps K (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch when a pair names none")
+    p.add_argument("--eval-models", nargs="*", default=["small_cnn", "preact_resnet18"])
+    p.add_argument("--eval-batch-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.set_defaults(run=cmd_bench)
+
     p = sub.add_parser("demo", help="one D2R + CAG step on real CIFAR-10 images",
                        description="One D2R + CAG training step; prints every loss term and the perturbation norms.")
     p.add_argument("--target", default="small_cnn")
@@ -232,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import torch
+    torch.set_flush_denormal(True)  # tiny "denormal" floats are very slow on CPUs; zero is as good
     try:
         return args.run(args)
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as err:

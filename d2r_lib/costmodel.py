@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from . import methods, models, validate
+from . import attacks, methods, models, validate
 
 TRAIN_PASS = 3.0
 """A training pass (forward, backward to activations and to weights) ≈ 3 forward passes."""
@@ -62,19 +62,15 @@ def count_macs(model: nn.Module, image_size: int = 32, channels: int = 3) -> int
             total += output.numel() * module.in_features
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    flags = [(m, m.training) for m in model.modules()]
     try:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-        model.eval()
-        with torch.no_grad():
+        with attacks.eval_mode(model), torch.no_grad():
             model(torch.zeros(1, channels, image_size, image_size, device=device, dtype=dtype))
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags:
-            m.training = flag
     return int(total)
 
 

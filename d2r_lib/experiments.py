@@ -137,6 +137,8 @@ def resolve(profile: str = "cpu", *, seed: int = 0, device: str = "auto", verbos
     validate.number("lr", values["lr"], min=0, min_open=True)
     validate.choice("autoattack", values["autoattack"], [*evaluate.AUTOATTACK_VERSIONS, "off"])
     cfg = Config(profile=profile, seed=seed, device=pick_device(device), extra=extra, **values)
+    # Barely trained models have tiny ("denormal") floats, which CPUs process very slowly: flush them to zero.
+    torch.set_flush_denormal(True)
     if verbose:
         print(f"device: {cfg.device} | {cfg.describe()}")
     return cfg
@@ -167,6 +169,12 @@ def trained(cfg: Config, method: str, *, progress: bool = True, **method_params)
     """Load `method`'s run for this profile from the checkpoint cache, or train it (see train.load_or_train)."""
     from . import train
     return train.load_or_train(train_config(cfg, method, **method_params), device=cfg.device, progress=progress)
+
+
+def cached(cfg: Config, method: str, **method_params):
+    """`method`'s finished run for this profile if the cache holds it, else None (nothing is trained)."""
+    from . import train
+    return train.load_cached(train_config(cfg, method, **method_params), device=cfg.device)
 
 
 # ------------------------------------------------------------------------------------------- results

@@ -268,7 +268,9 @@ def fit(cfg: TrainConfig, out_dir: str | Path | None = None, *, device: str = "c
         _set_rng_state(payload["rng"])
         history = payload["history"]
         start_epoch = payload["epoch"] + 1
-        say(f"resumed {ckpt_path} after epoch {payload['epoch']}/{cfg.epochs}")
+        finished = payload["epoch"] >= cfg.epochs
+        say(f"{'loaded the finished run' if finished else 'resumed'} {ckpt_path} "
+            f"{'' if finished else 'after '}epoch {payload['epoch']}/{cfg.epochs}")
 
     if cfg.channels_last:
         target.to(memory_format=torch.channels_last)
@@ -397,9 +399,25 @@ def cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "d2r_lib") / "runs"
 
 
+def cache_path(cfg: TrainConfig) -> Path:
+    """The folder of `cfg`'s run in the checkpoint cache."""
+    cfg.validate()
+    return cache_dir() / f"{cfg.method}-{cfg.target_model}-{cfg.key()}"
+
+
 def load_or_train(cfg: TrainConfig, **fit_kwargs) -> TrainResult:
     """The chapters' checkpoint cache: a finished run keyed by every setting is loaded, otherwise trained
     (or resumed). Chapter 2."""
-    cfg.validate()
-    out = cache_dir() / f"{cfg.method}-{cfg.target_model}-{cfg.key()}"
-    return fit(cfg, out, **fit_kwargs)
+    return fit(cfg, cache_path(cfg), **fit_kwargs)
+
+
+def load_cached(cfg: TrainConfig, device: str = "cpu") -> TrainResult | None:
+    """The finished run of `cfg` from the checkpoint cache, or None when it is missing or unfinished
+    (nothing is trained)."""
+    path = cache_path(cfg) / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    target, guide, payload = load_run(path, device=device)
+    if payload["config"] != cfg.as_dict() or payload["epoch"] < cfg.epochs:
+        return None
+    return TrainResult(target, guide, payload["history"], path, cfg)
