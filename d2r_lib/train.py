@@ -16,6 +16,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,10 +192,30 @@ def _batches(dataset, batch_size: int, seed: int, epoch: int, rank: int, world: 
 
 
 def held_out_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int = 0) -> dict:
-    """Clean and PGD-20 accuracy (ε 8/255, the evaluation protocol) on a fixed subset; RNG state untouched."""
-    from . import evaluate
+    """Clean and PGD-20 accuracy (ε 8/255, the evaluation protocol) on a fixed subset, and how many distinct
+    classes the model predicts there (1 = collapsed to a constant); RNG state untouched."""
+    from . import attacks, evaluate
+    with attacks.eval_mode(model), torch.no_grad():
+        predicted = torch.cat([model(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])
     return {"clean_acc": evaluate.accuracy(model, x, y),
-            "pgd_acc": evaluate.robust_accuracy(model, x, y, "pgd20", seed=seed)}
+            "pgd_acc": evaluate.robust_accuracy(model, x, y, "pgd20", seed=seed),
+            "predicted_classes": int(predicted.unique().numel())}
+
+
+class TrainingCollapsed(RuntimeWarning):
+    """The target predicts a single class on the whole held-out subset."""
+
+
+def warn_if_collapsed(record: dict, n_images: int, lr: float) -> bool:
+    """Warn when an epoch ends with the target predicting one class for every held-out image (a collapse the
+    remaining epochs rarely undo: with small models and lr 0.1 it happens for some seeds). Chapter 7."""
+    if record.get("predicted_classes") != 1 or n_images < 20:
+        return False
+    warnings.warn(f"epoch {record['epoch']}: the target predicts one class for all {n_images} held-out images, "
+                  f"so training has collapsed to a constant output (held-out clean accuracy "
+                  f"{100 * record['clean_acc']:.1f}%). Try a lower learning rate (lr = {lr:g} now, e.g. "
+                  f"{lr / 2:g}) or another seed.", TrainingCollapsed, stacklevel=3)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -338,6 +359,8 @@ def fit(cfg: TrainConfig, out_dir: str | Path | None = None, *, device: str = "c
             record.update(held_out_check(target, x_eval, y_eval, seed=cfg.seed))
         history.append(record)
         say(_format_record(record))
+        if is_main:
+            warn_if_collapsed(record, len(y_eval), cfg.lr)
         if is_main and ckpt_path is not None:
             save_run(ckpt_path, cfg, target, guide, optimizer, epoch, history, num_classes)
         if world > 1:

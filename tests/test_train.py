@@ -106,6 +106,37 @@ def test_nan_loss_stops_with_epoch_batch_term_and_keeps_checkpoint(tmp_path, mon
     assert (tmp_path / "last.pt").read_bytes() == before
 
 
+def test_collapse_to_a_constant_prediction_warns(tmp_path, monkeypatch):
+    import warnings
+
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            return 1e-3 * x.flatten(1)[:, :10] + torch.zeros(10).index_fill_(0, torch.tensor([3]), 10.0)
+
+    torch.manual_seed(0)
+    x, y = torch.rand(40, 3, 8, 8), torch.randint(0, 10, (40,))
+    record = train.held_out_check(Constant(), x, y)
+    assert record["predicted_classes"] == 1
+    assert record["clean_acc"] == pytest.approx((y == 3).float().mean().item())
+    with pytest.warns(train.TrainingCollapsed, match=r"epoch 4: the target predicts one class for all 40 held-out "
+                                                     r"images.*lr = 0.1 now, e.g. 0.05"):
+        assert train.warn_if_collapsed({**record, "epoch": 4}, 40, 0.1)
+
+    varied = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    record = train.held_out_check(varied, x, y)
+    assert record["predicted_classes"] > 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not train.warn_if_collapsed({**record, "epoch": 1}, 40, 0.1)
+
+    # the loop checks every epoch
+    monkeypatch.setattr(train, "held_out_check", lambda *a, **k: {"clean_acc": 0.1, "pgd_acc": 0.0,
+                                                                  "predicted_classes": 1})
+    with pytest.warns(train.TrainingCollapsed, match="epoch 1: "):
+        import dataclasses
+        train.fit(dataclasses.replace(tiny(epochs=1), eval_size=32), tmp_path, progress=False, log=lambda *a: None)
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("this would run arbitrary code",))
