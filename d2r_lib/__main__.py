@@ -1,4 +1,4 @@
-"""Command line: `python -m d2r_lib {train, evaluate, quickstart, demo} --help`. Chapter 9 uses it at scale."""
+"""Command line: `python -m d2r_lib {train, evaluate, quickstart, demo, bench} --help`. Chapter 9 uses it at scale."""
 from __future__ import annotations
 
 import argparse
@@ -192,13 +192,20 @@ def cmd_bench(a) -> int:
     """Images per second of D2R + CAG training steps and of PGD-20 evaluation on this machine."""
     import torch
     from . import attacks, costmodel, experiments, models
+    from . import validate
     device = experiments.pick_device(a.device)
-    print(f"device {device}, torch threads {torch.get_num_threads()}, K = {a.steps}, median of {a.repeats} steps")
-    for pair in a.pairs:
+    runs = []
+    for pair in a.pairs:  # every entry is checked before anything is measured
         parts = pair.split(":")
         if len(parts) not in (2, 3) or (len(parts) == 3 and not parts[2].isdigit()):
             raise ValueError(f"--pairs entries must be target:guide or target:guide:batch; got {pair!r}")
-        target, guide, batch = parts if len(parts) == 3 else (*parts, a.batch_size)
+        validate.choice("target", parts[0], models.MODELS)
+        validate.choice("guide", parts[1], models.MODELS)
+        runs.append(parts if len(parts) == 3 else (*parts, a.batch_size))
+    for name in a.eval_models:
+        validate.choice("--eval-models", name, models.MODELS)
+    print(f"device {device}, torch threads {torch.get_num_threads()}, K = {a.steps}, median of {a.repeats} steps")
+    for target, guide, batch in runs:
         seconds = costmodel.measure_step(a.method, target, guide, steps=a.steps, batch_size=int(batch),
                                          device=device, repeats=a.repeats)
         print(f"  {a.method} train step  target {target:<16} guide {guide:<16} batch {int(batch):>4}: "

@@ -219,3 +219,22 @@ def test_ddp_two_cpu_processes_with_gloo_stay_identical_and_save_once(tmp_path):
     assert r.stdout.count("epoch   1 ") == 1 and r.stdout.count("epoch   2 ") == 1  # logged by rank 0 only
     payload = checkpoint.load(out / "last.pt")
     assert payload["epoch"] == 2 and payload["guide"] is not None
+
+
+def test_bench_prints_images_per_second_and_rejects_bad_pairs(capsys):
+    import re
+    from d2r_lib.__main__ import main
+    assert main(["bench", "--pairs", "small_cnn:small_cnn:4", "--steps", "1", "--eval-models", "small_cnn",
+                 "--eval-batch-size", "4", "--repeats", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rates = [float(r) for r in re.findall(r"([\d.]+) images/s", out)]
+    assert "d2r train step  target small_cnn" in out and "PGD-20 evaluation  model small_cnn" in out
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+    for args, message in [(["--pairs", "small_cnn"], "--pairs entries must be target:guide or target:guide:batch"),
+                          (["--pairs", "small_cnn:small_cnn:4", "small_cnn:vgg:4"], "guide must be one of"),
+                          (["--eval-models", "vgg"], "--eval-models must be one of")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["bench", *args, "--repeats", "1", "--device", "cpu"])
+        captured = capsys.readouterr()
+        assert exit_info.value.code == 2 and message in captured.err
+        assert captured.out == ""  # checked before anything is measured
