@@ -84,3 +84,16 @@ def test_book_has_launch_buttons_and_bibliography(built_book):
     assert "d2r-course/d2r-course" in html
     bib = (built_book / "book" / "bibliography.html").read_text()
     assert "Madry" in bib and "D2R" in bib
+
+
+def test_hidden_folders_and_run_outputs_are_not_pages():
+    """`make test` leaves .pytest_cache/README.md and the quickstart leaves runs/: neither may become a page
+    (with -W, a document outside the toc fails the book build)."""
+    import yaml
+    from sphinx.util.matching import Matcher
+    excluded = Matcher(yaml.safe_load((ROOT / "_config.yml").read_text())["exclude_patterns"])
+    for folder in (".pytest_cache", ".venv", ".ci", "runs", "_build", "book/.ipynb_checkpoints",
+                   "exercises/.ipynb_checkpoints"):
+        assert excluded(folder), folder
+    for page in ("book", "exercises", "solutions", "book/01_adversarial_examples.ipynb", "exercises/index.md"):
+        assert not excluded(page), page
