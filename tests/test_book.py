@@ -52,6 +52,9 @@ def test_lint_catches_problems(tmp_path):
     assert "pgd_by_hand is never compared" in problems
 
 
+RESULTS_TABLES = ("02", "03", "04", "07", "08")  # chapters that display a results table (clean / robust %)
+
+
 @pytest.fixture(scope="module")
 def built_book(tmp_path_factory):
     out = tmp_path_factory.mktemp("book")
@@ -73,6 +76,10 @@ def test_book_builds_with_every_chapter_and_figure(built_book):
         assert re.search(r"<img [^>]*src=\"[^\"]+\.(png|svg)\"", html), f"{stem}: no figure"
         for bad in ("Traceback (most recent call last)", "output_error", "NotImplementedError"):
             assert bad not in html, f"{stem}: error output ({bad}) in the page"
+        prose = re.sub(r"<pre>.*?</pre>", "", html, flags=re.S)  # code and printed text may contain pipes
+        assert not re.search(r"\|\s*:?(---|—)", prose), f"{stem}: a Markdown table was rendered as text"
+        if stem[:2] in RESULTS_TABLES:
+            assert re.search(r"<table[^>]*>.*?\(%\)", html, re.S), f"{stem}: no rendered results table"
     assert (built_book / "index.html").exists()
     for folder in ("exercises", "solutions"):
         assert any((built_book / folder).glob("*.html")), f"no {folder} pages"
