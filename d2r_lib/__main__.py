@@ -191,8 +191,7 @@ def cmd_demo(a) -> int:
 def cmd_bench(a) -> int:
     """Images per second of D2R + CAG training steps and of PGD-20 evaluation on this machine."""
     import torch
-    from . import attacks, costmodel, experiments, models
-    from . import validate
+    from . import costmodel, experiments, models, validate
     device = experiments.pick_device(a.device)
     runs = []
     for pair in a.pairs:  # every entry is checked before anything is measured
@@ -204,24 +203,18 @@ def cmd_bench(a) -> int:
         runs.append(parts if len(parts) == 3 else (*parts, a.batch_size))
     for name in a.eval_models:
         validate.choice("--eval-models", name, models.MODELS)
-    print(f"device {device}, torch threads {torch.get_num_threads()}, K = {a.steps}, median of {a.repeats} steps")
+    print(f"device {device}, torch threads {torch.get_num_threads()}, K = {a.steps}, "
+          f"fastest of {a.repeats} timed runs after one warm-up")
     for target, guide, batch in runs:
         seconds = costmodel.measure_step(a.method, target, guide, steps=a.steps, batch_size=int(batch),
                                          device=device, repeats=a.repeats)
         print(f"  {a.method} train step  target {target:<16} guide {guide:<16} batch {int(batch):>4}: "
               f"{1 / seconds:8.1f} images/s")
     for name in a.eval_models:
-        model = models.build_model(name).to(device).eval()
-        x = torch.rand(a.eval_batch_size, 3, 32, 32, device=device)
-        y = torch.randint(0, 10, (a.eval_batch_size,), device=device)
-        attacks.pgd(model, x[:2], y[:2], steps=1)  # warm-up
-        times = []
-        for _ in range(a.repeats):
-            started = time.perf_counter()
-            attacks.pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=20)
-            times.append(time.perf_counter() - started)
+        seconds = costmodel.measure_pgd(name, steps=20, batch_size=a.eval_batch_size, device=device,
+                                        repeats=a.repeats)
         print(f"  PGD-20 evaluation  model {name:<16} batch {a.eval_batch_size:>4}: "
-              f"{a.eval_batch_size / sorted(times)[len(times) // 2]:8.1f} images/s (all 20 steps, no early stop)")
+              f"{1 / seconds:8.1f} images/s (all 20 steps, no early stop)")
     return 0
 
 

@@ -173,16 +173,41 @@ def measure_step(method: str = "d2r", target: str = "small_cnn", guide: str = "s
             else:
                 methods.train_step(m, f, g, optimizer, x, y, **params)
 
-        for _ in range(warmup):
-            one_step()
-        times = []
-        for _ in range(repeats):
-            _sync(dev)
-            started = time.perf_counter()
-            one_step()
-            _sync(dev)
-            times.append(time.perf_counter() - started)
-    return min(times) / batch_size
+        return _fastest(one_step, dev, warmup, repeats) / batch_size
+
+
+def _fastest(run, device: torch.device, warmup: int, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` timed calls of `run()` after `warmup` untimed ones (the fastest is
+    the one least disturbed by other work on a shared machine)."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def measure_pgd(model: str = "small_cnn", *, steps: int = 20, batch_size: int = 256, num_classes: int = 10,
+                device: str = "cpu", warmup: int = 1, repeats: int = 3, seed: int = 0) -> float:
+    """Seconds per image of L∞ PGD evaluation (ε 8/255, α 2/255, all `steps` steps, no early stop) of a fresh
+    `model` on random images: the fastest of `repeats` runs. The global RNG is untouched. Chapter 9."""
+    validate.choice("model", model, models.MODELS)
+    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("num_classes", num_classes, 2),
+                             ("warmup", warmup, 0), ("repeats", repeats, 1), ("seed", seed, 0)):
+        validate.number(name, value, min=low, integer=True)
+    dev = torch.device(device)
+    forked = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked):
+        torch.manual_seed(seed)
+        f = models.build_model(model, num_classes).to(dev).eval()
+        x = torch.rand(batch_size, 3, 32, 32, device=dev)
+        y = torch.randint(0, num_classes, (batch_size,), device=dev)
+        return _fastest(lambda: attacks.pgd(f, x, y, eps=8 / 255, step_size=2 / 255, steps=steps), dev,
+                        warmup, repeats) / batch_size
 
 
 # ------------------------------------------------------------------------------------------- the model

@@ -157,3 +157,18 @@ def test_measure_step_runs_and_leaves_rng_alone():
 def test_measure_step_rejects_bad_inputs(kwargs, name):
     with pytest.raises((ValueError, TypeError), match=name):
         costmodel.measure_step(**kwargs)
+
+
+def test_measure_pgd_runs_and_leaves_rng_alone():
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    t = costmodel.measure_pgd("small_cnn", steps=2, batch_size=4, warmup=0, repeats=1)
+    assert t > 0 and math.isfinite(t)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("kwargs, name", [(dict(model="vgg"), "model"), (dict(steps=0), "steps"),
+                                          (dict(batch_size=0), "batch_size"), (dict(repeats=0), "repeats")])
+def test_measure_pgd_rejects_bad_inputs(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        costmodel.measure_pgd(**kwargs)
