@@ -6,6 +6,7 @@ Logits in, a scalar out; `d2r_terms` returns every D2R term for logging. Nothing
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from . import validate
@@ -153,3 +154,19 @@ def d2r_loss(logits_adv: torch.Tensor, logits_nat: torch.Tensor, logits_guide: t
     """
     return d2r_terms(logits_adv, logits_nat, logits_guide, y, w_clean=w_clean, w_adv=w_adv,
                      kl_reduction=kl_reduction)["loss"]
+
+
+def term_gradient_norms(terms: dict, target: nn.Module, guide: nn.Module) -> dict:
+    """For each loss term: (‖∇ term‖ w.r.t. the target's parameters, the same w.r.t. the guide's), 0.0 where
+    the term has no path to a model. Shows which model each term trains. Chapter 4."""
+    f_params, g_params = list(target.parameters()), list(guide.parameters())
+
+    def norm(grads):
+        present = [g for g in grads if g is not None]
+        return float(torch.sqrt(sum((g ** 2).sum() for g in present))) if present else 0.0
+
+    rows = {}
+    for name, value in terms.items():
+        grads = torch.autograd.grad(value, f_params + g_params, allow_unused=True, retain_graph=True)
+        rows[name] = (norm(grads[:len(f_params)]), norm(grads[len(f_params):]))
+    return rows

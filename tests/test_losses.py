@@ -165,3 +165,16 @@ def test_bad_inputs_name_the_parameter():
         losses.trades_loss(z, z, y, beta=-6)
     with pytest.raises(ValueError, match="logits_adv must be a \\(batch, classes\\) tensor"):
         losses.pgd_at_loss(torch.randn(10), y)
+
+
+def test_term_gradient_norms_show_which_model_each_term_trains():
+    torch.manual_seed(0)
+    target, guide = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
+    x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
+    z_f, z_g = target(x), guide(x)
+    terms = {"ce_guide": F.cross_entropy(z_g, y), "mse": F.mse_loss(z_f, z_g)}
+    rows = losses.term_gradient_norms(terms, target, guide)
+    assert rows["ce_guide"][0] == 0.0 and rows["ce_guide"][1] > 0  # no path to the target
+    grads = torch.autograd.grad(terms["mse"], list(target.parameters()), retain_graph=True)
+    assert rows["mse"][0] == pytest.approx(float(torch.sqrt(sum((g ** 2).sum() for g in grads))))
+    assert rows["mse"][1] > 0
