@@ -1,79 +1,88 @@
-"""Datasets and loaders (introduced in chapter 1).
+"""Datasets, augmentation and loaders (introduced in chapter 1).
 
-CIFAR-10, CIFAR-100 and Tiny ImageNet, from the offline bundle or a torchvision download, plus a
+CIFAR-10, CIFAR-100 and Tiny ImageNet from the offline bundle or a torchvision download, plus a
 synthetic set for unit tests. The paper's pipeline: pixels in [0, 1], no mean/std normalisation,
-training augmentation RandomCrop(size, padding=4) + RandomHorizontalFlip.
-
-Data folders are searched in this order: the ``data_dir`` argument, else ``$D2R_DATA_DIR``, else
-known local folders (see :func:`candidate_dirs`). Nothing ever falls back to random data.
+training augmentation RandomCrop(size, padding=4) + RandomHorizontalFlip, here applied to whole
+batches as tensors. Where the files live and how they are read and verified is in ``_storage``;
+its public names (``candidate_dirs``, ``find_file``, ``DataError`` ...) are re-exported here.
+Nothing ever falls back to other data, and nothing is downloaded unless ``download=True``.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import os
-import pickle
-import re
-import tempfile
+import queue
+import threading
 import warnings
-import zipfile
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from . import validate
+from . import _storage, validate
 
-DATA_ENV = "D2R_DATA_DIR"
-CACHE_ENV = "D2R_CACHE_DIR"
+__all__ = [
+    "CACHE_ENV", "CIFAR10_CLASSES", "CIFAR100_TEST20_INDICES", "DATASETS", "DATA_ENV",
+    "MINI_TEST_INDICES", "MINI_TRAIN_INDICES", "MINI_TRAIN_RANGES", "TINY_BUNDLE_PER_CLASS",
+    "TINY_BUNDLE_ZIP", "TINY_FOLDER", "TINY_MD5", "TINY_TRAIN_PER_CLASS", "TINY_URL",
+    "BatchLoader", "DataCorrupt", "DataError", "DataMissing", "ImageDataset", "PaperAugmentation",
+    "candidate_dirs", "cifar10", "cifar100", "crop_flip", "find_file", "load", "make_loader",
+    "paper_augmentation", "random_crop_flip", "synthetic", "tinyimagenet", "verify_file",
+]
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# where the data lives, re-exported
+CACHE_ENV, DATA_ENV, CIFAR10_CLASSES = _storage.CACHE_ENV, _storage.DATA_ENV, _storage.CIFAR10_CLASSES
+TINY_URL, TINY_MD5, TINY_FOLDER = _storage.TINY_URL, _storage.TINY_MD5, _storage.TINY_FOLDER
+TINY_BUNDLE_ZIP, TINY_BUNDLE_PER_CLASS = _storage.TINY_BUNDLE_ZIP, _storage.TINY_BUNDLE_PER_CLASS
+TINY_TRAIN_PER_CLASS = _storage.TINY_TRAIN_PER_CLASS
+DataError, DataMissing, DataCorrupt = _storage.DataError, _storage.DataMissing, _storage.DataCorrupt
+candidate_dirs, find_file, verify_file = (_storage.candidate_dirs, _storage.find_file,
+                                          _storage.verify_file)
 
 # The lossless CIFAR-10 training subset ("mini"): original training indices (torchvision order).
 MINI_TRAIN_RANGES = ((0, 3999), (10000, 10931), (20000, 20931), (30000, 31100), (40000, 40931))
-MINI_TRAIN_INDICES = np.concatenate([np.arange(a, b + 1, dtype=np.int64) for a, b in MINI_TRAIN_RANGES])
+MINI_TRAIN_INDICES = np.concatenate([np.arange(a, b + 1, dtype=np.int64)
+                                     for a, b in MINI_TRAIN_RANGES])
 MINI_TRAIN_INDICES.flags.writeable = False
 MINI_TEST_INDICES = np.arange(1000, dtype=np.int64)
 MINI_TEST_INDICES.flags.writeable = False
 CIFAR100_TEST20_INDICES = np.arange(20, dtype=np.int64)
 CIFAR100_TEST20_INDICES.flags.writeable = False
 
-TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
-TINY_BUNDLE_ZIP = "tiny-imagenet-200_val10000_train50pc.zip"
-TINY_FOLDER = "tiny-imagenet-200"
-TINY_TRAIN_PER_CLASS = 500  # train index = 500 * class + k, for the file <wnid>_<k>.JPEG
-TINY_BUNDLE_PER_CLASS = 50
+
+def _spec(num_classes, image_size, splits, subsets, defaults):
+    return {"num_classes": num_classes, "image_size": image_size, "splits": splits,
+            "subsets": subsets, "default_subset": dict(zip(splits, defaults))}
+
 
 DATASETS = {
-    "cifar10": {"num_classes": 10, "image_size": 32, "splits": ("train", "test"),
-                "subsets": ("mini", "full"), "default_subset": {"train": "mini", "test": "mini"}},
-    "cifar100": {"num_classes": 100, "image_size": 32, "splits": ("train", "test"),
-                 "subsets": ("test20", "full"), "default_subset": {"train": "full", "test": "test20"}},
-    "tinyimagenet": {"num_classes": 200, "image_size": 64, "splits": ("train", "val"),
-                     "subsets": ("bundle", "full"), "default_subset": {"train": "bundle", "val": "bundle"}},
-    "synthetic": {"num_classes": 10, "image_size": 32, "splits": ("train", "test"),
-                  "subsets": ("default",), "default_subset": {"train": "default", "test": "default"}},
+    "cifar10": _spec(10, 32, ("train", "test"), ("mini", "full"), ("mini", "mini")),
+    "cifar100": _spec(100, 32, ("train", "test"), ("test20", "full"), ("full", "test20")),
+    "tinyimagenet": _spec(200, 64, ("train", "val"), ("bundle", "full"), ("bundle", "bundle")),
+    "synthetic": _spec(10, 32, ("train", "test"), ("default",), ("default", "default")),
 }
 
 _JPEG_WARNED = False
-_CACHE_MIN_IMAGES = 20000  # decoded JPEG splits at least this large are cached as .npz
-_CACHE_VERSION = 1
 
 
-# --------------------------------------------------------------------------------------------------
+def _flag(name, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
 # The dataset
-# --------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------
 class ImageDataset(torch.utils.data.Dataset):
     """Images kept as uint8 (N, 3, H, W); items are (float image in [0, 1], int label)."""
 
     def __init__(self, images, labels, *, classes, indices=None, name="dataset", source="memory",
                  lossless=True, transform=None, path=None):
-        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 \
-                or images.shape[1] != 3:
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 \
+                or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError("images must be a uint8 tensor of shape (N, 3, H, W); got "
-                             f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}")
+                             f"{getattr(images, 'dtype', type(images))} "
+                             f"{tuple(getattr(images, 'shape', ()))}")
         n = images.shape[0]
         labels = torch.as_tensor(labels, dtype=torch.int64)
         if labels.shape != (n,):
@@ -81,13 +90,15 @@ class ImageDataset(torch.utils.data.Dataset):
         classes = [str(c) for c in classes]
         if n and (labels.min() < 0 or labels.max() >= len(classes)):
             raise ValueError(f"labels must lie in [0, {len(classes) - 1}] (one per class name)")
-        indices = torch.arange(n, dtype=torch.int64) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
+        indices = torch.arange(n) if indices is None else torch.as_tensor(indices)
+        indices = indices.to(torch.int64)
         if indices.shape != (n,):
             raise ValueError(f"indices must have shape ({n},); got {tuple(indices.shape)}")
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable or None; got {type(transform).__name__}")
         self.images, self.labels, self.indices, self.classes = images, labels, indices, classes
-        self.name, self.source, self.lossless, self.transform = str(name), str(source), bool(lossless), transform
+        self.name, self.source, self.lossless = str(name), str(source), bool(lossless)
+        self.transform = transform
         self.path = None if path is None else Path(path)
 
     def __len__(self) -> int:
@@ -117,300 +128,330 @@ class ImageDataset(torch.utils.data.Dataset):
         """Number of images of each class, in class order."""
         return torch.bincount(self.labels, minlength=self.num_classes).tolist()
 
-    def _with(self, positions, name, transform="keep") -> "ImageDataset":
-        if positions is None:
-            images, labels, indices = self.images, self.labels, self.indices
-        else:
-            images, labels, indices = self.images[positions], self.labels[positions], self.indices[positions]
-        return ImageDataset(images, labels, classes=self.classes, indices=indices, name=name, source=self.source,
-                            lossless=self.lossless, path=self.path,
+    def _with(self, positions, name, transform="keep") -> ImageDataset:
+        images, labels, indices = self.images, self.labels, self.indices
+        if positions is not None:
+            images, labels, indices = images[positions], labels[positions], indices[positions]
+        return ImageDataset(images, labels, classes=self.classes, indices=indices, name=name,
+                            source=self.source, lossless=self.lossless, path=self.path,
                             transform=self.transform if transform == "keep" else transform)
 
-    def subset(self, n=None, *, positions=None, per_class=None, seed=0, random=False) -> "ImageDataset":
+    def subset(self, n=None, *, positions=None, per_class=None, seed=0, random=False):
         """First ``n`` rows, explicit ``positions``, or ``per_class`` images of each class.
 
-        Selection is deterministic (the first rows, in dataset order); ``random=True`` draws them
-        instead with a generator seeded by ``seed`` (kept in dataset order). No argument: everything.
+        ``n`` larger than the dataset (or None) takes everything. Selection is deterministic (the
+        first rows, in dataset order); ``random=True`` draws them with a generator seeded by
+        ``seed`` (kept in dataset order).
         """
-        given = [k for k, v in (("n", n), ("positions", positions), ("per_class", per_class)) if v is not None]
+        given = [k for k, v in (("n", n), ("positions", positions), ("per_class", per_class))
+                 if v is not None]
         if len(given) > 1:
             raise ValueError(f"give only one of n, positions, per_class; got {', '.join(given)}")
         validate.number("seed", seed, integer=True)
-        if not isinstance(random, bool):
-            raise TypeError(f"random must be True or False; got {random!r}")
+        _flag("random", random)
         size = len(self)
         gen = torch.Generator().manual_seed(seed)
         if n is not None:
             validate.number("n", n, min=1, integer=True)
-            if n > size:
-                raise ValueError(f"n must be <= {size} (the size of {self.name}); got {n}")
-            pos = torch.randperm(size, generator=gen)[:n].sort().values if random else torch.arange(n)
-            return self._with(pos, f"{self.name}[:{n}]" if not random else f"{self.name}[random {n}, seed={seed}]")
+            if n >= size:
+                return self._with(None, self.name)
+            if random:
+                pos = torch.randperm(size, generator=gen)[:n].sort().values
+                return self._with(pos, f"{self.name}[random {n}, seed={seed}]")
+            return self._with(torch.arange(n), f"{self.name}[:{n}]")
         if positions is not None:
             try:
                 pos = torch.as_tensor(positions)
             except (TypeError, ValueError, RuntimeError) as e:
-                raise TypeError(f"positions must be a sequence of integers; got {type(positions).__name__}") from e
-            if pos.dim() != 1 or pos.is_floating_point() or pos.dtype == torch.bool or pos.is_complex():
-                raise TypeError(f"positions must be a 1-D sequence of integers; got {pos.dtype} {tuple(pos.shape)}")
+                raise TypeError("positions must be a sequence of integers; got "
+                                f"{type(positions).__name__}") from e
+            if pos.dim() != 1 or pos.is_floating_point() or pos.dtype == torch.bool \
+                    or pos.is_complex():
+                raise TypeError("positions must be a 1-D sequence of integers; got "
+                                f"{pos.dtype} {tuple(pos.shape)}")
             pos = pos.long()
             if pos.numel() and (pos.min() < 0 or pos.max() >= size):
-                raise ValueError(f"positions must lie in [0, {size - 1}] for {self.name}; "
-                                 f"got values in [{pos.min().item()}, {pos.max().item()}]")
+                raise ValueError(f"positions must lie in [0, {size - 1}] for {self.name}; got "
+                                 f"values in [{pos.min().item()}, {pos.max().item()}]")
             return self._with(pos, f"{self.name}[{pos.numel()} positions]")
         if per_class is not None:
             validate.number("per_class", per_class, min=1, integer=True)
             counts = torch.bincount(self.labels, minlength=self.num_classes)
             smallest = int(counts.argmin())
             if per_class > counts[smallest]:
-                raise ValueError(f"per_class must be <= {int(counts[smallest])}, the size of the smallest class "
-                                 f"({self.classes[smallest]!r}) in {self.name}; got {per_class}")
+                raise ValueError(f"per_class must be <= {int(counts[smallest])}, the size of the "
+                                 f"smallest class ({self.classes[smallest]!r}) in {self.name}; "
+                                 f"got {per_class}")
             chosen = []
             for c in range(self.num_classes):
                 where = torch.nonzero(self.labels == c).flatten()
                 if random:
                     where = where[torch.randperm(where.numel(), generator=gen)]
                 chosen.append(where[:per_class])
-            pos = torch.cat(chosen).sort().values
             tag = f"per_class={per_class}" + (f", random, seed={seed}" if random else "")
-            return self._with(pos, f"{self.name}[{tag}]")
+            return self._with(torch.cat(chosen).sort().values, f"{self.name}[{tag}]")
         return self._with(None, self.name)
 
-    def with_augmentation(self, enabled=True) -> "ImageDataset":
+    def with_augmentation(self, enabled=True) -> ImageDataset:
         """The same images (shared tensors) with the paper's augmentation on (or off)."""
-        if not isinstance(enabled, bool):
-            raise TypeError(f"enabled must be True or False; got {enabled!r}")
-        return self._with(None, self.name, transform=paper_augmentation(self.image_size) if enabled else None)
+        _flag("enabled", enabled)
+        aug = paper_augmentation(self.image_size) if enabled else None
+        return self._with(None, self.name, transform=aug)
 
     def __repr__(self) -> str:
         aug = "none" if self.transform is None else "on"
         return (f"ImageDataset(name={self.name!r}, size={len(self)}, classes={self.num_classes}, "
-                f"image_size={self.image_size}, source={self.source!r}, lossless={self.lossless}, augmentation={aug})")
+                f"image_size={self.image_size}, source={self.source!r}, "
+                f"lossless={self.lossless}, augmentation={aug})")
 
 
-def paper_augmentation(image_size=32, padding=4):
-    """RandomCrop(image_size, padding) + RandomHorizontalFlip on one (3, H, W) tensor; global torch RNG."""
-    from torchvision.transforms import v2
+# --------------------------------------------------------------------------------------------
+# The paper's augmentation, on whole batches
+# --------------------------------------------------------------------------------------------
+def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor,
+              padding: int = 4) -> torch.Tensor:
+    """Crop each image of a (B, C, H, W) batch from its zero-padded copy, then maybe flip it.
 
-    validate.number("image_size", image_size, min=1, integer=True)
+    ``offsets`` (B, 2): the crop's top-left (row, column) in the padded image, in [0, 2 * padding];
+    ``flips`` (B,) bool: mirror left-right. One gather, no Python loop over images.
+    """
+    b, _, h, w = images.shape
+    dev = images.device
+    padded = F.pad(images, (padding,) * 4)
+    offsets, flips = offsets.to(dev), flips.to(dev)
+    ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    rows = offsets[:, 0, None] + ar_h
+    cols = offsets[:, 1, None] + torch.where(flips[:, None], ar_w.flip(0), ar_w)
+    batch = torch.arange(b, device=dev)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _draw(batch: int, padding: int, generator=None):
+    offsets = torch.randint(0, 2 * padding + 1, (batch, 2), generator=generator)
+    flips = torch.randint(0, 2, (batch,), generator=generator).bool()
+    return offsets, flips
+
+
+def random_crop_flip(images: torch.Tensor, *, padding: int = 4, generator=None) -> torch.Tensor:
+    """RandomCrop(H, padding) + RandomHorizontalFlip(0.5) for every image of a batch.
+
+    Offsets and flips come from ``generator`` (a CPU ``torch.Generator``; None: the global RNG),
+    so the result is deterministic for a seed and the same on every device.
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError("images must be a (B, C, H, W) tensor; got "
+                         f"{tuple(getattr(images, 'shape', ())) or type(images).__name__}")
     validate.number("padding", padding, min=0, integer=True)
-    return v2.Compose([v2.RandomCrop(image_size, padding=padding), v2.RandomHorizontalFlip()])
+    return crop_flip(images, *_draw(images.shape[0], padding, generator), padding)
 
 
-# --------------------------------------------------------------------------------------------------
-# Where the data lives
-# --------------------------------------------------------------------------------------------------
-def _package_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+class PaperAugmentation:
+    """The paper's training augmentation for one (C, H, W) image or a (B, C, H, W) batch."""
+
+    def __init__(self, image_size: int = 32, padding: int = 4):
+        self.image_size = validate.number("image_size", image_size, min=1, integer=True)
+        self.padding = validate.number("padding", padding, min=0, integer=True)
+
+    def __call__(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) \
+                or tuple(x.shape[-2:]) != (self.image_size,) * 2:
+            raise ValueError(f"x must be a (C, {self.image_size}, {self.image_size}) image or a "
+                             f"batch of them; got {tuple(getattr(x, 'shape', ()))}")
+        one = x.dim() == 3
+        out = random_crop_flip(x[None] if one else x, padding=self.padding, generator=generator)
+        return out[0] if one else out
+
+    def __repr__(self) -> str:
+        return (f"PaperAugmentation(RandomCrop({self.image_size}, padding={self.padding}) + "
+                "RandomHorizontalFlip)")
 
 
-def _default_download_dir() -> Path:
-    return Path.home() / ".cache" / "d2r_lib" / "data"
+def paper_augmentation(image_size=32, padding=4) -> PaperAugmentation:
+    """RandomCrop(image_size, padding) + RandomHorizontalFlip, for images or whole batches."""
+    return PaperAugmentation(image_size, padding)
 
 
-def _cache_dir() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "d2r_lib"
+# --------------------------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------------------------
+_DONE = object()
 
 
-def _as_dir(data_dir) -> Path:
-    if not isinstance(data_dir, (str, os.PathLike)):
-        raise TypeError(f"data_dir must be a path (str or Path) or None; got {type(data_dir).__name__}")
-    return Path(os.path.abspath(Path(data_dir).expanduser()))
+class BatchLoader:
+    """Batches (x, y) straight from an ImageDataset's in-memory tensors (chapter 1).
 
-
-def _candidates(data_dir=None) -> list[tuple[Path, str]]:
-    if data_dir is not None:
-        return [(_as_dir(data_dir), "data_dir argument")]
-    env = os.environ.get(DATA_ENV)
-    if env:
-        return [(_as_dir(env), f"${DATA_ENV}")]
-    cwd, pkg = Path.cwd(), _package_root()
-    known = [cwd / "data", cwd / ".." / "shared" / "data", cwd / ".." / ".." / "shared" / "data",
-             pkg / "data", pkg / ".." / "shared" / "data", _default_download_dir()]
-    out, seen = [], set()
-    for d in known:
-        d = Path(os.path.abspath(d))
-        if d not in seen:
-            seen.add(d)
-            out.append((d, "known folder"))
-    return out
-
-
-def candidate_dirs(data_dir=None) -> list[Path]:
-    """Folders searched for data: ``data_dir`` only if given, else ``$D2R_DATA_DIR`` only, else known folders.
-
-    Known folders, in order: ./data, ../shared/data, ../../shared/data (relative to the working directory),
-    <package root>/data, <package root>/../shared/data, ~/.cache/d2r_lib/data (the download default).
+    Epoch ``e`` (``set_epoch``, else 0, 1, ... per pass) shuffles with a generator seeded
+    ``seed * 100_003 + e`` (the order ``train.fit`` uses) and draws the augmentation of each
+    batch from the same generator: the batches depend only on (seed, epoch). The dataset's
+    ``PaperAugmentation`` runs on whole batches; another transform runs image by image (slow).
+    ``prefetch`` builds the next batch in a background thread; on CUDA batches are pinned and
+    copied with ``non_blocking``. ``rank``/``world``: this process's share under DDP (a short
+    last batch is dropped there).
     """
-    return [d for d, _ in _candidates(data_dir)]
 
+    def __init__(self, dataset, batch_size, *, shuffle=True, seed=0, drop_last=False,
+                 device=None, prefetch=True, rank=0, world=1):
+        if not isinstance(dataset, ImageDataset):
+            raise TypeError("dataset must be an ImageDataset (data.load, data.cifar10, ...); got "
+                            f"{type(dataset).__name__}")
+        validate.number("batch_size", batch_size, min=1, integer=True)
+        self.shuffle, self.drop_last = _flag("shuffle", shuffle), _flag("drop_last", drop_last)
+        self.prefetch = _flag("prefetch", prefetch)
+        self.seed = validate.number("seed", seed, integer=True)
+        self.world = validate.number("world", world, min=1, integer=True)
+        self.rank = validate.number("rank", rank, min=0, max=world - 1, integer=True)
+        if world > 1 and batch_size % world:
+            raise ValueError(f"batch_size must be a multiple of world={world}; got {batch_size}")
+        self.dataset, self.batch_size, self.epoch = dataset, batch_size, 0
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.pin = self.device.type == "cuda"
 
-def _missing_message(what, filenames, candidates, download_ok) -> str:
-    lines = [f"Could not find {what}: looked for any of {', '.join(map(repr, filenames))} in:"]
-    for d, origin in candidates:
-        lines.append(f"  {d}  ({origin}{'' if d.is_dir() else ', does not exist'})")
-    lines.append("Fix: set the environment variable D2R_DATA_DIR to the folder holding these files "
-                 "(e.g. the offline bundle ../shared/data), or pass data_dir=\"/path/to/data\"")
-    lines[-1] += (", or pass download=True to fetch it (needs internet)." if download_ok
-                  else "; this file is only in the offline bundle (download=True cannot fetch it).")
-    return "\n".join(lines)
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.dataset), self.batch_size)
+        return full + (1 if rest and not self.drop_last and self.world == 1 else 0)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass epoch ``epoch`` (its order and augmentation)."""
+        self.epoch = validate.number("epoch", epoch, min=0, integer=True)
 
-def _locate(groups: Sequence[Sequence[str]], data_dir, what, download_ok=True) -> Path:
-    cands = _candidates(data_dir)
-    for group in groups:
-        for d, _ in cands:
-            for name in group:
-                p = d / name
-                if p.exists():
-                    return p
-    names = [n for g in groups for n in g]
-    raise FileNotFoundError(_missing_message(what, names, cands, download_ok))
+    def _batches(self, epoch):
+        """CPU batches of one epoch: (uint8 or float x, y, augmentation parameters or None)."""
+        ds, bs = self.dataset, self.batch_size
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        n = len(ds)
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        aug = ds.transform
+        fast = isinstance(aug, PaperAugmentation)
+        share = bs // self.world
+        for start in range(0, n, bs):
+            idx = order[start:start + bs]
+            if len(idx) < bs and (self.drop_last or self.world > 1):
+                return
+            params = _draw(len(idx), aug.padding, gen) if fast else None
+            if self.world > 1:
+                mine = slice(self.rank * share, (self.rank + 1) * share)
+                idx = idx[mine]
+                params = None if params is None else (params[0][mine], params[1][mine])
+            x, y = ds.images.index_select(0, idx), ds.labels.index_select(0, idx)
+            if aug is not None and not fast:  # a custom per-image transform
+                x = torch.stack([aug(img.float().div_(255)) for img in x])
+            elif not self.pin:  # on the CPU, finish here (in the prefetch thread)
+                x = crop_flip(x, *params, aug.padding) if fast else x
+                x, params = x.float().div_(255), None
+            yield (x.pin_memory(), y.pin_memory(), params) if self.pin else (x, y, params)
 
+    def _finish(self, x, y, params):
+        if self.pin:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            if params is not None:
+                x = crop_flip(x, *params, self.dataset.transform.padding)
+            if x.dtype == torch.uint8:
+                x = x.float().div_(255)
+        return x, y
 
-def find_file(filenames, data_dir=None) -> Path:
-    """Path of the first of ``filenames`` (files or folders) found in :func:`candidate_dirs` order.
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if not self.prefetch:
+            for item in self._batches(epoch):
+                yield self._finish(*item)
+            return
+        q: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
 
-    Raises FileNotFoundError listing every folder looked in, the names expected and how to fix it.
-    """
-    if isinstance(filenames, (str, os.PathLike)):
-        filenames = [filenames]
-    filenames = [os.fspath(f) for f in filenames]
-    if not filenames:
-        raise ValueError("filenames must name at least one file or folder")
-    return _locate([filenames], data_dir, "the data", download_ok=True)
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
 
+        def produce():
+            try:
+                for item in self._batches(epoch):
+                    if not put(item):
+                        return
+                put(_DONE)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                put(e)
 
-def _download_root(data_dir) -> Path:
-    """Where download=True writes: data_dir, else $D2R_DATA_DIR, else ~/.cache/d2r_lib/data."""
-    if data_dir is not None:
-        return _as_dir(data_dir)
-    env = os.environ.get(DATA_ENV)
-    return _as_dir(env) if env else _default_download_dir()
-
-
-# --------------------------------------------------------------------------------------------------
-# Readers
-# --------------------------------------------------------------------------------------------------
-def _check_dir(data_dir) -> None:
-    if data_dir is not None:
-        _as_dir(data_dir)
-
-
-def _flag(name, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False; got {value!r}")
-    return value
-
-
-def _from_nhwc(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)).permute(0, 3, 1, 2).contiguous()
-
-
-def _read_npz(path: Path, expected_idx=None) -> dict:
-    with np.load(path) as d:
-        missing = {"x", "y", "idx", "classes"} - set(d.files)
-        if missing:
-            raise ValueError(f"{path} is not a bundle file: keys {sorted(missing)} are missing")
-        out = {k: d[k] for k in ("x", "y", "idx", "classes")}
-    if expected_idx is not None and not np.array_equal(out["idx"], expected_idx):
-        raise ValueError(f"{path} does not hold the expected original indices "
-                         f"({len(expected_idx)} images); the file is not the bundle's")
-    return out
-
-
-def _check_md5(path: Path, md5: str) -> None:
-    from torchvision.datasets.utils import check_integrity
-
-    if not check_integrity(str(path), md5):
-        raise RuntimeError(f"{path} is not the original file (md5 mismatch: truncated or modified). "
-                           f"Delete {path.parent} and load again with download=True.")
-
-
-def _read_cifar_folder(folder: Path, which: str, split: str) -> dict:
-    """Read torchvision's cifar-10-batches-py / cifar-100-python pickles (md5-checked first)."""
-    from torchvision import datasets
-
-    cls = datasets.CIFAR10 if which == "cifar10" else datasets.CIFAR100
-    files = cls.train_list if split == "train" else cls.test_list
-    label_key = "labels" if which == "cifar10" else "fine_labels"
-    xs, ys = [], []
-    for name, md5 in list(files) + [[cls.meta["filename"], cls.meta["md5"]]]:
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} is incomplete: {name} is missing. Delete it and use download=True.")
-        _check_md5(folder / name, md5)
-    for name, _ in files:
-        with open(folder / name, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
-        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d[label_key], dtype=np.int64))
-    with open(folder / cls.meta["filename"], "rb") as f:
-        classes = pickle.load(f, encoding="latin1")[cls.meta["key"]]
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    expected = 50000 if split == "train" else 10000
-    if len(x) != expected or len(y) != expected:
-        raise RuntimeError(f"{folder} holds {len(x)} {split} images; expected {expected}")
-    return {"x_nchw": x, "y": y, "idx": np.arange(expected, dtype=np.int64), "classes": np.array(classes)}
-
-
-def _download_cifar(which: str, split: str, data_dir) -> Path:
-    from torchvision import datasets
-
-    root = _download_root(data_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    cls = datasets.CIFAR10 if which == "cifar10" else datasets.CIFAR100
-    cls(str(root), train=(split == "train"), download=True)
-    return root / cls.base_folder
-
-
-def _decode_jpeg(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
-
-
-def _source_key(path: Path, names: Sequence[str] = ()) -> str:
-    """Cache key of a zip (name, size, mtime) or a folder (name, file list, newest mtime)."""
-    if path.is_file():
-        st = path.stat()
-        return f"{path.name}|{st.st_size}|{st.st_mtime_ns}"
-    h = hashlib.sha1("\n".join(names).encode()).hexdigest()
-    newest = max((os.stat(path / n).st_mtime_ns for n in names), default=0)
-    return f"{path.name}|{len(names)}|{h}|{newest}"
-
-
-def _cached(key: str, tag: str, decode: Callable[[], dict], enabled: bool = True) -> dict:
-    """Decoded arrays from the cache (.npz under $D2R_CACHE_DIR or ~/.cache/d2r_lib), else decode + store."""
-    if not enabled:
-        return decode()
-    digest = hashlib.sha1(f"{_CACHE_VERSION}|{tag}|{key}".encode()).hexdigest()[:16]
-    cache = _cache_dir() / f"{tag}-{digest}.npz"
-    if cache.is_file():
+        thread = threading.Thread(target=produce, daemon=True, name="d2r-batch-prefetch")
+        thread.start()
         try:
-            with np.load(cache) as d:
-                return {k: d[k] for k in d.files}
-        except Exception:  # a damaged cache file: decode again and overwrite it
-            pass
-    arrays = decode()
-    tmp = None
+            while (item := q.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield self._finish(*item)
+        finally:
+            stop.set()
+
+
+def make_loader(dataset, batch_size, *, shuffle, seed=0, drop_last=False, num_workers=0,
+                device=None, prefetch=True):
+    """Batches of ``dataset`` with shuffling seeded by ``seed``.
+
+    An :class:`ImageDataset` gets a :class:`BatchLoader` (whole-batch tensors, no workers
+    needed); any other torch Dataset, or ``num_workers > 0``, a ``torch.utils.data.DataLoader``.
+    """
+    if not isinstance(dataset, torch.utils.data.Dataset):
+        raise TypeError("dataset must be a torch Dataset (e.g. an ImageDataset); got "
+                        f"{type(dataset).__name__}")
+    validate.number("batch_size", batch_size, min=1, integer=True)
+    _flag("shuffle", shuffle)
+    _flag("drop_last", drop_last)
+    validate.number("seed", seed, integer=True)
+    validate.number("num_workers", num_workers, min=0, integer=True)
+    if isinstance(dataset, ImageDataset) and num_workers == 0:
+        return BatchLoader(dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                           device=device, prefetch=prefetch)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+        num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
+        persistent_workers=num_workers > 0)
+
+
+# --------------------------------------------------------------------------------------------
+# The datasets
+# --------------------------------------------------------------------------------------------
+def _dataset(arrays, *, name, source, lossless, path, augment, select=None) -> ImageDataset:
+    if "x_nchw" in arrays:
+        x = torch.from_numpy(arrays["x_nchw"])
+    else:
+        x = torch.from_numpy(np.ascontiguousarray(arrays["x"], np.uint8)).permute(0, 3, 1, 2)
+    y = torch.from_numpy(np.asarray(arrays["y"], np.int64))
+    idx = torch.from_numpy(np.asarray(arrays["idx"], np.int64))
+    if select is not None:
+        sel = torch.from_numpy(np.array(select, dtype=np.int64))
+        x, y, idx = x[sel], y[sel], idx[sel]
+    ds = ImageDataset(x.contiguous(), y.clone(), classes=[str(c) for c in arrays["classes"]],
+                      indices=idx.clone(), name=name, source=source, lossless=lossless, path=path)
+    return ds.with_augmentation(True) if augment else ds
+
+
+def _check(name, split, subset, download, augment, data_dir) -> None:
+    spec = DATASETS[name]
+    validate.choice("split", split, spec["splits"])
+    validate.choice("subset", subset, spec["subsets"])
+    _flag("download", download)
+    _flag("augment", augment)
+    if data_dir is not None:
+        _storage.as_dir(data_dir)
+
+
+def _find(groups, data_dir, what, download, fetch, call):
+    """The data on disk; else, only with download=True, ``fetch()``; else DataMissing."""
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{tag}-", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, cache)
-        tmp = None
-    except OSError as e:
-        warnings.warn(f"could not write the decoded-image cache {cache}: {e}", RuntimeWarning, stacklevel=3)
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-    return arrays
+        return _storage.locate(groups, data_dir, what, call)
+    except DataMissing as missing:
+        if not download:
+            raise
+        try:
+            return fetch()
+        except DataMissing as failed:
+            raise DataMissing(f"{missing}\n{failed}") from None
 
 
 def _warn_jpeg(what: str) -> None:
@@ -418,312 +459,105 @@ def _warn_jpeg(what: str) -> None:
     if not _JPEG_WARNED:
         _JPEG_WARNED = True
         warnings.warn(
-            f"{what} comes from JPEG copies (quality 75), not the lossless originals: the mean pixel error "
-            "(~6/255) is comparable to the usual eps = 8/255, so robust accuracy on it is not comparable to "
-            "published numbers. Report robust numbers on the lossless 'mini' subsets (cifar10(subset='mini')).",
-            UserWarning, stacklevel=3)
+            f"{what} comes from JPEG copies (quality 75), not the lossless originals: the mean "
+            "pixel error (~6/255) is comparable to the usual eps = 8/255, so robust accuracy on "
+            "it is not comparable to published numbers. Report robust numbers on the lossless "
+            "'mini' subsets (cifar10(subset='mini')).", UserWarning, stacklevel=3)
 
 
-_CIFAR_JPEG_RE = re.compile(r"(?:^|/)train/([^/]+)/(\d+)\.jpg$")
-
-
-def _read_cifar10_train_jpeg(path: Path) -> dict:
-    """The 50,000 JPEG training images (zip or extracted folder), ordered by torchvision index."""
-    zf = zipfile.ZipFile(path) if path.is_file() else None
-    try:
-        if zf is not None:
-            names = [m for m in zf.namelist() if _CIFAR_JPEG_RE.search(m)]
-            read = zf.read
-        else:
-            names = sorted(str(p.relative_to(path)).replace(os.sep, "/") for p in (path / "train").glob("*/*.jpg"))
-            read = lambda n: (path / n).read_bytes()  # noqa: E731
-        if len(names) != 50000:
-            raise RuntimeError(f"{path} holds {len(names)} training JPEGs; expected 50000")
-
-        def decode():
-            x = np.empty((50000, 32, 32, 3), np.uint8)
-            y = np.full(50000, -1, np.int64)
-            for n in names:
-                cls, idx = _CIFAR_JPEG_RE.search(n).groups()
-                if cls not in CIFAR10_CLASSES:
-                    raise RuntimeError(f"{path}: unknown class folder {cls!r} in {n}")
-                x[int(idx)] = _decode_jpeg(read(n))
-                y[int(idx)] = CIFAR10_CLASSES.index(cls)
-            if (y < 0).any():
-                raise RuntimeError(f"{path}: the file names do not cover the indices 0..49999 exactly")
-            return {"x": x, "y": y}
-
-        arrays = _cached(_source_key(path, names), "cifar10_train_jpeg", decode)
-    finally:
-        if zf is not None:
-            zf.close()
-    return {"x": arrays["x"], "y": arrays["y"], "idx": np.arange(50000, dtype=np.int64),
-            "classes": np.array(CIFAR10_CLASSES)}
-
-
-def _dataset(arrays: dict, *, name, source, lossless, path, augment, select=None) -> ImageDataset:
-    x = torch.from_numpy(arrays["x_nchw"]) if "x_nchw" in arrays else _from_nhwc(arrays["x"])
-    y, idx = torch.from_numpy(np.asarray(arrays["y"], np.int64)), torch.from_numpy(np.asarray(arrays["idx"], np.int64))
-    if select is not None:
-        sel = torch.from_numpy(np.array(select, dtype=np.int64))
-        x, y, idx = x[sel], y[sel], idx[sel]
-    ds = ImageDataset(x.contiguous(), y.clone(), classes=[str(c) for c in arrays["classes"]], indices=idx.clone(),
-                      name=name, source=source, lossless=lossless, path=path)
-    return ds.with_augmentation(True) if augment else ds
-
-
-def _check_split_subset(name, split, subset):
-    spec = DATASETS[name]
-    validate.choice("split", split, spec["splits"])
-    validate.choice("subset", subset, spec["subsets"])
-
-
-# --------------------------------------------------------------------------------------------------
-# CIFAR-10 / CIFAR-100
-# --------------------------------------------------------------------------------------------------
-def cifar10(split="train", subset="mini", *, data_dir=None, download=False, augment=False) -> ImageDataset:
+def cifar10(split="train", subset="mini", *, data_dir=None, download=False,
+            augment=False) -> ImageDataset:
     """CIFAR-10. ``mini``: the lossless subsets (train: MINI_TRAIN_INDICES, 7,897; test: 0-999).
 
-    ``full``: torchvision's ``cifar-10-batches-py`` (lossless) if present, else the bundle's JPEG copies
-    (``lossless=False``, warns once), else a torchvision download when ``download=True``.
+    ``full``: torchvision's ``cifar-10-batches-py`` (lossless) if present, else the bundle's JPEG
+    copies (``lossless=False``, warns once), else a torchvision download when ``download=True``.
     """
-    _check_split_subset("cifar10", split, subset)
-    _flag("download", download)
-    _flag("augment", augment)
-    _check_dir(data_dir)
-    name = f"cifar10/{split}/{subset}"
+    _check("cifar10", split, subset, download, augment, data_dir)
+    name, call = f"cifar10/{split}/{subset}", f"cifar10({split!r}, {subset!r}, download=True)"
+
+    def fetch():
+        return _storage.download_cifar("cifar10", split, data_dir)
+
+    tv = "torchvision:cifar-10-batches-py"
     if subset == "mini":
         npz = "cifar10_train_7897.npz" if split == "train" else "cifar10_test_1000.npz"
         expected = MINI_TRAIN_INDICES if split == "train" else MINI_TEST_INDICES
-        try:
-            path = _locate([[npz, "cifar-10-batches-py"]], data_dir, f"CIFAR-10 {split} (mini)")
-        except FileNotFoundError:
-            if not download:
-                raise
-            path = _download_cifar("cifar10", split, data_dir)
+        path = _find([[npz, "cifar-10-batches-py"]], data_dir, f"CIFAR-10 {split} (mini)",
+                     download, fetch, call)
         if path.suffix == ".npz":
-            arrays = _read_npz(path, expected)
-            return _dataset(arrays, name=name, source=f"bundle:{path.name}", lossless=True, path=path, augment=augment)
-        arrays = _read_cifar_folder(path, "cifar10", split)
-        return _dataset(arrays, name=name, source="torchvision:cifar-10-batches-py", lossless=True, path=path,
-                        augment=augment, select=expected)
+            return _dataset(_storage.read_npz(path, expected), name=name, path=path,
+                            source=f"bundle:{path.name}", lossless=True, augment=augment)
+        return _dataset(_storage.read_cifar_folder(path, "cifar10", split), name=name, path=path,
+                        source=tv, lossless=True, augment=augment, select=expected)
     jpeg = ["cifar10_train_50000_jpeg.zip", "cifar10_train_50000_jpeg"] if split == "train" \
         else ["cifar10_test_10000_jpeg.npz"]
-    try:  # what is on disk first (lossless before JPEG), so offline machines never try the network
-        path = _locate([["cifar-10-batches-py"], jpeg], data_dir, f"CIFAR-10 {split} (full)")
-    except FileNotFoundError:
-        if not download:
-            raise
-        path = _download_cifar("cifar10", split, data_dir)
+    # lossless before JPEG, and what is on disk before any download
+    path = _find([["cifar-10-batches-py"], jpeg], data_dir, f"CIFAR-10 {split} (full)", download,
+                 fetch, call)
     if path.name == "cifar-10-batches-py":
-        arrays = _read_cifar_folder(path, "cifar10", split)
-        return _dataset(arrays, name=name, source="torchvision:cifar-10-batches-py", lossless=True, path=path,
-                        augment=augment)
+        return _dataset(_storage.read_cifar_folder(path, "cifar10", split), name=name, path=path,
+                        source=tv, lossless=True, augment=augment)
     if split == "test":
-        arrays = _read_npz(path, np.arange(10000, dtype=np.int64))
+        arrays = _storage.read_npz(path, np.arange(10000, dtype=np.int64))
     else:
-        arrays = _read_cifar10_train_jpeg(path)
+        arrays = _storage.read_cifar10_train_jpeg(path)
     _warn_jpeg(f"CIFAR-10 {split} (full)")
     kind = "bundle" if path.is_file() else "folder"
-    return _dataset(arrays, name=name, source=f"{kind}:{path.name}", lossless=False, path=path, augment=augment)
+    return _dataset(arrays, name=name, source=f"{kind}:{path.name}", lossless=False, path=path,
+                    augment=augment)
 
 
-def cifar100(split="test", subset="test20", *, data_dir=None, download=False, augment=False) -> ImageDataset:
-    """CIFAR-100 (fine labels). ``test20``: test images 0-19 (bundle or torchvision); ``full``: torchvision."""
-    _check_split_subset("cifar100", split, subset)
-    _flag("download", download)
-    _flag("augment", augment)
+def cifar100(split="test", subset="test20", *, data_dir=None, download=False,
+             augment=False) -> ImageDataset:
+    """CIFAR-100 (fine labels). ``test20``: test images 0-19 (bundle or torchvision); ``full``:
+    torchvision's ``cifar-100-python``."""
+    _check("cifar100", split, subset, download, augment, data_dir)
     if subset == "test20" and split != "test":
         raise ValueError(f"subset='test20' exists only for split='test'; got split={split!r} "
                          "(use subset='full' for the training set)")
-    _check_dir(data_dir)
     name = f"cifar100/{split}/{subset}"
-    names = ["cifar100_test_20.npz", "cifar-100-python"] if subset == "test20" else ["cifar-100-python"]
-    try:
-        path = _locate([names], data_dir, f"CIFAR-100 {split} ({subset})")
-    except FileNotFoundError:
-        if not download:
-            raise
-        path = _download_cifar("cifar100", split, data_dir)
+    names = ["cifar-100-python"] if subset == "full" else ["cifar100_test_20.npz",
+                                                            "cifar-100-python"]
+    path = _find([names], data_dir, f"CIFAR-100 {split} ({subset})", download,
+                 lambda: _storage.download_cifar("cifar100", split, data_dir),
+                 f"cifar100({split!r}, {subset!r}, download=True)")
     if path.suffix == ".npz":
-        arrays = _read_npz(path, CIFAR100_TEST20_INDICES)
-        return _dataset(arrays, name=name, source=f"bundle:{path.name}", lossless=True, path=path, augment=augment)
-    arrays = _read_cifar_folder(path, "cifar100", split)
-    return _dataset(arrays, name=name, source="torchvision:cifar-100-python", lossless=True, path=path,
-                    augment=augment, select=CIFAR100_TEST20_INDICES if subset == "test20" else None)
+        return _dataset(_storage.read_npz(path, CIFAR100_TEST20_INDICES), name=name, path=path,
+                        source=f"bundle:{path.name}", lossless=True, augment=augment)
+    return _dataset(_storage.read_cifar_folder(path, "cifar100", split), name=name, path=path,
+                    source="torchvision:cifar-100-python", lossless=True, augment=augment,
+                    select=CIFAR100_TEST20_INDICES if subset == "test20" else None)
 
 
-# --------------------------------------------------------------------------------------------------
-# Tiny ImageNet
-# --------------------------------------------------------------------------------------------------
-class _Tree:
-    """Uniform read access to a tiny-imagenet-200 folder or a zip holding one."""
+def tinyimagenet(split="val", subset="bundle", *, data_dir=None, download=False,
+                 augment=False) -> ImageDataset:
+    """Tiny ImageNet (64x64, 200 classes in wnids.txt order; grayscale converted to RGB).
 
-    def __init__(self, path: Path):
-        self.path, self.zip, self.prefix = path, None, ""
-        if path.is_file():
-            self.zip = zipfile.ZipFile(path)
-            self.all = self.zip.namelist()
-            tops = [n[: -len("wnids.txt")] for n in self.all if n.endswith("wnids.txt")]
-            if not tops:
-                raise RuntimeError(f"{path} holds no wnids.txt: not a Tiny ImageNet archive")
-            self.prefix = min(tops, key=len)
-
-    def close(self):
-        if self.zip is not None:
-            self.zip.close()
-
-    def exists(self, rel: str) -> bool:
-        return (self.prefix + rel) in self.all if self.zip is not None else (self.path / rel).is_file()
-
-    def read(self, rel: str) -> bytes:
-        return self.zip.read(self.prefix + rel) if self.zip is not None else (self.path / rel).read_bytes()
-
-    def files(self, under: str) -> list[str]:
-        """Relative names of every file below the folder ``under``."""
-        if self.zip is not None:
-            p = self.prefix + under + "/"
-            return [n[len(self.prefix):] for n in self.all if n.startswith(p) and not n.endswith("/")]
-        base = self.path / under
-        out = []
-        for dirpath, _, filenames in os.walk(base):
-            rel = Path(dirpath).relative_to(self.path).as_posix()
-            out.extend(f"{rel}/{f}" for f in filenames)
-        return out
-
-
-_TINY_TRAIN_RE = re.compile(r"^train/(n\d+)/images/(n\d+)_(\d+)\.JPEG$")
-_TINY_VAL_RE = re.compile(r"^val/images/val_(\d+)\.JPEG$")
-
-
-def _tiny_classes(tree: _Tree):
-    if not tree.exists("wnids.txt"):
-        raise RuntimeError(f"{tree.path}: wnids.txt is missing")
-    wnids = tree.read("wnids.txt").decode().split()
-    words = {}
-    if tree.exists("words.txt"):
-        for line in tree.read("words.txt").decode().splitlines():
-            wnid, _, text = line.partition("\t")
-            words[wnid.strip()] = text.split(",")[0].strip()
-    return wnids, [words.get(w) or w for w in wnids]
-
-
-def _tiny_train_entries(tree: _Tree, wnids):
-    pos = {w: i for i, w in enumerate(wnids)}
-    entries = []
-    for n in tree.files("train"):
-        m = _TINY_TRAIN_RE.match(n)
-        if m and m.group(1) == m.group(2):
-            if m.group(1) not in pos:
-                raise RuntimeError(f"{tree.path}: training folder {m.group(1)} is not in wnids.txt")
-            c, k = pos[m.group(1)], int(m.group(3))
-            entries.append((TINY_TRAIN_PER_CLASS * c + k, c, n))
-    return sorted(entries)
-
-
-def _tiny_val_entries(tree: _Tree, wnids):
-    pos = {w: i for i, w in enumerate(wnids)}
-    if not tree.exists("val/val_annotations.txt"):
-        raise RuntimeError(f"{tree.path}: val/val_annotations.txt is missing")
-    ann = {}
-    for line in tree.read("val/val_annotations.txt").decode().splitlines():
-        parts = line.split("\t")
-        if len(parts) >= 2:
-            ann[parts[0]] = parts[1]
-    entries = []
-    for n in tree.files("val/images"):
-        m = _TINY_VAL_RE.match(n)
-        if m:
-            fname = n.rsplit("/", 1)[1]
-            if ann.get(fname) not in pos:
-                raise RuntimeError(f"{tree.path}: {fname} has no annotation with a class from wnids.txt")
-            entries.append((int(m.group(1)), pos[ann[fname]], n))
-    return sorted(entries)
-
-
-def _download_tiny(data_dir) -> Path:
-    from torchvision.datasets.utils import download_and_extract_archive
-
-    root = _download_root(data_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    download_and_extract_archive(TINY_URL, download_root=str(root), filename="tiny-imagenet-200.zip", md5=TINY_MD5,
-                                 remove_finished=True)
-    return root / TINY_FOLDER
-
-
-def tinyimagenet(split="val", subset="bundle", *, data_dir=None, download=False, augment=False) -> ImageDataset:
-    """Tiny ImageNet (64x64, 200 classes in wnids.txt order; grayscale images converted to RGB).
-
-    Source: an extracted ``tiny-imagenet-200/`` folder or the bundle zip. ``bundle``: all val images and
-    training images ``<wnid>_0..49`` (the bundle's 50 per class, also when the full set is there);
-    ``full``: all val and the full 500-per-class training set. ``indices``: val = N of ``val_N.JPEG``;
-    train = 500 * class + k for ``<wnid>_k.JPEG``.
+    Source: an extracted ``tiny-imagenet-200/`` folder or the bundle zip. ``bundle``: all val
+    images and training images ``<wnid>_0..49`` (also when the full set is there); ``full``: all
+    val and the 500-per-class training set. ``indices``: val = N of ``val_N.JPEG``; train =
+    500 * class + k for ``<wnid>_k.JPEG``.
     """
-    _check_split_subset("tinyimagenet", split, subset)
-    _flag("download", download)
-    _flag("augment", augment)
-    _check_dir(data_dir)
-    name = f"tinyimagenet/{split}/{subset}"
+    _check("tinyimagenet", split, subset, download, augment, data_dir)
     need_full = split == "train" and subset == "full"
     names = [TINY_FOLDER] if need_full else [TINY_FOLDER, TINY_BUNDLE_ZIP]
+    path = _find([names], data_dir, f"Tiny ImageNet {split} ({subset})", download,
+                 lambda: _storage.download_tiny(data_dir),
+                 f"tinyimagenet({split!r}, {subset!r}, download=True)")
     try:
-        path = _locate([names], data_dir, f"Tiny ImageNet {split} ({subset})")
-    except FileNotFoundError:
+        arrays = _storage.read_tiny(path, split, subset)
+    except DataMissing:  # a partial folder: only download=True may replace it
         if not download:
             raise
-        path = _download_tiny(data_dir)
-    tree = _Tree(path)
-    try:
-        wnids, classes = _tiny_classes(tree)
-        if len(wnids) != 200:
-            raise RuntimeError(f"{path}: wnids.txt lists {len(wnids)} classes; Tiny ImageNet has 200")
-        entries = _tiny_train_entries(tree, wnids) if split == "train" else _tiny_val_entries(tree, wnids)
-        if split == "train":
-            counts = np.bincount([c for _, c, _ in entries], minlength=200)
-            if need_full and counts.min() < TINY_TRAIN_PER_CLASS:
-                if download:
-                    tree.close()
-                    tree = _Tree(_download_tiny(data_dir))
-                    path = tree.path
-                    entries = _tiny_train_entries(tree, wnids)
-                    counts = np.bincount([c for _, c, _ in entries], minlength=200)
-                if counts.min() < TINY_TRAIN_PER_CLASS:
-                    raise FileNotFoundError(
-                        f"subset='full' needs the full Tiny ImageNet training set (500 images per class); {path} has "
-                        f"only {counts.min()} for some class (the offline bundle has 50). Use subset='bundle', "
-                        "point data_dir at a full tiny-imagenet-200/ folder, or pass download=True.")
-            if not need_full:
-                entries = [e for e in entries if e[0] % TINY_TRAIN_PER_CLASS < TINY_BUNDLE_PER_CLASS]
-        elif subset == "full" and len(entries) != 10000:
-            raise FileNotFoundError(f"{path} holds {len(entries)} val images; subset='full' needs all 10000")
-        if not entries:
-            raise FileNotFoundError(f"{path} holds no {split} images")
-        rels = [n for _, _, n in entries]
-
-        def decode():
-            x = np.empty((len(rels), 64, 64, 3), np.uint8)
-            for i, n in enumerate(rels):
-                img = _decode_jpeg(tree.read(n))
-                if img.shape != (64, 64, 3):
-                    raise RuntimeError(f"{path}: {n} is {img.shape[1]}x{img.shape[0]}, expected 64x64")
-                x[i] = img
-            return {"x": x}
-
-        key = _source_key(path, rels) if path.is_dir() else _source_key(path)
-        arrays = _cached(f"{key}|{split}|{subset}", "tinyimagenet", decode, enabled=len(rels) >= _CACHE_MIN_IMAGES)
-    finally:
-        tree.close()
-    arrays = {"x": arrays["x"], "y": np.array([c for _, c, _ in entries], np.int64),
-              "idx": np.array([i for i, _, _ in entries], np.int64), "classes": np.array(classes)}
+        path = _storage.download_tiny(data_dir)
+        arrays = _storage.read_tiny(path, split, subset)
     kind = "bundle" if path.is_file() else "folder"
-    return _dataset(arrays, name=name, source=f"{kind}:{path.name}", lossless=True, path=path, augment=augment)
+    return _dataset(arrays, name=f"tinyimagenet/{split}/{subset}", source=f"{kind}:{path.name}",
+                    lossless=True, path=path, augment=augment)
 
 
-# --------------------------------------------------------------------------------------------------
-# Synthetic data, dispatch, loaders
-# --------------------------------------------------------------------------------------------------
 def synthetic(n=256, *, num_classes=10, image_size=32, seed=0, augment=False) -> ImageDataset:
-    """A learnable toy set for unit tests: class colour + class stripe pattern + noise, uint8, balanced labels.
+    """A learnable toy set for unit tests: class colour + stripes + noise, balanced labels.
 
     The class prototypes depend only on (num_classes, image_size); ``seed`` draws labels and noise.
     """
@@ -739,45 +573,33 @@ def synthetic(n=256, *, num_classes=10, image_size=32, seed=0, augment=False) ->
     coords = torch.linspace(0, 1, image_size)
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     proj = torch.cos(angle)[:, None, None] * xx + torch.sin(angle)[:, None, None] * yy
-    stripes = 0.5 + 0.5 * torch.sin(2 * torch.pi * freq[:, None, None] * proj)  # (C, H, W) in [0, 1]
+    stripes = 0.5 + 0.5 * torch.sin(2 * torch.pi * freq[:, None, None] * proj)  # (C, H, W)
     g = torch.Generator().manual_seed(seed)
     labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
     clean = 0.1 + 0.5 * colours[labels][:, :, None, None] + 0.3 * stripes[labels][:, None]
     x = (clean + 0.08 * torch.randn(n, 3, image_size, image_size, generator=g)).clamp(0, 1)
     images = (x * 255).round().to(torch.uint8)
-    ds = ImageDataset(images, labels, classes=[f"class{c}" for c in range(num_classes)], name="synthetic",
-                      source="synthetic", lossless=True)
+    ds = ImageDataset(images, labels, classes=[f"class{c}" for c in range(num_classes)],
+                      name="synthetic", source="synthetic", lossless=True)
     return ds.with_augmentation(True) if augment else ds
 
 
 def load(name, split, subset=None, **kw) -> ImageDataset:
-    """Dispatch to cifar10 / cifar100 / tinyimagenet / synthetic; subset=None takes the split's default.
+    """Dispatch to cifar10 / cifar100 / tinyimagenet / synthetic; subset=None: the default.
 
-    For "synthetic", ``kw`` goes to :func:`synthetic` and the test split uses other noise (seed + 1,000,003).
+    For "synthetic", ``kw`` goes to :func:`synthetic`; the test split uses other noise
+    (seed + 1,000,003).
     """
     validate.choice("name", name, DATASETS)
     validate.choice("split", split, DATASETS[name]["splits"])
     subset = DATASETS[name]["default_subset"][split] if subset is None else subset
-    _check_split_subset(name, split, subset)
+    validate.choice("subset", subset, DATASETS[name]["subsets"])
     if name == "synthetic":
         seed = kw.pop("seed", 0)
         validate.number("seed", seed, integer=True)
-        kw.pop("data_dir", None), kw.pop("download", None)  # generated, nothing to find or fetch
+        kw.pop("data_dir", None), kw.pop("download", None)  # generated: nothing to find or fetch
         ds = synthetic(seed=seed + (0 if split == "train" else 1_000_003), **kw)
         ds.name = f"synthetic/{split}"
         return ds
-    return {"cifar10": cifar10, "cifar100": cifar100, "tinyimagenet": tinyimagenet}[name](split, subset, **kw)
-
-
-def make_loader(dataset, batch_size, *, shuffle, seed=0, drop_last=False, num_workers=0):
-    """A DataLoader whose shuffling (and worker seeds) come from a torch.Generator seeded with ``seed``."""
-    if not isinstance(dataset, torch.utils.data.Dataset):
-        raise TypeError(f"dataset must be a torch Dataset (e.g. an ImageDataset); got {type(dataset).__name__}")
-    validate.number("batch_size", batch_size, min=1, integer=True)
-    _flag("shuffle", shuffle)
-    _flag("drop_last", drop_last)
-    validate.number("seed", seed, integer=True)
-    validate.number("num_workers", num_workers, min=0, integer=True)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                                       num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
-                                       persistent_workers=num_workers > 0)
+    return {"cifar10": cifar10, "cifar100": cifar100, "tinyimagenet": tinyimagenet}[name](
+        split, subset, **kw)

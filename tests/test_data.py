@@ -1,6 +1,7 @@
 """Tests of d2r_lib.data: the offline bundle formats, directory resolution, augmentation, subsets, loaders."""
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -14,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from d2r_lib import data
+from d2r_lib import _storage, data
 
 BUNDLE = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MINI_TRAIN_COUNTS = [795, 754, 791, 763, 840, 769, 786, 785, 814, 800]
@@ -146,7 +147,7 @@ def test_tinyimagenet_full_train_needs_full_set(bundle):
 def test_load_dispatch_and_default_dirs(bundle, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # known folder ../shared/data
     ds = data.load("cifar10", "test")
-    assert ds.name == "cifar10/test/mini" and ds.path == (bundle / "cifar10_test_1000.npz").resolve()
+    assert ds.name == "cifar10/test/mini" and ds.path.resolve() == (bundle / "cifar10_test_1000.npz").resolve()
     with pytest.raises(FileNotFoundError, match="cifar-100-python"):
         data.load("cifar100", "train", data_dir=bundle)  # default subset for train is "full"
 
@@ -183,7 +184,7 @@ def fake_cifar10_root(bundle, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def no_md5(monkeypatch):
-    monkeypatch.setattr(data, "_check_md5", lambda path, md5: None)
+    monkeypatch.setattr(_storage, "check_md5", lambda path, md5: None)
 
 
 @pytest.mark.data
@@ -241,10 +242,10 @@ def test_download_goes_through_torchvision(bundle, fake_cifar10_root, no_md5, tm
 
 def test_download_root(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert data._download_root(None) == tmp_path / ".cache" / "d2r_lib" / "data"
+    assert _storage.download_root(None) == tmp_path / ".cache" / "d2r_lib" / "data"
     monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "env"))
-    assert data._download_root(None) == tmp_path / "env"
-    assert data._download_root(tmp_path / "x") == tmp_path / "x"
+    assert _storage.download_root(None) == tmp_path / "env"
+    assert _storage.download_root(tmp_path / "x") == tmp_path / "x"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,6 +275,8 @@ def fake_tiny(tmp_path) -> Path:
         for c, k in [(0, 0), (0, 1), (0, 60), (2, 3)]:
             img = rng.integers(0, 256, (64, 64), dtype=np.uint8)
             z.writestr(f"{r}train/{wnids[c]}/images/{wnids[c]}_{k}.JPEG", _jpeg(img, "L"))
+    digest = hashlib.sha256((d / data.TINY_BUNDLE_ZIP).read_bytes()).hexdigest()
+    (d / "SHA256SUMS").write_text(f"{digest}  {data.TINY_BUNDLE_ZIP}\n")  # a bundle lists its files
     return d
 
 
@@ -303,15 +306,16 @@ def test_tinyimagenet_extracted_folder(fake_tiny, tmp_path):
 def test_decoded_image_cache(fake_tiny, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv(data.CACHE_ENV, str(cache))
-    monkeypatch.setattr(data, "_CACHE_MIN_IMAGES", 1)
+    monkeypatch.setattr(_storage, "CACHE_MIN_IMAGES", 1)
     first = data.tinyimagenet("val", data_dir=fake_tiny)
     files = sorted(p.name for p in cache.iterdir())
-    assert len(files) == 1 and re.fullmatch(r"tinyimagenet-[0-9a-f]{16}\.npz", files[0])  # no tmp file left
+    assert len(files) == 2 and re.fullmatch(r"tinyimagenet-[0-9a-f]{16}\.npz", files[0])  # no tmp file left
+    assert files[1] == "verified.json"  # the zip's checksum, checked once
 
     def no_decode(_):
         raise AssertionError("decoded although cached")
 
-    monkeypatch.setattr(data, "_decode_jpeg", no_decode)
+    monkeypatch.setattr(_storage, "decode_jpeg", no_decode)
     assert torch.equal(data.tinyimagenet("val", data_dir=fake_tiny).images, first.images)
     zpath = fake_tiny / data.TINY_BUNDLE_ZIP
     os.utime(zpath, ns=(zpath.stat().st_atime_ns, zpath.stat().st_mtime_ns + 10**9))
@@ -419,6 +423,8 @@ def test_subset():
     pos = ds.subset(positions=[5, 2])
     assert pos.indices.tolist() == [5, 2] and pos.classes == ds.classes
     assert len(ds.subset()) == 100
+    for big in (ds.subset(1000), ds.subset(1000, random=True), ds.subset(100)):  # clamped
+        assert big.name == ds.name and torch.equal(big.indices, ds.indices)
     r1, r2 = ds.subset(10, random=True, seed=1), ds.subset(10, random=True, seed=2)
     assert torch.equal(r1.indices, ds.subset(10, random=True, seed=1).indices)
     assert not torch.equal(r1.indices, r2.indices)
@@ -488,7 +494,6 @@ def test_datasets_table():
     (lambda: data.tinyimagenet("val", "mini"), ValueError, r"subset must be one of 'bundle', 'full'"),
     (lambda: data.cifar10(download="yes"), TypeError, r"download must be True or False"),
     (lambda: data.cifar10(data_dir=3), TypeError, r"data_dir must be a path"),
-    (lambda: data.synthetic(10).subset(11), ValueError, r"n must be <= 10"),
     (lambda: data.synthetic(10).subset(0), ValueError, r"n must be >= 1"),
     (lambda: data.synthetic(10).subset(2.5), TypeError, r"n must be an integer"),
     (lambda: data.synthetic(20).subset(per_class=3), ValueError, r"per_class must be <= 2, the size of the smallest"),
