@@ -19,6 +19,7 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -96,10 +97,6 @@ def atomic_write(path, write: Callable[[str], object]) -> Path:
 # --------------------------------------------------------------------------------------------
 # Folders
 # --------------------------------------------------------------------------------------------
-def _package_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
 def _default_download_dir() -> Path:
     return Path.home() / ".cache" / "d2r_lib" / "data"
 
@@ -123,7 +120,7 @@ def _candidates(data_dir=None) -> list[tuple[Path, str]]:
     env = os.environ.get(DATA_ENV)
     if env:
         return [(as_dir(env), f"${DATA_ENV}")]
-    cwd, pkg = Path.cwd(), _package_root()
+    cwd, pkg = Path.cwd(), Path(__file__).resolve().parent.parent
     known = [cwd / "data", cwd / ".." / "shared" / "data", cwd / ".." / ".." / "shared" / "data",
              pkg / "data", pkg / ".." / "shared" / "data", _default_download_dir()]
     return [(d, "known folder") for d in dict.fromkeys(Path(os.path.abspath(k)) for k in known)]
@@ -217,13 +214,9 @@ def _expected_sha256(path: Path) -> tuple[str | None, str]:
     return None, ""
 
 
-def _cache_file() -> Path:
-    return cache_dir() / "verified.json"
-
-
 def _read_verified() -> dict:
     try:
-        with open(_cache_file()) as f:
+        with open(cache_dir() / "verified.json") as f:
             got = json.load(f)
         return got if isinstance(got, dict) else {}
     except (OSError, ValueError):
@@ -240,10 +233,10 @@ def _remember(key: str, entry: list) -> None:
             json.dump(known, f, indent=0, sort_keys=True)
 
     try:
-        _cache_file().parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(_cache_file(), write)
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        atomic_write(cache_dir() / "verified.json", write)
     except OSError as e:  # verified all the same; only the next run hashes again
-        warnings.warn(f"could not record the checksum in {_cache_file()}: {e}", RuntimeWarning,
+        warnings.warn(f"could not record a checksum in {cache_dir()}: {e}", RuntimeWarning,
                       stacklevel=3)
 
 
@@ -285,22 +278,17 @@ _READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, K
                 pickle.UnpicklingError, IndexError)
 
 
-class _Reading:
+@contextmanager
+def _reading(path: Path, what: str, fix: str | None = None):
     """Turns a low-level read error (bad zip, CRC, truncated npz, bad JPEG) into DataCorrupt."""
-
-    def __init__(self, path: Path, what: str, fix: str | None = None):
-        self.path, self.what, self.fix = path, what, fix
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, tb):
-        if isinstance(err, DataError) or not isinstance(err, _READ_ERRORS):
-            return False
+    try:
+        yield
+    except DataError:
+        raise
+    except _READ_ERRORS as err:
         why = "" if isinstance(err, PermissionError) else " the file is truncated or damaged."
-        fix = self.fix or _good_copy(self.path)
-        raise DataCorrupt(f"{self.path} cannot be read as {self.what} ({type(err).__name__}: "
-                          f"{err});{why} {fix}") from None
+        raise DataCorrupt(f"{path} cannot be read as {what} ({type(err).__name__}: {err});{why} "
+                          + (fix or _good_copy(path))) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,7 +298,7 @@ def read_npz(path: Path, expected_idx=None) -> dict:
     """x (N, H, W, 3) uint8, y, idx, classes of a bundle .npz (verified first)."""
     verify_file(path)
     what = "a bundle .npz file (x, y, idx, classes)"
-    with _Reading(path, what), np.load(path, allow_pickle=False) as d:
+    with _reading(path, what), np.load(path, allow_pickle=False) as d:
         missing = {"x", "y", "idx", "classes"} - set(d.files)
         if missing:
             raise DataCorrupt(f"{path} is not a bundle file: keys {sorted(missing)} are "
@@ -350,7 +338,7 @@ def read_cifar_folder(folder: Path, which: str, split: str) -> dict:
         check_md5(folder / name, md5)
     fix = f"Delete {folder} and load again with download=True."
     xs, ys = [], []
-    with _Reading(folder, f"torchvision's {cls.base_folder}", fix):
+    with _reading(folder, f"torchvision's {cls.base_folder}", fix):
         for name, _ in files:
             with open(folder / name, "rb") as f:
                 d = pickle.load(f, encoding="latin1")
@@ -416,7 +404,7 @@ _CIFAR_JPEG_RE = re.compile(r"(?:^|/)train/([^/]+)/(\d+)\.jpg$")
 def read_cifar10_train_jpeg(path: Path) -> dict:
     """The 50,000 JPEG training images (zip or extracted folder), in torchvision order."""
     verify_file(path)
-    with _Reading(path, "the CIFAR-10 JPEG training set"):
+    with _reading(path, "the CIFAR-10 JPEG training set"):
         zf = zipfile.ZipFile(path) if path.is_file() else None
         try:
             if zf is not None:
@@ -466,15 +454,16 @@ class _Tree:
                                   + _good_copy(path))
             self.prefix = min(tops, key=len)
 
-    def exists(self, rel: str) -> bool:
-        if self.zip is not None:
-            return (self.prefix + rel) in self.all
-        return (self.path / rel).is_file()
-
-    def read(self, rel: str) -> bytes:
-        if self.zip is not None:
-            return self.zip.read(self.prefix + rel)
-        return (self.path / rel).read_bytes()
+    def read(self, rel: str, default: bytes | None = None) -> bytes:
+        """The bytes of ``rel``; ``default`` if given and the file is absent, else DataCorrupt."""
+        try:
+            if self.zip is not None:
+                return self.zip.read(self.prefix + rel)
+            return (self.path / rel).read_bytes()
+        except (KeyError, FileNotFoundError):
+            if default is not None:
+                return default
+            raise DataCorrupt(f"{self.path}: {rel} is missing. " + _good_copy(self.path)) from None
 
     def files(self, under: str) -> list[str]:
         """Relative names of every file below the folder ``under``."""
@@ -502,8 +491,6 @@ def _tiny_entries(tree: _Tree, split: str, wnids) -> list[tuple[int, int, str]]:
                 c = pos[m.group(1)]
                 entries.append((TINY_TRAIN_PER_CLASS * c + int(m.group(3)), c, n))
         return sorted(entries)
-    if not tree.exists("val/val_annotations.txt"):
-        raise DataCorrupt(f"{tree.path}: val/val_annotations.txt is missing")
     ann = dict(line.split("\t")[:2] for line in
                tree.read("val/val_annotations.txt").decode().splitlines() if "\t" in line)
     for n in tree.files("val/images"):
@@ -520,19 +507,16 @@ def read_tiny(path: Path, split: str, subset: str) -> dict:
     """Tiny ImageNet arrays of ``split`` ("train"/"val") and ``subset`` ("bundle"/"full")."""
     verify_file(path)
     need_full = subset == "full"
-    with _Reading(path, "Tiny ImageNet"):
+    with _reading(path, "Tiny ImageNet"):
         tree = _Tree(path)
         try:
-            if not tree.exists("wnids.txt"):
-                raise DataCorrupt(f"{path}: wnids.txt is missing")
             wnids = tree.read("wnids.txt").decode().split()
             if len(wnids) != 200:
                 raise DataCorrupt(f"{path}: wnids.txt lists {len(wnids)} classes; expected 200")
             words = {}
-            if tree.exists("words.txt"):
-                for line in tree.read("words.txt").decode().splitlines():
-                    wnid, _, text = line.partition("\t")
-                    words[wnid.strip()] = text.split(",")[0].strip()
+            for line in tree.read("words.txt", b"").decode().splitlines():
+                wnid, _, text = line.partition("\t")
+                words[wnid.strip()] = text.split(",")[0].strip()
             classes = [words.get(w) or w for w in wnids]
             entries = _tiny_entries(tree, split, wnids)
             if split == "train" and need_full:

@@ -2,10 +2,9 @@
 
 CIFAR-10, CIFAR-100 and Tiny ImageNet from the offline bundle or a torchvision download, plus a
 synthetic set for unit tests. The paper's pipeline: pixels in [0, 1], no mean/std normalisation,
-training augmentation RandomCrop(size, padding=4) + RandomHorizontalFlip, here applied to whole
-batches as tensors. Where the files live and how they are read and verified is in ``_storage``;
-its public names (``candidate_dirs``, ``find_file``, ``DataError`` ...) are re-exported here.
-Nothing ever falls back to other data, and nothing is downloaded unless ``download=True``.
+training augmentation RandomCrop(size, padding=4) + RandomHorizontalFlip on whole batches.
+Where files live and how they are read and verified is ``_storage`` (re-exported names here).
+Nothing falls back to other data; nothing is downloaded unless ``download=True``.
 """
 from __future__ import annotations
 
@@ -261,10 +260,6 @@ class PaperAugmentation:
         one = x.dim() == 3
         out = random_crop_flip(x[None] if one else x, padding=self.padding, generator=generator)
         return out[0] if one else out
-
-    def __repr__(self) -> str:
-        return (f"PaperAugmentation(RandomCrop({self.image_size}, padding={self.padding}) + "
-                "RandomHorizontalFlip)")
 
 
 def paper_augmentation(image_size=32, padding=4) -> PaperAugmentation:
