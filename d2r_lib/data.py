@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import _storage, validate
 
@@ -212,18 +211,24 @@ def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor,
     """Crop each image of a (B, C, H, W) batch from its zero-padded copy, then maybe flip it.
 
     ``offsets`` (B, 2): the crop's top-left (row, column) in the padded image, in [0, 2 * padding];
-    ``flips`` (B,) bool: mirror left-right. One gather, no Python loop over images.
+    ``flips`` (B,) bool: mirror left-right. No Python loop over images: every output row is a
+    window of the padded batch laid flat (or of its reverse, for a flipped image), so the whole
+    batch is one ``index_select``.
     """
-    b, _, h, w = images.shape
+    b, c, h, w = images.shape
+    hp, wp = h + 2 * padding, w + 2 * padding
+    padded = images.new_zeros(b, c, hp, wp)
+    padded[:, :, padding:padding + h, padding:padding + w] = images
+    flat = padded.reshape(-1)
+    n = flat.numel()
+    both = torch.cat([flat, flat.flip(0)])  # reversed: a mirrored row is a forward window there
+    windows = both.as_strided((2 * n - w + 1, w), (1, 1))
     dev = images.device
-    padded = F.pad(images, (padding,) * 4)
-    offsets, flips = offsets.to(dev), flips.to(dev)
-    ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
-    rows = offsets[:, 0, None] + ar_h
-    cols = offsets[:, 1, None] + torch.where(flips[:, None], ar_w.flip(0), ar_w)
-    batch = torch.arange(b, device=dev)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
-    return out.permute(0, 3, 1, 2).contiguous()
+    oy, ox = offsets[:, 0].to(dev).view(b, 1, 1), offsets[:, 1].to(dev).view(b, 1, 1)
+    plane = torch.arange(b * c, device=dev).view(b, c, 1)
+    start = (plane * hp + oy + torch.arange(h, device=dev).view(1, 1, h)) * wp + ox
+    start = torch.where(flips.to(dev).view(b, 1, 1), 2 * n - w - start, start)
+    return windows.index_select(0, start.reshape(-1)).view(b, c, h, w)
 
 
 def _draw(batch: int, padding: int, generator=None):
