@@ -1,10 +1,8 @@
-"""Where the data lives (chapter 1 uses it through :mod:`d2r_lib.data`).
-
-Folders searched, the offline bundle's formats (npz, the CIFAR-10 JPEG zip, the Tiny ImageNet zip),
-their check against the bundle's ``SHA256SUMS`` (once per file, cached by path, size and mtime),
-torchvision downloads (with torchvision's own md5 checks) and the decoded-image cache.
-Every fault raises one :class:`DataError` that names the file, what was expected and the fix.
-"""
+"""Where the data lives (used through :mod:`d2r_lib.data`, chapter 1): folders searched, the
+bundle's formats (npz, CIFAR-10 JPEG zip, Tiny ImageNet zip) and their ``SHA256SUMS`` check
+(once per file, cached by path, size and mtime), torchvision downloads (md5-checked by
+torchvision), the decoded-image cache. A fault raises one :class:`DataError` naming the file,
+what was expected and the fix."""
 from __future__ import annotations
 
 import hashlib
@@ -409,11 +407,10 @@ def read_cifar10_train_jpeg(path: Path) -> dict:
         try:
             if zf is not None:
                 names = [m for m in zf.namelist() if _CIFAR_JPEG_RE.search(m)]
-                read = zf.read
             else:
                 names = sorted(p.relative_to(path).as_posix()
                                for p in (path / "train").glob("*/*.jpg"))
-                read = lambda n: (path / n).read_bytes()
+            read = zf.read if zf is not None else (lambda n: (path / n).read_bytes())
             if len(names) != 50000:
                 raise DataCorrupt(f"{path} holds {len(names)} training JPEGs; expected 50000. "
                                   + _good_copy(path))
@@ -528,7 +525,8 @@ def read_tiny(path: Path, split: str, subset: str) -> dict:
                         "50). Use subset='bundle', point data_dir at a full tiny-imagenet-200/ "
                         "folder, or pass download=True.")
             elif split == "train":
-                entries = [e for e in entries if e[0] % TINY_TRAIN_PER_CLASS < TINY_BUNDLE_PER_CLASS]
+                keep = TINY_BUNDLE_PER_CLASS
+                entries = [e for e in entries if e[0] % TINY_TRAIN_PER_CLASS < keep]
             elif need_full and len(entries) != 10000:
                 raise DataMissing(f"{path} holds {len(entries)} val images; subset='full' needs "
                                   "all 10000")

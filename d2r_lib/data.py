@@ -28,23 +28,23 @@ __all__ = [
 ]
 
 # where the data lives, re-exported
-CACHE_ENV, DATA_ENV, CIFAR10_CLASSES = _storage.CACHE_ENV, _storage.DATA_ENV, _storage.CIFAR10_CLASSES
-TINY_URL, TINY_MD5, TINY_FOLDER = _storage.TINY_URL, _storage.TINY_MD5, _storage.TINY_FOLDER
+CACHE_ENV, DATA_ENV, TINY_URL, TINY_MD5 = (_storage.CACHE_ENV, _storage.DATA_ENV,
+                                          _storage.TINY_URL, _storage.TINY_MD5)
+CIFAR10_CLASSES, TINY_FOLDER = _storage.CIFAR10_CLASSES, _storage.TINY_FOLDER
 TINY_BUNDLE_ZIP, TINY_BUNDLE_PER_CLASS = _storage.TINY_BUNDLE_ZIP, _storage.TINY_BUNDLE_PER_CLASS
 TINY_TRAIN_PER_CLASS = _storage.TINY_TRAIN_PER_CLASS
 DataError, DataMissing, DataCorrupt = _storage.DataError, _storage.DataMissing, _storage.DataCorrupt
-candidate_dirs, find_file, verify_file = (_storage.candidate_dirs, _storage.find_file,
-                                          _storage.verify_file)
+candidate_dirs, find_file = _storage.candidate_dirs, _storage.find_file
+verify_file = _storage.verify_file
 
 # The lossless CIFAR-10 training subset ("mini"): original training indices (torchvision order).
 MINI_TRAIN_RANGES = ((0, 3999), (10000, 10931), (20000, 20931), (30000, 31100), (40000, 40931))
-MINI_TRAIN_INDICES = np.concatenate([np.arange(a, b + 1, dtype=np.int64)
-                                     for a, b in MINI_TRAIN_RANGES])
-MINI_TRAIN_INDICES.flags.writeable = False
+MINI_TRAIN_INDICES = np.concatenate([np.arange(a, b + 1) for a, b in MINI_TRAIN_RANGES])
+MINI_TRAIN_INDICES = MINI_TRAIN_INDICES.astype(np.int64)
 MINI_TEST_INDICES = np.arange(1000, dtype=np.int64)
-MINI_TEST_INDICES.flags.writeable = False
 CIFAR100_TEST20_INDICES = np.arange(20, dtype=np.int64)
-CIFAR100_TEST20_INDICES.flags.writeable = False
+for _a in (MINI_TRAIN_INDICES, MINI_TEST_INDICES, CIFAR100_TEST20_INDICES):
+    _a.flags.writeable = False
 
 
 def _spec(num_classes, image_size, splits, subsets, defaults):
@@ -284,10 +284,9 @@ class BatchLoader:
     Epoch ``e`` (``set_epoch``, else 0, 1, ... per pass) shuffles with a generator seeded
     ``seed * 100_003 + e`` (the order ``train.fit`` uses) and draws the augmentation of each
     batch from the same generator: the batches depend only on (seed, epoch). The dataset's
-    ``PaperAugmentation`` runs on whole batches; another transform runs image by image (slow).
-    ``prefetch`` builds the next batch in a background thread; on CUDA batches are pinned and
-    copied with ``non_blocking``. ``rank``/``world``: this process's share under DDP (a short
-    last batch is dropped there).
+    transform must be None or ``PaperAugmentation`` (run on whole batches). ``prefetch`` builds
+    the next batch in a background thread; on CUDA batches are pinned and copied with
+    ``non_blocking``. ``rank``/``world``: this process's share under DDP (no short last batch).
     """
 
     def __init__(self, dataset, batch_size, *, shuffle=True, seed=0, drop_last=False,
@@ -295,6 +294,9 @@ class BatchLoader:
         if not isinstance(dataset, ImageDataset):
             raise TypeError("dataset must be an ImageDataset (data.load, data.cifar10, ...); got "
                             f"{type(dataset).__name__}")
+        if dataset.transform is not None and not isinstance(dataset.transform, PaperAugmentation):
+            raise TypeError("dataset.transform must be None or the paper's augmentation; for "
+                            "another transform use make_loader(..., num_workers=1) (a DataLoader)")
         validate.number("batch_size", batch_size, min=1, integer=True)
         self.shuffle, self.drop_last = _flag("shuffle", shuffle), _flag("drop_last", drop_last)
         self.prefetch = _flag("prefetch", prefetch)
@@ -311,33 +313,27 @@ class BatchLoader:
         full, rest = divmod(len(self.dataset), self.batch_size)
         return full + (1 if rest and not self.drop_last and self.world == 1 else 0)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next pass epoch ``epoch`` (its order and augmentation)."""
+    def set_epoch(self, epoch: int) -> None:  # the next pass is epoch ``epoch``
         self.epoch = validate.number("epoch", epoch, min=0, integer=True)
 
     def _batches(self, epoch):
         """CPU batches of one epoch: (uint8 or float x, y, augmentation parameters or None)."""
         ds, bs = self.dataset, self.batch_size
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        n = len(ds)
+        n, aug, share = len(ds), ds.transform, bs // self.world
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
-        aug = ds.transform
-        fast = isinstance(aug, PaperAugmentation)
-        share = bs // self.world
         for start in range(0, n, bs):
             idx = order[start:start + bs]
             if len(idx) < bs and (self.drop_last or self.world > 1):
                 return
-            params = _draw(len(idx), aug.padding, gen) if fast else None
+            params = None if aug is None else _draw(len(idx), aug.padding, gen)
             if self.world > 1:
                 mine = slice(self.rank * share, (self.rank + 1) * share)
                 idx = idx[mine]
                 params = None if params is None else (params[0][mine], params[1][mine])
             x, y = ds.images.index_select(0, idx), ds.labels.index_select(0, idx)
-            if aug is not None and not fast:  # a custom per-image transform
-                x = torch.stack([aug(img.float().div_(255)) for img in x])
-            elif not self.pin:  # on the CPU, finish here (in the prefetch thread)
-                x = crop_flip(x, *params, aug.padding) if fast else x
+            if not self.pin:  # on the CPU, finish here (in the prefetch thread)
+                x = x if aug is None else crop_flip(x, *params, aug.padding)
                 x, params = x.float().div_(255), None
             yield (x.pin_memory(), y.pin_memory(), params) if self.pin else (x, y, params)
 
@@ -347,8 +343,7 @@ class BatchLoader:
             y = y.to(self.device, non_blocking=True)
             if params is not None:
                 x = crop_flip(x, *params, self.dataset.transform.padding)
-            if x.dtype == torch.uint8:
-                x = x.float().div_(255)
+            x = x.float().div_(255)
         return x, y
 
     def __iter__(self):
@@ -360,23 +355,15 @@ class BatchLoader:
         q: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
 
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    pass
-            return False
-
         def produce():
             try:
                 for item in self._batches(epoch):
-                    if not put(item):
+                    if stop.is_set():
                         return
-                put(_DONE)
+                    q.put(item)
+                q.put(_DONE)
             except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                put(e)
+                q.put(e)
 
         thread = threading.Thread(target=produce, daemon=True, name="d2r-batch-prefetch")
         thread.start()
@@ -385,16 +372,21 @@ class BatchLoader:
                 if isinstance(item, BaseException):
                     raise item
                 yield self._finish(*item)
-        finally:
+        finally:  # stopped early: unblock the producer so that it sees the stop and ends
             stop.set()
+            while thread.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(0.01)
 
 
 def make_loader(dataset, batch_size, *, shuffle, seed=0, drop_last=False, num_workers=0,
                 device=None, prefetch=True):
     """Batches of ``dataset`` with shuffling seeded by ``seed``.
 
-    An :class:`ImageDataset` gets a :class:`BatchLoader` (whole-batch tensors, no workers
-    needed); any other torch Dataset, or ``num_workers > 0``, a ``torch.utils.data.DataLoader``.
+    An :class:`ImageDataset` (no transform or the paper's) gets a :class:`BatchLoader`; any
+    other Dataset or transform, or ``num_workers > 0``, a ``torch.utils.data.DataLoader``.
     """
     if not isinstance(dataset, torch.utils.data.Dataset):
         raise TypeError("dataset must be a torch Dataset (e.g. an ImageDataset); got "
@@ -404,7 +396,8 @@ def make_loader(dataset, batch_size, *, shuffle, seed=0, drop_last=False, num_wo
     _flag("drop_last", drop_last)
     validate.number("seed", seed, integer=True)
     validate.number("num_workers", num_workers, min=0, integer=True)
-    if isinstance(dataset, ImageDataset) and num_workers == 0:
+    if isinstance(dataset, ImageDataset) and num_workers == 0 and (
+            dataset.transform is None or isinstance(dataset.transform, PaperAugmentation)):
         return BatchLoader(dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
                            device=device, prefetch=prefetch)
     return torch.utils.data.DataLoader(
@@ -516,8 +509,7 @@ def cifar100(split="test", subset="test20", *, data_dir=None, download=False,
         raise ValueError(f"subset='test20' exists only for split='test'; got split={split!r} "
                          "(use subset='full' for the training set)")
     name = f"cifar100/{split}/{subset}"
-    names = ["cifar-100-python"] if subset == "full" else ["cifar100_test_20.npz",
-                                                            "cifar-100-python"]
+    names = ["cifar100_test_20.npz"] * (subset == "test20") + ["cifar-100-python"]
     path = _find([names], data_dir, f"CIFAR-100 {split} ({subset})", download,
                  lambda: _storage.download_cifar("cifar100", split, data_dir),
                  f"cifar100({split!r}, {subset!r}, download=True)")
@@ -585,11 +577,8 @@ def synthetic(n=256, *, num_classes=10, image_size=32, seed=0, augment=False) ->
 
 
 def load(name, split, subset=None, **kw) -> ImageDataset:
-    """Dispatch to cifar10 / cifar100 / tinyimagenet / synthetic; subset=None: the default.
-
-    For "synthetic", ``kw`` goes to :func:`synthetic`; the test split uses other noise
-    (seed + 1,000,003).
-    """
+    """cifar10 / cifar100 / tinyimagenet / synthetic (test split: seed + 1,000,003) by name;
+    subset=None: the split's default."""
     validate.choice("name", name, DATASETS)
     validate.choice("split", split, DATASETS[name]["splits"])
     subset = DATASETS[name]["default_subset"][split] if subset is None else subset

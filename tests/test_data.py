@@ -572,7 +572,7 @@ def test_batch_loader_ranks_split_each_batch():
         assert torch.equal(torch.cat([halves[0][b][0], halves[1][b][0]]), whole[b][0])
 
 
-def test_batch_loader_early_stop_and_errors():
+def test_batch_loader_early_stop_and_errors(monkeypatch):
     ds = _numbered(50)
     it = iter(data.BatchLoader(ds, 4))
     next(it)
@@ -583,14 +583,18 @@ def test_batch_loader_early_stop_and_errors():
         time.sleep(0.01)
     assert not any(t.name == "d2r-batch-prefetch" for t in threading.enumerate())
     custom = ds._with(None, "custom", transform=lambda img: 1 - img)  # another transform
-    x, _ = next(iter(data.BatchLoader(custom, 5, shuffle=False)))
-    assert torch.equal(x, 1 - ds.tensors()[0][:5])
+    with pytest.raises(TypeError, match=r"dataset.transform must be None or the paper's"):
+        data.BatchLoader(custom, 5)
+    dl = data.make_loader(custom, 5, shuffle=False)  # goes through a DataLoader instead
+    assert isinstance(dl, torch.utils.data.DataLoader)
+    assert torch.equal(next(iter(dl))[0], 1 - ds.tensors()[0][:5])
 
-    def bad(img):
-        raise ValueError("bad transform")
+    def boom(*_):
+        raise ValueError("boom in the thread")
 
-    with pytest.raises(ValueError, match="bad transform"):  # the thread's error reaches the caller
-        list(data.BatchLoader(ds._with(None, "bad", transform=bad), 2, prefetch=True))
+    monkeypatch.setattr(data, "crop_flip", boom)  # runs in the prefetch thread on the CPU
+    with pytest.raises(ValueError, match="boom in the thread"):
+        list(data.BatchLoader(ds.with_augmentation(), 2, prefetch=True))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
