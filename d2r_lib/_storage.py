@@ -95,7 +95,7 @@ def atomic_write(path, write: Callable[[str], object]) -> Path:
 # --------------------------------------------------------------------------------------------
 # Folders
 # --------------------------------------------------------------------------------------------
-def _default_download_dir() -> Path:
+def _default_download_dir() -> Path:  # ~/.cache/d2r_lib/data
     return Path.home() / ".cache" / "d2r_lib" / "data"
 
 
@@ -141,33 +141,23 @@ def download_root(data_dir) -> Path:
     return as_dir(env) if env else _default_download_dir()
 
 
-def _missing_message(what, filenames, candidates, download_call) -> str:
-    lines = [f"Could not find {what}: looked for any of {', '.join(map(repr, filenames))} in:"]
-    for d, origin in candidates:
-        lines.append(f"  {d}  ({origin}{'' if d.is_dir() else ', does not exist'})")
-    lines.append("Fix: set the environment variable D2R_DATA_DIR to the folder holding these files "
-                 "(e.g. the offline bundle ../shared/data), or pass data_dir=\"/path/to/data\"")
-    if download_call:
-        lines[-1] += (", or pass download=True to fetch it (needs internet), e.g.\n"
-                      f"  python -c \"from d2r_lib import data; data.{download_call}\"")
-    else:
-        lines[-1] += "; this file is only in the offline bundle (download=True cannot fetch it)."
-    return "\n".join(lines)
-
-
-def locate(groups: Sequence[Sequence[str]], data_dir, what, download_call=None) -> Path:
-    """First existing name, group by group, over the candidate folders; else :class:`DataMissing`.
-
-    ``download_call``: the ``data.<call>(..., download=True)`` text the message offers, if any.
-    """
+def locate(groups: Sequence[Sequence[str]], data_dir, what, download_call: str) -> Path:
+    """First existing name, group by group, over the candidate folders; else :class:`DataMissing`
+    listing every folder looked in and the fix, offering ``data.<download_call>``."""
     cands = _candidates(data_dir)
     for group in groups:
         for d, _ in cands:
             for name in group:
                 if (d / name).exists():
                     return d / name
-    names = [n for g in groups for n in g]
-    raise DataMissing(_missing_message(what, names, cands, download_call))
+    names = ", ".join(repr(n) for g in groups for n in g)
+    lines = [f"Could not find {what}: looked for any of {names} in:"]
+    lines += [f"  {d}  ({origin}{'' if d.is_dir() else ', does not exist'})" for d, origin in cands]
+    lines.append("Fix: set the environment variable D2R_DATA_DIR to the folder holding these files "
+                 "(e.g. the offline bundle ../shared/data), or pass data_dir=\"/path/to/data\", "
+                 "or pass download=True to fetch it (needs internet), e.g.\n"
+                 f"  python -c \"from d2r_lib import data; data.{download_call}\"")
+    raise DataMissing("\n".join(lines))
 
 
 def find_file(filenames, data_dir=None) -> Path:
@@ -221,10 +211,13 @@ def _read_verified() -> dict:
         return {}
 
 
-def _remember(key: str, entry: list) -> None:
-    _VERIFIED[key] = tuple(entry)
+def _remember(found: tuple | None) -> None:
+    """Record a verified (real path, [size, mtime_ns, sha256]) in memory and the JSON cache."""
+    if found is None or _VERIFIED.get(found[0]) == tuple(found[1]):
+        return
+    _VERIFIED[found[0]] = tuple(found[1])
     known = _read_verified()
-    known[key] = entry
+    known[found[0]] = found[1]
 
     def write(tmp):
         with open(tmp, "w") as f:
@@ -238,38 +231,41 @@ def _remember(key: str, entry: list) -> None:
                       stacklevel=3)
 
 
-def verify_file(path) -> bool:
-    """Check a bundle file against SHA256SUMS (once: cached by path, size and mtime).
-
-    Returns False for files that are not part of the bundle (nothing to check), True when the
-    file matches; raises :class:`DataCorrupt` (naming file, expected digest, the fix) otherwise.
-    """
-    path = Path(path)
+def _verify(path: Path) -> tuple | None:
+    """(real path, entry) of a bundle file matching SHA256SUMS, None outside the bundle."""
     if not path.is_file():
-        return False
+        return None
     expected, origin = _expected_sha256(path)
     if expected is None:
-        return False
+        return None
     real = os.path.realpath(path)
     st = os.stat(real)
     entry = [st.st_size, st.st_mtime_ns, expected]
     if _VERIFIED.get(real) == tuple(entry) or _read_verified().get(real) == entry:
         _VERIFIED[real] = tuple(entry)
-        return True
+        return real, entry
     h = hashlib.sha256()
     with open(real, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     if h.hexdigest() != expected:
-        size = _BUNDLE_SIZE.get(path.name) if expected == BUNDLE_SHA256.get(path.name) else None
-        detail = ""
-        if size is not None and st.st_size != size:
-            detail = (f" It has {st.st_size:,} bytes, the bundle's file {size:,}"
-                      f"{' (truncated)' if st.st_size < size else ''}.")
+        size = _BUNDLE_SIZE[path.name] if expected == BUNDLE_SHA256.get(path.name) else st.st_size
+        detail = (f" It has {st.st_size:,} bytes, the bundle's file {size:,}"
+                  + (" (truncated)." if st.st_size < size else ".")) if size != st.st_size else ""
         raise DataCorrupt(f"{path} is damaged or modified: its SHA256 is {h.hexdigest()}, but "
                           f"{origin} expects {expected}.{detail} " + _good_copy(path))
-    _remember(real, entry)
-    return True
+    return real, entry
+
+
+def verify_file(path) -> bool:
+    """Check a bundle file against SHA256SUMS (once: cached by path, size and mtime).
+
+    False for a file outside the bundle (nothing to check), True when it matches;
+    :class:`DataCorrupt` (naming the file, the expected digest and the fix) otherwise.
+    """
+    found = _verify(Path(path))
+    _remember(found)
+    return found is not None
 
 
 _READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError,
@@ -294,8 +290,12 @@ def _reading(path: Path, what: str, fix: str | None = None):
 # --------------------------------------------------------------------------------------------
 def read_npz(path: Path, expected_idx=None) -> dict:
     """x (N, H, W, 3) uint8, y, idx, classes of a bundle .npz (verified first)."""
-    verify_file(path)
+    found = _verify(path)
     what = "a bundle .npz file (x, y, idx, classes)"
+    with _reading(path, what), open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # never let np.load guess (it would try a pickle)
+            raise DataCorrupt(f"{path} is not an .npz archive (no zip header): the file is "
+                              "damaged or not the bundle's. " + _good_copy(path))
     with _reading(path, what), np.load(path, allow_pickle=False) as d:
         missing = {"x", "y", "idx", "classes"} - set(d.files)
         if missing:
@@ -310,6 +310,7 @@ def read_npz(path: Path, expected_idx=None) -> dict:
         raise DataCorrupt(f"{path}: x must be uint8 (N, H, W, 3) with one label each; got "
                           f"{out['x'].dtype} {out['x'].shape}, {len(out['y'])} labels. "
                           + _good_copy(path))
+    _remember(found)
     return out
 
 
@@ -401,7 +402,7 @@ _CIFAR_JPEG_RE = re.compile(r"(?:^|/)train/([^/]+)/(\d+)\.jpg$")
 
 def read_cifar10_train_jpeg(path: Path) -> dict:
     """The 50,000 JPEG training images (zip or extracted folder), in torchvision order."""
-    verify_file(path)
+    found = _verify(path)
     with _reading(path, "the CIFAR-10 JPEG training set"):
         zf = zipfile.ZipFile(path) if path.is_file() else None
         try:
@@ -432,6 +433,7 @@ def read_cifar10_train_jpeg(path: Path) -> dict:
         finally:
             if zf is not None:
                 zf.close()
+    _remember(found)
     return {"x": arrays["x"], "y": arrays["y"], "idx": np.arange(50000, dtype=np.int64),
             "classes": np.array(CIFAR10_CLASSES)}
 
@@ -502,7 +504,7 @@ def _tiny_entries(tree: _Tree, split: str, wnids) -> list[tuple[int, int, str]]:
 
 def read_tiny(path: Path, split: str, subset: str) -> dict:
     """Tiny ImageNet arrays of ``split`` ("train"/"val") and ``subset`` ("bundle"/"full")."""
-    verify_file(path)
+    found = _verify(path)
     need_full = subset == "full"
     with _reading(path, "Tiny ImageNet"):
         tree = _Tree(path)
@@ -550,6 +552,7 @@ def read_tiny(path: Path, split: str, subset: str) -> dict:
         finally:
             if tree.zip is not None:
                 tree.zip.close()
+    _remember(found)
     return {"x": arrays["x"], "y": np.array([c for _, c, _ in entries], np.int64),
             "idx": np.array([i for i, _, _ in entries], np.int64), "classes": np.array(classes)}
 
@@ -564,8 +567,6 @@ def _download(what: str, url_hint: str, data_dir, fetch: Callable[[Path], Path])
     try:
         root.mkdir(parents=True, exist_ok=True)
         return fetch(root)
-    except (DataError, KeyboardInterrupt):
-        raise
     except Exception as e:  # noqa: BLE001 (URLError, full disk, torchvision's md5 check)
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
