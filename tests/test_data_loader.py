@@ -167,6 +167,16 @@ def test_batch_loader_early_stop_and_errors(monkeypatch):
         list(data.BatchLoader(ds.with_augmentation(), 2, prefetch=True))
 
 
+def test_batch_loader_pinned_path_equals_cpu_path(monkeypatch):
+    """The CUDA path (uint8 batch pinned, copied, cropped on the device) on the CPU device."""
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # no CUDA needed
+    ds = _numbered(300).with_augmentation()
+    cpu = torch.cat([x for x, _ in data.BatchLoader(ds, 64, seed=2)])
+    pinned = data.BatchLoader(ds, 64, seed=2)
+    pinned.pin = True
+    assert torch.equal(torch.cat([x for x, _ in pinned]), cpu)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batch_loader_cuda_equals_cpu():
     ds = _numbered(300).with_augmentation()
