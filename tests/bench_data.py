@@ -7,6 +7,8 @@
 2. Images/s of one epoch of the CIFAR-10 mini training set with the paper's augmentation:
    the old per-image pipeline (torchvision v2 RandomCrop + flip on each image, batches stacked in
    Python as train.fit did, and through a DataLoader as make_loader did) against BatchLoader.
+3. A training loop (small_cnn, plain cross-entropy steps) fed by each loader, against the same
+   steps on batches prepared beforehand (the step alone): loop / step-alone images/s.
 """
 from __future__ import annotations
 
@@ -92,6 +94,36 @@ def main() -> None:
           f"best of {a.repeats}, interleaved:")
     for name, rate in rates.items():
         print(f"  {name:46s} {rate:12,.0f} images/s  ({rate / base:6.1f}x)")
+
+    from d2r_lib import methods, models
+
+    torch.manual_seed(0)
+    model = models.build_model("small_cnn")
+    opt = methods.make_optimizer(model, lr=0.01)
+    part = new_ds.subset(2048)
+    ready = list(data.BatchLoader(part, bs, prefetch=False))
+
+    def loop(batches):
+        for x, y in batches:
+            methods.train_step("standard", model, None, opt, x, y)
+            yield x, y
+
+    old_part = part._with(None, part.name, transform=_old_transform())
+    loops = {
+        "step alone (batches ready)": lambda r: loop(ready),
+        "old pipeline (train.fit)": lambda r: loop(_old_python_batches(old_part, bs, r)),
+        "BatchLoader, no prefetch": lambda r: loop(data.BatchLoader(part, bs, seed=r,
+                                                                    prefetch=False)),
+        "BatchLoader, prefetch thread": lambda r: loop(data.BatchLoader(part, bs, seed=r)),
+    }
+    loop_rates = {k: 0.0 for k in loops}
+    for r in range(a.repeats):
+        for name, make in loops.items():
+            loop_rates[name] = max(loop_rates[name], _epoch_rate(lambda make=make, r=r: make(r)))
+    alone = loop_rates["step alone (batches ready)"]
+    print(f"\nTraining loop, small_cnn, {len(part)} images, batch {bs}, best of {a.repeats}:")
+    for name, rate in loop_rates.items():
+        print(f"  {name:46s} {rate:12,.0f} images/s  ({rate / alone:6.2f} of the step alone)")
 
 
 if __name__ == "__main__":
