@@ -10,6 +10,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+__all__ = ["TERM_LABELS", "to_hwc", "image_grid", "training_curves", "compare_histories",
+           "accuracy_vs_eps", "results_bars"]
+
 TERM_LABELS = {
     "loss": "total loss", "ce": "cross-entropy", "mse": "MSE(f(x′), g(x))", "clean": "|KL(f‖g) − KL(g‖f)| (clean)",
     "adv": "KL(p_f(x′) ‖ p_g(x)) (adv)", "kl_fg": "KL(p_f(x) ‖ p_g(x))", "kl_gf": "KL(p_g(x) ‖ p_f(x))",
@@ -17,7 +20,8 @@ TERM_LABELS = {
 }
 
 
-def _hwc(img: torch.Tensor) -> np.ndarray:
+def to_hwc(img: torch.Tensor) -> np.ndarray:
+    """A CHW image tensor as an HWC array in [0, 1] for imshow. Chapter 1."""
     return img.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
 
 
@@ -33,7 +37,7 @@ def image_grid(x: torch.Tensor, x_adv: torch.Tensor, *, labels=None, preds_clean
         rows = [(x[i], "x"), (0.5 + scale * delta[i], f"δ ×{scale:.0f}"), (x_adv[i], "x′")]
         for r, (img, label) in enumerate(rows):
             ax = axes[r, i]
-            ax.imshow(_hwc(img), interpolation="nearest")
+            ax.imshow(to_hwc(img), interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
             if i == 0:
                 ax.set_ylabel(label)

@@ -33,11 +33,34 @@ def code_without_magics(source: str) -> str:
     return "\n".join(re.sub(r"^(\s*)[%!].*$", r"\1pass", line) for line in source.splitlines())
 
 
+MAX_CODE_LINE = 90   # characters: a code line wider than this needs a horizontal scroll bar on the page
+SHIM_TAG = "hide-cell"   # the Colab shim is folded on the rendered page
+
+
+def fix_tags(path: Path) -> bool:
+    """Fold the Colab shim (first code cell) on the rendered page; True when the file changed."""
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    if not code or SHIM_TAG in code[0].metadata.get("tags", []):
+        return False
+    code[0].metadata["tags"] = [*code[0].metadata.get("tags", []), SHIM_TAG]
+    nbformat.write(nb, path)
+    return True
+
+
 def lint(path: Path) -> list[str]:
     """Problems of one chapter notebook (empty list: fine)."""
     nb = nbformat.read(path, as_version=4)
     problems = []
     code = [c for c in nb.cells if c.cell_type == "code"]
+    if code and SHIM_TAG not in code[0].metadata.get("tags", []):
+        problems.append(f"the Colab shim (first code cell) must be tagged {SHIM_TAG!r}: "
+                        "python tests/notebook_lint.py --fix")
+    for i, c in enumerate(code):
+        for n, line in enumerate(c.source.splitlines(), start=1):
+            if len(line) > MAX_CODE_LINE:
+                problems.append(f"code cell {i} line {n} has {len(line)} characters "
+                                f"(at most {MAX_CODE_LINE}, or the page scrolls sideways)")
     tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     if len(tagged) != 1:
         problems.append(f"{len(tagged)} cells tagged 'parameters' (exactly one wanted)")
@@ -74,3 +97,15 @@ def lint(path: Path) -> list[str]:
             if f"{name}(" not in after or not compared:
                 problems.append(f"{name} is never compared with the library (assert_close / torch.equal)")
     return problems
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] == ["--fix"]:
+        notebooks = CHAPTERS + sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
+        for nb_path in notebooks:
+            if fix_tags(nb_path):
+                print(f"tagged the shim of {nb_path.relative_to(ROOT)}")
+    for nb_path in CHAPTERS:
+        for problem in lint(nb_path):
+            print(f"{nb_path.relative_to(ROOT)}: {problem}")

@@ -85,6 +85,16 @@ def test_book_builds_with_every_chapter_and_figure(built_book):
         assert any((built_book / folder).glob("*.html")), f"no {folder} pages"
 
 
+def test_no_page_shows_a_path_of_the_building_machine(built_book):
+    """Pages are read on other machines: the builder's home, checkout, cache and output folders stay out."""
+    machine = {str(Path.home()) + "/", str(ROOT) + "/", str(built_book.parents[1]) + "/",
+               os.environ.get("TMPDIR", "/tmp") + "/pytest-"}
+    for page in sorted(built_book.rglob("*.html")):
+        html = page.read_text(errors="replace")
+        for path in machine:
+            assert path not in html, f"{page.relative_to(built_book)} shows the machine path {path!r}"
+
+
 def test_book_has_launch_buttons_and_bibliography(built_book):
     html = (built_book / "book" / "01_adversarial_examples.html").read_text()
     assert "colab.research.google.com" in html
@@ -104,3 +114,83 @@ def test_hidden_folders_and_run_outputs_are_not_pages():
         assert excluded(folder), folder
     for page in ("book", "exercises", "solutions", "book/01_adversarial_examples.ipynb", "exercises/index.md"):
         assert not excluded(page), page
+
+
+# ---- The pages in a real browser (headless Chromium, outside requests blocked) ----
+
+SCREENSHOTS = ROOT / "_build" / "screenshots"
+
+
+@pytest.fixture(scope="module")
+def browser_reports(built_book):
+    from browser import chromium_path, inspect_pages, navigation, search_results, serve
+    if chromium_path() is None:
+        pytest.skip("no Chromium found: `.ci/run` installs Debian's chromium package (apt-get install chromium)")
+    pytest.importorskip("playwright.sync_api", reason="playwright (requirements.txt) is not installed")
+    pages = [f"book/{stem}.html" for stem in EXPECTED]
+    pages += sorted(f"{folder}/{p.name}" for folder in ("exercises", "solutions")
+                    for p in (built_book / folder).glob("*.html"))
+    started = time.perf_counter()
+    with serve(built_book) as base:
+        reports = inspect_pages(base, pages, SCREENSHOTS, slider_page="book/01_adversarial_examples.html")
+        reports["search:Danskin"] = search_results(base, "Danskin")
+        reports["navigation"] = navigation(base, "book/03_trades.html")
+    print(f"browser check of {len(pages)} pages: {time.perf_counter() - started:.0f} s; "
+          f"screenshots in {SCREENSHOTS}")
+    return reports
+
+
+def _pages(reports):
+    return {k: v for k, v in reports.items() if k.endswith(".html")}
+
+
+def test_browser_search_finds_a_chapter_by_a_word_in_it(browser_reports):
+    assert "book/02_adversarial_training.html" in browser_reports["search:Danskin"]
+
+
+def test_browser_navigation_is_in_chapter_order(browser_reports):
+    nav = [link.rsplit("/", 1)[-1] for link in browser_reports["navigation"]]
+    chapters = [link for link in nav if link[:2].isdigit() or link == "#"]
+    # the page itself (chapter 3) is shown as "#"
+    assert [c.replace("#", "03_trades.html") for c in chapters[:9]] == [f"{s}.html" for s in EXPECTED]
+
+
+def test_browser_no_outside_request_and_no_errors(browser_reports):
+    for path, r in _pages(browser_reports).items():
+        assert r["blocked"] == [], f"{path} asked for outside resources: {r['blocked'][:5]}"
+        assert r["failed"] == [], f"{path}: requests failed: {r['failed'][:5]}"
+        assert r["console_errors"] == [], f"{path}: JavaScript errors: {r['console_errors'][:5]}"
+        assert r["error_outputs"] == 0, f"{path}: {r['error_outputs']} error output cells"
+
+
+def test_browser_mathjax_renders_every_chapter(browser_reports):
+    for stem in EXPECTED:
+        r = browser_reports[f"book/{stem}.html"]
+        assert r["mathjax_loaded"], f"{stem}: MathJax did not load"
+        assert r["mjx"] > 0, f"{stem}: no rendered math (mjx-container) on the page"
+        assert r["merror"] == 0, f"{stem}: {r['merror']} MathJax errors"
+
+
+def test_browser_every_image_loads(browser_reports):
+    for path, r in _pages(browser_reports).items():
+        assert r["broken_images"] == [], f"{path}: images that did not load: {r['broken_images'][:3]}"
+    for stem in EXPECTED:
+        assert browser_reports[f"book/{stem}.html"]["images"] > 0, f"{stem}: no figure"
+
+
+def test_browser_eps_slider_of_chapter_1_responds(browser_reports):
+    r = browser_reports["book/01_adversarial_examples.html"]
+    assert r["widgets"] > 0, "chapter 1: no widget rendered from the saved widget state"
+    s = r["slider"]
+    assert s["handles"] >= 1, "chapter 1: the ε slider is missing"
+    assert s["before"], "chapter 1: the explorer shows no frame"
+    assert s["after"] != s["before"], "chapter 1: moving the ε slider did not change what it shows"
+
+
+def test_browser_colab_buttons_open_the_page_notebook(browser_reports):
+    for path, r in _pages(browser_reports).items():
+        if path.endswith("index.html"):
+            continue
+        notebook = path.replace(".html", ".ipynb")
+        assert any(href.endswith(f"/blob/main/{notebook}") for href in r["colab"]), \
+            f"{path}: no Colab button for {notebook} (found {r['colab'][:2]})"
