@@ -1,9 +1,9 @@
-"""Fault injection through the command line (issue 11): every bad input is refused with one line that
-names the flag, exit code 2 (1 for a diverged run), before any work, and nothing on disk changes.
+"""Fault injection through the command line (issue 11): every bad input is refused with one line
+that names the flag, exit code 2 (1 for a diverged run), before any work; nothing on disk changes.
 
-Cases run `cli.main([...])` in-process inside a sandbox folder (the working directory, the checkpoint
-cache and every path of a case live there); a real process is used where one is needed (no traceback,
-SIGKILL during a checkpoint write).
+Cases run `cli.main([...])` in-process inside a sandbox folder (the working directory, the
+checkpoint cache and every path of a case live there); a real process is used where one is needed
+(no traceback, SIGKILL during a checkpoint write).
 """
 
 import importlib.util
@@ -124,7 +124,7 @@ def sandbox(template, tmp_path, monkeypatch):
 
 
 def snapshot(*roots) -> dict:
-    """Every file (size, mtime, first bytes) and folder under roots: what 'nothing changed' compares."""
+    """Every file (size, mtime, first bytes) and folder under roots, to compare."""
     seen = {}
     for root in roots:
         root = Path(root)
@@ -252,7 +252,8 @@ CASES = [
     ("path", [*T, "--resume", "always"], 2, "--resume always: there is no checkpoint o/last.pt"),
     ("path", [*T, "--data-dir", "nowhere"], 2, "--data-dir nowhere does not exist"),
     ("path", [*T, "--data-dir", "afile"], 2, "--data-dir afile is a file; give a folder"),
-    ("path", ["evaluate", "--checkpoint", "missing.pt"], 2, "--checkpoint missing.pt does not exist"),
+    ("path", ["evaluate", "--checkpoint", "missing.pt"], 2,
+     "--checkpoint missing.pt does not exist"),
     ("path", ["evaluate", "--checkpoint", "emptydir"], 2,
      "--checkpoint emptydir is a folder without last.pt"),
     ("path", [*E, "--json", "emptydir"], 2, "--json emptydir is a folder; give a file name"),
