@@ -1,16 +1,8 @@
-"""The course's one command line: `d2r <command>` or `python -m d2r_lib <command>`. Chapter 9.
+"""The course's one command line, `d2r <command>` or `python -m d2r_lib <command>`. Chapter 9.
 
-  train       train any method of the registry; resumable; --profile fills the defaults
-  evaluate    clean / FGSM / PGD-20 / CW-20 / AutoAttack accuracy of a checkpoint
-  run         execute the chapters with papermill at a profile (d2r_lib.runner)
-  bench       images/s of training steps and of PGD-20 evaluation here (d2r_lib.bench)
-  quickstart  train D2R + CAG and a standard model on CIFAR-10 mini, evaluate both
-  demo        one training step (methods.train_step) on real CIFAR-10 images: every loss term
-  profiles    the profiles as a table
-
-Every command checks all its arguments, output paths and data before it trains or evaluates
-anything. An error prints one line `error: ...` to stderr and exits with 2 (1 when training
-diverged).
+Commands: train, evaluate, run (d2r_lib.runner), bench (d2r_lib.bench), quickstart, demo, profiles.
+Each checks all its arguments, output paths and data before it trains or evaluates anything; an
+error prints one line `error: ...` to stderr and exits with 2 (1 when training diverged).
 """
 
 from __future__ import annotations
@@ -44,7 +36,7 @@ PROFILE_TO_TRAIN = {
 
 
 class UsageError(Exception):
-    """A bad command line (unknown option, bad choice, unparsable value): exit code 2."""
+    """A bad command line (unknown option or choice, unparsable value): exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,11 +60,10 @@ def _pick_device(value: str) -> str:
 
     from . import experiments
 
-    if value == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available here; use --device auto or cpu")
     mps = getattr(torch.backends, "mps", None)
-    if value == "mps" and not (mps is not None and mps.is_available()):
-        raise ValueError("--device mps: no Apple GPU is available here; use --device auto or cpu")
+    available = {"cuda": torch.cuda.is_available(), "mps": mps is not None and mps.is_available()}
+    if not available.get(value, True):
+        raise ValueError(f"--device {value}: no {value.upper()} device here; use auto or cpu")
     return experiments.pick_device(value)
 
 
@@ -85,18 +76,15 @@ def _profile(name: str) -> dict:
 
 
 def _default(name: str):
-    """The default of a TrainConfig field."""
+    """The default of a TrainConfig field (None for a field it does not have)."""
     from . import train
 
-    return {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}[name]
+    return {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}.get(name)
 
 
 def _held_out_field() -> str:
     """TrainConfig's name for the per-epoch held-out check (`held_out`, formerly `eval_size`)."""
-    from . import train
-
-    names = {f.name for f in dataclasses.fields(train.TrainConfig)}
-    return "held_out" if "held_out" in names else "eval_size"
+    return "held_out" if _default("held_out") is not None else "eval_size"
 
 
 def _positive(flag: str, value) -> None:
@@ -107,6 +95,20 @@ def _positive(flag: str, value) -> None:
 def _data_dir(a) -> None:
     if getattr(a, "data_dir", None) is not None:
         validate.existing_dir("--data-dir", a.data_dir)
+
+
+def _readable(flag: str, path: Path, load):
+    """load(path), with any failure to read the file reported as a CheckpointError naming it."""
+    from . import checkpoint
+
+    try:
+        return load(path)
+    except (checkpoint.CheckpointError, OSError):
+        raise
+    except Exception as err:  # a corrupt file can fail anywhere inside torch.load
+        raise checkpoint.CheckpointError(
+            f"{flag} {path} cannot be read as a d2r_lib checkpoint ({type(err).__name__}: {err}); "
+            "it is corrupt or not a checkpoint") from None
 
 
 def _load_test(dataset: str, subset: str | None, a, device):
@@ -126,12 +128,9 @@ def _load_test(dataset: str, subset: str | None, a, device):
 def _add_train(sub) -> None:
     from . import data, experiments, methods, models
 
-    p = sub.add_parser(
-        "train",
-        help="train any method; resumable",
-        description="Train a method of the registry. Running the same command again resumes from "
-        "--out/last.pt. --profile fills every unset option from a profile (`d2r profiles`).",
-    )
+    p = sub.add_parser("train", help="train any method; resumable", description="Train a method "
+                       "of the registry. The same command again resumes from --out/last.pt. "
+                       "--profile fills every unset option from a profile (`d2r profiles`).")
     about = "; ".join(f"{m.name}: {m.description}" for m in methods.METHODS.values())
     p.add_argument("--profile", default=None, choices=list(experiments.PROFILES),
                    help="fill the defaults from this profile; flags override it")
@@ -157,8 +156,7 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=_number, default=None,
                    help=f"base learning rate (default {_default('lr')})")
     p.add_argument("--schedule", default=_default("schedule"), choices=["paper", "cosine"],
-                   help="paper: epoch 1 at 0.2·lr, ×0.1 from 76%%, ×0.01 from 91%% of the run "
-                   "(default)")
+                   help="paper (default): epoch 1 at 0.2·lr, ×0.1 from 76%%, ×0.01 from 91%%")
     p.add_argument("--eps", type=_number, default=None,
                    help="ε of the training attack, in [0, 1] (default: the method's)")
     p.add_argument("--steps", type=int, default=None, help="attack steps K (default: the method's)")
@@ -209,15 +207,14 @@ def _method_params(a, method) -> dict:
             own = ", ".join(PARAM_FLAGS.get(k, k) for k in allowed) or "none"
             raise ValueError(f"{', '.join(unknown)} does not apply to method {method.name!r}; "
                              f"its options: {own}")
-    if "eps" in given:
-        validate.eps(given["eps"], "--eps")
-    if "step_size" in given:
-        validate.step_size(given["step_size"], "--step-size")
-    if "steps" in given:
-        validate.steps(given["steps"], "--steps")
-    for key in ("beta", "w_clean", "w_adv"):
-        if key in given:
-            validate.number(PARAM_FLAGS[key], given[key], min=0)
+    for key, value in given.items():
+        flag = PARAM_FLAGS[key]
+        if key == "eps":
+            validate.eps(value, flag, norm="linf")
+        elif key in ("step_size", "steps"):
+            getattr(validate, key)(value, flag)
+        elif key in ("beta", "w_clean", "w_adv"):
+            validate.number(flag, value, min=0)
     return given
 
 
@@ -259,7 +256,7 @@ def train_config(a):
 
 
 def cmd_train(a) -> int:
-    from . import train
+    from . import checkpoint, train
 
     cfg = train_config(a)
     validate.output_dir("--out", a.out, files=(CHECKPOINT_NAME, "history.json"))
@@ -268,6 +265,8 @@ def cmd_train(a) -> int:
                                 "start the run first, or use --resume auto")
     _data_dir(a)
     device = _pick_device(a.device)
+    if a.resume != "never" and (a.out / CHECKPOINT_NAME).is_file():  # readable before the data
+        _readable("--out", a.out / CHECKPOINT_NAME, checkpoint.load)
     result = train.fit(cfg, a.out, device=device, resume=a.resume, progress=not a.no_progress,
                        data_dir=a.data_dir)
     if result.checkpoint is not None:
@@ -315,7 +314,7 @@ def _check_eval_options(a) -> list[str]:
     if "autoattack" in names and importlib.util.find_spec("pyautoattack") is None:
         raise ValueError("--attacks autoattack needs the authors' AutoAttack: "
                          "pip install pyautoattack (or leave autoattack out of --attacks)")
-    validate.eps(a.eval_eps, "--eval-eps")
+    validate.eps(a.eval_eps, "--eval-eps", norm="linf")
     _positive("--n", a.n)
     _positive("--eval-batch-size", a.eval_batch_size)
     _data_dir(a)
@@ -344,7 +343,8 @@ def cmd_evaluate(a) -> int:
     if a.json is not None:
         validate.output_file("--json", a.json)
     device = _pick_device(a.device)
-    target, _, payload = train.load_run(path, device=device)
+    target, _, payload = _readable("--checkpoint", path,
+                                   lambda p: train.load_run(p, device=device))
     ds, x, y = _load_test(payload["dataset"], payload["config"]["subset"], a, device)
     started = time.perf_counter()
     results = evaluate.evaluate(target, x, y, attacks, eps=a.eval_eps, batch_size=a.eval_batch_size,

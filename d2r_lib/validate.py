@@ -71,17 +71,13 @@ def number(name: str, value, *, min=None, max=None, min_open: bool = False, inte
     return value
 
 
-def eps(value, name: str = "eps", *, norm: str = "linf"):
-    """An attack radius: in [0, 1] for L∞ (pixels lie in [0, 1]), >= 0 for L2."""
-    if norm == "linf":
-        number(name, value)
-        if not 0 <= value <= 1:
-            raise ValueError(
-                f"{name} must be in [0, 1] for an L∞ attack on pixels in [0, 1] "
-                f"(e.g. 8/255 ≈ 0.0314); got {value!r}"
-            )
-        return value
-    return number(name, value, min=0)
+def eps(value, name: str = "eps", *, norm: str | None = None):
+    """An attack radius >= 0; with norm="linf" also <= 1 (pixels in [0, 1]). L∞ callers pass it."""
+    number(name, value, min=0)
+    if norm == "linf" and value > 1:
+        raise ValueError(f"{name} must be <= 1: an L∞ radius on pixels in [0, 1] lies in [0, 1] "
+                         f"(e.g. 8/255 ≈ 0.0314); got {value!r}")
+    return value
 
 
 def step_size(value, name: str = "step_size"):

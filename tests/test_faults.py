@@ -8,6 +8,7 @@ checkpoint cache and every path of a case live there); a real process is used wh
 
 import importlib.util
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -18,7 +19,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2r_lib import checkpoint, cli, methods, models, train
+from d2r_lib import (
+    attacks,
+    checkpoint,
+    cli,
+    evaluate,
+    experiments,
+    methods,
+    models,
+    train,
+    validate,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -75,6 +86,9 @@ class Thing:
     """Not a tensor: saving it pickles a Python object."""
 
 
+CORRUPT_SEEDS = (0, 2, 20)  # torch.load: UnpicklingError, IndexError, KeyError
+
+
 def _make_template(root: Path) -> None:
     root.mkdir()
     (root / "afile").write_text("not a folder\n")
@@ -84,7 +98,9 @@ def _make_template(root: Path) -> None:
     (root / "ckpt").mkdir()
     torch.save(payload, root / "ckpt" / "last.pt")
     good = (root / "ckpt" / "last.pt").read_bytes()
-    (root / "corrupt.pt").write_bytes(os.urandom(4096))
+    for seed in CORRUPT_SEEDS:  # random bytes that fail in different places inside torch.load
+        (root / f"corrupt{seed}.pt").write_bytes(random.Random(seed).randbytes(4096))
+    (root / "corrupt_utf8.pt").write_bytes(b"\xfc" + random.Random(1).randbytes(4095))
     (root / "truncated.pt").write_bytes(good[: len(good) // 2])
     (root / "empty.pt").write_bytes(b"")
     torch.save({"kind": "d2r_lib.train", "thing": Thing()}, root / "pickled.pt")
@@ -97,8 +113,10 @@ def _make_template(root: Path) -> None:
     (root / "qs_file").mkdir()
     (root / "qs_file" / "d2r").write_text("a file where a run folder goes\n")
     (root / "qs_resultsdir" / "results.json").mkdir(parents=True)
-    (root / "resume_corrupt").mkdir()
-    (root / "resume_corrupt" / "last.pt").write_bytes(os.urandom(4096))
+    for seed in CORRUPT_SEEDS:
+        (root / f"resume_corrupt{seed}").mkdir()
+        junk = random.Random(seed).randbytes(4096)
+        (root / f"resume_corrupt{seed}" / "last.pt").write_bytes(junk)
     (root / "resume_other").mkdir()
     other = train.TrainConfig(method="standard", epochs=7, train_size=64, batch_size=32)
     torch.save(_tiny_run(other), root / "resume_other" / "last.pt")
@@ -206,9 +224,9 @@ CASES = [
     ("range", [*T, "--lr", "inf"], 2, "--lr must be finite; got inf"),
     ("range", [*T, "--lr", "nan"], 2, "--lr must be finite; got nan"),
     ("range", [*T, "--lr", "1e300"], 2, "--lr must fit a 32-bit float"),
-    ("range", [*T, "--eps", "2"], 2, "--eps must be in [0, 1] for an L∞ attack"),
-    ("range", [*T, "--eps", "1e9"], 2, "--eps must be in [0, 1] for an L∞ attack"),
-    ("range", [*T, "--eps", "-1"], 2, "--eps must be in [0, 1] for an L∞ attack"),
+    ("range", [*T, "--eps", "2"], 2, "--eps must be <= 1: an L∞ radius on pixels in [0, 1]"),
+    ("range", [*T, "--eps", "1e9"], 2, "--eps must be <= 1: an L∞ radius"),
+    ("range", [*T, "--eps", "-1"], 2, "--eps must be >= 0; got -1.0"),
     ("range", [*T, "--step-size", "0"], 2, "--step-size must be > 0; got 0.0"),
     ("range", [*T, "--steps", "0"], 2, "--steps must be >= 1; got 0"),
     ("range", [*T, "--w-clean", "-1"], 2, "--w-clean must be >= 0; got -1.0"),
@@ -220,7 +238,7 @@ CASES = [
     ("range", ["demo", "--batch-size", "0"], 2, "--batch-size must be >= 1; got 0"),
     ("range", ["demo", "--batch-size", "1001"], 2, "--batch-size must be <= 1000; got 1001"),
     ("range", [*E, "--n", "0"], 2, "--n must be >= 1; got 0"),
-    ("range", [*E, "--eval-eps", "9"], 2, "--eval-eps must be in [0, 1] for an L∞ attack"),
+    ("range", [*E, "--eval-eps", "9"], 2, "--eval-eps must be <= 1: an L∞ radius"),
     ("range", [*E, "--eval-eps", "nan"], 2, "--eval-eps must be finite; got nan"),
     ("range", [*E, "--eval-batch-size", "0"], 2, "--eval-batch-size must be >= 1; got 0"),
     ("range", [*Q, "--steps", "0"], 2, "--steps must be >= 1; got 0"),
@@ -229,7 +247,7 @@ CASES = [
     ("range", [*Q, "--train-size", "0"], 2, "--train-size must be >= 1; got 0"),
     ("range", [*Q, "--lr", "1e300"], 2, "--lr must fit a 32-bit float"),
     ("range", [*Q, "--seed", "-3"], 2, "--seed must be >= 0; got -3"),
-    ("range", [*Q, "--eval-eps", "8"], 2, "--eval-eps must be in [0, 1]"),
+    ("range", [*Q, "--eval-eps", "8"], 2, "--eval-eps must be <= 1"),
     pytest.param("range", ["bench", "--eval-batch-size", "0"], 2, "--eval-batch-size",
                  marks=NEEDS_BENCH),
     # types
@@ -270,7 +288,9 @@ CASES = [
     ("path", ["demo", "--data-dir", "afile"], 2, "--data-dir afile is a file; give a folder"),
     pytest.param("path", ["run", "--out", "afile"], 2, "afile", marks=NEEDS_RUNNER),
     # checkpoints given to evaluate, or found in train's --out
-    ("checkpoint", ["evaluate", "--checkpoint", "corrupt.pt"], 2, "corrupt.pt"),
+    *[("checkpoint", ["evaluate", "--checkpoint", f"corrupt{seed}.pt"], 2, f"corrupt{seed}.pt")
+      for seed in CORRUPT_SEEDS],
+    ("checkpoint", ["evaluate", "--checkpoint", "corrupt_utf8.pt"], 2, "corrupt_utf8.pt"),
     ("checkpoint", ["evaluate", "--checkpoint", "truncated.pt"], 2, "truncated.pt"),
     ("checkpoint", ["evaluate", "--checkpoint", "empty.pt"], 2, "empty.pt"),
     ("checkpoint", ["evaluate", "--checkpoint", "pickled.pt"], 2,
@@ -284,9 +304,9 @@ CASES = [
 ]
 # train finds a bad checkpoint in --out: refused after the data is read, before any training
 TRAIN_CASES = [
-    ("checkpoint", ["train", "--method", "standard", "--epochs", "1", "--train-size", "64",
-                    "--batch-size", "32", "--out", "resume_corrupt", "--no-progress"], 2,
-     "resume_corrupt/last.pt"),
+    *[("checkpoint", ["train", "--method", "standard", "--epochs", "1", "--train-size", "64",
+                      "--batch-size", "32", "--out", f"resume_corrupt{seed}", "--no-progress"], 2,
+       f"resume_corrupt{seed}/last.pt") for seed in CORRUPT_SEEDS],
     ("checkpoint", ["train", "--method", "standard", "--epochs", "1", "--train-size", "64",
                     "--batch-size", "32", "--out", "resume_other", "--no-progress"], 2,
      "resume_other/last.pt belongs to a run with other settings (epochs: stored 7, asked 1)"),
@@ -329,6 +349,64 @@ def test_diverged_training_exits_1_and_saves_nothing(sandbox, capsys, shared_dat
     out, err = capsys.readouterr()
     assert code == 1 and "finite" in err and err.startswith("error: ")
     assert not (sandbox / "div" / "last.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------ API
+def _model():
+    torch.manual_seed(0)
+    return models.build_model("small_cnn").eval()
+
+
+def _x(bad=None):
+    x = torch.rand(2, 3, 32, 32)
+    if bad is not None:
+        x[1, 0, 5, 5] = bad
+    return x
+
+
+Y = torch.tensor([1, 2])
+# (kind, call, exception, fragment): the API names the parameter, as the command line names the flag
+API_CASES = [
+    ("api", lambda: attacks.pgd(_model(), _x(float("nan")), Y), ValueError,
+     "x must have finite pixels in [0, 1]; got 1 NaN or infinite value(s)"),
+    ("api", lambda: attacks.fgsm(_model(), _x(float("inf")), Y), ValueError,
+     "x must have finite pixels"),
+    ("api", lambda: methods.train_step("standard", _model(), None,
+                                       methods.make_optimizer(_model()), _x(float("nan")), Y),
+     ValueError, "x must have finite pixels"),
+    ("api", lambda: methods.make_optimizer(_model(), lr=1e300), ValueError,
+     "lr must fit a 32-bit float (magnitude at most 3.403e+38); got 1e+300"),
+    ("api", lambda: methods.make_optimizer(_model(), lr=float("inf")), ValueError,
+     "lr must be finite; got inf"),
+    ("api", lambda: train.TrainConfig(lr=1e300).validate(), ValueError,
+     "lr must fit a 32-bit float"),
+    ("api", lambda: train.TrainConfig(seed=-1).validate(), ValueError, "seed must be >= 0; got -1"),
+    ("api", lambda: validate.seed(2**32), ValueError, "seed must be <= 4294967295"),
+    ("api", lambda: validate.seed(1.0), TypeError, "seed must be an integer; got 1.0"),
+    ("api", lambda: validate.eps(1e9, norm="linf"), ValueError,
+     "eps must be <= 1: an L∞ radius on pixels in [0, 1] lies in [0, 1]"),
+    ("api", lambda: validate.eps(float("nan")), ValueError, "eps must be finite; got nan"),
+    ("api", lambda: validate.output_file("path", Path(tempfile.gettempdir())), IsADirectoryError,
+     "is a folder; give a file name"),
+    pytest.param("api", lambda: evaluate.robust_accuracy(_model(), _x(), Y, "pgd20", eps=1e9),
+                 ValueError, "eps must be <= 1", marks=NEEDS_CORE),
+    pytest.param("api", lambda: methods.get_method("pgd_at").resolve(eps=1e9), ValueError,
+                 "eps must be <= 1", marks=NEEDS_CORE),
+    pytest.param("api", lambda: experiments.resolve("smoke", epoch=3, verbose=False), ValueError,
+                 "epoch", marks=NEEDS_RUNNER),
+]
+
+
+@pytest.mark.parametrize("kind, call, error, message", API_CASES,
+                         ids=[f"api-{i}" for i in range(len(API_CASES))])
+def test_api_refuses_with_the_parameter_name(kind, call, error, message):
+    with pytest.raises(error) as info:
+        call()
+    assert message in str(info.value)
+
+
+def test_l2_radius_may_exceed_one():
+    assert validate.eps(2.5, norm="l2") == 2.5 and validate.eps(2.5) == 2.5
 
 
 # ----------------------------------------------------------------------------- real processes
