@@ -39,8 +39,20 @@ def test_train_help_names_every_option(capsys):
 def test_python_m_and_the_console_script_both_call_cli_main():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"d2r": "d2r_lib.cli:main"}
-    shim = (ROOT / "d2r_lib" / "__main__.py").read_text()
-    assert "from d2r_lib.cli import main" in shim and "raise SystemExit(main())" in shim
+    import d2r_lib.__main__ as shim
+
+    assert shim.main is cli.main and shim.build_parser is cli.build_parser
+    assert "raise SystemExit(main())" in Path(shim.__file__).read_text()
+
+
+def test_readme_lists_the_commands_that_exist(capsys):
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## More commands"):readme.index("The paper's setting")]
+    listed = re.findall(r"^\.venv/bin/d2r (\w+)", block, re.M)
+    assert sorted(listed) == sorted(COMMANDS)
+    for command in listed:
+        assert cli.main([command, "--help"]) == 0
+    capsys.readouterr()
 
 
 def test_profiles_prints_every_value_of_every_profile(capsys):

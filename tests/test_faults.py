@@ -231,6 +231,8 @@ CASES = [
     ("range", [*T, "--steps", "0"], 2, "--steps must be >= 1; got 0"),
     ("range", [*T, "--w-clean", "-1"], 2, "--w-clean must be >= 0; got -1.0"),
     ("range", [*T, "--method", "trades", "--beta", "-6"], 2, "--beta must be >= 0; got -6.0"),
+    pytest.param("range", [*T, "--device", "cuda"], 2, "--device cuda: no CUDA device here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
     ("range", [*T, "--seed", "-1"], 2, "--seed must be >= 0; got -1"),
     ("range", [*T, "--seed", "4294967296"], 2, "--seed must be <= 4294967295; got 4294967296"),
     ("range", ["demo", "--seed", "-1"], 2, "--seed must be >= 0; got -1"),
