@@ -113,6 +113,35 @@ def test_train_profile_gives_the_chapters_configuration(tmp_path, monkeypatch):
         assert ours.key() == chapters.key()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Profile:  # the shape the runner branch gives profiles: a frozen dataclass, new field names
+    dataset: str = "cifar10"
+    subset: str = "mini"
+    train_size: int | None = 96
+    attacked: int | None = 16
+    held_out: int = 24
+    epochs: int = 2
+    batch_size: int = 48
+    target_model: str = "small_cnn"
+    guide_model: str = "small_cnn"
+    eps: float | None = 4 / 255
+    step_size: float | None = None
+    steps: int | None = 3
+    lr: float = 0.05
+
+
+def test_profiles_may_be_frozen_dataclasses(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(experiments, "PROFILES", {"tiny": _Profile()})
+    assert cli.main(["profiles"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^attacked\s+16$", out, re.M) and re.search(r"^step_size\s+—$", out, re.M)
+    cfg = cli.train_config(_parse("train", "--profile", "tiny", "--method", "trades", "--lr",
+                                  "0.01", "--out", str(tmp_path)))
+    got = (cfg.train_size, cfg.epochs, cfg.batch_size, cfg.lr, _held_out(cfg))
+    assert got == (96, 2, 48, 0.01, 24)
+    assert cfg.method_params == {"eps": 4 / 255, "steps": 3}
+
+
 def test_without_profile_the_defaults_are_train_configs(tmp_path):
     cfg = cli.train_config(_parse("train", "--out", str(tmp_path)))
     assert cfg.as_dict() == train.TrainConfig().as_dict()
