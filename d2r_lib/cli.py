@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import sys
 import time
+import urllib.error
 from fractions import Fraction
 from pathlib import Path
 
@@ -49,9 +50,8 @@ def _number(text: str) -> float:
     try:
         return float(Fraction(text)) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(
-            f"expected a number such as 0.031 or 8/255; got {text!r}"
-        ) from None
+        message = f"expected a number such as 0.031 or 8/255; got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def _pick_device(value: str) -> str:
@@ -75,16 +75,20 @@ def _profile(name: str) -> dict:
     return dataclasses.asdict(profile) if dataclasses.is_dataclass(profile) else dict(profile)
 
 
-def _default(name: str):
-    """The default of a TrainConfig field (None for a field it does not have)."""
+def _defaults() -> dict:
+    """TrainConfig's fields and their defaults."""
     from . import train
 
-    return {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}.get(name)
+    return {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
+
+
+def _default(name: str):
+    return _defaults()[name]
 
 
 def _held_out_field() -> str:
     """TrainConfig's name for the per-epoch held-out check (`held_out`, formerly `eval_size`)."""
-    return "held_out" if _default("held_out") is not None else "eval_size"
+    return "held_out" if "held_out" in _defaults() else "eval_size"
 
 
 def _positive(flag: str, value) -> None:
@@ -377,9 +381,8 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--steps", type=int, default=10,
                    help="CAG steps during training (default %(default)s)")
     p.add_argument("--lr", type=_number, default=0.05,
-                   help="base learning rate (default %(default)s: half the paper's 0.1, which made "
-                   "small_cnn collapse to a constant prediction under D2R for 1 of 4 seeds in 5 "
-                   "epochs)")
+                   help="base learning rate (default %(default)s: with the paper's 0.1 small_cnn "
+                   "collapsed to a constant output under D2R for 1 of 4 seeds in 5 epochs)")
     p.add_argument("--seed", type=int, default=1, help="in [0, 2**32 - 1] (default %(default)s)")
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"),
                    help="folder for both runs and results.json (default %(default)s)")
@@ -393,9 +396,8 @@ def cmd_quickstart(a) -> int:
     from . import evaluate, train
 
     attacks = _check_eval_options(a)
-    for flag, value in (("--epochs", a.epochs), ("--train-size", a.train_size),
-                        ("--batch-size", a.batch_size), ("--steps", a.steps)):
-        _positive(flag, value)
+    for flag in ("--epochs", "--train-size", "--batch-size", "--steps"):
+        _positive(flag, getattr(a, flag[2:].replace("-", "_")))
     validate.lr(a.lr, "--lr")
     validate.seed(a.seed, "--seed")
     validate.output_dir("--out", a.out, files=("results.json",))
@@ -490,7 +492,7 @@ def cmd_demo(a) -> int:
 def _add_profiles(sub) -> None:
     p = sub.add_parser("profiles", help="print the profiles as a table",
                        description="Every profile of experiments.PROFILES, one column each.")
-    p.set_defaults(run=cmd_profiles)
+    p.set_defaults(run=lambda a: print(profiles_table()))
 
 
 def profiles_table() -> str:
@@ -509,11 +511,6 @@ def profiles_table() -> str:
     text.insert(1, "  ".join("-" * w for w in widths))
     text.append("— : the whole split (sizes) or the method's own value (eps, step_size, steps)")
     return "\n".join(text)
-
-
-def cmd_profiles(a) -> int:
-    print(profiles_table())
-    return 0
 
 
 # ----------------------------------------------------------------------- run and bench: delegated
@@ -585,10 +582,11 @@ def main(argv=None) -> int:
         return int(args.run(args) or 0)
     except SystemExit as done:  # a delegated command that exits through its parser
         return done.code if isinstance(done.code, int) else 1
-    except UsageError as err:
-        return _fail(err, 2)
     except train.TrainingDiverged as err:
         return _fail(err, 1)
+    except urllib.error.URLError as err:  # the data is missing here and could not be downloaded
+        return _fail(f"the data is not on this machine and downloading it failed ({err.reason}); "
+                     "give --data-dir with the offline bundle, or set $D2R_DATA_DIR", 2)
     except (ValueError, TypeError, OSError, checkpoint.CheckpointError) as err:
         return _fail(err, 2)
     except KeyboardInterrupt:

@@ -282,3 +282,16 @@ def test_errors_are_exit_code_1_for_a_diverged_run(monkeypatch, tmp_path, capsys
     monkeypatch.setattr(train, "fit", diverge)
     assert cli.main(["train", "--out", str(tmp_path / "o"), "--device", "cpu"]) == 1
     assert capsys.readouterr().err == "error: non-finite loss at epoch 1, batch 1\n"
+
+
+def test_a_failed_download_is_one_line_naming_what_to_do(monkeypatch, capsys):
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(data, "load", offline)
+    assert cli.main(["demo", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (
+        "error: the data is not on this machine and downloading it failed (Name or service not "
+        "known); give --data-dir with the offline bundle, or set $D2R_DATA_DIR\n")
