@@ -101,20 +101,6 @@ def _data_dir(a) -> None:
         validate.existing_dir("--data-dir", a.data_dir)
 
 
-def _readable(flag: str, path: Path, load):
-    """load(path), with any failure to read the file reported as a CheckpointError naming it."""
-    from . import checkpoint
-
-    try:
-        return load(path)
-    except (checkpoint.CheckpointError, OSError):
-        raise
-    except Exception as err:  # a corrupt file can fail anywhere inside torch.load
-        raise checkpoint.CheckpointError(
-            f"{flag} {path} cannot be read as a d2r_lib checkpoint ({type(err).__name__}: {err}); "
-            "it is corrupt or not a checkpoint") from None
-
-
 def _load_test(dataset: str, subset: str | None, a, device):
     """The evaluation split of a dataset (first --n images); the data is found before any work."""
     from . import data
@@ -178,7 +164,7 @@ def _add_train(sub) -> None:
                    "(TRADES, LBGAT0): faster, BatchNorm statistics differ")
     p.add_argument("--seed", type=int, default=_default("seed"),
                    help="in [0, 2**32 - 1] (default %(default)s, the official effective seed)")
-    p.add_argument("--held-out", "--eval-size", dest="held_out", type=int, default=None,
+    p.add_argument("--held-out", type=int, default=None,
                    help="test images of the per-epoch clean / PGD-20 check "
                    f"(default {_default(_held_out_field())})")
     p.add_argument("--no-augment", action="store_true", help="turn off RandomCrop(pad 4) + flip")
@@ -260,7 +246,7 @@ def train_config(a):
 
 
 def cmd_train(a) -> int:
-    from . import checkpoint, train
+    from . import train
 
     cfg = train_config(a)
     validate.output_dir("--out", a.out, files=(CHECKPOINT_NAME, "history.json"))
@@ -269,8 +255,9 @@ def cmd_train(a) -> int:
                                 "start the run first, or use --resume auto")
     _data_dir(a)
     device = _pick_device(a.device)
-    if a.resume != "never" and (a.out / CHECKPOINT_NAME).is_file():  # readable before the data
-        _readable("--out", a.out / CHECKPOINT_NAME, checkpoint.load)
+    if a.resume != "never":  # a checkpoint there must be this run's, checked before the data
+        validate.same_run("--out", a.out / CHECKPOINT_NAME, cfg.as_dict(), "use another --out, "
+                          "or --resume never to start this run afresh there")
     result = train.fit(cfg, a.out, device=device, resume=a.resume, progress=not a.no_progress,
                        data_dir=a.data_dir)
     if result.checkpoint is not None:
@@ -347,8 +334,8 @@ def cmd_evaluate(a) -> int:
     if a.json is not None:
         validate.output_file("--json", a.json)
     device = _pick_device(a.device)
-    target, _, payload = _readable("--checkpoint", path,
-                                   lambda p: train.load_run(p, device=device))
+    target, _, payload = validate.checkpoint_file("--checkpoint", path,
+                                                  lambda p: train.load_run(p, device=device))
     ds, x, y = _load_test(payload["dataset"], payload["config"]["subset"], a, device)
     started = time.perf_counter()
     results = evaluate.evaluate(target, x, y, attacks, eps=a.eval_eps, batch_size=a.eval_batch_size,
@@ -412,6 +399,9 @@ def cmd_quickstart(a) -> int:
         ).validate()
         for method in ("standard", "d2r")
     }
+    for method, cfg in configs.items():  # runs already in --out must be these
+        validate.same_run("--out", a.out / method / CHECKPOINT_NAME, cfg.as_dict(),
+                          "use another --out, or delete that folder")
     device = _pick_device(a.device)
     ds, x, y = _load_test("cifar10", "mini", a, device)  # the data is found before anything trains
     trained = {}
@@ -585,8 +575,9 @@ def main(argv=None) -> int:
     except train.TrainingDiverged as err:
         return _fail(err, 1)
     except urllib.error.URLError as err:  # the data is missing here and could not be downloaded
-        return _fail(f"the data is not on this machine and downloading it failed ({err.reason}); "
-                     "give --data-dir with the offline bundle, or set $D2R_DATA_DIR", 2)
+        where = f"in --data-dir {args.data_dir}" if getattr(args, "data_dir", None) else "here"
+        return _fail(f"the data is not {where} and downloading it failed ({err.reason}); give "
+                     "--data-dir with the offline bundle, or set $D2R_DATA_DIR", 2)
     except (ValueError, TypeError, OSError, checkpoint.CheckpointError) as err:
         return _fail(err, 2)
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ import torch
 __all__ = [
     "FLOAT32_MAX",
     "SEED_MAX",
+    "checkpoint_file",
     "choice",
     "eps",
     "existing_dir",
@@ -29,6 +30,7 @@ __all__ = [
     "output_dir",
     "output_file",
     "same_batch",
+    "same_run",
     "same_shape",
     "seed",
     "step_size",
@@ -221,3 +223,32 @@ def existing_dir(name: str, path) -> Path:
     if not path.is_dir():
         raise NotADirectoryError(f"{name} {path} is a file; give a folder")
     return path
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def checkpoint_file(name: str, path, load=None):
+    """load(path) (default checkpoint.load); a failure to read it is a CheckpointError naming it."""
+    from . import checkpoint  # local: checkpoint may use this module
+
+    try:
+        return (load or checkpoint.load)(path)
+    except (checkpoint.CheckpointError, OSError):
+        raise
+    except Exception as err:  # a corrupt file can fail anywhere inside torch.load
+        raise checkpoint.CheckpointError(
+            f"{name} {path} cannot be read as a d2r_lib checkpoint ({type(err).__name__}: {err}); "
+            "it is corrupt or not a checkpoint") from None
+
+
+def same_run(name: str, path, config: dict, hint: str) -> None:
+    """A checkpoint already at `path` must be readable and hold the run `config` describes."""
+    from . import checkpoint
+
+    if not Path(path).is_file():
+        return
+    stored = checkpoint_file(name, path).get("config") or {}
+    diff = [f"{k}: stored {stored.get(k)!r}, asked {v!r}" for k, v in config.items()
+            if stored.get(k) != v]
+    if diff:
+        raise checkpoint.CheckpointError(f"{path} belongs to a run with other settings "
+                                         f"({'; '.join(diff)}). Nothing was overwritten: {hint}")

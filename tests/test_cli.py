@@ -293,5 +293,7 @@ def test_a_failed_download_is_one_line_naming_what_to_do(monkeypatch, capsys):
     monkeypatch.setattr(data, "load", offline)
     assert cli.main(["demo", "--device", "cpu"]) == 2
     assert capsys.readouterr().err == (
-        "error: the data is not on this machine and downloading it failed (Name or service not "
-        "known); give --data-dir with the offline bundle, or set $D2R_DATA_DIR\n")
+        "error: the data is not here and downloading it failed (Name or service not known); "
+        "give --data-dir with the offline bundle, or set $D2R_DATA_DIR\n")
+    assert cli.main(["demo", "--device", "cpu", "--data-dir", "."]) == 2
+    assert capsys.readouterr().err.startswith("error: the data is not in --data-dir . and ")
