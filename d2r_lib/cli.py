@@ -32,7 +32,8 @@ PARAM_FLAGS = {
 PROFILE_TO_TRAIN = {
     "dataset": "dataset", "subset": "subset", "train_size": "train_size", "epochs": "epochs",
     "batch_size": "batch_size", "lr": "lr", "target_model": "target", "guide_model": "guide",
-    "held_out": "held_out", "eps": "eps", "step_size": "step_size", "steps": "steps"
+    "held_out": "held_out", "eps": "eps", "step_size": "step_size", "steps": "steps",
+    "target": "target", "guide": "guide",
 }
 
 
@@ -519,7 +520,7 @@ def _add_delegated(sub, command: str, module: str, help: str) -> None:
             raise ValueError(f"`{command}` needs d2r_lib.{module}, which this installation "
                              "lacks; reinstall d2r_lib")
 
-        p.set_defaults(run=missing)
+        p.set_defaults(run=missing, unavailable=True)  # any options: the error is the module
         return
     about = (mod.__doc__ or help).strip().splitlines()[0]
     p = sub.add_parser(command, help=help, description=about)
@@ -555,7 +556,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
-        if extra:
+        if extra and not getattr(args, "unavailable", False):
             raise UsageError(f"d2r {args.command}: unrecognized arguments: {' '.join(extra)} "
                              f"(see `d2r {args.command} --help`)")
     except UsageError as err:

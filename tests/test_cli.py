@@ -192,7 +192,7 @@ def test_run_and_bench_take_options_and_exit_code_from_their_module(command, mod
 @pytest.mark.parametrize("command, module", [("run", "runner"), ("bench", "bench")])
 def test_a_missing_delegate_is_one_clear_error(command, module, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, f"d2r_lib.{module}", None)  # import fails: module missing
-    assert cli.main([command]) == 2
+    assert cli.main([command, "--profile", "smoke"]) == 2
     assert capsys.readouterr().err == (
         f"error: `{command}` needs d2r_lib.{module}, which this installation lacks; "
         "reinstall d2r_lib\n")
