@@ -566,8 +566,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from . import checkpoint, train
+    from . import checkpoint, data, train
 
+    refused = (ValueError, TypeError, OSError, checkpoint.CheckpointError,
+               getattr(data, "DataError", ValueError))  # missing, corrupt or tampered data
     torch.set_flush_denormal(True)  # this process: barely trained models have slow denormal floats
     try:
         return int(args.run(args) or 0)
@@ -579,7 +581,7 @@ def main(argv=None) -> int:
         where = f"in --data-dir {args.data_dir}" if getattr(args, "data_dir", None) else "here"
         return _fail(f"the data is not {where} and downloading it failed ({err.reason}); give "
                      "--data-dir with the offline bundle, or set $D2R_DATA_DIR", 2)
-    except (ValueError, TypeError, OSError, checkpoint.CheckpointError) as err:
+    except refused as err:
         return _fail(err, 2)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)

@@ -297,3 +297,17 @@ def test_a_failed_download_is_one_line_naming_what_to_do(monkeypatch, capsys):
         "give --data-dir with the offline bundle, or set $D2R_DATA_DIR\n")
     assert cli.main(["demo", "--device", "cpu", "--data-dir", "."]) == 2
     assert capsys.readouterr().err.startswith("error: the data is not in --data-dir . and ")
+
+
+def test_data_errors_are_one_line(monkeypatch, capsys):
+    class DataError(RuntimeError):  # the data module's family of errors (not a ValueError)
+        pass
+
+    def corrupt(*args, **kwargs):
+        raise DataError("cifar10_test_1000.npz: SHA256 mismatch\nexpected abc, got def")
+
+    monkeypatch.setattr(data, "DataError", DataError, raising=False)
+    monkeypatch.setattr(data, "load", corrupt)
+    assert cli.main(["demo", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (
+        "error: cifar10_test_1000.npz: SHA256 mismatch expected abc, got def\n")
