@@ -164,10 +164,11 @@ def snapshot(*roots) -> dict:
 
 def run_cli(argv, capsys, sandbox):
     """cli.main in-process; returns (exit code, stdout, stderr) after checking nothing changed."""
-    before = snapshot(sandbox, SHARED_DATA)
+    watched = (sandbox, SHARED_DATA, ROOT / "data", ROOT / "runs")  # and the default folders
+    before = snapshot(*watched)
     code = cli.main([a.replace("{unwritable}", UNWRITABLE or "/nonexistent") for a in argv])
     out, err = capsys.readouterr()
-    assert snapshot(sandbox, SHARED_DATA) == before, "a refused command changed files on disk"
+    assert snapshot(*watched) == before, "a refused command changed files on disk"
     return code, out, err
 
 
