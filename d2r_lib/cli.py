@@ -334,6 +334,8 @@ def cmd_evaluate(a) -> int:
         raise FileNotFoundError(f"--checkpoint {path} is a folder without {CHECKPOINT_NAME}")
     if a.json is not None:
         validate.output_file("--json", a.json)
+        if a.json.resolve() == (path / CHECKPOINT_NAME if path.is_dir() else path).resolve():
+            raise ValueError(f"--json {a.json} is the checkpoint itself; give another file")
     device = _pick_device(a.device)
     target, _, payload = validate.checkpoint_file("--checkpoint", path,
                                                   lambda p: train.load_run(p, device=device))

@@ -285,6 +285,7 @@ CASES = [
     pytest.param("path", [*E, "--json", "{unwritable}/r.json"], 2, "cannot write in",
                  marks=NEEDS_UNWRITABLE),
     ("path", [*E, "--data-dir", "nowhere"], 2, "--data-dir nowhere does not exist"),
+    ("path", [*E, "--json", "ckpt/last.pt"], 2, "--json ckpt/last.pt is the checkpoint itself"),
     ("path", ["quickstart", "--out", "afile"], 2, "--out afile is a file; give a folder"),
     ("path", ["quickstart", "--out", "qs_file"], 2, "--out qs_file/d2r is a file; give a folder"),
     ("path", ["quickstart", "--out", "qs_resultsdir"], 2,
