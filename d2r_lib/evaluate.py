@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from . import attacks as _attacks
-from . import validate
+from . import checkpoint, validate
 
 ATTACKS = ("clean", "fgsm", "pgd20", "cw20", "autoattack")
 """Attack names accepted by `robust_accuracy`, `evaluate` and `evaluate_many`."""
@@ -88,8 +88,15 @@ def _check_data(model: nn.Module, x, y, name: str = "model") -> int:
     with _attacks.eval_mode(model), torch.no_grad():
         out = model(x[:1])
     validate.logits(out, f"{name}(x)")
+    _check_finite_logits(out, name)
     validate.labels(y, out.shape[1], x.shape[0])
     return out.shape[1]
+
+
+def _check_finite_logits(logits: torch.Tensor, name: str = "model") -> None:
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(f"{name} returns NaN or infinite logits on clean images (diverged weights?): "
+                         f"refusing to evaluate it; retrain, or load an earlier checkpoint")
 
 
 def _check_batch_size(batch_size) -> int:
@@ -138,7 +145,7 @@ def _import_autoattack():
 def _check_differentiable(model: nn.Module, x: torch.Tensor) -> None:
     """Gradient attacks need model(x) to depend on x through autograd; say so clearly if it does not."""
     x0 = x[:1].detach().clone().requires_grad_(True)
-    with torch.enable_grad():
+    with _attacks.eval_mode(model), torch.enable_grad():
         out = model(x0)
     if not out.requires_grad:
         raise ValueError(
@@ -168,9 +175,12 @@ def _craft(attack: str, source: nn.Module, x, y, eps: float, *, stop_on_success:
                         start="uniform", stop_on_success=stop_on_success)
 
 
-def _count_correct(model, x, y) -> int:
+def _count_correct(model, x, y, *, clean: bool = False) -> int:
     with torch.no_grad():
-        return int((model(x).argmax(1) == y).sum().item())
+        logits = model(x)
+    if clean:
+        _check_finite_logits(logits)
+    return int((logits.argmax(1) == y).sum().item())
 
 
 def _autoattack_accuracy(model, x, y, eps, batch_size, seed, version, num_classes) -> float:
@@ -199,37 +209,56 @@ def _autoattack_accuracy(model, x, y, eps, batch_size, seed, version, num_classe
 
 # -------------------------------------------------------------------------------------------- accuracy
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256) -> float:
-    """Clean accuracy (fraction) in eval mode, batched, without gradients; modes are restored."""
+    """Clean accuracy (fraction) in eval mode, batched, without gradients; modes are restored.
+    A model with non-finite clean logits is refused."""
     _check_batch_size(batch_size)
     _check_data(model, x, y)
+    return _accuracy(model, x, y, batch_size)
+
+
+def _accuracy(model, x, y, batch_size) -> float:
     correct = 0
     with _attacks.eval_mode(model):
         for i in range(0, x.shape[0], batch_size):
-            correct += _count_correct(model, x[i:i + batch_size], y[i:i + batch_size])
+            correct += _count_correct(model, x[i:i + batch_size], y[i:i + batch_size], clean=True)
     return correct / x.shape[0]
 
 
-def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, *, eps: float = 8 / 255,
-                    batch_size: int = 256, seed: int = 0, autoattack_version="standard") -> float:
-    """Accuracy (fraction) under one attack of ATTACKS at L∞ radius eps; seeded, RNG state restored.
-
-    pgd20 / cw20: 20 steps of ε/4 from a uniform start with per-example early stop; fgsm: one step of ε;
-    autoattack: pyautoattack with `autoattack_version` (see AUTOATTACK_VERSIONS). eps = 0 gives clean accuracy.
-    """
-    validate.choice("attack", attack, ATTACKS)
+def _check_attack_args(model, x, y, attacks, eps, batch_size, seed, autoattack_version) -> int:
+    """The one validation of a public entry point (one forward pass of one image); returns #classes."""
+    attacks = _check_attacks(attacks)
     validate.eps(eps)
     _check_batch_size(batch_size)
     _check_seed(seed)
-    if attack == "autoattack":
+    if "autoattack" in attacks:
         _autoattack_list(autoattack_version)
     num_classes = _check_data(model, x, y)
+    if eps > 0 and any(a in ("fgsm", "pgd20", "cw20") for a in attacks):
+        _check_differentiable(model, x)
+    return num_classes
+
+
+def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, *,
+                    eps: float = 8 / 255, batch_size: int = 256, seed: int = 0,
+                    autoattack_version="standard") -> float:
+    """Accuracy (fraction) under one attack of ATTACKS at L∞ radius eps; seeded, RNG state restored.
+
+    pgd20 / cw20: 20 steps of ε/4 from a uniform start with per-example early stop; fgsm: one step of ε;
+    autoattack: pyautoattack with `autoattack_version` (see AUTOATTACK_VERSIONS). eps = 0 gives clean
+    accuracy.
+    """
+    validate.choice("attack", attack, ATTACKS)
+    num_classes = _check_attack_args(model, x, y, (attack,), eps, batch_size, seed, autoattack_version)
+    return _robust_accuracy(model, x, y, attack, eps, batch_size, seed, autoattack_version, num_classes)
+
+
+def _robust_accuracy(model, x, y, attack, eps, batch_size, seed, autoattack_version, num_classes) -> float:
     if attack == "clean" or eps == 0:
-        return accuracy(model, x, y, batch_size=batch_size)
+        return _accuracy(model, x, y, batch_size)
     x, y = x.detach(), y.detach()
     with _seeded(seed), _attacks.eval_mode(model):
         if attack == "autoattack":
             return _autoattack_accuracy(model, x, y, eps, batch_size, seed, autoattack_version, num_classes)
-        _check_differentiable(model, x)
         correct = 0
         for i in range(0, x.shape[0], batch_size):
             xb, yb = x[i:i + batch_size], y[i:i + batch_size]
@@ -243,25 +272,22 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequen
     """Accuracy under each of `attacks` (fractions, keyed by attack name), official protocol by default.
 
     Every attack is seeded with `seed` (same numbers as `robust_accuracy`); the global RNG state and every
-    module's mode are restored. sanity=True runs `sanity_checks` (the ε = 0.5 check on ≤ sanity_images images).
+    module's mode are restored. sanity=True runs `sanity_checks` (the ε = 0.5 check on ≤ sanity_images
+    images). Arguments are checked once, here; a model with non-finite clean logits is refused.
     """
     attacks = _check_attacks(attacks)
-    validate.eps(eps)
-    _check_batch_size(batch_size)
-    _check_seed(seed)
     validate.number("sanity_images", sanity_images, min=1, integer=True)
-    if "autoattack" in attacks:
-        _autoattack_list(autoattack_version)
-    _check_data(model, x, y)
+    num_classes = _check_attack_args(model, x, y, attacks + (("pgd20",) if sanity else ()), eps, batch_size,
+                                     seed, autoattack_version)
     was_training = _any_training(model)
     results = {}
     with _seeded(seed), _attacks.eval_mode(model):
         for attack in attacks:
-            results[attack] = robust_accuracy(model, x, y, attack, eps=eps, batch_size=batch_size, seed=seed,
-                                              autoattack_version=autoattack_version)
+            results[attack] = _robust_accuracy(model, x, y, attack, eps, batch_size, seed, autoattack_version,
+                                               num_classes)
         if sanity:
-            sanity_checks(model, x, y, results, was_training=was_training, batch_size=batch_size, seed=seed,
-                          max_images=sanity_images, stacklevel=3)
+            _sanity_checks(model, x, y, results, was_training, LARGE_EPS, sanity_images, batch_size, seed,
+                           stacklevel=3)
     return results
 
 
@@ -296,6 +322,16 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, results: M
     """
     _check_data(model, x, y)
     validate.number("max_images", max_images, min=1, integer=True)
+    if large_eps is not None:
+        validate.eps(large_eps, "large_eps")
+    _check_batch_size(batch_size)
+    _check_seed(seed)
+    return _sanity_checks(model, x, y, results, was_training, large_eps, max_images, batch_size, seed,
+                          stacklevel)
+
+
+def _sanity_checks(model, x, y, results, was_training, large_eps, max_images, batch_size, seed,
+                   stacklevel) -> list[str]:
     problems: list[str] = []
     n = x.shape[0]
     tol = 1.0 / n + 1e-9
@@ -321,8 +357,7 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, results: M
               stacklevel)
 
     if large_eps is not None:
-        validate.eps(large_eps, "large_eps")
-        acc = robust_accuracy(model, xs, ys, "pgd20", eps=large_eps, batch_size=batch_size, seed=seed)
+        acc = _robust_accuracy(model, xs, ys, "pgd20", large_eps, batch_size, seed, None, None)
         if acc > LARGE_EPS_MAX_ACCURACY:
             _warn(problems, f"gradient masking suspected: PGD-20 accuracy at eps={large_eps:g} (L-inf) is "
                             f"{acc:.2%} on {xs.shape[0]} images; an attack this large should reach ~0 % "
@@ -349,9 +384,13 @@ def transfer_check(source_model: nn.Module, model: nn.Module, x: torch.Tensor, y
     _check_seed(seed)
     _check_data(source_model, x, y, "source_model")
     _check_data(model, x, y)
+    if eps > 0:
+        _check_differentiable(source_model, x)
+        if whitebox is None:
+            _check_differentiable(model, x)
     tol = 1.0 / x.shape[0] + 1e-9 if tolerance is None else validate.number("tolerance", tolerance, min=0)
     if whitebox is None:
-        whitebox = robust_accuracy(model, x, y, "pgd20", eps=eps, batch_size=batch_size, seed=seed)
+        whitebox = _robust_accuracy(model, x, y, "pgd20", eps, batch_size, seed, None, None)
     else:
         validate.number("whitebox", whitebox, min=0, max=1)
     x, y = x.detach(), y.detach()
@@ -370,15 +409,19 @@ def transfer_check(source_model: nn.Module, model: nn.Module, x: torch.Tensor, y
 
 
 def eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_values: Iterable[float], *,
-              attack: str = "pgd20", **kw) -> list[tuple[float, float]]:
-    """[(ε, accuracy under `attack` at ε)] for each ε; kw go to `robust_accuracy` (batch_size, seed, ...)."""
+              attack: str = "pgd20", batch_size: int = 256, seed: int = 0,
+              autoattack_version="standard") -> list[tuple[float, float]]:
+    """[(ε, accuracy under `attack` at ε)] for each ε (same numbers as `robust_accuracy`)."""
     validate.choice("attack", attack, ATTACKS)
     eps_values = list(eps_values)
     if not eps_values:
         raise ValueError("eps_values must hold at least one radius")
     for e in eps_values:
         validate.eps(e, "eps_values entry")
-    return [(float(e), robust_accuracy(model, x, y, attack, eps=e, **kw)) for e in eps_values]
+    num_classes = _check_attack_args(model, x, y, (attack,), max(eps_values), batch_size, seed,
+                                     autoattack_version)
+    return [(float(e), _robust_accuracy(model, x, y, attack, e, batch_size, seed, autoattack_version,
+                                        num_classes)) for e in eps_values]
 
 
 # -------------------------------------------------------------------------------------------- the table
@@ -467,21 +510,9 @@ class ResultsTable:
         return cls(d)
 
     def save_json(self, path) -> Path:
-        """Write the table as JSON atomically (temporary file in the same folder, then os.replace)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return path
+        """Write the table as JSON atomically (`checkpoint.atomic_write`)."""
+        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+        return checkpoint.atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     @classmethod
     def load_json(cls, path) -> "ResultsTable":

@@ -25,7 +25,7 @@ def test_train_step_updates_what_the_method_trains(name, synthetic_xy):
     before_f = [p.detach().clone() for p in target.parameters()]
     before_g = [p.detach().clone() for p in guide.parameters()] if guide is not None else []
     target.eval()
-    budget = {} if m.attack == "none" else {"steps": 2}
+    budget = {} if m.attack_kind == "none" else {"steps": 2}
     terms = methods.train_step(name, target, guide, opt, x, y, **budget)
     assert "loss" in terms and all(isinstance(v, float) for v in terms.values())
     assert all(torch.isfinite(torch.tensor(v)) for v in terms.values())
@@ -34,13 +34,10 @@ def test_train_step_updates_what_the_method_trains(name, synthetic_xy):
         assert any(not torch.equal(a, b) for a, b in zip(before_g, guide.parameters()))
         assert guide.training
     assert target.training
-    # attack forwards (if any) run in eval mode, then the loss forwards in train mode
-    n_attack = 0 if m.attack == "none" else 2 + (m.attack == "trades") + (m.attack == "cag")
-    assert all(not training for _, training in modes[:n_attack])
-    assert all(training for _, training in modes[n_attack:])
-    loss_forwards = {"ce": ["f"], "pgd_at": ["f"], "trades": ["f", "f"], "mart": ["f", "f"],
-                     "lbgat": ["f", "g"], "d2r": ["f", "f", "g"]}[m.loss]
-    assert [who for who, _ in modes[n_attack:]] == loss_forwards
+    # attack forwards (if any) run in eval mode, then exactly the declared passes in train mode, in order
+    n_eval = sum(not training for _, training in modes)
+    assert all(not training for _, training in modes[:n_eval])
+    assert [who for who, _ in modes[n_eval:]] == [{"target": "f", "guide": "g"}[p.model] for p in m.passes]
 
 
 def test_d2r_step_uses_cag_and_d2r_terms(synthetic_xy):
@@ -56,7 +53,7 @@ def test_ablations_differ_only_in_their_setting():
     assert methods.get_method("d2r_no_clean").defaults == {**d2r.defaults, "w_clean": 0.0}
     assert methods.get_method("d2r_no_adv").defaults == {**d2r.defaults, "w_adv": 0.0}
     gen = methods.get_method("d2r_trades_gen")
-    assert gen.attack == "trades" and gen.loss == "d2r" and d2r.attack == "cag"
+    assert gen.attack_kind == "trades" and gen.loss is d2r.loss and d2r.attack_kind == "cag"
     assert d2r.defaults == {"eps": 0.031, "step_size": 0.007, "steps": 10, "w_clean": 20.0, "w_adv": 30.0,
                             "kl_reduction": "mean"}
 
