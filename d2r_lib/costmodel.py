@@ -29,15 +29,16 @@ import torch.nn as nn
 
 from . import attacks, methods, models, validate
 
+__all__ = [
+    "TRAIN_PASS", "ATTACK_PASS", "count_macs", "model_macs", "outer_steps", "measure_step", "measure_pgd",
+    "CostModel", "fit", "extrapolate", "epoch_time", "run_time",
+]
+
 TRAIN_PASS = 3.0
 """A training pass (forward, backward to activations and to weights) ≈ 3 forward passes."""
 ATTACK_PASS = 2.0
 """An attack step (forward, backward to the input) ≈ 2 forward passes: the unit of `outer_steps`."""
 
-_OUTER_PASSES = {"ce": "f", "pgd_at": "f", "trades": "ff", "mart": "ff", "lbgat": "fg", "d2r": "ffg"}
-"""Training passes of the loss, by `methods.Method.loss`: f = the target, g = the guide."""
-_REFERENCE_PASSES = {"none": "", "pgd": "", "trades": "f", "cag": "g"}
-"""Gradient-free forward passes the attack makes once (TRADES: p_f(x); CAG: p_g(x)), by `Method.attack`."""
 
 
 # ------------------------------------------------------------------------------------------- counting
@@ -85,26 +86,24 @@ def model_macs(name: str, num_classes: int = 10, image_size: int = 32) -> int:
     return count_macs(model, image_size)
 
 
-def outer_steps(method: str, target_macs: float = 1.0, guide_macs: float | None = None) -> float:
+def outer_steps(method: str, target_macs: float = 1.0, guide_macs: float | None = None, **params) -> float:
     """c of the cost model: the outer part of one training step of `method`, in attack steps of the target.
 
-    Counts the loss's training passes (≈ 3 forward passes each) and the attack's one gradient-free reference
-    pass, weighted by each model's forward MACs, divided by one attack step (≈ 2 forward passes of the target).
-    With target = guide: standard / pgd_at 1.5, mart 3, trades / lbgat 3.5, the d2r family 5. Chapter 9.
+    Reads the step's train-mode passes from the method (`Method.step_passes`, ≈ 3 forward passes each) and
+    its attack's one gradient-free reference pass (`methods.REFERENCE_PASSES`), weighted by each model's
+    forward MACs, divided by one attack step (≈ 2 forward passes of the target). `params` are method
+    parameters (e.g. official_passes=False). With target = guide: standard / pgd_at 1.5, mart 3,
+    trades / lbgat / the d2r family 5 (trades / lbgat 3.5 with official_passes=False). Chapter 9.
     """
     m = methods.get_method(method)
+    passes = m.step_passes(m.resolve(**params))
     validate.number("target_macs", target_macs, min=0, min_open=True)
     if guide_macs is None:
         guide_macs = target_macs
     validate.number("guide_macs", guide_macs, min=0, min_open=True)
-    if m.loss not in _OUTER_PASSES or m.attack not in _REFERENCE_PASSES:
-        raise ValueError(f"method {method!r} (loss {m.loss!r}, attack {m.attack!r}) has no pass count in "
-                         f"costmodel; known losses: {', '.join(_OUTER_PASSES)}")
-    cost = {"f": target_macs, "g": guide_macs}
-    outer = TRAIN_PASS * sum(cost[p] for p in _OUTER_PASSES[m.loss])
-    if m.loss == "lbgat" and m.defaults.get("beta", 0.0) > 0:
-        outer += TRAIN_PASS * target_macs  # LBGAT with β > 0 also runs f(x)
-    reference = sum(cost[p] for p in _REFERENCE_PASSES[m.attack])
+    cost = {"target": target_macs, "guide": guide_macs}
+    outer = TRAIN_PASS * sum(cost[p.model] for p in passes)
+    reference = sum(cost[model] for model in methods.REFERENCE_PASSES[m.attack_kind])
     return (outer + reference) / (ATTACK_PASS * target_macs)
 
 
@@ -119,13 +118,14 @@ def _sync(device: torch.device) -> None:
 def measure_step(method: str = "d2r", target: str = "small_cnn", guide: str = "small_cnn", *, steps: int | None = 10,
                  batch_size: int = 32, image_size: int = 32, num_classes: int = 10, device: str = "cpu",
                  warmup: int = 1, repeats: int = 3, amp: bool = False, channels_last: bool = False,
-                 seed: int = 0) -> float:
+                 seed: int = 0, method_params: dict | None = None) -> float:
     """Seconds per image of one training step of `method` (attack with `steps` = K steps, loss, SGD update).
 
     Builds fresh `target` / `guide` models on `device`, runs `warmup` untimed steps, then `repeats` timed
     steps of `methods.train_step` on one batch of random images, and returns the fastest step time (the one
     least disturbed by other work on a shared machine) divided by `batch_size`. `steps`=None keeps the method's own K; `standard` has no attack (steps must be None or 0).
     amp: bfloat16 autocast as `train --amp`; channels_last as `--channels-last`. The global RNG is untouched.
+    method_params: other method parameters (e.g. {"official_passes": False}), checked before timing.
     Chapter 9.
     """
     m = methods.get_method(method)
@@ -134,9 +134,9 @@ def measure_step(method: str = "d2r", target: str = "small_cnn", guide: str = "s
         validate.choice("guide", guide, models.MODELS)
     if steps is not None:
         validate.number("steps", steps, min=0, integer=True)
-        if m.attack == "none" and steps != 0:
+        if m.attack_kind == "none" and steps != 0:
             raise ValueError(f"steps must be None or 0 for method {method!r}, which makes no attack; got {steps}")
-        if m.attack != "none" and steps == 0:
+        if m.attack_kind != "none" and steps == 0:
             raise ValueError(f"steps must be >= 1 for method {method!r} (its attack needs K ≥ 1); got 0")
     for name, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 8),
                              ("num_classes", num_classes, 2), ("warmup", warmup, 0), ("repeats", repeats, 1),
@@ -151,7 +151,9 @@ def measure_step(method: str = "d2r", target: str = "small_cnn", guide: str = "s
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for but no CUDA GPU is available")
 
-    params = {"steps": steps} if (steps is not None and m.attack != "none") else {}
+    params = {**(method_params or {}), **({"steps": steps} if steps is not None and m.attack_kind != "none"
+                                           else {})}
+    m.resolve(**params)
     forked = [dev.index or 0] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=forked):
         torch.manual_seed(seed)

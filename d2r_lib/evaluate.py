@@ -16,9 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple, Sequence

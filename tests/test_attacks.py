@@ -1,7 +1,6 @@
 """Attacks: invariants for every attack in the registry, CAG against a plain copy of the official loop."""
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from d2r_lib import attacks, models

@@ -85,11 +85,13 @@ def test_predictions_reject_bad_inputs():
 def test_outer_steps_counts_passes():
     assert costmodel.outer_steps("standard") == 1.5
     assert costmodel.outer_steps("pgd_at") == 1.5
-    assert costmodel.outer_steps("trades") == 3.5
     assert costmodel.outer_steps("mart") == 3.0
-    assert costmodel.outer_steps("lbgat") == 3.5
-    for m in ("d2r", "d2r_no_clean", "d2r_no_adv", "d2r_trades_gen"):
+    # the official TRADES step runs f on x, x′, x and LBGAT on x′, x then g(x): 3 training passes
+    for m in ("trades", "lbgat", "d2r", "d2r_no_clean", "d2r_no_adv", "d2r_trades_gen"):
         assert costmodel.outer_steps(m) == 5.0
+    assert costmodel.outer_steps("trades", official_passes=False) == 3.5
+    assert costmodel.outer_steps("lbgat", official_passes=False) == 3.5
+    assert costmodel.outer_steps("lbgat", official_passes=False, beta=6.0) == 5.0
     # D2R: 2 training passes of f, 1 of g, CAG's reference pass of g; unit = 2 forward passes of f
     assert costmodel.outer_steps("d2r", 4.0, 1.0) == pytest.approx((3 * (4 + 4 + 1) + 1) / 8)
     with pytest.raises(ValueError, match="method"):

@@ -1,7 +1,6 @@
 """The training loop: schedule, resume = uninterrupted, NaN stop, safe checkpoints, DDP with gloo."""
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2r_lib import checkpoint, losses, methods, models, train
+from d2r_lib import checkpoint, losses, models, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,6 +222,7 @@ def test_ddp_two_cpu_processes_with_gloo_stay_identical_and_save_once(tmp_path):
 
 def test_bench_prints_images_per_second_and_rejects_bad_pairs(capsys):
     import re
+
     from d2r_lib.__main__ import main
     assert main(["bench", "--pairs", "small_cnn:small_cnn:4", "--steps", "1", "--eval-models", "small_cnn",
                  "--eval-batch-size", "4", "--repeats", "1", "--device", "cpu"]) == 0
