@@ -1,10 +1,11 @@
 """The registry of training methods and the one training step they all share. Chapter 2 onwards.
 
-A `Method` is data: how it makes x′ (`attack`, a callable of kind `attack_kind`), which train-mode forward
-passes its step makes, in order (`passes`), and the loss it takes of their logits (`loss`, a callable).
-`train_step` runs the attack with the models in eval mode, then the passes in train mode, then the loss,
-then one step of a single SGD optimizer over target and guide parameters (as the official D2R code does).
-It is the only code in the library that backpropagates a training loss and steps an optimizer.
+A `Method` is data: how it makes x′ (`attack`, a callable of kind `attack_kind`), which train-mode
+forward passes its step makes, in order (`passes`), and the loss it takes of their logits (`loss`, a
+callable). `train_step` runs the attack with the models in eval mode, then the passes in train mode,
+then the loss, then one step of a single SGD optimizer over target and guide parameters (as the
+official D2R code does). It is the only code in the library that backpropagates a training loss and
+steps an optimizer.
 
 Adding a method is one `register(Method(...))` call (see CONTRIBUTING.md).
 """
@@ -21,32 +22,37 @@ from torch.nn.parallel import DistributedDataParallel
 from . import attacks, losses, validate
 
 __all__ = [
-    "ATTACK_KINDS", "PASS_MODELS", "PASS_INPUTS", "BUDGET", "REFERENCE_PASSES", "Pass", "Method", "METHODS",
+    "ATTACK_KINDS", "PASS_MODELS", "PASS_INPUTS", "BUDGET", "REFERENCE_PASSES", "Pass", "Method",
+    "METHODS",
     "register", "unregister", "get_method", "make_adversarial", "compute_terms", "make_optimizer",
     "train_step",
 ]
 
 ATTACK_KINDS = ("none", "pgd", "trades", "cag")
-"""none: no x′; pgd: ascent on a label loss of the target; trades: ascent on KL(p_f(x) ‖ p_f(x′)) with
-the target alone; cag: D2R's collaborative generation, ascent on KL(p_g(x) ‖ p_f(x′))."""
+"""none: no x′; pgd: ascent on a label loss of the target; trades: ascent on KL(p_f(x) ‖ p_f(x′))
+with the target alone; cag: D2R's collaborative generation, ascent on KL(p_g(x) ‖ p_f(x′))."""
 PASS_MODELS = ("target", "guide")
 PASS_INPUTS = ("x", "x_adv")
 BUDGET = ("eps", "step_size", "steps")
-"""The attack's parameters: passed to `Method.attack`; every other parameter goes to `Method.loss`."""
+"""The attack's parameters: passed to `Method.attack`; every other parameter goes to
+`Method.loss`."""
 REFERENCE_PASSES = {"none": (), "pgd": (), "trades": ("target",), "cag": ("guide",)}
-"""Gradient-free eval-mode passes on x an attack of each kind makes once (TRADES: p_f(x); CAG: p_g(x))."""
+"""Gradient-free eval-mode passes on x that an attack of each kind makes once: TRADES p_f(x),
+CAG p_g(x)."""
 
 _ATTACK_TEXT = {
     "none": "no attack",
     "pgd": "x′ by projected gradient ascent on a label loss of the target (eval mode)",
-    "trades": "x′ by ascent on KL(p_f(x) ‖ p_f(x′)) with the target alone (TRADES generation, eval mode)",
-    "cag": "x′ by collaborative generation (CAG): ascent on KL(p_g(x) ‖ p_f(x′)), both models in eval mode",
+    "trades": "x′ by ascent on KL(p_f(x) ‖ p_f(x′)) with the target alone (TRADES generation)",
+    "cag": "x′ by collaborative generation (CAG): ascent on KL(p_g(x) ‖ p_f(x′)), both models in "
+           "eval mode",
 }
 
 
 @dataclass(frozen=True)
 class Pass:
-    """One train-mode forward pass of a training step: `model` ("target" | "guide") on `input` ("x" | "x_adv")."""
+    """One train-mode forward pass of a step: `model` ("target" | "guide") on `input` ("x" or
+    "x_adv")."""
     model: str
     input: str
 
@@ -65,13 +71,16 @@ F_X, F_XADV, G_X = Pass("target", "x"), Pass("target", "x_adv"), Pass("guide", "
 class Method:
     """A training method as data. Chapter 2.
 
-    attack: `attack(target, guide, x, y, *, eps, step_size, steps) -> x′` (None when attack_kind="none").
-    loss: `loss(logits, y, **params) -> {"loss": scalar, other terms...}` (or a scalar tensor), where
-    `logits` is the tuple of outputs of `passes`, in order, and params are every default except the budget.
-    passes: the official step's train-mode forward passes, in order: they decide BatchNorm's statistics.
-    fast_passes: for a method whose official step makes a pass that is redundant for the loss value, the
-    passes with `official_passes=False` (a function of the resolved parameters); defaults then hold
-    `official_passes: True`.
+    - attack: `attack(target, guide, x, y, *, eps, step_size, steps) -> x′`; None when
+      attack_kind is "none". It runs its models in eval mode.
+    - loss: `loss(logits, y, **params) -> {"loss": scalar, other terms...}` (or a scalar tensor);
+      `logits` is the tuple of outputs of `passes`, in order; params: every default but the budget.
+    - passes: the official step's train-mode forward passes, in order (they decide BatchNorm's
+      running statistics, so an exact reproduction makes even the redundant ones).
+    - defaults: every parameter with its default (eps, step_size, steps for an attack).
+    - fast_passes: only for a method whose official step makes a pass the loss value does not need:
+      the passes with `official_passes=False`, a function of the resolved parameters (defaults then
+      hold `official_passes: True`).
     """
     name: str
     description: str
@@ -89,7 +98,8 @@ class Method:
         return self.attack_kind == "cag" or any(p.model == "guide" for p in self.passes)
 
     def resolve(self, **overrides) -> dict:
-        """Defaults updated by overrides; an unknown or invalid parameter raises naming what is allowed."""
+        """Defaults updated by overrides; an unknown or invalid parameter raises, naming what is
+        allowed."""
         params = dict(self.defaults)
         unknown = sorted(set(overrides) - set(params))
         if unknown:
@@ -111,15 +121,15 @@ class Method:
         params = self.defaults
         budget = ", ".join(f"{k} {params[k]:.4g}" for k in BUDGET if k in params)
         attack = _ATTACK_TEXT[self.attack_kind] + (f" ({budget})" if budget else "")
-        loss_doc = (self.loss.__doc__ or self.loss.__name__).strip().splitlines()[0]
+        loss_doc = " ".join((self.loss.__doc__ or self.loss.__name__).split("\n\n")[0].split())
         others = ", ".join(f"{k}={v!r}" for k, v in params.items() if k not in BUDGET) or "none"
         trained = "target and guide" if self.uses_guide else "the target"
         fast = (" (official_passes=False skips the passes the loss value does not need)"
                 if self.fast_passes is not None else "")
         return (f"{self.name}: {self.description}. One step: {attack}; then "
                 f"{len(self.passes)} train-mode forward pass{'es' if len(self.passes) > 1 else ''} "
-                f"{', '.join(map(str, self.passes))}{fast}; loss: {loss_doc}; one SGD step on {trained}. "
-                f"Loss parameters: {others}.")
+                f"{', '.join(map(str, self.passes))}{fast}; loss: {loss_doc}; one SGD step on "
+                f"{trained}. Loss parameters: {others}.")
 
 
 def _check_param(key: str, value, default) -> None:
@@ -140,7 +150,7 @@ def _check_param(key: str, value, default) -> None:
         validate.number(key, value)
 
 
-# ------------------------------------------------------------------------------ the built-in methods
+# ----------------------------------------------------------------------------- the built-in methods
 def _pgd(target, guide, x, y, *, eps, step_size, steps):
     return attacks.pgd(target, x, y, eps=eps, step_size=step_size, steps=steps, start="uniform")
 
@@ -192,9 +202,11 @@ def lbgat_step(logits, y, *, beta, official_passes):
 
 
 def d2r_step(logits, y, *, w_clean, w_adv, kl_reduction):
-    """CE(g(x), y) + MSE(f(x′), g(x)) + w_clean·|K̄L(p_f(x)‖p_g(x)) − K̄L(p_g(x)‖p_f(x))| + w_adv·K̄L(p_f(x′)‖p_g(x))"""
+    """CE(g(x), y) + MSE(f(x′), g(x)) + w_clean·|K̄L(p_f(x) ‖ p_g(x)) − K̄L(p_g(x) ‖ p_f(x))|
+    + w_adv·K̄L(p_f(x′) ‖ p_g(x))"""
     adv, nat, guide = logits
-    return losses.d2r_terms(adv, nat, guide, y, w_clean=w_clean, w_adv=w_adv, kl_reduction=kl_reduction)
+    return losses.d2r_terms(adv, nat, guide, y, w_clean=w_clean, w_adv=w_adv,
+                            kl_reduction=kl_reduction)
 
 
 def _lbgat_fast(params):
@@ -206,27 +218,35 @@ _D2R = {**_KL_BUDGET, "w_clean": 20.0, "w_adv": 30.0, "kl_reduction": "mean"}
 _D2R_PASSES = (F_XADV, F_X, G_X)
 
 _BUILTIN = [
-    Method("standard", "cross-entropy on clean images, no attack", "none", None, ce_step, (F_X,),
-           chapter=1),
-    Method("pgd_at", "Madry et al.: CE on PGD-10 examples (uniform start, ε 8/255, step 2/255)", "pgd", _pgd,
-           pgd_at_step, (F_XADV,), {"eps": 8 / 255, "step_size": 2 / 255, "steps": 10}, chapter=2),
-    Method("trades", "TRADES: CE(f(x)) + β·KL(p_f(x) ‖ p_f(x′)), β = 6", "trades", _trades_attack,
-           trades_step, (F_X, F_XADV, F_X), {**_KL_BUDGET, "beta": 6.0, "official_passes": True},
-           chapter=3, fast_passes=lambda params: (F_X, F_XADV)),
-    Method("mart", "MART: boosted CE on x′ + β·KL weighted by 1 − p(x)_y, β = 6 (official ε 0.031, step "
-           "0.007, start x + 0.001·N(0, I))", "pgd", _mart_attack, mart_step, (F_X, F_XADV),
-           {**_KL_BUDGET, "beta": 6.0}, chapter=7),
-    Method("lbgat", "LBGAT0: CE(g(x)) + MSE(f(x′), g(x)); x′ from the target alone (TRADES generation)",
-           "trades", _trades_attack, lbgat_step, _D2R_PASSES,
-           {**_KL_BUDGET, "beta": 0.0, "official_passes": True}, chapter=4, fast_passes=_lbgat_fast),
-    Method("d2r", "D2R loss with collaborative adversarial generation (CAG), official settings", "cag", _cag,
-           d2r_step, _D2R_PASSES, dict(_D2R), chapter=6),
-    Method("d2r_no_clean", "ablation: D2R + CAG without the clean-distribution term (w_clean = 0)", "cag",
-           _cag, d2r_step, _D2R_PASSES, {**_D2R, "w_clean": 0.0}, chapter=7),
-    Method("d2r_no_adv", "ablation: D2R + CAG without the adversarial-distribution term (w_adv = 0)", "cag",
-           _cag, d2r_step, _D2R_PASSES, {**_D2R, "w_adv": 0.0}, chapter=7),
-    Method("d2r_trades_gen", "ablation: D2R loss with TRADES/LBGAT generation (target alone) instead of CAG",
-           "trades", _trades_attack, d2r_step, _D2R_PASSES, dict(_D2R), chapter=7),
+    Method("standard", "cross-entropy on clean images, no attack", chapter=1,
+           attack_kind="none", attack=None, passes=(F_X,), loss=ce_step),
+    Method("pgd_at", "Madry et al.: CE on PGD-10 examples (uniform start, ε 8/255, step 2/255)",
+           chapter=2, attack_kind="pgd", attack=_pgd, passes=(F_XADV,), loss=pgd_at_step,
+           defaults={"eps": 8 / 255, "step_size": 2 / 255, "steps": 10}),
+    Method("trades", "TRADES: CE(f(x)) + β·KL(p_f(x) ‖ p_f(x′)), β = 6", chapter=3,
+           attack_kind="trades", attack=_trades_attack, passes=(F_X, F_XADV, F_X),
+           loss=trades_step, fast_passes=lambda params: (F_X, F_XADV),
+           defaults={**_KL_BUDGET, "beta": 6.0, "official_passes": True}),
+    Method("mart", "MART: boosted CE on x′ + β·KL weighted by 1 − p(x)_y, β = 6 (official ε 0.031, "
+           "step 0.007, start x + 0.001·N(0, I))", chapter=7,
+           attack_kind="pgd", attack=_mart_attack, passes=(F_X, F_XADV), loss=mart_step,
+           defaults={**_KL_BUDGET, "beta": 6.0}),
+    Method("lbgat", "LBGAT0: CE(g(x)) + MSE(f(x′), g(x)); x′ from the target alone (TRADES "
+           "generation)", chapter=4,
+           attack_kind="trades", attack=_trades_attack, passes=_D2R_PASSES, loss=lbgat_step,
+           fast_passes=_lbgat_fast, defaults={**_KL_BUDGET, "beta": 0.0, "official_passes": True}),
+    Method("d2r", "D2R loss with collaborative adversarial generation (CAG), official settings",
+           chapter=6, attack_kind="cag", attack=_cag, passes=_D2R_PASSES, loss=d2r_step,
+           defaults=dict(_D2R)),
+    Method("d2r_no_clean", "ablation: D2R + CAG without the clean-distribution term (w_clean = 0)",
+           chapter=7, attack_kind="cag", attack=_cag, passes=_D2R_PASSES, loss=d2r_step,
+           defaults={**_D2R, "w_clean": 0.0}),
+    Method("d2r_no_adv", "ablation: D2R + CAG without the adversarial-distribution term "
+           "(w_adv = 0)", chapter=7, attack_kind="cag", attack=_cag, passes=_D2R_PASSES,
+           loss=d2r_step, defaults={**_D2R, "w_adv": 0.0}),
+    Method("d2r_trades_gen", "ablation: D2R loss with TRADES/LBGAT generation (target alone) "
+           "instead of CAG", chapter=7, attack_kind="trades", attack=_trades_attack,
+           passes=_D2R_PASSES, loss=d2r_step, defaults=dict(_D2R)),
 ]
 _BUILTIN_NAMES = frozenset(m.name for m in _BUILTIN)
 
@@ -234,13 +254,13 @@ METHODS: dict[str, Method] = {}
 """Every registered method by name (the built-in ones, then those added with `register`)."""
 
 
-# ----------------------------------------------------------------------------------- registering
+# -------------------------------------------------------------------------------------- registering
 def _as_terms(out, name: str) -> dict:
     if isinstance(out, torch.Tensor):
         out = {"loss": out}
     if not isinstance(out, Mapping) or "loss" not in out:
-        raise TypeError(f"method {name!r}: loss must return a scalar tensor or a dict of terms with key "
-                        f"'loss'; got {type(out).__name__}")
+        raise TypeError(f"method {name!r}: loss must return a scalar tensor or a dict of terms "
+                        f"with key 'loss'; got {type(out).__name__}")
     return dict(out)
 
 
@@ -248,15 +268,16 @@ def _check_scalar_terms(terms: dict, name: str) -> None:
     for key, value in terms.items():
         if not isinstance(value, torch.Tensor) or value.dim() != 0 or not value.is_floating_point():
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"method {name!r}: loss term {key!r} must be a scalar (0-dim) float tensor; "
-                             f"got {shape}")
+            raise ValueError(f"method {name!r}: loss term {key!r} must be a scalar (0-dim) float "
+                             f"tensor; got {shape}")
     if not terms["loss"].requires_grad:
-        raise ValueError(f"method {name!r}: the 'loss' term does not depend on the logits (no gradient)")
+        raise ValueError(f"method {name!r}: the 'loss' term does not depend on the logits (no "
+                         "gradient)")
 
 
 def _probe_loss(method: Method) -> None:
-    """Call the loss once on random logits (4 images, 3 classes; a private generator): it must return
-    scalar terms with a gradient."""
+    """Call the loss once on random logits (4 images, 3 classes; a private generator): it must
+    return scalar terms with a gradient."""
     gen = torch.Generator().manual_seed(0)
     logits = tuple(torch.randn(4, 3, generator=gen).requires_grad_() for _ in method.passes)
     y = torch.tensor([0, 1, 2, 0])
@@ -264,23 +285,22 @@ def _probe_loss(method: Method) -> None:
     try:
         out = method.loss(logits, y, **params)
     except Exception as err:
-        raise ValueError(f"method {method.name!r}: its loss failed on a probe with {len(logits)} random "
-                         f"(4, 3) logits (one per pass) and its default parameters: "
+        raise ValueError(f"method {method.name!r}: its loss failed on a probe with {len(logits)} "
+                         f"random (4, 3) logits (one per pass) and its default parameters: "
                          f"{type(err).__name__}: {err}") from err
     _check_scalar_terms(_as_terms(out, method.name), method.name)
 
 
 def register(method: Method) -> Method:
-    """Add `method` to METHODS after checking it (name, attack kind, passes, defaults, a loss probe).
-
-    Refuses a duplicate name, an unknown attack kind, or a loss that does not return a scalar. Chapter 2.
-    """
+    """Add `method` to METHODS after checking it: name, attack kind, passes, defaults, and a probe
+    of its loss. Refuses a duplicate name, an unknown attack kind, or a loss that does not return a
+    scalar. Chapter 2."""
     if not isinstance(method, Method):
         raise TypeError(f"register takes a methods.Method; got {type(method).__name__}")
     name = method.name
     if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-        raise ValueError(f"method name must be lowercase letters, digits and '_' (e.g. 'my_method'); "
-                         f"got {name!r}")
+        raise ValueError("method name must be lowercase letters, digits and '_' (e.g. "
+                         f"'my_method'); got {name!r}")
     if name in METHODS:
         raise ValueError(f"a method named {name!r} is already registered; choose another name")
     if method.attack_kind not in ATTACK_KINDS:
@@ -296,12 +316,14 @@ def register(method: Method) -> Method:
             or not all(isinstance(p, Pass) for p in method.passes)):
         raise ValueError(f"method {name!r}: passes must be a non-empty tuple of methods.Pass")
     if method.attack_kind == "none" and any(p.input == "x_adv" for p in method.passes):
-        raise ValueError(f"method {name!r}: a pass on x_adv needs an attack (attack_kind is 'none')")
+        raise ValueError(f"method {name!r}: a pass on x_adv needs an attack (attack_kind is "
+                         "'none')")
     missing = [k for k in BUDGET if method.attack_kind != "none" and k not in method.defaults]
     if missing:
         raise ValueError(f"method {name!r}: defaults must give the attack's {', '.join(missing)}")
     if (method.fast_passes is not None) != (method.defaults.get("official_passes") is True):
-        raise ValueError(f"method {name!r}: give fast_passes exactly when defaults hold official_passes=True")
+        raise ValueError(f"method {name!r}: give fast_passes exactly when defaults hold "
+                         "official_passes=True")
     _probe_loss(method)
     METHODS[name] = method
     return method
@@ -323,7 +345,7 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-# ------------------------------------------------------------------------------------- the step
+# ----------------------------------------------------------------------------------------- the step
 def _as_method(method: str | Method) -> Method:
     return method if isinstance(method, Method) else get_method(method)
 
@@ -334,7 +356,8 @@ def _check_guide(method: Method, guide) -> None:
 
 
 def _plain(model):
-    """The module inside a DistributedDataParallel wrapper (the attack needs no gradient all-reduce)."""
+    """The module inside a DistributedDataParallel wrapper (the attack needs no gradient
+    all-reduce)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
@@ -353,8 +376,8 @@ def _terms(m: Method, target, guide, x, x_adv, y, params: dict) -> dict[str, tor
     return _as_terms(m.loss(logits, y, **loss_params), m.name)
 
 
-def make_adversarial(method: str | Method, target: nn.Module, guide: nn.Module | None, x: torch.Tensor,
-                     y: torch.Tensor, **params) -> torch.Tensor | None:
+def make_adversarial(method: str | Method, target: nn.Module, guide: nn.Module | None,
+                     x: torch.Tensor, y: torch.Tensor, **params) -> torch.Tensor | None:
     """x′ for this method (None for `standard`); the attack runs in eval mode and restores modes."""
     m = _as_method(method)
     p = m.resolve(**params)
@@ -364,7 +387,8 @@ def make_adversarial(method: str | Method, target: nn.Module, guide: nn.Module |
 
 def compute_terms(method: str | Method, target: nn.Module, guide: nn.Module | None, x: torch.Tensor,
                   x_adv: torch.Tensor | None, y: torch.Tensor, **params) -> dict[str, torch.Tensor]:
-    """The method's train passes (models as they are) and its loss terms; key "loss" is the scalar."""
+    """The method's train passes (models as they are) and its loss terms; key "loss" is the
+    scalar."""
     m = _as_method(method)
     p = m.resolve(**params)
     _check_guide(m, guide)
@@ -373,8 +397,8 @@ def compute_terms(method: str | Method, target: nn.Module, guide: nn.Module | No
 
 def make_optimizer(target: nn.Module, guide: nn.Module | None = None, *, lr: float = 0.1,
                    momentum: float = 0.9, weight_decay: float = 2e-4) -> torch.optim.SGD:
-    """One SGD over two parameter groups [target, guide], as the official code (lr 0.1, momentum 0.9,
-    weight decay 2e-4, no Nesterov)."""
+    """One SGD over two parameter groups [target, guide], as the official code (lr 0.1, momentum
+    0.9, weight decay 2e-4, no Nesterov)."""
     validate.number("lr", lr, min=0, min_open=True)
     validate.number("momentum", momentum, min=0, max=1)
     validate.number("weight_decay", weight_decay, min=0)
@@ -387,10 +411,11 @@ def make_optimizer(target: nn.Module, guide: nn.Module | None = None, *, lr: flo
 def train_step(method: str | Method, target: nn.Module, guide: nn.Module | None,
                optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                **params) -> dict[str, float]:
-    """One full training step of any method: attack (eval mode), the train-mode passes, the loss, one SGD
-    step. Chapter 2. Returns every loss term as a float; models are left in train mode.
+    """One full training step of any method: attack (eval mode), the train-mode passes, the loss,
+    one SGD step. Chapter 2. Returns every loss term as a float; models are left in train mode.
 
-    target / guide may be DistributedDataParallel wrappers (the attack then runs on the wrapped modules).
+    target / guide may be DistributedDataParallel wrappers (the attack then runs on the wrapped
+    modules).
     """
     m = _as_method(method)
     p = m.resolve(**params)

@@ -1,10 +1,12 @@
-"""One training loop for every method of the registry. Chapter 2 introduces it; chapter 9 scales it up.
+"""One training loop for every method of the registry. Chapter 2 introduces it; chapter 9 scales it
+up.
 
-`fit(TrainConfig(...))` trains the target (and the guide, for guided methods) with the paper's recipe by
-default: one SGD over [target, guide] (lr 0.1, momentum 0.9, weight decay 2e-4, batch 128) and the
-official schedule scaled to any number of epochs. Each epoch it records every loss term, clean accuracy
-and PGD accuracy on a fixed held-out subset, and writes an atomic checkpoint holding target, guide,
-optimizer, RNG states and history, so running the same call again resumes where it stopped.
+`fit(TrainConfig(...))` trains the target (and the guide, for guided methods) with the paper's
+recipe by default: one SGD over [target, guide] (lr 0.1, momentum 0.9, weight decay 2e-4, batch 128)
+and the official schedule scaled to any number of epochs. Each epoch it records every loss term,
+clean accuracy and PGD accuracy on a fixed held-out subset, and writes an atomic checkpoint holding
+target, guide, optimizer, RNG states and history, so running the same call again resumes where it
+stopped.
 """
 from __future__ import annotations
 
@@ -73,9 +75,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 2e-4
     schedule: str = "paper"
-    method_params: dict = field(default_factory=dict)   # eps / step_size / steps / beta / w_clean / w_adv ...
+    method_params: dict = field(default_factory=dict)  # eps, step_size, steps, beta, w_clean ...
     seed: int = 1                          # the official code's effective torch seed
-    eval_size: int = 200                   # held-out test images for the per-epoch clean / PGD-20 accuracy
+    eval_size: int = 200                   # held-out images of the per-epoch clean / PGD-20 check
     augment: bool = True
     amp: bool = False                      # bfloat16 autocast (CUDA)
     channels_last: bool = False
@@ -104,9 +106,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def key(self) -> str:
-        """A short hash of every field (method parameters with their defaults filled in) and of the library
-        code that trains: the checkpoint-cache key. Passing a default explicitly gives the same key."""
-        fields = {**self.as_dict(), "method_params": methods.get_method(self.method).resolve(**self.method_params)}
+        """A short hash of every field (method parameters with their defaults filled in) and of the
+        library code that trains: the checkpoint-cache key. Passing a default explicitly gives the
+        same key."""
+        fields = {**self.as_dict(),
+                  "method_params": methods.get_method(self.method).resolve(**self.method_params)}
         blob = json.dumps(fields, sort_keys=True, default=str) + code_fingerprint()
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -125,14 +129,15 @@ class TrainResult:
 
 
 def code_fingerprint() -> str:
-    """Hash of the modules whose code decides what a run trains: a change there invalidates cached runs."""
+    """Hash of the modules whose code decides what a run trains: a change there invalidates cached
+    runs."""
     digest = hashlib.sha256()
     for name in ("attacks", "data", "losses", "methods", "models", "train"):
         digest.update((Path(__file__).parent / f"{name}.py").read_bytes())
     return digest.hexdigest()[:12]
 
 
-# ----------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------ helpers
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -153,7 +158,8 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     pos = state["python_pos"]
     random.setstate((3, tuple(state["python"]), None if pos == -1 else pos))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         0, 0.0))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -165,7 +171,8 @@ def _dist_info() -> tuple[int, int]:
 
 
 def setup_distributed(device: str) -> tuple[int, int, str]:
-    """Under torchrun (WORLD_SIZE > 1) start the process group: nccl on GPUs, gloo on CPUs. Chapter 9."""
+    """Under torchrun (WORLD_SIZE > 1) start the process group: nccl on GPUs, gloo on CPUs.
+    Chapter 9."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
@@ -180,7 +187,8 @@ def setup_distributed(device: str) -> tuple[int, int, str]:
 
 def _batches(dataset, batch_size: int, seed: int, epoch: int, rank: int, world: int):
     """This process's shuffled batches of an epoch; the order depends only on (seed, epoch)."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    order = torch.randperm(len(dataset),
+                           generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     per_rank = batch_size // world
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
@@ -192,8 +200,8 @@ def _batches(dataset, batch_size: int, seed: int, epoch: int, rank: int, world: 
 
 
 def held_out_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int = 0) -> dict:
-    """Clean and PGD-20 accuracy (ε 8/255, the evaluation protocol) on a fixed subset, and how many distinct
-    classes the model predicts there (1 = collapsed to a constant); RNG state untouched."""
+    """Clean and PGD-20 accuracy (ε 8/255, the evaluation protocol) on a fixed subset, and how many
+    distinct classes the model predicts there (1 = collapsed to a constant); RNG state untouched."""
     from . import attacks, evaluate
     with attacks.eval_mode(model), torch.no_grad():
         predicted = torch.cat([model(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])
@@ -207,18 +215,20 @@ class TrainingCollapsed(RuntimeWarning):
 
 
 def warn_if_collapsed(record: dict, n_images: int, lr: float) -> bool:
-    """Warn when an epoch ends with the target predicting one class for every held-out image (a collapse the
-    remaining epochs rarely undo: with small models and lr 0.1 it happens for some seeds). Chapter 7."""
+    """Warn when an epoch ends with the target predicting one class for every held-out image (a
+    collapse the remaining epochs rarely undo: with small models and lr 0.1 it happens for some
+    seeds). Chapter 7."""
     if record.get("predicted_classes") != 1 or n_images < 20:
         return False
-    warnings.warn(f"epoch {record['epoch']}: the target predicts one class for all {n_images} held-out images, "
-                  f"so training has collapsed to a constant output (held-out clean accuracy "
-                  f"{100 * record['clean_acc']:.1f}%). Try a lower learning rate (lr = {lr:g} now, e.g. "
-                  f"{lr / 2:g}) or another seed.", TrainingCollapsed, stacklevel=3)
+    warnings.warn(f"epoch {record['epoch']}: the target predicts one class for all {n_images} "
+                  "held-out images, so training has collapsed to a constant output (held-out "
+                  f"clean accuracy {100 * record['clean_acc']:.1f}%). Try a lower learning rate "
+                  f"(lr = {lr:g} now, e.g. {lr / 2:g}) or another seed.", TrainingCollapsed,
+                  stacklevel=3)
     return True
 
 
-# ------------------------------------------------------------------------------------------------ the loop
+# ----------------------------------------------------------------------------------------- the loop
 def build_models(cfg: TrainConfig, num_classes: int, device) -> tuple[nn.Module, nn.Module | None]:
     target = models.build_model(cfg.target_model, num_classes).to(device)
     guide = models.build_model(cfg.guide_model, num_classes).to(device) if cfg.uses_guide else None
@@ -229,11 +239,13 @@ def _checkpoint_path(out_dir, resume: str) -> Path | None:
     validate.choice("resume", resume, RESUME)
     if out_dir is None:
         if resume == "always":
-            raise FileNotFoundError("resume='always' needs out_dir, the folder of the run to resume")
+            raise FileNotFoundError("resume='always' needs out_dir, the folder of the run to "
+                                    "resume")
         return None
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"out_dir {out_dir} exists and is a file; give a directory for checkpoints")
+        raise NotADirectoryError(f"out_dir {out_dir} exists and is a file; give a directory for "
+                                 "checkpoints")
     path = out_dir / CHECKPOINT_NAME
     if resume == "always" and not path.exists():
         raise FileNotFoundError(f"resume='always' but there is no checkpoint at {path}; "
@@ -256,7 +268,8 @@ def _datasets(cfg: TrainConfig, device, data_dir, download: bool):
 
 def _resume(path: Path | None, resume: str, cfg: TrainConfig, target, guide, optimizer, device,
             say) -> tuple[list[dict], int]:
-    """Load a matching run from `path` into the models and optimizer: (history, first epoch to run)."""
+    """Load a matching run from `path` into the models and optimizer: (history, first epoch to
+    run)."""
     if path is None or not path.exists() or resume == "never":
         return [], 1
     payload = checkpoint.load(path, map_location=device)
@@ -265,8 +278,8 @@ def _resume(path: Path | None, resume: str, cfg: TrainConfig, target, guide, opt
         diff = [f"{k}: stored {stored.get(k)!r}, asked {v!r}" for k, v in cfg.as_dict().items()
                 if stored.get(k) != v]
         raise checkpoint.CheckpointError(
-            f"{path} belongs to a run with other settings ({'; '.join(diff)}). Nothing was overwritten: "
-            f"use another out_dir, or resume='never' to start this one afresh there")
+            f"{path} belongs to a run with other settings ({'; '.join(diff)}). Nothing was "
+            "overwritten: use another out_dir, or resume='never' to start this one afresh there")
     checkpoint.load_state_strict(target, payload["target"], "target")
     if guide is not None:
         checkpoint.load_state_strict(guide, payload["guide"], "guide")
@@ -279,8 +292,9 @@ def _resume(path: Path | None, resume: str, cfg: TrainConfig, target, guide, opt
 
 
 def _step_models(cfg: TrainConfig, target, guide, world: int):
-    """What `methods.train_step` runs: compiled modules (cfg.compile) and, under torchrun, DDP wrappers
-    (they broadcast rank 0's weights and buffers and average the gradients; the attack runs unwrapped)."""
+    """What `methods.train_step` runs: compiled modules (cfg.compile) and, under torchrun, DDP
+    wrappers (they broadcast rank 0's weights and buffers and average the gradients; the attack runs
+    unwrapped)."""
     step_models = []
     for model in (target, guide):
         if model is not None and cfg.channels_last:
@@ -308,20 +322,22 @@ def _check_loss(terms: dict, epoch: int, batch: int, path, history) -> None:
         raise TrainingDiverged(
             f"non-finite loss at epoch {epoch}, batch {batch}: "
             + ", ".join(f"term {k!r} = {terms[k]}" for k in bad)
-            + f". Training stopped; the last good checkpoint is intact: {_last_good(path, history)}")
+            + ". Training stopped; the last good checkpoint is intact: "
+              f"{_last_good(path, history)}")
 
 
 def check_finite(epoch: int, batch: int, target, guide, optimizer, path=None, history=()) -> None:
-    """Raise TrainingDiverged naming the first parameter / buffer of target or guide, or optimizer state
-    tensor, that holds NaN or infinity (checked before every checkpoint write). Chapter 9."""
-    trees = {"target": target.state_dict(), "guide": guide.state_dict() if guide is not None else {},
+    """Raise TrainingDiverged naming the first parameter / buffer of target or guide, or optimizer
+    state tensor, that holds NaN or infinity (checked before every checkpoint write). Chapter 9."""
+    trees = {"target": target.state_dict(),
+             "guide": guide.state_dict() if guide is not None else {},
              "optimizer": optimizer.state_dict()["state"]}
     bad = checkpoint.first_non_finite(trees)
     if bad is not None:
         raise TrainingDiverged(
-            f"training diverged in epoch {epoch} (found after batch {batch}, the epoch's last): {bad} holds "
-            f"NaN or infinite values. Nothing was saved; the last good checkpoint is intact: "
-            f"{_last_good(path, list(history))}. Try a lower learning rate")
+            f"training diverged in epoch {epoch} (found after batch {batch}, the epoch's last): "
+            f"{bad} holds NaN or infinite values. Nothing was saved; the last good checkpoint is "
+            f"intact: {_last_good(path, list(history))}. Try a lower learning rate")
 
 
 def _train_one(cfg: TrainConfig, method, step_models, optimizer, x, y, device) -> dict[str, float]:
@@ -342,16 +358,17 @@ def _set_lr(optimizer, cfg: TrainConfig, epoch: int) -> float:
     return lr
 
 
-def fit(cfg: TrainConfig, out_dir: str | Path | None = None, *, device: str = "cpu", resume: str = "auto",
-        progress: bool = True, data_dir=None, download: bool = True, log=print,
-        max_epochs: int | None = None) -> TrainResult:
-    """Train (or resume, or just load a finished run) as `cfg` says; returns models and history. Chapter 2.
+def fit(cfg: TrainConfig, out_dir: str | Path | None = None, *, device: str = "cpu",
+        resume: str = "auto", progress: bool = True, data_dir=None, download: bool = True,
+        log=print, max_epochs: int | None = None) -> TrainResult:
+    """Train (or resume, or just load a finished run) as `cfg` says; returns models and history.
+    Chapter 2.
 
-    Every batch is one `methods.train_step`. out_dir: where `last.pt` and `history.json` go (None: keep
-    nothing on disk). resume: "auto" continues a matching run in out_dir; "always" requires one; "never"
-    starts afresh. max_epochs: stop after this many epochs in this call (the run stays resumable).
-    A non-finite loss, or non-finite weights before a checkpoint write, raise TrainingDiverged and
-    leave the last checkpoint as it was.
+    Every batch is one `methods.train_step`. out_dir: where `last.pt` and `history.json` go (None:
+    keep nothing on disk). resume: "auto" continues a matching run in out_dir; "always" requires
+    one; "never" starts afresh. max_epochs: stop after this many epochs in this call (the run stays
+    resumable). A non-finite loss, or non-finite weights before a checkpoint write, raise
+    TrainingDiverged and leave the last checkpoint as it was.
     """
     cfg.validate()
     path = _checkpoint_path(out_dir, resume)
@@ -374,7 +391,8 @@ def fit(cfg: TrainConfig, out_dir: str | Path | None = None, *, device: str = "c
         seen, batch, started = 0, 0, time.perf_counter()
         batches = tqdm(_batches(train_set, cfg.batch_size, cfg.seed, epoch, rank, world),
                        total=math.ceil(len(train_set) / cfg.batch_size), leave=False,
-                       desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}", disable=not (progress and rank == 0))
+                       desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}",
+                       disable=not (progress and rank == 0))
         for batch, (x, y) in enumerate(batches, start=1):
             terms = _train_one(cfg, method, step_models, optimizer, x, y, device)
             _check_loss(terms, epoch, batch, path, history)
@@ -430,7 +448,8 @@ def save_run(path: Path, cfg: TrainConfig, target, guide, optimizer, epoch: int,
 
 def load_run(path: str | Path, *, target_model: str | None = None, num_classes: int | None = None,
              method: str | None = None, device="cpu") -> tuple[nn.Module, nn.Module | None, dict]:
-    """Rebuild target and guide from a checkpoint written by `fit`, checking what is asked against what is stored.
+    """Rebuild target and guide from a checkpoint written by `fit`, checking what is asked against
+    what is stored.
 
     Returns (target, guide or None, payload) with both models in eval mode.
     """
@@ -439,8 +458,10 @@ def load_run(path: str | Path, *, target_model: str | None = None, num_classes: 
         path = path / CHECKPOINT_NAME
     payload = checkpoint.load(path, map_location=device)
     if payload.get("kind") != "d2r_lib.train":
-        raise checkpoint.CheckpointError(f"{path} is not a d2r_lib training checkpoint (no kind='d2r_lib.train')")
-    checkpoint.check_meta(payload, path, target_model=target_model, num_classes=num_classes, method=method)
+        raise checkpoint.CheckpointError(f"{path} is not a d2r_lib training checkpoint (no "
+                                         "kind='d2r_lib.train')")
+    checkpoint.check_meta(payload, path, target_model=target_model, num_classes=num_classes,
+                          method=method)
     target = models.build_model(payload["target_model"], payload["num_classes"]).to(device)
     checkpoint.load_state_strict(target, payload["target"], "target")
     guide = None
@@ -452,7 +473,8 @@ def load_run(path: str | Path, *, target_model: str | None = None, num_classes: 
 
 
 def cache_dir() -> Path:
-    """Where trained models are cached between chapters: $D2R_CACHE_DIR/runs or ~/.cache/d2r_lib/runs."""
+    """Where trained models are cached between chapters: $D2R_CACHE_DIR/runs or
+    ~/.cache/d2r_lib/runs."""
     root = os.environ.get("D2R_CACHE_DIR")
     return (Path(root) if root else Path.home() / ".cache" / "d2r_lib") / "runs"
 
@@ -464,8 +486,8 @@ def cache_path(cfg: TrainConfig) -> Path:
 
 
 def load_or_train(cfg: TrainConfig, **fit_kwargs) -> TrainResult:
-    """The chapters' checkpoint cache: a finished run keyed by every setting is loaded, otherwise trained
-    (or resumed). Chapter 2."""
+    """The chapters' checkpoint cache: a finished run keyed by every setting is loaded, otherwise
+    trained (or resumed). Chapter 2."""
     return fit(cfg, cache_path(cfg), **fit_kwargs)
 
 

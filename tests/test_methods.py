@@ -34,15 +34,18 @@ def test_train_step_updates_what_the_method_trains(name, synthetic_xy):
         assert any(not torch.equal(a, b) for a, b in zip(before_g, guide.parameters()))
         assert guide.training
     assert target.training
-    # attack forwards (if any) run in eval mode, then exactly the declared passes in train mode, in order
+    # attack forwards (if any) run in eval mode, then exactly the declared passes in train mode, in
+    # order
     n_eval = sum(not training for _, training in modes)
     assert all(not training for _, training in modes[:n_eval])
-    assert [who for who, _ in modes[n_eval:]] == [{"target": "f", "guide": "g"}[p.model] for p in m.passes]
+    letter = {"target": "f", "guide": "g"}
+    assert [who for who, _ in modes[n_eval:]] == [letter[p.model] for p in m.passes]
 
 
 def test_d2r_step_uses_cag_and_d2r_terms(synthetic_xy):
     _, target, guide, opt = _setup("d2r")
-    terms = methods.train_step("d2r", target, guide, opt, synthetic_xy[0][:8], synthetic_xy[1][:8], steps=1)
+    terms = methods.train_step("d2r", target, guide, opt, synthetic_xy[0][:8], synthetic_xy[1][:8],
+                               steps=1)
     assert set(terms) == {"ce", "mse", "kl_fg", "kl_gf", "clean", "adv", "loss"}
     expected = terms["ce"] + terms["mse"] + 20 * terms["clean"] + 30 * terms["adv"]
     assert terms["loss"] == pytest.approx(expected, rel=1e-5)
@@ -54,7 +57,8 @@ def test_ablations_differ_only_in_their_setting():
     assert methods.get_method("d2r_no_adv").defaults == {**d2r.defaults, "w_adv": 0.0}
     gen = methods.get_method("d2r_trades_gen")
     assert gen.attack_kind == "trades" and gen.loss is d2r.loss and d2r.attack_kind == "cag"
-    assert d2r.defaults == {"eps": 0.031, "step_size": 0.007, "steps": 10, "w_clean": 20.0, "w_adv": 30.0,
+    assert d2r.defaults == {"eps": 0.031, "step_size": 0.007, "steps": 10, "w_clean": 20.0,
+                            "w_adv": 30.0,
                             "kl_reduction": "mean"}
 
 
@@ -62,7 +66,8 @@ def test_optimizer_has_target_and_guide_groups():
     target, guide = models.build_model("small_cnn"), models.build_model("small_cnn")
     opt = methods.make_optimizer(target, guide)
     assert len(opt.param_groups) == 2
-    assert opt.defaults["lr"] == 0.1 and opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 2e-4
+    assert opt.defaults["lr"] == 0.1 and opt.defaults["momentum"] == 0.9
+    assert opt.defaults["weight_decay"] == 2e-4
     assert not opt.defaults["nesterov"]
 
 
@@ -74,7 +79,9 @@ def test_bad_method_arguments():
         methods.train_step("fast_at", target, None, opt, x, y)
     with pytest.raises(ValueError, match="method 'd2r' trains a guide model: pass guide="):
         methods.train_step("d2r", target, None, opt, x, y)
-    with pytest.raises(ValueError, match="method 'pgd_at' has no parameter beta; allowed: eps, step_size, steps"):
+    with pytest.raises(ValueError,
+                       match="method 'pgd_at' has no parameter beta; allowed: eps, step_size, "
+                             "steps"):
         methods.train_step("pgd_at", target, None, opt, x, y, beta=1.0)
     with pytest.raises(ValueError, match="eps must be >= 0"):
         methods.train_step("pgd_at", target, None, opt, x, y, eps=-1.0)

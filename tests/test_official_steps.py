@@ -1,11 +1,13 @@
-"""One step of each method with the library's DEFAULT parameters equals a plain transcription of that
-method's official training step (attack loop + loss + SGD step), on seeded tiny models with BatchNorm.
+"""One step of each method with the library's DEFAULT parameters equals a plain transcription of
+that method's official training step (attack loop + loss + SGD step), on seeded tiny models with
+BatchNorm.
 
-The transcriptions below follow the official files line by line (see ../shared/method/d2r_method.md §4):
-yaodongyu/TRADES `trades.py`, dvlab-research/LBGAT `lbgat.py`, YisenWang/MART `mart.py`, lusti-Yu/D2R
-`D2R/D2R.py`; `.cuda()` is dropped (the noise is drawn on the CPU generator, as there). Compared: the loss,
-every parameter after the SGD step, and every BatchNorm running_mean, running_var and num_batches_tracked:
-all bitwise equal (torch.equal), since the library makes the same operations in the same order.
+The transcriptions below follow the official files line by line (see ../shared/method/d2r_method.md
+§4): yaodongyu/TRADES `trades.py`, dvlab-research/LBGAT `lbgat.py`, YisenWang/MART `mart.py`,
+lusti-Yu/D2R `D2R/D2R.py`; `.cuda()` is dropped (the noise is drawn on the CPU generator, as there).
+Compared: the loss, every parameter after the SGD step, and every BatchNorm running_mean,
+running_var and num_batches_tracked: all bitwise equal (torch.equal), since the library makes the
+same operations in the same order.
 """
 import copy
 
@@ -27,14 +29,15 @@ def tiny_bn_model(seed: int, classes: int = 10) -> nn.Module:
 
 
 def sgd(*models):
-    """The official optimizer: one SGD (lr 0.1, momentum 0.9, weight decay 2e-4) over the models' groups."""
+    """The official optimizer: one SGD (lr 0.1, momentum 0.9, weight decay 2e-4) over the models'
+    groups."""
     return torch.optim.SGD([{"params": m.parameters()} for m in models], lr=0.1, momentum=0.9,
                            weight_decay=2e-4)
 
 
-# ------------------------------------------------------------------------- official transcriptions
-def official_trades(model, x_natural, y, optimizer, step_size=0.007, epsilon=0.031, perturb_steps=10,
-                    beta=6.0):
+# -------------------------------------------------------------------------- official transcriptions
+def official_trades(model, x_natural, y, optimizer, step_size=0.007, epsilon=0.031,
+                    perturb_steps=10, beta=6.0):
     criterion_kl = nn.KLDivLoss(reduction="sum")   # size_average=False
     model.eval()
     batch_size = len(x_natural)
@@ -42,7 +45,8 @@ def official_trades(model, x_natural, y, optimizer, step_size=0.007, epsilon=0.0
     for _ in range(perturb_steps):
         x_adv.requires_grad_()
         with torch.enable_grad():
-            loss_kl = criterion_kl(F.log_softmax(model(x_adv), dim=1), F.softmax(model(x_natural), dim=1))
+            loss_kl = criterion_kl(F.log_softmax(model(x_adv), dim=1),
+                                   F.softmax(model(x_natural), dim=1))
         grad = torch.autograd.grad(loss_kl, [x_adv])[0]
         x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
         x_adv = torch.min(torch.max(x_adv, x_natural - epsilon), x_natural + epsilon)
@@ -82,7 +86,8 @@ def official_mart(model, x_natural, y, optimizer, step_size=0.007, epsilon=0.031
     adv_probs = F.softmax(logits_adv, dim=1)
     tmp1 = torch.argsort(adv_probs, dim=1)[:, -2:]
     new_y = torch.where(tmp1[:, -1] == y, tmp1[:, -2], tmp1[:, -1])
-    loss_adv = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), new_y)
+    loss_adv = F.cross_entropy(logits_adv, y) + F.nll_loss(
+        torch.log(1.0001 - adv_probs + 1e-12), new_y)
     nat_probs = F.softmax(logits, dim=1)
     true_probs = torch.gather(nat_probs, 1, (y.unsqueeze(1)).long()).squeeze()
     loss_robust = (1.0 / batch_size) * torch.sum(
@@ -103,7 +108,8 @@ def official_lbgat(model, model_teacher, x_natural, y, optimizer, step_size=0.00
     for _ in range(perturb_steps):
         x_adv.requires_grad_()
         with torch.enable_grad():
-            loss_kl = criterion_kl(F.log_softmax(model(x_adv), dim=1), F.softmax(model(x_natural), dim=1))
+            loss_kl = criterion_kl(F.log_softmax(model(x_adv), dim=1),
+                                   F.softmax(model(x_natural), dim=1))
         grad = torch.autograd.grad(loss_kl, [x_adv])[0]
         x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
         x_adv = torch.min(torch.max(x_adv, x_natural - epsilon), x_natural + epsilon)
@@ -115,7 +121,8 @@ def official_lbgat(model, model_teacher, x_natural, y, optimizer, step_size=0.00
     out_natural = model(x_natural)
     out = model_teacher(x_natural)
     loss_mse = mse(out_adv, out) + ce(out, y)
-    loss_kl = (1.0 / out.size(0)) * criterion_kl(F.log_softmax(out_adv, dim=1), F.softmax(out_natural, dim=1))
+    loss_kl = (1.0 / out.size(0)) * criterion_kl(F.log_softmax(out_adv, dim=1),
+                                                 F.softmax(out_natural, dim=1))
     loss = loss_mse + beta * loss_kl
     loss.backward()
     optimizer.step()
@@ -159,7 +166,8 @@ def official_d2r(model, model_teacher, x_natural, y, optimizer, step_size=0.007,
     return loss
 
 
-OFFICIAL = {"trades": official_trades, "mart": official_mart, "lbgat": official_lbgat, "d2r": official_d2r}
+OFFICIAL = {"trades": official_trades, "mart": official_mart, "lbgat": official_lbgat,
+            "d2r": official_d2r}
 
 
 def bn_state(model):
@@ -198,12 +206,14 @@ def test_default_step_equals_official_step_bitwise(name, seed):
         bn_a, bn_b = bn_state(a), bn_state(b)
         assert len(bn_a) == 9
         for key in bn_a:
-            assert torch.equal(bn_a[key], bn_b[key]), f"{name}: BatchNorm {key} differs after the step"
+            assert torch.equal(bn_a[key],
+                               bn_b[key]), f"{name}: BatchNorm {key} differs after the step"
 
 
 def test_bn_counts_show_the_official_passes():
-    """num_batches_tracked counts the train-mode passes: TRADES 3 of f, LBGAT0 2 of f + 1 of g, MART 2,
-    D2R 2 of f + 1 of g; official_passes=False drops the redundant one of TRADES and LBGAT0 (not at β > 0)."""
+    """num_batches_tracked counts the train-mode passes: TRADES 3 of f, LBGAT0 2 of f + 1 of g, MART
+    2, D2R 2 of f + 1 of g; official_passes=False drops the redundant one of TRADES and LBGAT0 (not
+    at β > 0)."""
     for name, params, counts in [("trades", {}, [3]), ("lbgat", {}, [2, 1]), ("mart", {}, [2]),
                                  ("d2r", {}, [2, 1]), ("trades", {"official_passes": False}, [2]),
                                  ("lbgat", {"official_passes": False}, [1, 1]),
@@ -213,7 +223,8 @@ def test_bn_counts_show_the_official_passes():
         x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 10, (16,))
         guide = trained[1] if m.uses_guide else None
         methods.train_step(m, trained[0], guide, sgd(*trained), x, y, steps=1, **params)
-        assert [int(bn_state(mod)["1.num_batches_tracked"]) for mod in trained] == counts, (name, params)
+        tracked = [int(bn_state(mod)["1.num_batches_tracked"]) for mod in trained]
+        assert tracked == counts, (name, params)
         assert len(m.step_passes(m.resolve(**params))) == sum(counts)
 
 
@@ -221,11 +232,13 @@ def test_a_different_pass_order_is_detected():
     """The comparison can fail: TRADES with official_passes=False differs from the official step in
     BatchNorm's statistics even though the loss value agrees."""
     terms, ref_loss, ours, ref = run_both("trades", official_passes=False)
-    assert not all(torch.equal(a, b) for a, b in zip(bn_state(ours[0]).values(), bn_state(ref[0]).values()))
+    pairs = zip(bn_state(ours[0]).values(), bn_state(ref[0]).values())
+    assert not all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_fast_passes_give_the_same_loss_value():
-    """official_passes=False skips a pass the loss value does not need: same loss, up to rounding."""
+    """official_passes=False skips a pass the loss value does not need: same loss, up to
+    rounding."""
     for name in ("trades", "lbgat"):
         official, _, _, _ = run_both(name)
         fast, _, _, _ = run_both(name, official_passes=False)
