@@ -16,6 +16,11 @@ import torch.nn.functional as F
 from . import validate
 from .losses import official_k
 
+__all__ = [
+    "NORMS", "OBJECTIVES", "STARTS", "ATTACKS", "eval_mode", "official_kl_sum", "cw_margin",
+    "project", "gaussian_start", "pgd", "fgsm", "trades_attack", "mart_attack", "cag",
+]
+
 NORMS = ("linf", "l2")
 OBJECTIVES = ("ce", "cw", "kl")
 STARTS = ("uniform", "gaussian", "clean")

@@ -29,6 +29,13 @@ import torch.nn as nn
 from . import attacks as _attacks
 from . import checkpoint, validate
 
+__all__ = [
+    "ATTACKS", "DEFAULT_ATTACKS", "DISPLAY_NAMES", "AUTOATTACK_ATTACKS", "AUTOATTACK_VERSIONS",
+    "PGD_STEPS", "LARGE_EPS", "LARGE_EPS_MAX_ACCURACY", "RobustnessWarning", "accuracy",
+    "robust_accuracy", "evaluate", "sanity_checks", "TransferResult", "transfer_check", "eps_sweep",
+    "ResultsTable", "evaluate_many",
+]
+
 ATTACKS = ("clean", "fgsm", "pgd20", "cw20", "autoattack")
 """Attack names accepted by `robust_accuracy`, `evaluate` and `evaluate_many`."""
 

@@ -22,6 +22,11 @@ import torch.nn.functional as F
 
 from . import validate
 
+__all__ = [
+    "SmallCNN", "ResNet18", "PreActResNet18", "WideResNet", "MODELS", "build_model",
+    "count_parameters",
+]
+
 
 # -------------------------------------------------------------------------------------------- small
 class SmallCNN(nn.Module):

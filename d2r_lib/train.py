@@ -29,6 +29,13 @@ import torch.nn as nn
 
 from . import checkpoint, data, methods, models, validate
 
+__all__ = [
+    "SCHEDULES", "RESUME", "CHECKPOINT_NAME", "TrainingDiverged", "TrainingCollapsed", "paper_lr",
+    "cosine_lr", "TrainConfig", "TrainResult", "code_fingerprint", "seed_everything",
+    "setup_distributed", "held_out_check", "warn_if_collapsed", "build_models", "check_finite",
+    "fit", "save_run", "load_run", "cache_dir", "cache_path", "load_or_train", "load_cached",
+]
+
 SCHEDULES = ("paper", "cosine")
 RESUME = ("auto", "always", "never")
 CHECKPOINT_NAME = "last.pt"
