@@ -331,7 +331,12 @@ def register(method: Method) -> Method:
 
 def unregister(name: str) -> Method:
     """Remove a method added with `register` (the built-in methods stay)."""
-    validate.choice("method", name, [n for n in METHODS if n not in _BUILTIN_NAMES])
+    if name in _BUILTIN_NAMES:
+        raise ValueError(f"{name!r} is a built-in method and cannot be unregistered")
+    added = [n for n in METHODS if n not in _BUILTIN_NAMES]
+    if name not in added:
+        raise ValueError(f"no method {name!r} was added with register; added: "
+                         f"{', '.join(map(repr, added)) or 'none'}")
     return METHODS.pop(name)
 
 

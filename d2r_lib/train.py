@@ -211,7 +211,11 @@ def held_out_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: 
     distinct classes the model predicts there (1 = collapsed to a constant); RNG state untouched."""
     from . import attacks, evaluate
     with attacks.eval_mode(model), torch.no_grad():
-        predicted = torch.cat([model(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])
+        logits = torch.cat([model(x[i:i + 256]) for i in range(0, len(x), 256)])
+    if not bool(torch.isfinite(logits).all()):
+        raise TrainingDiverged("the target's clean logits on the held-out images are NaN or "
+                               "infinite (its weights are finite but too large)")
+    predicted = logits.argmax(1)
     return {"clean_acc": (predicted == y).sum().item() / len(y),
             "pgd_acc": evaluate.robust_accuracy(model, x, y, "pgd20", seed=seed),
             "predicted_classes": int(predicted.unique().numel())}
@@ -347,6 +351,15 @@ def check_finite(epoch: int, batch: int, target, guide, optimizer, path=None, hi
             f"intact: {_last_good(path, list(history))}. Try a lower learning rate")
 
 
+def _held_out(target, x_eval, y_eval, cfg: TrainConfig, epoch: int, path, history) -> dict:
+    try:
+        return held_out_check(target, x_eval, y_eval, seed=cfg.seed)
+    except TrainingDiverged as err:
+        raise TrainingDiverged(f"training diverged in epoch {epoch}: {err}. Nothing was saved; the "
+                               f"last good checkpoint is intact: {_last_good(path, history)}. Try "
+                               f"a lower learning rate") from None
+
+
 def _train_one(cfg: TrainConfig, method, step_models, optimizer, x, y, device) -> dict[str, float]:
     """One batch through `methods.train_step` (bfloat16 autocast with cfg.amp)."""
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -413,7 +426,7 @@ def fit(cfg: TrainConfig, out_dir: str | Path | None = None, *, device: str = "c
                   "images_per_s": round(seen * world / max(elapsed, 1e-9), 1),
                   **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()}}
         if rank == 0:
-            record.update(held_out_check(target, x_eval, y_eval, seed=cfg.seed))
+            record.update(_held_out(target, x_eval, y_eval, cfg, epoch, path, history))
         history.append(record)
         say(_format_record(record))
         if rank == 0:

@@ -266,3 +266,39 @@ def test_bad_inputs_name_the_parameter(trained_cnn, synthetic_xy):
         ev.eps_sweep(trained_cnn, x, y, [])
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         ev.accuracy(lambda t: t, x, y)
+
+
+def test_non_finite_clean_logits_are_refused(trained_cnn, xy):
+    import copy
+    broken = copy.deepcopy(trained_cnn)
+    broken.linear.bias.data[3] = float("nan")
+    message = "model returns NaN or infinite logits on clean images"
+    for call in (lambda: ev.evaluate(broken, *xy, ("clean", "pgd20"), sanity=False),
+                 lambda: ev.accuracy(broken, *xy),
+                 lambda: ev.robust_accuracy(broken, *xy, "fgsm")):
+        with pytest.raises(ValueError, match=message):
+            call()
+    # only some images non-finite: the clean pass over every image catches them
+
+    class NanOnSome(nn.Module):
+        def forward(self, x):
+            z = trained_cnn(x)
+            return torch.where(x[:, :1, 0, 0] > 0.5, torch.full_like(z, float("inf")), z)
+    some = NanOnSome()
+    first_ok = xy[0][xy[0][:, 0, 0, 0] <= 0.5][:1]
+    x = torch.cat([first_ok, xy[0]])
+    y = torch.cat([xy[1][:1], xy[1]])
+    with pytest.raises(ValueError, match=message):
+        ev.evaluate(some, x, y, ("clean",), sanity=False)
+
+
+def test_evaluate_validates_once_at_the_entry(trained_cnn, xy):
+    """One check at the entry: one forward pass of one image, then the clean batches (no forward
+    passes spent re-validating in robust_accuracy or accuracy)."""
+    calls = []
+    handle = trained_cnn.register_forward_pre_hook(lambda mod, inputs: calls.append(len(inputs[0])))
+    try:
+        ev.evaluate(trained_cnn, *xy, ("clean",), sanity=False, batch_size=8)
+    finally:
+        handle.remove()
+    assert calls == [1] + [8] * (N // 8)

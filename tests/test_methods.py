@@ -89,3 +89,104 @@ def test_bad_method_arguments():
         methods.train_step("standard", target, None, opt, x, y[:1])
     with pytest.raises(ValueError, match="lr must be > 0"):
         methods.make_optimizer(target, lr=0)
+
+
+def test_official_defaults_and_passes():
+    mart = methods.get_method("mart")
+    assert mart.defaults == {"eps": 0.031, "step_size": 0.007, "steps": 10, "beta": 6.0}
+    assert mart.attack_kind == "pgd" and not mart.uses_guide
+    expected = {"standard": "f(x)", "pgd_at": "f(x′)", "trades": "f(x), f(x′), f(x)",
+                "mart": "f(x), f(x′)", "lbgat": "f(x′), f(x), g(x)", "d2r": "f(x′), f(x), g(x)"}
+    for name, passes in expected.items():
+        assert ", ".join(map(str, methods.get_method(name).passes)) == passes
+    for name in ("trades", "lbgat"):
+        assert methods.get_method(name).defaults["official_passes"] is True
+    # the book's earlier MART budget is reachable by passing it
+    assert methods.get_method("mart").resolve(eps=8 / 255, step_size=2 / 255)["eps"] == 8 / 255
+
+
+def test_mart_attack_is_the_official_loop(synthetic_xy):
+    """MART's x′: batch-mean CE ascent from x + 0.001·N(0, I), min/max projection, clamp."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = models.build_model("small_cnn").eval()
+    x, y = synthetic_xy[0][:8], synthetic_xy[1][:8]
+    torch.manual_seed(3)
+    ours = methods.make_adversarial("mart", model, None, x, y, steps=3)
+    torch.manual_seed(3)
+    x_adv = x + 0.001 * torch.randn(x.shape)
+    for _ in range(3):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(x_adv), y)
+        grad = torch.autograd.grad(loss, [x_adv])[0]
+        x_adv = x_adv.detach() + 0.007 * torch.sign(grad.detach())
+        x_adv = torch.clamp(torch.min(torch.max(x_adv, x - 0.031), x + 0.031), 0.0, 1.0)
+    assert torch.equal(ours, x_adv)
+
+
+def test_describe_says_what_one_step_does():
+    text = methods.get_method("trades").describe()
+    assert text.startswith("trades: TRADES")
+    assert "3 train-mode forward passes f(x), f(x′), f(x)" in text
+    assert "eps 0.031, step_size 0.007, steps 10" in text and "official_passes=False" in text
+    assert "CE(f(x), y) + β·KL(p_f(x) ‖ p_f(x′))" in text and "one SGD step on the target" in text
+    d2r = methods.get_method("d2r").describe()
+    assert "both models in eval mode" in d2r and "one SGD step on target and guide" in d2r
+    assert "w_clean=20.0, w_adv=30.0" in d2r
+
+
+def _ce_loss(logits, y):
+    """CE(f(x), y)"""
+    return {"loss": torch.nn.functional.cross_entropy(logits[0], y)}
+
+
+def _method(**changes):
+    fields = dict(name="my_method", description="test", attack_kind="none", attack=None,
+                  loss=_ce_loss, passes=(methods.Pass("target", "x"),))
+    return methods.Method(**{**fields, **changes})
+
+
+def test_register_refuses_bad_methods():
+    import torch.nn.functional as F
+    before = dict(methods.METHODS)
+    cases = [
+        (_method(name="d2r"), ValueError, "a method named 'd2r' is already registered"),
+        (_method(name="My-Method"), ValueError, "method name must be lowercase letters"),
+        (_method(attack_kind="fgsm", attack=_ce_loss), ValueError,
+         "attack_kind must be one of 'none', 'pgd', 'trades', 'cag'; got 'fgsm'"),
+        (_method(attack_kind="pgd"), ValueError, "attack must be None exactly when attack_kind"),
+        (_method(attack_kind="pgd", attack=lambda *a, **k: None), ValueError,
+         "defaults must give the attack's eps, step_size, steps"),
+        (_method(passes=()), ValueError, "passes must be a non-empty tuple of methods.Pass"),
+        (_method(passes=(methods.Pass("target", "x_adv"),)), ValueError,
+         "a pass on x_adv needs an attack"),
+        (_method(loss=lambda logits, y: F.cross_entropy(logits[0], y, reduction="none")),
+         ValueError, r"loss term 'loss' must be a scalar \(0-dim\) float tensor; got \(4,\)"),
+        (_method(loss=lambda logits, y: 1.0), TypeError,
+         "loss must return a scalar tensor or a dict of terms with key 'loss'; got float"),
+        (_method(loss=lambda logits, y: {"loss": torch.tensor(1.0)}), ValueError,
+         "does not depend on the logits"),
+        (_method(loss=lambda logits, y: logits[1].sum()), ValueError,
+         r"its loss failed on a probe with 1 random \(4, 3\) logits.*IndexError"),
+        (_method(fast_passes=lambda p: ()), ValueError, "give fast_passes exactly when"),
+    ]
+    for method, error, message in cases:
+        with pytest.raises(error, match=message):
+            methods.register(method)
+    with pytest.raises(ValueError, match="Pass model must be one of 'target', 'guide'; got 'teach"):
+        methods.Pass("teacher", "x")
+    with pytest.raises(ValueError, match="Pass input must be one of 'x', 'x_adv'"):
+        methods.Pass("target", "x_prime")
+    with pytest.raises(ValueError, match="'d2r' is a built-in method and cannot be unregistered"):
+        methods.unregister("d2r")
+    with pytest.raises(ValueError, match="no method 'mine' was added with register; added: none"):
+        methods.unregister("mine")
+    assert methods.METHODS == before
+
+
+def test_method_parameters_are_checked_by_type():
+    with pytest.raises(TypeError, match="official_passes must be True or False; got 'yes'"):
+        methods.get_method("trades").resolve(official_passes="yes")
+    with pytest.raises(ValueError, match="kl_reduction must be one of 'mean', 'batchmean'"):
+        methods.get_method("d2r").resolve(kl_reduction="sum")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2r_lib import checkpoint, losses, models, train
+from d2r_lib import checkpoint, losses, methods, models, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -261,3 +261,102 @@ def test_bench_prints_images_per_second_and_rejects_bad_pairs(capsys):
         captured = capsys.readouterr()
         assert exit_info.value.code == 2 and message in captured.err
         assert captured.out == ""  # checked before anything is measured
+
+
+# ------------------------------------------------------------------------------- divergence on disk
+def synthetic_cfg(**kw):
+    fields = dict(method="standard", dataset="synthetic", subset="default", train_size=96,
+                  epochs=2, batch_size=32, eval_size=16)
+    return train.TrainConfig(**{**fields, **kw})
+
+
+def test_lr_1e6_diverges_before_anything_is_written(tmp_path):
+    with pytest.raises(train.TrainingDiverged,
+                       match=r"(non-finite loss at epoch 1|training diverged in epoch 1).*"
+                             r"the last good checkpoint is intact: none written yet"):
+        train.fit(synthetic_cfg(lr=1e6), tmp_path, progress=False, log=lambda *a: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lr_1e6_with_one_batch_per_epoch_keeps_the_last_finite_checkpoint(tmp_path):
+    """One batch per epoch: the loss of every step is finite, the weights are not; the run stops
+    before the write, and the checkpoint on disk is the last finite one."""
+    cfg = synthetic_cfg(lr=1e6, train_size=32, batch_size=64, epochs=5)
+    with pytest.raises(train.TrainingDiverged,
+                       match=r"training diverged in epoch (\d)( \(found after batch 1, the epoch's "
+                             r"last\): (target|optimizer)\.\S+ holds NaN or infinite values|: the "
+                             r"target's clean logits on the held-out images are NaN or infinite)"
+                             r".* Nothing was saved") as info:
+        train.fit(cfg, tmp_path, progress=False, log=lambda *a: None)
+    epoch = int(str(info.value).split("epoch ")[1].split(" ")[0].rstrip(":"))
+    if epoch > 1:
+        payload = checkpoint.load(tmp_path / "last.pt")  # refuses non-finite tensors
+        assert payload["epoch"] == epoch - 1
+        assert f"(after epoch {epoch - 1})" in str(info.value)
+    else:
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_a_non_finite_buffer_stops_the_run_before_the_checkpoint_write(tmp_path, monkeypatch):
+    """A BatchNorm running_var of inf leaves every train-mode loss finite: only the check of every
+    parameter and buffer before the write catches it."""
+    cfg = synthetic_cfg(epochs=3)
+    train.fit(cfg, tmp_path, progress=False, log=lambda *a: None, max_epochs=1)
+    before = (tmp_path / "last.pt").read_bytes()
+    real_step = methods.train_step
+
+    def step_then_poison(method, target, guide, optimizer, x, y, **params):
+        terms = real_step(method, target, guide, optimizer, x, y, **params)
+        target.features[4].running_var.fill_(float("inf"))
+        return terms
+
+    monkeypatch.setattr(methods, "train_step", step_then_poison)
+    with pytest.raises(train.TrainingDiverged,
+                       match=r"training diverged in epoch 2 \(found after batch 3, the epoch's "
+                             r"last\): target\.features\.4\.running_var holds NaN or infinite "
+                             r"values\. Nothing was saved; the last good checkpoint is intact: "
+                             r".*last\.pt \(after epoch 1\)"):
+        train.fit(cfg, tmp_path, progress=False, log=lambda *a: None)
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_non_finite_optimizer_state_is_caught_too(tmp_path):
+    target = models.build_model("small_cnn")
+    optimizer = methods.make_optimizer(target)
+    target(torch.rand(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    optimizer.state[next(target.parameters())]["momentum_buffer"][0] = float("nan")
+    with pytest.raises(train.TrainingDiverged, match=r"epoch 7 .*batch 9.*optimizer\.0\."
+                                                     r"momentum_buffer holds NaN"):
+        train.check_finite(7, 9, target, None, optimizer)
+
+
+def test_non_finite_checkpoints_are_refused_for_evaluation_and_resume(tmp_path):
+    cfg = synthetic_cfg()
+    train.fit(cfg, tmp_path, progress=False, log=lambda *a: None, max_epochs=1)
+    path = tmp_path / "last.pt"
+    payload = torch.load(path, weights_only=True)
+    payload["target"]["linear.weight"][0, 0] = float("nan")
+    torch.save(payload, path)
+    message = r"refusing to load .*last\.pt: tensor target\.linear\.weight holds NaN or infinite"
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        train.load_run(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        train.fit(cfg, tmp_path, progress=False, log=lambda *a: None)
+
+
+def test_atomic_write_replaces_whole_files_or_nothing(tmp_path):
+    path = tmp_path / "sub" / "out.txt"
+    assert checkpoint.atomic_write(path, lambda tmp: tmp.write_text("first")) == path
+    assert path.read_text() == "first"
+
+    def half_then_fail(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.atomic_write(path, half_then_fail)
+    assert path.read_text() == "first"
+    assert [p.name for p in path.parent.iterdir()] == ["out.txt"]  # no temporary file left
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        checkpoint.atomic_write(tmp_path, lambda tmp: None)
