@@ -23,9 +23,8 @@ from . import attacks, losses, validate
 
 __all__ = [
     "ATTACK_KINDS", "PASS_MODELS", "PASS_INPUTS", "BUDGET", "REFERENCE_PASSES", "Pass", "Method",
-    "METHODS",
-    "register", "unregister", "get_method", "make_adversarial", "compute_terms", "make_optimizer",
-    "train_step",
+    "METHODS", "register", "unregister", "get_method", "make_adversarial", "compute_terms",
+    "make_optimizer", "train_step",
 ]
 
 ATTACK_KINDS = ("none", "pgd", "trades", "cag")
@@ -34,8 +33,7 @@ with the target alone; cag: D2R's collaborative generation, ascent on KL(p_g(x) 
 PASS_MODELS = ("target", "guide")
 PASS_INPUTS = ("x", "x_adv")
 BUDGET = ("eps", "step_size", "steps")
-"""The attack's parameters: passed to `Method.attack`; every other parameter goes to
-`Method.loss`."""
+"""The attack's parameters, passed to `Method.attack`; every other one goes to `Method.loss`."""
 REFERENCE_PASSES = {"none": (), "pgd": (), "trades": ("target",), "cag": ("guide",)}
 """Gradient-free eval-mode passes on x that an attack of each kind makes once: TRADES p_f(x),
 CAG p_g(x)."""
@@ -361,8 +359,7 @@ def _check_guide(method: Method, guide) -> None:
 
 
 def _plain(model):
-    """The module inside a DistributedDataParallel wrapper (the attack needs no gradient
-    all-reduce)."""
+    """The module inside a DistributedDataParallel wrapper (the attack needs no all-reduce)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
@@ -392,8 +389,7 @@ def make_adversarial(method: str | Method, target: nn.Module, guide: nn.Module |
 
 def compute_terms(method: str | Method, target: nn.Module, guide: nn.Module | None, x: torch.Tensor,
                   x_adv: torch.Tensor | None, y: torch.Tensor, **params) -> dict[str, torch.Tensor]:
-    """The method's train passes (models as they are) and its loss terms; key "loss" is the
-    scalar."""
+    """The method's train passes (models as they are) and its loss terms ("loss": the scalar)."""
     m = _as_method(method)
     p = m.resolve(**params)
     _check_guide(m, guide)
