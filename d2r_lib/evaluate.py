@@ -112,12 +112,9 @@ def _check_finite_logits(logits: torch.Tensor, name: str = "model") -> None:
                          "checkpoint")
 
 
-def _check_batch_size(batch_size) -> int:
-    return validate.number("batch_size", batch_size, min=1, integer=True)
-
-
-def _check_seed(seed) -> int:
-    return validate.number("seed", seed, integer=True)
+def _check_batch_and_seed(batch_size, seed=0) -> None:
+    validate.number("batch_size", batch_size, min=1, integer=True)
+    validate.number("seed", seed, integer=True)
 
 
 def _check_attacks(attacks) -> tuple[str, ...]:
@@ -231,7 +228,7 @@ def _autoattack_accuracy(model, x, y, eps, batch_size, seed, version, num_classe
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256) -> float:
     """Clean accuracy (fraction) in eval mode, batched, without gradients; modes are restored.
     A model with non-finite clean logits is refused."""
-    _check_batch_size(batch_size)
+    _check_batch_and_seed(batch_size)
     _check_data(model, x, y)
     return _accuracy(model, x, y, batch_size)
 
@@ -249,8 +246,7 @@ def _check_attack_args(model, x, y, attacks, eps, batch_size, seed, autoattack_v
     #classes."""
     attacks = _check_attacks(attacks)
     validate.eps(eps)
-    _check_batch_size(batch_size)
-    _check_seed(seed)
+    _check_batch_and_seed(batch_size, seed)
     if "autoattack" in attacks:
         _autoattack_list(autoattack_version)
     num_classes = _check_data(model, x, y)
@@ -360,8 +356,7 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, results: M
     validate.number("max_images", max_images, min=1, integer=True)
     if large_eps is not None:
         validate.eps(large_eps, "large_eps")
-    _check_batch_size(batch_size)
-    _check_seed(seed)
+    _check_batch_and_seed(batch_size, seed)
     return _sanity_checks(model, x, y, results, was_training, large_eps, max_images, batch_size,
                           seed,
                           stacklevel)
@@ -423,8 +418,7 @@ def transfer_check(source_model: nn.Module, model: nn.Module, x: torch.Tensor, y
     is stronger.
     """
     validate.eps(eps)
-    _check_batch_size(batch_size)
-    _check_seed(seed)
+    _check_batch_and_seed(batch_size, seed)
     _check_data(source_model, x, y, "source_model")
     _check_data(model, x, y)
     if eps > 0:
