@@ -1,8 +1,9 @@
-"""Adversarial attacks as plain functions: FGSM, PGD (L∞ / L2; CE, CW margin or KL objective) and CAG.
+"""Adversarial attacks as plain functions: FGSM, PGD (L∞ / L2; CE, CW margin or KL objective) and
+CAG.
 
 Chapter 1 introduces `fgsm` and `pgd`; chapter 3 `trades_attack`; chapter 6 `cag`.
-Every attack runs its models in eval mode and restores each module's mode afterwards, returns a detached
-x′ with ‖x′ − x‖ ≤ ε and x′ ∈ [0, 1], and keeps to the device of its inputs.
+Every attack runs its models in eval mode and restores each module's mode afterwards, returns a
+detached x′ with ‖x′ − x‖ ≤ ε and x′ ∈ [0, 1], and keeps to the device of its inputs.
 """
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ import torch.nn.functional as F
 
 from . import validate
 from .losses import official_k
+
+__all__ = [
+    "NORMS", "OBJECTIVES", "STARTS", "ATTACKS", "eval_mode", "official_kl_sum", "cw_margin",
+    "project", "gaussian_start", "pgd", "fgsm", "trades_attack", "mart_attack", "cag",
+]
 
 NORMS = ("linf", "l2")
 OBJECTIVES = ("ce", "cw", "kl")
@@ -53,7 +59,8 @@ def _objective(name, logits, y, reference):
         return F.cross_entropy(logits, y, reduction="sum")
     if name == "cw":
         return cw_margin(logits, y).sum()
-    return F.kl_div(F.log_softmax(logits, dim=1), reference, reduction="sum")  # Σ KL(reference ‖ p(x′))
+    # Σ KL(reference ‖ p(x′))
+    return F.kl_div(F.log_softmax(logits, dim=1), reference, reduction="sum")
 
 
 def _l2_norm(v: torch.Tensor) -> torch.Tensor:
@@ -71,11 +78,18 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str = "linf"
     return (x + delta).clamp(0.0, 1.0)
 
 
+def gaussian_start(x: torch.Tensor) -> torch.Tensor:
+    """x + 0.001·N(0, I), the official TRADES / MART / LBGAT / D2R start: the noise is drawn on the
+    CPU generator and moved to x's device, as the official `torch.randn(x.shape).cuda()`.
+    Chapter 3."""
+    return x + 0.001 * torch.randn(x.shape).to(device=x.device, dtype=x.dtype)
+
+
 def _random_start(x, eps, norm, start):
     if start == "clean":
         return x.clone()
-    if start == "gaussian":  # TRADES / MART / CAG: x + 0.001·N(0, 1), no projection before the first step
-        return x + 0.001 * torch.randn_like(x)
+    if start == "gaussian":  # TRADES / MART / CAG: x + 0.001·N(0, 1), not projected first
+        return gaussian_start(x)
     if norm == "linf":
         return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0.0, 1.0)
     direction = torch.randn_like(x)
@@ -94,20 +108,23 @@ def _check_common(x, eps, step_size, steps, norm):
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps: float = 8 / 255,
         step_size: float = 2 / 255, steps: int = 10, norm: str = "linf", objective: str = "ce",
-        reference: torch.Tensor | None = None, start: str = "uniform", stop_on_success: bool = False) -> torch.Tensor:
+        reference: torch.Tensor | None = None, start: str = "uniform",
+        stop_on_success: bool = False) -> torch.Tensor:
     """Projected gradient ascent on `objective` inside the ε-ball. Chapter 1.
 
     objective: "ce" (cross-entropy with y), "cw" (margin max_{j≠y} z_j − z_y), or "kl"
     (Σ KL(reference ‖ p(x′)), `reference` = a (batch, classes) probability tensor, y not needed).
     start: "uniform" in the ε-ball, "gaussian" (x + 0.001·N(0,1), the TRADES start) or "clean".
-    stop_on_success: freeze each example once it is misclassified (the official evaluation's PGD/CW).
+    stop_on_success: freeze each example once it is misclassified (the official evaluation's PGD
+    and CW).
     """
     _check_common(x, eps, step_size, steps, norm)
     validate.choice("objective", objective, OBJECTIVES)
     validate.choice("start", start, STARTS)
     if objective == "kl":
         if reference is None:
-            raise ValueError("objective='kl' needs reference=, a (batch, classes) tensor of probabilities")
+            raise ValueError("objective='kl' needs reference=, a (batch, classes) tensor of "
+                             "probabilities")
         validate.same_batch(x=x, reference=reference)
     elif y is None:
         raise ValueError(f"objective={objective!r} needs labels y")
@@ -137,65 +154,110 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps
             if stop_on_success:
                 still_correct = logits.detach().argmax(1) == y
                 if not still_correct.any():
-                    break  # every example is already fooled: the remaining steps would change nothing
-                x_new = torch.where(still_correct.view(-1, *([1] * (x.dim() - 1))), x_new, x_adv.detach())
+                    break  # every example is fooled: the remaining steps would change nothing
+                x_new = torch.where(still_correct.view(-1, *([1] * (x.dim() - 1))), x_new,
+                                    x_adv.detach())
             x_adv = x_new.detach()
     return x_adv
 
 
-def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255) -> torch.Tensor:
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+         eps: float = 8 / 255) -> torch.Tensor:
     """Fast gradient sign method: one signed-gradient step of size ε from x. Chapter 1."""
     return pgd(model, x, y, eps=eps, step_size=max(eps, 1e-12), steps=1, start="clean")
 
 
-def trades_attack(model: nn.Module, x: torch.Tensor, *, eps: float = 0.031, step_size: float = 0.007,
-                  steps: int = 10) -> torch.Tensor:
-    """TRADES/LBGAT generation: ascent on Σ KL(p_f(x) ‖ p_f(x′)) with the target alone. Chapter 3."""
-    validate.images(x)
-    with eval_mode(model), torch.no_grad():
-        reference = F.softmax(model(x), dim=1)
-    return pgd(model, x, eps=eps, step_size=step_size, steps=steps, objective="kl", reference=reference,
-               start="gaussian")
+def _official_linf_ascent(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, objective, *,
+                          eps: float, step_size: float, steps: int) -> torch.Tensor:
+    """The L∞ loop of the official TRADES / MART / LBGAT / D2R code, operation for operation:
+    x′ ← x′ + α·sign(∇ objective(model(x′))), then min(max(x′, x − ε), x + ε), then clamp to
+    [0, 1]."""
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            loss = objective(model(x_adv))
+        grad = torch.autograd.grad(loss, [x_adv])[0]
+        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+        x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    return x_adv.detach()
 
 
-def cag(target: nn.Module, guide: nn.Module, x: torch.Tensor, *, eps: float = 0.031, step_size: float = 0.007,
-        steps: int = 10, norm: str = "linf") -> torch.Tensor:
-    """Collaborative adversarial generation (D2R), exactly as the official code for norm="linf". Chapter 6.
+def trades_attack(model: nn.Module, x: torch.Tensor, *, eps: float = 0.031,
+                  step_size: float = 0.007, steps: int = 10) -> torch.Tensor:
+    """TRADES/LBGAT generation: ascent on Σ KL(p_f(x) ‖ p_f(x′)) with the target alone, from
+    x + 0.001·N(0, 1), exactly as the official loop (p_f(x) is computed once, in eval mode).
+    Chapter 3."""
+    _check_common(x, eps, step_size, steps, "linf")
+    x = x.detach()
+    with eval_mode(model):
+        with torch.no_grad():
+            reference = F.softmax(model(x), dim=1)
 
-    x′₀ = x + 0.001·N(0, 1) (one `torch.randn_like(x)` on the global generator); then `steps` times:
+        def objective(logits):
+            return F.kl_div(F.log_softmax(logits, dim=1), reference, reduction="sum")
+
+        start = gaussian_start(x)
+        return _official_linf_ascent(model, x, start, objective, eps=eps, step_size=step_size,
+                                     steps=steps)
+
+
+def mart_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.031,
+                step_size: float = 0.007, steps: int = 10) -> torch.Tensor:
+    """MART generation, exactly as the official `mart_loss`: ascent on the batch-mean CE(f(x′), y)
+    from x + 0.001·N(0, 1) (ε 0.031, step 0.007, 10 steps by default). Chapter 7."""
+    _check_common(x, eps, step_size, steps, "linf")
+    validate.same_batch(x=x, y=y)
+    x = x.detach()
+    with eval_mode(model):
+        start = gaussian_start(x)
+        return _official_linf_ascent(model, x, start, lambda logits: F.cross_entropy(logits, y),
+                                     eps=eps, step_size=step_size, steps=steps)
+
+
+def cag(target: nn.Module, guide: nn.Module, x: torch.Tensor, *, eps: float = 0.031,
+        step_size: float = 0.007, steps: int = 10, norm: str = "linf") -> torch.Tensor:
+    """Collaborative adversarial generation (D2R), exactly as the official code for norm="linf".
+    Chapter 6.
+
+    x′₀ = x + 0.001·N(0, 1) (one draw of x's shape on the global generator); then `steps` times:
     ascend Σ_i KL(p_g(x_i) ‖ p_f(x′_i)) (official form with log(p + 1e-5)), x′ ← x′ + α·sign(∇),
-    project to the ε-ball around x, clamp to [0, 1]. Both models are in eval mode; p_g(x) is computed
-    once per call without a graph (the official code recomputes it each step; the result is identical).
-    norm="l2" is a corrected, batched L2 version (steps along the per-sample normalised gradient).
+    project to the ε-ball around x, clamp to [0, 1]. Both models are in eval mode; p_g(x) is
+    computed once per call without a graph (the official code recomputes it each step; the result is
+    identical). norm="l2" is a corrected, batched L2 version (steps along the per-sample normalised
+    gradient).
     """
     _check_common(x, eps, step_size, steps, norm)
     x = x.detach()
     with eval_mode(target, guide):
         with torch.no_grad():
             p_guide = F.softmax(guide(x), dim=1)
-        x_adv = (x + 0.001 * torch.randn_like(x)).detach()
+
+        def objective(logits):
+            validate.same_shape(**{"target(x_adv)": logits, "guide(x)": p_guide})
+            return official_kl_sum(p_guide, logits)
+
+        x_adv = (gaussian_start(x)).detach()
+        if norm == "linf":
+            return _official_linf_ascent(target, x, x_adv, objective, eps=eps, step_size=step_size,
+                                         steps=steps)
         for _ in range(steps):
             x_adv.requires_grad_(True)
             with torch.enable_grad():
-                logits = target(x_adv)
-                validate.same_shape(**{"target(x_adv)": logits, "guide(x)": p_guide})
-                loss = official_kl_sum(p_guide, logits)
-                grad = torch.autograd.grad(loss, x_adv)[0]
-            if norm == "linf":
-                x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
-                x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
-                x_adv = torch.clamp(x_adv, 0.0, 1.0)
-            else:
-                x_adv = project(x_adv.detach() + step_size * grad / _l2_norm(grad), x, eps, "l2")
+                grad = torch.autograd.grad(objective(target(x_adv)), x_adv)[0]
+            x_adv = project(x_adv.detach() + step_size * grad / _l2_norm(grad), x, eps, "l2")
     return x_adv.detach()
 
 
 ATTACKS = {
     "fgsm": lambda model, x, y, eps: fgsm(model, x, y, eps=eps),
     "pgd": lambda model, x, y, eps: pgd(model, x, y, eps=eps, step_size=eps / 4, steps=10),
-    "pgd_l2": lambda model, x, y, eps: pgd(model, x, y, eps=eps, step_size=eps / 4, steps=10, norm="l2"),
-    "cw": lambda model, x, y, eps: pgd(model, x, y, eps=eps, step_size=eps / 4, steps=10, objective="cw"),
-    "trades": lambda model, x, y, eps: trades_attack(model, x, eps=eps, step_size=eps / 4, steps=10),
+    "pgd_l2": lambda model, x, y, eps: pgd(model, x, y, eps=eps, step_size=eps / 4, steps=10,
+                                           norm="l2"),
+    "cw": lambda model, x, y, eps: pgd(model, x, y, eps=eps, step_size=eps / 4, steps=10,
+                                       objective="cw"),
+    "trades": lambda model, x, y, eps: trades_attack(model, x, eps=eps, step_size=eps / 4,
+                                                     steps=10),
 }
-"""Every attack under one signature (model, x, y, eps) -> x_adv; used by the property tests and chapter 8.
-`cag` needs a guide and is tested on its own."""
+"""Every attack under one signature (model, x, y, eps) -> x_adv; used by the property tests and
+chapter 8. `cag` needs a guide and is tested on its own."""

@@ -1,21 +1,26 @@
-"""How long will a run take? Time one training step, fit a linear cost model, predict epochs and runs. Chapter 9.
+"""How long will a run take? Time one training step, fit a linear cost model, predict epochs and
+runs. Chapter 9.
 
-One training step of an adversarial method costs K attack steps (a forward and a backward pass of the target
-to its input) plus an outer part (the loss's forward passes, their backward pass, the SGD update). Per image:
+One training step of an adversarial method costs K attack steps (a forward and a backward pass of
+the target to its input) plus an outer part (the loss's forward passes, their backward pass, the SGD
+update). Per image:
 
     t(K) ≈ a + b·(K + c)
 
-- b: seconds of one attack step per image (for this target, batch size and device): what `fit` measures;
-- c: the outer part in units of attack steps, fixed by the method's structure (`outer_steps`: how many
-  forward / backward passes of target and guide the loss makes, weighted by their multiply-accumulate counts);
+- b: seconds of one attack step per image (for this target, batch size and device): what `fit`
+  measures;
+- c: the outer part in units of attack steps, fixed by the method's structure (`outer_steps`: the
+  train-mode passes the method declares, weighted by the models' multiply-accumulate counts);
 - a: what is left per image (data handling, Python overhead, the optimizer), fitted beside b.
 
-Timings at several K determine only the line's intercept a + b·c and its slope b, so c is given, not fitted.
+Timings at several K determine only the line's intercept a + b·c and its slope b, so c is given,
+not fitted.
 
-`measure_step` times real training steps (`methods.train_step`) on random images on the current device, `fit`
-solves the least-squares line, `epoch_time` / `run_time` predict, and `extrapolate` carries a fitted model to
-bigger networks through their multiply-accumulate (MAC) ratio: an estimate that assumes the device runs the
-bigger network at the same MACs per second, which is only roughly true (measure on the device you will use).
+`measure_step` times real training steps (`methods.train_step`) on random images on the current
+device, `fit` solves the least-squares line, `epoch_time` / `run_time` predict, and `extrapolate`
+carries a fitted model to bigger networks through their multiply-accumulate (MAC) ratio: an estimate
+that assumes the device runs the bigger network at the same MACs per second, which is only roughly
+true (measure on the device you will use).
 """
 from __future__ import annotations
 
@@ -29,23 +34,26 @@ import torch.nn as nn
 
 from . import attacks, methods, models, validate
 
+__all__ = [
+    "TRAIN_PASS", "ATTACK_PASS", "count_macs", "model_macs", "outer_steps", "measure_step",
+    "measure_pgd",
+    "CostModel", "fit", "extrapolate", "epoch_time", "run_time",
+]
+
 TRAIN_PASS = 3.0
 """A training pass (forward, backward to activations and to weights) ≈ 3 forward passes."""
 ATTACK_PASS = 2.0
 """An attack step (forward, backward to the input) ≈ 2 forward passes: the unit of `outer_steps`."""
 
-_OUTER_PASSES = {"ce": "f", "pgd_at": "f", "trades": "ff", "mart": "ff", "lbgat": "fg", "d2r": "ffg"}
-"""Training passes of the loss, by `methods.Method.loss`: f = the target, g = the guide."""
-_REFERENCE_PASSES = {"none": "", "pgd": "", "trades": "f", "cag": "g"}
-"""Gradient-free forward passes the attack makes once (TRADES: p_f(x); CAG: p_g(x)), by `Method.attack`."""
 
 
-# ------------------------------------------------------------------------------------------- counting
+# ----------------------------------------------------------------------------------------- counting
 def count_macs(model: nn.Module, image_size: int = 32, channels: int = 3) -> int:
-    """Multiply-accumulates of one forward pass on one image (convolutions and linear layers). Chapter 9.
+    """Multiply-accumulates of one forward pass on one image (convolutions and linear layers).
+    Chapter 9.
 
-    Counted from the layer shapes with forward hooks on a single zero image (a model on the "meta" device
-    costs nothing); every module's train/eval mode is restored.
+    Counted from the layer shapes with forward hooks on a single zero image (a model on the "meta"
+    device costs nothing); every module's train/eval mode is restored.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -61,7 +69,8 @@ def count_macs(model: nn.Module, image_size: int = 32, channels: int = 3) -> int
         elif isinstance(module, nn.Linear):
             total += output.numel() * module.in_features
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
@@ -75,8 +84,8 @@ def count_macs(model: nn.Module, image_size: int = 32, channels: int = 3) -> int
 
 
 def model_macs(name: str, num_classes: int = 10, image_size: int = 32) -> int:
-    """MACs of one forward pass of the library model `name` (built on the meta device: no memory, no compute).
-    Chapter 9."""
+    """MACs of one forward pass of the library model `name` (built on the meta device: no memory, no
+    compute). Chapter 9."""
     validate.choice("name", name, models.MODELS)
     validate.number("num_classes", num_classes, min=2, integer=True)
     validate.number("image_size", image_size, min=1, integer=True)
@@ -85,30 +94,30 @@ def model_macs(name: str, num_classes: int = 10, image_size: int = 32) -> int:
     return count_macs(model, image_size)
 
 
-def outer_steps(method: str, target_macs: float = 1.0, guide_macs: float | None = None) -> float:
-    """c of the cost model: the outer part of one training step of `method`, in attack steps of the target.
+def outer_steps(method: str, target_macs: float = 1.0, guide_macs: float | None = None,
+                **params) -> float:
+    """c of the cost model: the outer part of one training step, in attack steps of the target.
 
-    Counts the loss's training passes (≈ 3 forward passes each) and the attack's one gradient-free reference
-    pass, weighted by each model's forward MACs, divided by one attack step (≈ 2 forward passes of the target).
-    With target = guide: standard / pgd_at 1.5, mart 3, trades / lbgat 3.5, the d2r family 5. Chapter 9.
+    Reads the step's train-mode passes from the method (`Method.step_passes`, ≈ 3 forward passes
+    each) and its attack's one gradient-free reference pass (`methods.REFERENCE_PASSES`), weighted
+    by each model's forward MACs, divided by one attack step (≈ 2 forward passes of the target).
+    `params` are method parameters (e.g. official_passes=False). With target = guide: standard /
+    pgd_at 1.5, mart 3, trades / lbgat / the d2r family 5 (trades / lbgat 3.5 with
+    official_passes=False). Chapter 9.
     """
     m = methods.get_method(method)
+    passes = m.step_passes(m.resolve(**params))
     validate.number("target_macs", target_macs, min=0, min_open=True)
     if guide_macs is None:
         guide_macs = target_macs
     validate.number("guide_macs", guide_macs, min=0, min_open=True)
-    if m.loss not in _OUTER_PASSES or m.attack not in _REFERENCE_PASSES:
-        raise ValueError(f"method {method!r} (loss {m.loss!r}, attack {m.attack!r}) has no pass count in "
-                         f"costmodel; known losses: {', '.join(_OUTER_PASSES)}")
-    cost = {"f": target_macs, "g": guide_macs}
-    outer = TRAIN_PASS * sum(cost[p] for p in _OUTER_PASSES[m.loss])
-    if m.loss == "lbgat" and m.defaults.get("beta", 0.0) > 0:
-        outer += TRAIN_PASS * target_macs  # LBGAT with β > 0 also runs f(x)
-    reference = sum(cost[p] for p in _REFERENCE_PASSES[m.attack])
+    cost = {"target": target_macs, "guide": guide_macs}
+    outer = TRAIN_PASS * sum(cost[p.model] for p in passes)
+    reference = sum(cost[model] for model in methods.REFERENCE_PASSES[m.attack_kind])
     return (outer + reference) / (ATTACK_PASS * target_macs)
 
 
-# ------------------------------------------------------------------------------------------- measuring
+# ---------------------------------------------------------------------------------------- measuring
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -116,17 +125,20 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def measure_step(method: str = "d2r", target: str = "small_cnn", guide: str = "small_cnn", *, steps: int | None = 10,
-                 batch_size: int = 32, image_size: int = 32, num_classes: int = 10, device: str = "cpu",
-                 warmup: int = 1, repeats: int = 3, amp: bool = False, channels_last: bool = False,
-                 seed: int = 0) -> float:
-    """Seconds per image of one training step of `method` (attack with `steps` = K steps, loss, SGD update).
+def measure_step(method: str = "d2r", target: str = "small_cnn", guide: str = "small_cnn", *,
+                 steps: int | None = 10, batch_size: int = 32, image_size: int = 32,
+                 num_classes: int = 10, device: str = "cpu", warmup: int = 1, repeats: int = 3,
+                 amp: bool = False, channels_last: bool = False, seed: int = 0,
+                 method_params: dict | None = None) -> float:
+    """Seconds per image of one training step of `method` (K = `steps` attack steps, loss, SGD).
 
-    Builds fresh `target` / `guide` models on `device`, runs `warmup` untimed steps, then `repeats` timed
-    steps of `methods.train_step` on one batch of random images, and returns the fastest step time (the one
-    least disturbed by other work on a shared machine) divided by `batch_size`. `steps`=None keeps the method's own K; `standard` has no attack (steps must be None or 0).
-    amp: bfloat16 autocast as `train --amp`; channels_last as `--channels-last`. The global RNG is untouched.
-    Chapter 9.
+    Builds fresh `target` / `guide` models on `device`, runs `warmup` untimed steps, then `repeats`
+    timed steps of `methods.train_step` on one batch of random images, and returns the fastest step
+    time (the one least disturbed by other work on a shared machine) divided by `batch_size`.
+    `steps`=None keeps the method's own K; `standard` has no attack (steps must be None or 0). amp:
+    bfloat16 autocast as `train --amp`; channels_last as `--channels-last`. The global RNG is
+    untouched. method_params: other method parameters (e.g. {"official_passes": False}), checked
+    before timing. Chapter 9.
     """
     m = methods.get_method(method)
     validate.choice("target", target, models.MODELS)
@@ -134,24 +146,30 @@ def measure_step(method: str = "d2r", target: str = "small_cnn", guide: str = "s
         validate.choice("guide", guide, models.MODELS)
     if steps is not None:
         validate.number("steps", steps, min=0, integer=True)
-        if m.attack == "none" and steps != 0:
-            raise ValueError(f"steps must be None or 0 for method {method!r}, which makes no attack; got {steps}")
-        if m.attack != "none" and steps == 0:
-            raise ValueError(f"steps must be >= 1 for method {method!r} (its attack needs K ≥ 1); got 0")
+        if m.attack_kind == "none" and steps != 0:
+            raise ValueError(f"steps must be None or 0 for method {method!r}, which makes no "
+                             f"attack; got {steps}")
+        if m.attack_kind != "none" and steps == 0:
+            raise ValueError(f"steps must be >= 1 for method {method!r} (its attack needs K ≥ 1); "
+                             "got 0")
     for name, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 8),
-                             ("num_classes", num_classes, 2), ("warmup", warmup, 0), ("repeats", repeats, 1),
-                             ("seed", seed, 0)):
+                             ("num_classes", num_classes, 2), ("warmup", warmup, 0),
+                             ("repeats", repeats, 1), ("seed", seed, 0)):
         validate.number(name, value, min=low, integer=True)
     for name, value in (("amp", amp), ("channels_last", channels_last)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False; got {value!r}")
     if not isinstance(device, (str, torch.device)):
-        raise TypeError(f"device must be a string such as 'cpu' or 'cuda'; got {type(device).__name__}")
+        raise TypeError("device must be a string such as 'cpu' or 'cuda'; got "
+                        f"{type(device).__name__}")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for but no CUDA GPU is available")
 
-    params = {"steps": steps} if (steps is not None and m.attack != "none") else {}
+    params = {**(method_params or {}),
+              **({"steps": steps} if steps is not None and m.attack_kind != "none"
+                                           else {})}
+    m.resolve(**params)
     forked = [dev.index or 0] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=forked):
         torch.manual_seed(seed)
@@ -177,8 +195,8 @@ def measure_step(method: str = "d2r", target: str = "small_cnn", guide: str = "s
 
 
 def _fastest(run, device: torch.device, warmup: int, repeats: int) -> float:
-    """Seconds of the fastest of `repeats` timed calls of `run()` after `warmup` untimed ones (the fastest is
-    the one least disturbed by other work on a shared machine)."""
+    """Seconds of the fastest of `repeats` timed calls of `run()` after `warmup` untimed ones (the
+    fastest is the one least disturbed by other work on a shared machine)."""
     for _ in range(warmup):
         run()
     times = []
@@ -191,13 +209,16 @@ def _fastest(run, device: torch.device, warmup: int, repeats: int) -> float:
     return min(times)
 
 
-def measure_pgd(model: str = "small_cnn", *, steps: int = 20, batch_size: int = 256, num_classes: int = 10,
-                device: str = "cpu", warmup: int = 1, repeats: int = 3, seed: int = 0) -> float:
-    """Seconds per image of L∞ PGD evaluation (ε 8/255, α 2/255, all `steps` steps, no early stop) of a fresh
-    `model` on random images: the fastest of `repeats` runs. The global RNG is untouched. Chapter 9."""
+def measure_pgd(model: str = "small_cnn", *, steps: int = 20, batch_size: int = 256,
+                num_classes: int = 10, device: str = "cpu", warmup: int = 1, repeats: int = 3,
+                seed: int = 0) -> float:
+    """Seconds per image of L∞ PGD evaluation (ε 8/255, α 2/255, all `steps` steps, no early stop)
+    of a fresh `model` on random images: the fastest of `repeats` runs. The global RNG is untouched.
+    Chapter 9."""
     validate.choice("model", model, models.MODELS)
-    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("num_classes", num_classes, 2),
-                             ("warmup", warmup, 0), ("repeats", repeats, 1), ("seed", seed, 0)):
+    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1),
+                             ("num_classes", num_classes, 2), ("warmup", warmup, 0),
+                             ("repeats", repeats, 1), ("seed", seed, 0)):
         validate.number(name, value, min=low, integer=True)
     dev = torch.device(device)
     forked = [dev.index or 0] if dev.type == "cuda" else []
@@ -206,14 +227,16 @@ def measure_pgd(model: str = "small_cnn", *, steps: int = 20, batch_size: int = 
         f = models.build_model(model, num_classes).to(dev).eval()
         x = torch.rand(batch_size, 3, 32, 32, device=dev)
         y = torch.randint(0, num_classes, (batch_size,), device=dev)
-        return _fastest(lambda: attacks.pgd(f, x, y, eps=8 / 255, step_size=2 / 255, steps=steps), dev,
+        return _fastest(lambda: attacks.pgd(f, x, y, eps=8 / 255, step_size=2 / 255, steps=steps),
+                        dev,
                         warmup, repeats) / batch_size
 
 
-# ------------------------------------------------------------------------------------------- the model
+# ---------------------------------------------------------------------------------------- the model
 @dataclass(frozen=True)
 class CostModel:
-    """t(K) = a + b·(K + c) seconds per training image; `steps` / `seconds` are the points it was fitted on."""
+    """t(K) = a + b·(K + c) seconds per training image; `steps` / `seconds` are the points it was
+    fitted on."""
     a: float
     b: float
     c: float
@@ -229,14 +252,15 @@ class CostModel:
 
     @property
     def rmse(self) -> float:
-        """Root-mean-square error of the fit on its own points (seconds per image); nan without points."""
+        """Root-mean-square error of the fit on its own points (s per image); nan without points."""
         if not self.steps:
             return float("nan")
-        return math.sqrt(sum((self.seconds_per_image(k) - t) ** 2 for k, t in zip(self.steps, self.seconds))
-                         / len(self.steps))
+        squares = [(self.seconds_per_image(k) - t) ** 2 for k, t in zip(self.steps, self.seconds)]
+        return math.sqrt(sum(squares) / len(self.steps))
 
     def __str__(self) -> str:
-        return (f"t(K) = {self.a * 1e3:.4g} ms + {self.b * 1e3:.4g} ms·(K + {self.c:.3g}) per image ({self.note})")
+        return (f"t(K) = {self.a * 1e3:.4g} ms + {self.b * 1e3:.4g} ms·(K + {self.c:.3g}) per "
+                f"image ({self.note})")
 
 
 def _points(steps, seconds_per_image) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -245,21 +269,25 @@ def _points(steps, seconds_per_image) -> tuple[tuple[float, ...], tuple[float, .
     except TypeError:
         raise TypeError("steps and seconds_per_image must be sequences of numbers") from None
     if len(ks) != len(ts):
-        raise ValueError(f"steps and seconds_per_image must have the same length; got {len(ks)} and {len(ts)}")
+        raise ValueError(f"steps and seconds_per_image must have the same length; got {len(ks)} "
+                         f"and {len(ts)}")
     for k in ks:
         validate.number("steps entry", k, min=0)
     for t in ts:
         validate.number("seconds_per_image entry", t, min=0, min_open=True)
     if len(set(ks)) < 2:
-        raise ValueError(f"steps must hold at least two different K values to fit a line; got {sorted(set(ks))}")
+        raise ValueError("steps must hold at least two different K values to fit a line; got "
+                         f"{sorted(set(ks))}")
     return tuple(ks), tuple(ts)
 
 
-def fit(steps: Sequence[float], seconds_per_image: Sequence[float], *, c: float = 0.0, **meta) -> CostModel:
+def fit(steps: Sequence[float], seconds_per_image: Sequence[float], *, c: float = 0.0,
+        **meta) -> CostModel:
     """Least-squares fit of t = a + b·(K + c) to timings (`measure_step` at several K). Chapter 9.
 
-    c is given (`outer_steps(method, ...)`): timings at several K fix only the slope b and the intercept
-    a + b·c. `meta` (method, target, guide, batch_size, device, ...) is kept on the returned CostModel.
+    c is given (`outer_steps(method, ...)`): timings at several K fix only the slope b and the
+    intercept a + b·c. `meta` (method, target, guide, batch_size, device, ...) is kept on the
+    returned CostModel.
     """
     ks, ts = _points(steps, seconds_per_image)
     validate.number("c", c, min=0)
@@ -273,22 +301,24 @@ def fit(steps: Sequence[float], seconds_per_image: Sequence[float], *, c: float 
 
 def extrapolate(model: CostModel, method: str, *, measured_macs: tuple[float, float],
                 target_macs: float, guide_macs: float | None = None) -> CostModel:
-    """Carry `model` (fitted on a pair with forward MACs `measured_macs` = (target, guide)) to a pair with
-    `target_macs` / `guide_macs`: b scales with the target's MAC ratio, c is recomputed by `outer_steps`,
-    a (per-image overhead) is kept. An extrapolation: assumes the same MACs per second on the same device.
-    Chapter 9.
+    """Carry `model` (fitted on a pair with forward MACs `measured_macs` = (target, guide)) to a
+    pair with `target_macs` / `guide_macs`: b scales with the target's MAC ratio, c is recomputed by
+    `outer_steps`, a (per-image overhead) is kept. An extrapolation: assumes the same MACs per
+    second on the same device. Chapter 9.
     """
     if not isinstance(model, CostModel):
         raise TypeError(f"model must be a CostModel (from fit); got {type(model).__name__}")
     if not isinstance(measured_macs, (tuple, list)) or len(measured_macs) != 2:
-        raise ValueError(f"measured_macs must be a pair (target MACs, guide MACs); got {measured_macs!r}")
+        raise ValueError("measured_macs must be a pair (target MACs, guide MACs); got "
+                         f"{measured_macs!r}")
     f0, g0 = measured_macs
     validate.number("measured_macs[0]", f0, min=0, min_open=True)
     validate.number("measured_macs[1]", g0, min=0, min_open=True)
     validate.number("target_macs", target_macs, min=0, min_open=True)
     c = outer_steps(method, target_macs, guide_macs)
     return replace(model, b=model.b * target_macs / f0, c=c, steps=(), seconds=(),
-                   note=f"extrapolated ×{target_macs / f0:.3g} target MACs", meta={**model.meta, "method": method})
+                   note=f"extrapolated ×{target_macs / f0:.3g} target MACs",
+                   meta={**model.meta, "method": method})
 
 
 def epoch_time(model: CostModel, *, steps: float, images: int) -> float:
@@ -300,6 +330,7 @@ def epoch_time(model: CostModel, *, steps: float, images: int) -> float:
 
 
 def run_time(model: CostModel, *, steps: float, images: int, epochs: int) -> float:
-    """Predicted seconds of a training run: `epochs` epochs of `images` images with K = `steps`. Chapter 9."""
+    """Predicted seconds of a training run: `epochs` epochs of `images` images with K = `steps`.
+    Chapter 9."""
     validate.number("epochs", epochs, min=1, integer=True)
     return epochs * epoch_time(model, steps=steps, images=images)

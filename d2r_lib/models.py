@@ -1,7 +1,7 @@
 """Models of the course (chapter 1 introduces `small_cnn`, chapter 4 the guide `resnet18`).
 
-Every model takes images in [0, 1] (no normalisation layer) and returns logits. All use adaptive average
-pooling, so the same definition runs on 32×32 (CIFAR) and 64×64 (Tiny ImageNet) inputs.
+Every model takes images in [0, 1] (no normalisation layer) and returns logits. All use adaptive
+average pooling, so the same definition runs on 32×32 (CIFAR) and 64×64 (Tiny ImageNet) inputs.
 
 | name               | role                                   | parameters (10 classes) |
 |--------------------|----------------------------------------|-------------------------|
@@ -22,17 +22,24 @@ import torch.nn.functional as F
 
 from . import validate
 
+__all__ = [
+    "SmallCNN", "ResNet18", "PreActResNet18", "WideResNet", "MODELS", "build_model",
+    "count_parameters",
+]
 
-# ----------------------------------------------------------------------------------------------- small
+
+# -------------------------------------------------------------------------------------------- small
 class SmallCNN(nn.Module):
-    """Five 3×3 convolutions with BatchNorm, three max-pools, one linear layer: fast on a laptop CPU."""
+    """Five 3×3 convolutions with BatchNorm, three max-pools, one linear layer: fast on a laptop
+    CPU."""
 
     def __init__(self, num_classes: int = 10, width: int = 16):
         super().__init__()
         w = width
 
         def block(cin, cout):
-            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                    nn.ReLU(inplace=True)]
 
         self.features = nn.Sequential(
             *block(3, w), *block(w, w), nn.MaxPool2d(2),
@@ -46,7 +53,7 @@ class SmallCNN(nn.Module):
         return self.linear(self.features(x))
 
 
-# ------------------------------------------------------------------------------------------- ResNet-18
+# ---------------------------------------------------------------------------------------- ResNet-18
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -58,7 +65,8 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -67,7 +75,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """CIFAR ResNet-18 (3×3 stem, no max-pool). `layer2_stride=1` is the official guide (ResNet18_cifar)."""
+    """CIFAR ResNet-18 (3×3 stem, no max-pool). `layer2_stride=1` is the official guide
+    (ResNet18_cifar)."""
 
     def __init__(self, num_classes: int = 10, layer2_stride: int = 1):
         super().__init__()
@@ -87,7 +96,7 @@ class ResNet18(nn.Module):
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
-# ------------------------------------------------------------------------------------ PreActResNet-18
+# ---------------------------------------------------------------------------------- PreActResNet-18
 class PreActBlock(nn.Module):
     def __init__(self, cin, cout, stride=1):
         super().__init__()
@@ -126,7 +135,7 @@ class PreActResNet18(nn.Module):
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
-# ------------------------------------------------------------------------------------------ WRN-34-10
+# ---------------------------------------------------------------------------------------- WRN-34-10
 class WideBlock(nn.Module):
     def __init__(self, cin, cout, stride, drop_rate=0.0):
         super().__init__()
@@ -150,7 +159,8 @@ class WideBlock(nn.Module):
 class WideResNet(nn.Module):
     """WideResNet (TRADES/LBGAT variant) without the official code's unused `sub_block1`."""
 
-    def __init__(self, depth: int = 34, widen_factor: int = 10, num_classes: int = 10, drop_rate: float = 0.0):
+    def __init__(self, depth: int = 34, widen_factor: int = 10, num_classes: int = 10,
+                 drop_rate: float = 0.0):
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"depth must be 6n+4 (e.g. 28, 34); got {depth}")
@@ -160,7 +170,8 @@ class WideResNet(nn.Module):
         blocks = []
         for i, stride in enumerate([1, 2, 2]):
             cin, cout = widths[i], widths[i + 1]
-            blocks.append(nn.Sequential(*[WideBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1, drop_rate)
+            blocks.append(nn.Sequential(*[WideBlock(cin if j == 0 else cout, cout,
+                                                    stride if j == 0 else 1, drop_rate)
                                           for j in range(n)]))
         self.block1, self.block2, self.block3 = blocks
         self.bn1 = nn.BatchNorm2d(widths[3])

@@ -1,10 +1,12 @@
-"""One training loop for every method of the registry. Chapter 2 introduces it; chapter 9 scales it up.
+"""One training loop for every method of the registry. Chapter 2 introduces it; chapter 9 scales it
+up.
 
-`fit(TrainConfig(...))` trains the target (and the guide, for guided methods) with the paper's recipe by
-default: one SGD over [target, guide] (lr 0.1, momentum 0.9, weight decay 2e-4, batch 128) and the
-official schedule scaled to any number of epochs. Each epoch it records every loss term, clean accuracy
-and PGD accuracy on a fixed held-out subset, and writes an atomic checkpoint holding target, guide,
-optimizer, RNG states and history, so running the same call again resumes where it stopped.
+`fit(TrainConfig(...))` trains the target (and the guide, for guided methods) with the paper's
+recipe by default: one SGD over [target, guide] (lr 0.1, momentum 0.9, weight decay 2e-4, batch 128)
+and the official schedule scaled to any number of epochs. Each epoch it records every loss term,
+clean accuracy and PGD accuracy on a fixed held-out subset, and writes an atomic checkpoint holding
+target, guide, optimizer, RNG states and history, so running the same call again resumes where it
+stopped.
 """
 from __future__ import annotations
 
@@ -26,6 +28,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import checkpoint, data, methods, models, validate
+
+__all__ = [
+    "SCHEDULES", "RESUME", "CHECKPOINT_NAME", "TrainingDiverged", "TrainingCollapsed", "paper_lr",
+    "cosine_lr", "TrainConfig", "TrainResult", "code_fingerprint", "seed_everything",
+    "setup_distributed", "held_out_check", "warn_if_collapsed", "build_models", "check_finite",
+    "fit", "save_run", "load_run", "cache_dir", "cache_path", "load_or_train", "load_cached",
+]
 
 SCHEDULES = ("paper", "cosine")
 RESUME = ("auto", "always", "never")
@@ -73,9 +82,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 2e-4
     schedule: str = "paper"
-    method_params: dict = field(default_factory=dict)   # eps / step_size / steps / beta / w_clean / w_adv ...
+    method_params: dict = field(default_factory=dict)  # eps, step_size, steps, beta, w_clean ...
     seed: int = 1                          # the official code's effective torch seed
-    eval_size: int = 200                   # held-out test images for the per-epoch clean / PGD-20 accuracy
+    eval_size: int = 200                   # held-out images of the per-epoch clean / PGD-20 check
     augment: bool = True
     amp: bool = False                      # bfloat16 autocast (CUDA)
     channels_last: bool = False
@@ -104,9 +113,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def key(self) -> str:
-        """A short hash of every field (method parameters with their defaults filled in) and of the library
-        code that trains: the checkpoint-cache key. Passing a default explicitly gives the same key."""
-        fields = {**self.as_dict(), "method_params": methods.get_method(self.method).resolve(**self.method_params)}
+        """A short hash of every field (method parameters with their defaults filled in) and of the
+        library code that trains: the checkpoint-cache key. Passing a default explicitly gives the
+        same key."""
+        fields = {**self.as_dict(),
+                  "method_params": methods.get_method(self.method).resolve(**self.method_params)}
         blob = json.dumps(fields, sort_keys=True, default=str) + code_fingerprint()
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -125,14 +136,15 @@ class TrainResult:
 
 
 def code_fingerprint() -> str:
-    """Hash of the modules whose code decides what a run trains: a change there invalidates cached runs."""
+    """Hash of the modules whose code decides what a run trains: a change there invalidates cached
+    runs."""
     digest = hashlib.sha256()
     for name in ("attacks", "data", "losses", "methods", "models", "train"):
         digest.update((Path(__file__).parent / f"{name}.py").read_bytes())
     return digest.hexdigest()[:12]
 
 
-# ----------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------ helpers
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -153,7 +165,8 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     pos = state["python_pos"]
     random.setstate((3, tuple(state["python"]), None if pos == -1 else pos))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         0, 0.0))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -165,7 +178,8 @@ def _dist_info() -> tuple[int, int]:
 
 
 def setup_distributed(device: str) -> tuple[int, int, str]:
-    """Under torchrun (WORLD_SIZE > 1) start the process group: nccl on GPUs, gloo on CPUs. Chapter 9."""
+    """Under torchrun (WORLD_SIZE > 1) start the process group: nccl on GPUs, gloo on CPUs.
+    Chapter 9."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
@@ -180,7 +194,8 @@ def setup_distributed(device: str) -> tuple[int, int, str]:
 
 def _batches(dataset, batch_size: int, seed: int, epoch: int, rank: int, world: int):
     """This process's shuffled batches of an epoch; the order depends only on (seed, epoch)."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    order = torch.randperm(len(dataset),
+                           generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     per_rank = batch_size // world
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
@@ -192,11 +207,15 @@ def _batches(dataset, batch_size: int, seed: int, epoch: int, rank: int, world: 
 
 
 def held_out_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int = 0) -> dict:
-    """Clean and PGD-20 accuracy (ε 8/255, the evaluation protocol) on a fixed subset, and how many distinct
-    classes the model predicts there (1 = collapsed to a constant); RNG state untouched."""
+    """Clean and PGD-20 accuracy (ε 8/255, the evaluation protocol) on a fixed subset, and how many
+    distinct classes the model predicts there (1 = collapsed to a constant); RNG state untouched."""
     from . import attacks, evaluate
     with attacks.eval_mode(model), torch.no_grad():
-        predicted = torch.cat([model(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])
+        logits = torch.cat([model(x[i:i + 256]) for i in range(0, len(x), 256)])
+    if not bool(torch.isfinite(logits).all()):
+        raise TrainingDiverged("the target's clean logits on the held-out images are NaN or "
+                               "infinite (its weights are finite but too large)")
+    predicted = logits.argmax(1)
     return {"clean_acc": (predicted == y).sum().item() / len(y),
             "pgd_acc": evaluate.robust_accuracy(model, x, y, "pgd20", seed=seed),
             "predicted_classes": int(predicted.unique().numel())}
@@ -207,53 +226,46 @@ class TrainingCollapsed(RuntimeWarning):
 
 
 def warn_if_collapsed(record: dict, n_images: int, lr: float) -> bool:
-    """Warn when an epoch ends with the target predicting one class for every held-out image (a collapse the
-    remaining epochs rarely undo: with small models and lr 0.1 it happens for some seeds). Chapter 7."""
+    """Warn when an epoch ends with the target predicting one class for every held-out image (a
+    collapse the remaining epochs rarely undo: with small models and lr 0.1 it happens for some
+    seeds). Chapter 7."""
     if record.get("predicted_classes") != 1 or n_images < 20:
         return False
-    warnings.warn(f"epoch {record['epoch']}: the target predicts one class for all {n_images} held-out images, "
-                  f"so training has collapsed to a constant output (held-out clean accuracy "
-                  f"{100 * record['clean_acc']:.1f}%). Try a lower learning rate (lr = {lr:g} now, e.g. "
-                  f"{lr / 2:g}) or another seed.", TrainingCollapsed, stacklevel=3)
+    warnings.warn(f"epoch {record['epoch']}: the target predicts one class for all {n_images} "
+                  "held-out images, so training has collapsed to a constant output (held-out "
+                  f"clean accuracy {100 * record['clean_acc']:.1f}%). Try a lower learning rate "
+                  f"(lr = {lr:g} now, e.g. {lr / 2:g}) or another seed.", TrainingCollapsed,
+                  stacklevel=3)
     return True
 
 
-# ------------------------------------------------------------------------------------------------ the loop
+# ----------------------------------------------------------------------------------------- the loop
 def build_models(cfg: TrainConfig, num_classes: int, device) -> tuple[nn.Module, nn.Module | None]:
     target = models.build_model(cfg.target_model, num_classes).to(device)
     guide = models.build_model(cfg.guide_model, num_classes).to(device) if cfg.uses_guide else None
     return target, guide
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"out_dir {out_dir} exists and is a file; give a directory for checkpoints")
-
-
-def fit(cfg: TrainConfig, out_dir: str | Path | None = None, *, device: str = "cpu", resume: str = "auto",
-        progress: bool = True, data_dir=None, download: bool = True, log=print,
-        max_epochs: int | None = None) -> TrainResult:
-    """Train (or resume, or just load a finished run) as `cfg` says; returns models and history. Chapter 2.
-
-    out_dir: where `last.pt` and `history.json` go (None: keep nothing on disk).
-    resume: "auto" continues a matching run in out_dir; "always" requires one; "never" starts afresh.
-    max_epochs: stop after this many epochs in this call (the run stays resumable), e.g. to show resuming.
-    """
-    cfg.validate()
+def _checkpoint_path(out_dir, resume: str) -> Path | None:
     validate.choice("resume", resume, RESUME)
-    out_dir = Path(out_dir) if out_dir is not None else None
-    if out_dir is not None:
-        _check_out_dir(out_dir)
-    ckpt_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
-    if resume == "always" and (ckpt_path is None or not ckpt_path.exists()):
-        raise FileNotFoundError(f"resume='always' but there is no checkpoint at {ckpt_path}; "
+    if out_dir is None:
+        if resume == "always":
+            raise FileNotFoundError("resume='always' needs out_dir, the folder of the run to "
+                                    "resume")
+        return None
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"out_dir {out_dir} exists and is a file; give a directory for "
+                                 "checkpoints")
+    path = out_dir / CHECKPOINT_NAME
+    if resume == "always" and not path.exists():
+        raise FileNotFoundError(f"resume='always' but there is no checkpoint at {path}; "
                                 f"start the run first, or use resume='auto'")
+    return path
 
-    rank, world, device = setup_distributed(device)
-    is_main = rank == 0
-    say = log if is_main else (lambda *a, **k: None)
-    seed_everything(cfg.seed)
 
+def _datasets(cfg: TrainConfig, device, data_dir, download: bool):
+    """The (augmented) training set and the fixed held-out tensors of the per-epoch check."""
     train_set = data.load(cfg.dataset, "train", cfg.subset, data_dir=data_dir, download=download)
     if cfg.train_size is not None:
         train_set = train_set.subset(cfg.train_size)
@@ -262,113 +274,171 @@ def fit(cfg: TrainConfig, out_dir: str | Path | None = None, *, device: str = "c
     eval_split = "val" if cfg.dataset == "tinyimagenet" else "test"
     eval_subset = cfg.subset if cfg.dataset != "cifar100" else None
     held_out = data.load(cfg.dataset, eval_split, eval_subset, data_dir=data_dir, download=download)
-    held_out = held_out.subset(min(cfg.eval_size, len(held_out)))
-    x_eval, y_eval = held_out.tensors(device)
-    num_classes = train_set.num_classes
+    return train_set, held_out.subset(min(cfg.eval_size, len(held_out))).tensors(device)
 
-    target, guide = build_models(cfg, num_classes, device)
-    trained = [target] + ([guide] if guide is not None else [])
+
+def _resume(path: Path | None, resume: str, cfg: TrainConfig, target, guide, optimizer, device,
+            say) -> tuple[list[dict], int]:
+    """Load a matching run from `path` into the models and optimizer: (history, first epoch to
+    run)."""
+    if path is None or not path.exists() or resume == "never":
+        return [], 1
+    payload = checkpoint.load(path, map_location=device)
+    if payload.get("config") != cfg.as_dict():
+        stored = payload.get("config") or {}
+        diff = [f"{k}: stored {stored.get(k)!r}, asked {v!r}" for k, v in cfg.as_dict().items()
+                if stored.get(k) != v]
+        raise checkpoint.CheckpointError(
+            f"{path} belongs to a run with other settings ({'; '.join(diff)}). Nothing was "
+            "overwritten: use another out_dir, or resume='never' to start this one afresh there")
+    checkpoint.load_state_strict(target, payload["target"], "target")
+    if guide is not None:
+        checkpoint.load_state_strict(guide, payload["guide"], "guide")
+    optimizer.load_state_dict(payload["optimizer"])
+    _set_rng_state(payload["rng"])
+    done = payload["epoch"]
+    say(f"loaded the finished run {path} epoch {done}/{cfg.epochs}" if done >= cfg.epochs
+        else f"resumed {path} after epoch {done}/{cfg.epochs}")
+    return payload["history"], done + 1
+
+
+def _step_models(cfg: TrainConfig, target, guide, world: int):
+    """What `methods.train_step` runs: compiled modules (cfg.compile) and, under torchrun, DDP
+    wrappers (they broadcast rank 0's weights and buffers and average the gradients; the attack runs
+    unwrapped)."""
+    step_models = []
+    for model in (target, guide):
+        if model is not None and cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if model is not None and cfg.compile:
+            model = torch.compile(model)
+        if model is not None and world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            model = DistributedDataParallel(model)
+        step_models.append(model)
+    return step_models
+
+
+def _last_good(path: Path | None, history: list[dict]) -> str:
+    if path is None:
+        return "none is kept (out_dir=None)"
+    if not path.exists():
+        return "none written yet"
+    return f"{path} (after epoch {history[-1]['epoch'] if history else '?'})"
+
+
+def _check_loss(terms: dict, epoch: int, batch: int, path, history) -> None:
+    bad = [k for k, v in terms.items() if not math.isfinite(v)]
+    if bad:
+        raise TrainingDiverged(
+            f"non-finite loss at epoch {epoch}, batch {batch}: "
+            + ", ".join(f"term {k!r} = {terms[k]}" for k in bad)
+            + ". Training stopped; the last good checkpoint is intact: "
+              f"{_last_good(path, history)}")
+
+
+def check_finite(epoch: int, batch: int, target, guide, optimizer, path=None, history=()) -> None:
+    """Raise TrainingDiverged naming the first parameter / buffer of target or guide, or optimizer
+    state tensor, that holds NaN or infinity (checked before every checkpoint write). Chapter 9."""
+    trees = {"target": target.state_dict(),
+             "guide": guide.state_dict() if guide is not None else {},
+             "optimizer": optimizer.state_dict()["state"]}
+    bad = checkpoint.first_non_finite(trees)
+    if bad is not None:
+        raise TrainingDiverged(
+            f"training diverged in epoch {epoch} (found after batch {batch}, the epoch's last): "
+            f"{bad} holds NaN or infinite values. Nothing was saved; the last good checkpoint is "
+            f"intact: {_last_good(path, list(history))}. Try a lower learning rate")
+
+
+def _held_out(target, x_eval, y_eval, cfg: TrainConfig, epoch: int, path, history) -> dict:
+    try:
+        return held_out_check(target, x_eval, y_eval, seed=cfg.seed)
+    except TrainingDiverged as err:
+        raise TrainingDiverged(f"training diverged in epoch {epoch}: {err}. Nothing was saved; the "
+                               f"last good checkpoint is intact: {_last_good(path, history)}. Try "
+                               f"a lower learning rate") from None
+
+
+def _train_one(cfg: TrainConfig, method, step_models, optimizer, x, y, device) -> dict[str, float]:
+    """One batch through `methods.train_step` (bfloat16 autocast with cfg.amp)."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if cfg.amp
+                else contextlib.nullcontext())
+    with autocast:
+        return methods.train_step(method, *step_models, optimizer, x, y, **cfg.method_params)
+
+
+def _set_lr(optimizer, cfg: TrainConfig, epoch: int) -> float:
+    lr = (paper_lr if cfg.schedule == "paper" else cosine_lr)(epoch, cfg.epochs, cfg.lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def fit(cfg: TrainConfig, out_dir: str | Path | None = None, *, device: str = "cpu",
+        resume: str = "auto", progress: bool = True, data_dir=None, download: bool = True,
+        log=print, max_epochs: int | None = None) -> TrainResult:
+    """Train (or resume, or just load a finished run) as `cfg` says; returns models and history.
+    Chapter 2.
+
+    Every batch is one `methods.train_step`. out_dir: where `last.pt` and `history.json` go (None:
+    keep nothing on disk). resume: "auto" continues a matching run in out_dir; "always" requires
+    one; "never" starts afresh. max_epochs: stop after this many epochs in this call (the run stays
+    resumable). A non-finite loss, or non-finite weights before a checkpoint write, raise
+    TrainingDiverged and leave the last checkpoint as it was.
+    """
+    cfg.validate()
+    path = _checkpoint_path(out_dir, resume)
+    rank, world, device = setup_distributed(device)
+    say = log if rank == 0 else (lambda *a, **k: None)
+    seed_everything(cfg.seed)
+    train_set, (x_eval, y_eval) = _datasets(cfg, device, data_dir, download)
+    target, guide = build_models(cfg, train_set.num_classes, device)
     optimizer = methods.make_optimizer(target, guide, lr=cfg.lr, momentum=cfg.momentum,
                                        weight_decay=cfg.weight_decay)
-    history: list[dict] = []
-    start_epoch = 1
-
-    if ckpt_path is not None and ckpt_path.exists() and resume != "never":
-        payload = checkpoint.load(ckpt_path, map_location=device)
-        if payload.get("config") != cfg.as_dict():
-            stored = payload.get("config") or {}
-            diff = [f"{k}: stored {stored.get(k)!r}, asked {v!r}" for k, v in cfg.as_dict().items()
-                    if stored.get(k) != v]
-            raise checkpoint.CheckpointError(
-                f"{ckpt_path} belongs to a run with other settings ({'; '.join(diff)}). Nothing was overwritten: "
-                f"use another out_dir, or resume='never' to start this one afresh there")
-        checkpoint.load_state_strict(target, payload["target"], "target")
-        if guide is not None:
-            checkpoint.load_state_strict(guide, payload["guide"], "guide")
-        optimizer.load_state_dict(payload["optimizer"])
-        _set_rng_state(payload["rng"])
-        history = payload["history"]
-        start_epoch = payload["epoch"] + 1
-        finished = payload["epoch"] >= cfg.epochs
-        say(f"{'loaded the finished run' if finished else 'resumed'} {ckpt_path} "
-            f"{'' if finished else 'after '}epoch {payload['epoch']}/{cfg.epochs}")
-
-    if cfg.channels_last:
-        target.to(memory_format=torch.channels_last)
-        if guide is not None:
-            guide.to(memory_format=torch.channels_last)
-    # the attack runs on the plain (or compiled) modules; under torchrun the loss runs through DDP wrappers,
-    # which broadcast rank 0's weights and buffers and average the gradients
-    attack_target = torch.compile(target) if cfg.compile else target
-    attack_guide = torch.compile(guide) if (cfg.compile and guide is not None) else guide
-    loss_target, loss_guide = attack_target, attack_guide
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        loss_target = DDP(target)
-        loss_guide = DDP(guide) if guide is not None else None
-    amp_dtype = torch.bfloat16 if cfg.amp else None
-    device_type = torch.device(device).type
+    history, first = _resume(path, resume, cfg, target, guide, optimizer, device, say)
+    step_models = _step_models(cfg, target, guide, world)
+    method = methods.get_method(cfg.method)
+    last = cfg.epochs if max_epochs is None else min(cfg.epochs, first - 1 + max_epochs)
 
     from tqdm.auto import tqdm
-
-    method = methods.get_method(cfg.method)
-    last_epoch = cfg.epochs if max_epochs is None else min(cfg.epochs, start_epoch - 1 + max_epochs)
-    for epoch in range(start_epoch, last_epoch + 1):
-        schedule = paper_lr if cfg.schedule == "paper" else cosine_lr
-        lr = schedule(epoch, cfg.epochs, cfg.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    for epoch in range(first, last + 1):
+        lr = _set_lr(optimizer, cfg, epoch)
         sums: dict[str, float] = {}
-        n_batches = math.ceil(len(train_set) / cfg.batch_size)
-        bar = tqdm(_batches(train_set, cfg.batch_size, cfg.seed, epoch, rank, world), total=n_batches,
-                   desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}", disable=not (progress and is_main),
-                   leave=False)
-        started = time.perf_counter()
-        seen = 0
-        for batch, (x, y) in enumerate(bar, start=1):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            autocast = (torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None
-                        else contextlib.nullcontext())
-            with autocast:
-                x_adv = methods.make_adversarial(method, attack_target, attack_guide, x, y, **cfg.method_params)
-                for module in trained:
-                    module.train()
-                terms = methods.compute_terms(method, loss_target, loss_guide, x, x_adv, y, **cfg.method_params)
-            bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
-            if bad:
-                good = f"{ckpt_path} (after epoch {start_epoch - 1 if not history else history[-1]['epoch']})" \
-                    if ckpt_path is not None and ckpt_path.exists() else "none written yet"
-                raise TrainingDiverged(
-                    f"non-finite loss at epoch {epoch}, batch {batch}: "
-                    + ", ".join(f"term {k!r} = {terms[k].item()}" for k in bad)
-                    + f". Training stopped; the last good checkpoint is intact: {good}")
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
+        seen, batch, started = 0, 0, time.perf_counter()
+        batches = tqdm(_batches(train_set, cfg.batch_size, cfg.seed, epoch, rank, world),
+                       total=math.ceil(len(train_set) / cfg.batch_size), leave=False,
+                       desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}",
+                       disable=not (progress and rank == 0))
+        for batch, (x, y) in enumerate(batches, start=1):
+            terms = _train_one(cfg, method, step_models, optimizer, x, y, device)
+            _check_loss(terms, epoch, batch, path, history)
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item() * len(y)
+                sums[k] = sums.get(k, 0.0) + v * len(y)
             seen += len(y)
-            bar.set_postfix(loss=f"{terms['loss'].item():.3f}")
+            batches.set_postfix(loss=f"{terms['loss']:.3f}")
+        check_finite(epoch, batch, target, guide, optimizer, path, history)
         elapsed = time.perf_counter() - started
         record = {"epoch": epoch, "lr": lr, "time_s": round(elapsed, 2),
                   "images_per_s": round(seen * world / max(elapsed, 1e-9), 1),
                   **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()}}
-        if is_main:
-            record.update(held_out_check(target, x_eval, y_eval, seed=cfg.seed))
+        if rank == 0:
+            record.update(_held_out(target, x_eval, y_eval, cfg, epoch, path, history))
         history.append(record)
         say(_format_record(record))
-        if is_main:
+        if rank == 0:
             warn_if_collapsed(record, len(y_eval), cfg.lr)
-        if is_main and ckpt_path is not None:
-            save_run(ckpt_path, cfg, target, guide, optimizer, epoch, history, num_classes)
+            if path is not None:
+                save_run(path, cfg, target, guide, optimizer, epoch, history, train_set.num_classes)
         if world > 1:
             dist.barrier()
-
-    for module in trained:
-        module.eval()
-    return TrainResult(target, guide, history, ckpt_path, cfg)
+    for model in (target, guide):
+        if model is not None:
+            model.eval()
+    return TrainResult(target, guide, history, path, cfg)
 
 
 def _format_record(r: dict) -> str:
@@ -376,11 +446,13 @@ def _format_record(r: dict) -> str:
     acc = ""
     if "clean_acc" in r:
         acc = f" | held-out clean {100 * r['clean_acc']:.1f}% PGD-20 {100 * r['pgd_acc']:.1f}%"
-    return f"epoch {r['epoch']:>3} lr {r['lr']:.4g} {terms}{acc} ({r['time_s']:.1f}s, {r['images_per_s']:.0f} img/s)"
+    return (f"epoch {r['epoch']:>3} lr {r['lr']:.4g} {terms}{acc} ({r['time_s']:.1f}s, "
+            f"{r['images_per_s']:.0f} img/s)")
 
 
-def save_run(path: Path, cfg: TrainConfig, target, guide, optimizer, epoch: int, history: list, num_classes: int):
-    """Atomically write everything needed to resume (and to evaluate) the run."""
+def save_run(path: Path, cfg: TrainConfig, target, guide, optimizer, epoch: int, history: list,
+             num_classes: int) -> None:
+    """Atomically write everything needed to resume (and to evaluate) the run, and history.json."""
     payload = {
         "kind": "d2r_lib.train", "config": cfg.as_dict(), "epoch": epoch, "epochs": cfg.epochs,
         "method": cfg.method, "target_model": cfg.target_model,
@@ -390,12 +462,14 @@ def save_run(path: Path, cfg: TrainConfig, target, guide, optimizer, epoch: int,
         "optimizer": optimizer.state_dict(), "rng": _rng_state(), "history": history,
     }
     checkpoint.save(payload, path)
-    (path.parent / "history.json").write_text(json.dumps(history, indent=1))
+    text = json.dumps(history, indent=1)
+    checkpoint.atomic_write(path.parent / "history.json", lambda tmp: tmp.write_text(text))
 
 
 def load_run(path: str | Path, *, target_model: str | None = None, num_classes: int | None = None,
              method: str | None = None, device="cpu") -> tuple[nn.Module, nn.Module | None, dict]:
-    """Rebuild target and guide from a checkpoint written by `fit`, checking what is asked against what is stored.
+    """Rebuild target and guide from a checkpoint written by `fit`, checking what is asked against
+    what is stored.
 
     Returns (target, guide or None, payload) with both models in eval mode.
     """
@@ -404,8 +478,10 @@ def load_run(path: str | Path, *, target_model: str | None = None, num_classes: 
         path = path / CHECKPOINT_NAME
     payload = checkpoint.load(path, map_location=device)
     if payload.get("kind") != "d2r_lib.train":
-        raise checkpoint.CheckpointError(f"{path} is not a d2r_lib training checkpoint (no kind='d2r_lib.train')")
-    checkpoint.check_meta(payload, path, target_model=target_model, num_classes=num_classes, method=method)
+        raise checkpoint.CheckpointError(f"{path} is not a d2r_lib training checkpoint (no "
+                                         "kind='d2r_lib.train')")
+    checkpoint.check_meta(payload, path, target_model=target_model, num_classes=num_classes,
+                          method=method)
     target = models.build_model(payload["target_model"], payload["num_classes"]).to(device)
     checkpoint.load_state_strict(target, payload["target"], "target")
     guide = None
@@ -417,7 +493,8 @@ def load_run(path: str | Path, *, target_model: str | None = None, num_classes: 
 
 
 def cache_dir() -> Path:
-    """Where trained models are cached between chapters: $D2R_CACHE_DIR/runs or ~/.cache/d2r_lib/runs."""
+    """Where trained models are cached between chapters: $D2R_CACHE_DIR/runs or
+    ~/.cache/d2r_lib/runs."""
     root = os.environ.get("D2R_CACHE_DIR")
     return (Path(root) if root else Path.home() / ".cache" / "d2r_lib") / "runs"
 
@@ -429,8 +506,8 @@ def cache_path(cfg: TrainConfig) -> Path:
 
 
 def load_or_train(cfg: TrainConfig, **fit_kwargs) -> TrainResult:
-    """The chapters' checkpoint cache: a finished run keyed by every setting is loaded, otherwise trained
-    (or resumed). Chapter 2."""
+    """The chapters' checkpoint cache: a finished run keyed by every setting is loaded, otherwise
+    trained (or resumed). Chapter 2."""
     return fit(cfg, cache_path(cfg), **fit_kwargs)
 
 

@@ -1,7 +1,7 @@
-"""Attacks: invariants for every attack in the registry, CAG against a plain copy of the official loop."""
+"""Attacks: invariants for every attack in the registry, CAG against a plain copy of the official
+loop."""
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from d2r_lib import attacks, models
@@ -36,7 +36,8 @@ def test_pgd_is_stronger_than_fgsm_and_zero_eps_changes_nothing(trained_cnn, syn
     x, y = synthetic_xy[0][:128], synthetic_xy[1][:128]
     torch.manual_seed(0)
     acc_fgsm = accuracy(trained_cnn, attacks.fgsm(trained_cnn, x, y, eps=EPS), y)
-    acc_pgd = accuracy(trained_cnn, attacks.pgd(trained_cnn, x, y, eps=EPS, step_size=EPS / 4, steps=20), y)
+    acc_pgd = accuracy(trained_cnn, attacks.pgd(trained_cnn, x, y, eps=EPS, step_size=EPS / 4,
+                                                steps=20), y)
     assert acc_pgd <= acc_fgsm
     assert torch.equal(attacks.pgd(trained_cnn, x, y, eps=0.0, steps=3), x)
 
@@ -44,7 +45,8 @@ def test_pgd_is_stronger_than_fgsm_and_zero_eps_changes_nothing(trained_cnn, syn
 def test_stop_on_success_freezes_fooled_examples(trained_cnn, synthetic_xy):
     x, y = synthetic_xy[0][:64], synthetic_xy[1][:64]
     torch.manual_seed(0)
-    x_es = attacks.pgd(trained_cnn, x, y, eps=EPS, step_size=EPS / 4, steps=20, stop_on_success=True)
+    x_es = attacks.pgd(trained_cnn, x, y, eps=EPS, step_size=EPS / 4, steps=20,
+                       stop_on_success=True)
     torch.manual_seed(0)
     x_plain = attacks.pgd(trained_cnn, x, y, eps=EPS, step_size=EPS / 4, steps=20)
     assert accuracy(trained_cnn, x_es, y) <= accuracy(trained_cnn, x_plain, y)
@@ -66,9 +68,10 @@ def test_project_l2_and_linf():
     assert (p2 - x).flatten(1).norm(dim=1).max() < 10.0
 
 
-# ------------------------------------------------------------------------------------------------ CAG
+# ---------------------------------------------------------------------------------------------- CAG
 def official_cag(model, teacher, x_natural, step_size=0.007, epsilon=0.031, perturb_steps=10):
-    """A plain copy of the official CAG L∞ loop (method doc §2): the guide is re-run at every step."""
+    """A plain copy of the official CAG L∞ loop (method doc §2): the guide is re-run at every
+    step."""
     def k(a, b):
         return b * (torch.log(b + 1e-5) - a)
     model.eval()
@@ -77,7 +80,8 @@ def official_cag(model, teacher, x_natural, step_size=0.007, epsilon=0.031, pert
     for _ in range(perturb_steps):
         x_adv.requires_grad_()
         with torch.enable_grad():
-            loss_kl = torch.sum(k(F.log_softmax(model(x_adv), dim=1), F.softmax(teacher(x_natural), dim=1)))
+            p_teacher = F.softmax(teacher(x_natural), dim=1)
+            loss_kl = torch.sum(k(F.log_softmax(model(x_adv), dim=1), p_teacher))
         grad = torch.autograd.grad(loss_kl, [x_adv])[0]
         x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
         x_adv = torch.min(torch.max(x_adv, x_natural - epsilon), x_natural + epsilon)
@@ -101,7 +105,8 @@ def test_cag_equals_official_loop_with_fixed_seed(synthetic_xy):
     torch.manual_seed(7)
     ours = attacks.cag(target, guide, x, eps=8 / 255, step_size=2 / 255, steps=3)
     torch.manual_seed(7)
-    assert torch.equal(ours, official_cag(target, guide, x, step_size=2 / 255, epsilon=8 / 255, perturb_steps=3))
+    assert torch.equal(ours, official_cag(target, guide, x, step_size=2 / 255, epsilon=8 / 255,
+                                          perturb_steps=3))
 
 
 def test_cag_invariants_modes_and_single_guide_call(synthetic_xy):
@@ -152,7 +157,7 @@ def test_attack_restores_train_mode():
     assert all(m.training for m in model.modules())
 
 
-# ------------------------------------------------------------------------------------------ bad input
+# ---------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kwargs,message", [
     ({"eps": -0.1}, "eps must be >= 0"),
     ({"steps": 0}, "steps must be >= 1"),

@@ -1,4 +1,5 @@
-"""d2r_lib.costmodel: the fit recovers known coefficients, predictions scale linearly, bad inputs are named."""
+"""d2r_lib.costmodel: the fit recovers known coefficients, predictions scale linearly, bad inputs
+are named."""
 import math
 
 import pytest
@@ -52,7 +53,8 @@ def test_predictions_scale_linearly_with_images_and_epochs():
     assert costmodel.epoch_time(model, steps=10, images=50_000) == pytest.approx(50 * one)
     assert costmodel.run_time(model, steps=10, images=1000, epochs=1) == pytest.approx(one)
     assert costmodel.run_time(model, steps=10, images=1000, epochs=100) == pytest.approx(100 * one)
-    assert costmodel.run_time(model, steps=10, images=50_000, epochs=100) == pytest.approx(5000 * one)
+    assert costmodel.run_time(model, steps=10, images=50_000,
+                              epochs=100) == pytest.approx(5000 * one)
 
 
 @pytest.mark.parametrize("kwargs, name", [
@@ -85,11 +87,13 @@ def test_predictions_reject_bad_inputs():
 def test_outer_steps_counts_passes():
     assert costmodel.outer_steps("standard") == 1.5
     assert costmodel.outer_steps("pgd_at") == 1.5
-    assert costmodel.outer_steps("trades") == 3.5
     assert costmodel.outer_steps("mart") == 3.0
-    assert costmodel.outer_steps("lbgat") == 3.5
-    for m in ("d2r", "d2r_no_clean", "d2r_no_adv", "d2r_trades_gen"):
+    # the official TRADES step runs f on x, x′, x and LBGAT on x′, x then g(x): 3 training passes
+    for m in ("trades", "lbgat", "d2r", "d2r_no_clean", "d2r_no_adv", "d2r_trades_gen"):
         assert costmodel.outer_steps(m) == 5.0
+    assert costmodel.outer_steps("trades", official_passes=False) == 3.5
+    assert costmodel.outer_steps("lbgat", official_passes=False) == 3.5
+    assert costmodel.outer_steps("lbgat", official_passes=False, beta=6.0) == 5.0
     # D2R: 2 training passes of f, 1 of g, CAG's reference pass of g; unit = 2 forward passes of f
     assert costmodel.outer_steps("d2r", 4.0, 1.0) == pytest.approx((3 * (4 + 4 + 1) + 1) / 8)
     with pytest.raises(ValueError, match="method"):
@@ -100,7 +104,8 @@ def test_outer_steps_counts_passes():
 
 def test_extrapolate_scales_b_and_recomputes_c():
     model = costmodel.fit([1, 5], synthetic_timings(1e-4, 1e-3, 5.0, [1, 5]), c=5.0)
-    big = costmodel.extrapolate(model, "d2r", measured_macs=(10, 10), target_macs=100, guide_macs=20)
+    big = costmodel.extrapolate(model, "d2r", measured_macs=(10, 10), target_macs=100,
+                                guide_macs=20)
     assert big.b == pytest.approx(1e-2)
     assert big.a == pytest.approx(model.a)
     assert big.c == pytest.approx(costmodel.outer_steps("d2r", 100, 20))
@@ -115,8 +120,8 @@ def test_extrapolate_scales_b_and_recomputes_c():
 def test_count_macs_small_cnn_by_hand():
     model = models.build_model("small_cnn")
     w = 16  # conv MACs = output elements × (input channels × 3 × 3); linear = inputs × outputs
-    by_hand = (32 * 32 * w * 3 * 9 + 32 * 32 * w * w * 9 + 16 * 16 * 2 * w * w * 9 + 16 * 16 * 2 * w * 2 * w * 9
-               + 8 * 8 * 4 * w * 2 * w * 9 + 4 * w * 10)
+    by_hand = (32 * 32 * w * 3 * 9 + 32 * 32 * w * w * 9 + 16 * 16 * 2 * w * w * 9
+               + 16 * 16 * 2 * w * 2 * w * 9 + 8 * 8 * 4 * w * 2 * w * 9 + 4 * w * 10)
     model.train()
     assert costmodel.count_macs(model) == by_hand
     assert model.training  # mode restored
@@ -124,7 +129,8 @@ def test_count_macs_small_cnn_by_hand():
 
 
 def test_model_macs_of_the_paper_guides():
-    # the method doc: the official guide ResNet18_cifar ≈ 1.8 GMAC, a standard CIFAR ResNet-18 ≈ 0.56
+    # the method doc: the official guide ResNet18_cifar ≈ 1.8 GMAC, a standard CIFAR ResNet-18 ≈
+    # 0.56
     assert costmodel.model_macs("resnet18") / 1e9 == pytest.approx(1.76, abs=0.01)
     assert costmodel.model_macs("resnet18_standard") / 1e9 == pytest.approx(0.556, abs=0.005)
     with pytest.raises(ValueError, match="name"):
@@ -139,7 +145,8 @@ def test_measure_step_runs_and_leaves_rng_alone():
     assert torch.equal(state, torch.get_rng_state())
     t = costmodel.measure_step("d2r", steps=1, batch_size=4, image_size=16, warmup=0, repeats=1)
     assert t > 0
-    assert costmodel.measure_step("standard", steps=None, batch_size=4, image_size=16, warmup=0, repeats=1) > 0
+    assert costmodel.measure_step("standard", steps=None, batch_size=4, image_size=16, warmup=0,
+                                  repeats=1) > 0
 
 
 @pytest.mark.parametrize("kwargs, name", [
@@ -168,7 +175,8 @@ def test_measure_pgd_runs_and_leaves_rng_alone():
 
 
 @pytest.mark.parametrize("kwargs, name", [(dict(model="vgg"), "model"), (dict(steps=0), "steps"),
-                                          (dict(batch_size=0), "batch_size"), (dict(repeats=0), "repeats")])
+                                          (dict(batch_size=0), "batch_size"),
+                                          (dict(repeats=0), "repeats")])
 def test_measure_pgd_rejects_bad_inputs(kwargs, name):
     with pytest.raises(ValueError, match=name):
         costmodel.measure_pgd(**kwargs)

@@ -1,4 +1,5 @@
-"""Evaluation: official-protocol accuracies, reproducibility, mode/RNG hygiene, sanity warnings, tables."""
+"""Evaluation: official-protocol accuracies, reproducibility, mode/RNG hygiene, sanity warnings,
+tables."""
 import json
 import sys
 import warnings
@@ -50,7 +51,7 @@ class Masked(nn.Module):
         return z + 0 * x.sum(dim=(1, 2, 3))[:, None]
 
 
-# ------------------------------------------------------------------------------------------ accuracies
+# --------------------------------------------------------------------------------------- accuracies
 def test_clean_accuracy_matches_direct_argmax(trained_cnn, synthetic_xy):
     x, y = synthetic_xy
     with torch.no_grad():
@@ -116,7 +117,7 @@ def test_modes_are_restored(trained_cnn, synthetic_xy):
         trained_cnn.eval()
 
 
-# --------------------------------------------------------------------------------------------- AutoAttack
+# --------------------------------------------------------------------------------------- AutoAttack
 def test_autoattack_quick_apgd_ce(trained_cnn, synthetic_xy):
     x, y = synthetic_xy[0][:8], synthetic_xy[1][:8]
     torch.manual_seed(0)
@@ -132,7 +133,8 @@ def test_autoattack_quick_apgd_ce(trained_cnn, synthetic_xy):
 @pytest.mark.slow
 def test_autoattack_fast_version_not_weaker_than_pgd20(trained_cnn, synthetic_xy):
     x, y = synthetic_xy[0][:16], synthetic_xy[1][:16]
-    res = ev.evaluate(trained_cnn, x, y, ("clean", "pgd20", "autoattack"), autoattack_version="fast", sanity=False)
+    res = ev.evaluate(trained_cnn, x, y, ("clean", "pgd20", "autoattack"),
+                      autoattack_version="fast", sanity=False)
     assert res["autoattack"] <= res["pgd20"] + 1 / 16 + 1e-9
 
 
@@ -150,7 +152,7 @@ def test_autoattack_missing_package_says_how_to_install(trained_cnn, synthetic_x
         ev.robust_accuracy(trained_cnn, x, y, "autoattack")
 
 
-# ------------------------------------------------------------------------------------------------ sanity
+# ------------------------------------------------------------------------------------------- sanity
 def test_probability_outputs_are_flagged(trained_cnn, synthetic_xy):
     x, y = synthetic_xy[0][:8], synthetic_xy[1][:8]
     with pytest.warns(RobustnessWarning, match="returns probabilities"):
@@ -173,13 +175,15 @@ def test_healthy_model_passes_large_eps_check(trained_cnn, synthetic_xy):
 def test_ordering_violation_is_flagged(trained_cnn, synthetic_xy):
     x, y = synthetic_xy[0][:16], synthetic_xy[1][:16]
     fake = {"clean": 0.9, "fgsm": 0.6, "pgd20": 0.5, "cw20": 0.5, "autoattack": 0.7}
-    with pytest.warns(RobustnessWarning, match="ordering violated: AutoAttack accuracy 70.00% > PGD-20"):
+    with pytest.warns(RobustnessWarning,
+                      match="ordering violated: AutoAttack accuracy 70.00% > PGD-20"):
         problems = ev.sanity_checks(trained_cnn, x, y, fake, large_eps=None)
     assert len(problems) == 1
     with pytest.warns(RobustnessWarning, match="ordering violated: PGD-20 .* > FGSM"):
         ev.sanity_checks(trained_cnn, x, y, {"fgsm": 0.2, "pgd20": 0.5}, large_eps=None)
     # within one example (1/16) is tolerated
-    assert ev.sanity_checks(trained_cnn, x, y, {"clean": 0.5, "pgd20": 0.5 + 1 / 16}, large_eps=None) == []
+    assert ev.sanity_checks(trained_cnn, x, y, {"clean": 0.5, "pgd20": 0.5 + 1 / 16},
+                            large_eps=None) == []
 
 
 def test_transfer_stronger_than_whitebox_is_flagged(trained_cnn, synthetic_xy):
@@ -202,12 +206,14 @@ def test_non_differentiable_forward_gets_a_clear_error(trained_cnn, synthetic_xy
         ev.robust_accuracy(NoGrad().eval(), x, y, "pgd20")
 
 
-# ------------------------------------------------------------------------------------------------- table
+# -------------------------------------------------------------------------------------------- table
 def test_results_table_rendering_and_json_round_trip(tmp_path):
     table = ev.ResultsTable({"PGD-AT": {"clean": 0.8412, "pgd20": 0.5003},
-                             "D2R": {"clean": 0.8601, "pgd20": 0.5655, "autoattack": 0.5}}, meta={"eps": 8 / 255})
+                             "D2R": {"clean": 0.8601, "pgd20": 0.5655, "autoattack": 0.5}},
+                             meta={"eps": 8 / 255})
     md = table.to_markdown(caption="Table 1")
-    assert "**Table 1**" in md and "| PGD-AT | 84.12 | 50.03 | – |" in md and "| D2R | 86.01 | 56.55 | 50.00 |" in md
+    assert "**Table 1**" in md and "| PGD-AT | 84.12 | 50.03 | – |" in md
+    assert "| D2R | 86.01 | 56.55 | 50.00 |" in md
     assert "AutoAttack" in md and "PGD-20" in md
     assert table._repr_markdown_() == table.to_markdown()
     assert "0.8412" in table.to_markdown(percent=False)
@@ -216,7 +222,8 @@ def test_results_table_rendering_and_json_round_trip(tmp_path):
     assert len({len(line) for line in text.splitlines()}) == 1  # fixed width
     path = table.save_json(tmp_path / "sub" / "results.json")
     assert json.loads(path.read_text())["rows"]["D2R"]["pgd20"] == 0.5655
-    assert not [p for p in path.parent.iterdir() if p.name != "results.json"]  # no temp file left behind
+    # no temporary file is left behind
+    assert not [p for p in path.parent.iterdir() if p.name != "results.json"]
     loaded = ev.ResultsTable.load_json(path)
     assert loaded == table and loaded.meta["eps"] == pytest.approx(8 / 255)
     assert ev.ResultsTable.from_dict(table.to_dict()) == table
@@ -225,16 +232,19 @@ def test_results_table_rendering_and_json_round_trip(tmp_path):
 
 def test_evaluate_many_builds_a_table(trained_cnn, synthetic_xy):
     x, y = synthetic_xy[0][:8], synthetic_xy[1][:8]
-    table = ev.evaluate_many({"cnn": trained_cnn, "cnn again": trained_cnn}, x, y, ("clean", "fgsm"), sanity=False)
+    table = ev.evaluate_many({"cnn": trained_cnn, "cnn again": trained_cnn}, x, y,
+                             ("clean", "fgsm"), sanity=False)
     assert table.names == ["cnn", "cnn again"] and table.columns == ["clean", "fgsm"]
     assert table["cnn"] == table["cnn again"]
     assert table.meta["n"] == 8
 
 
-# -------------------------------------------------------------------------------------------- bad input
+# ---------------------------------------------------------------------------------------- bad input
 def test_bad_inputs_name_the_parameter(trained_cnn, synthetic_xy):
     x, y = synthetic_xy[0][:4], synthetic_xy[1][:4]
-    with pytest.raises(ValueError, match="attack must be one of 'clean', 'fgsm', 'pgd20', 'cw20', 'autoattack'"):
+    with pytest.raises(ValueError,
+                       match="attack must be one of 'clean', 'fgsm', 'pgd20', 'cw20', "
+                             "'autoattack'"):
         ev.evaluate(trained_cnn, x, y, ("pgd50",))
     with pytest.raises(ValueError, match="attack must be one of"):
         ev.robust_accuracy(trained_cnn, x, y, "pgd")
@@ -256,3 +266,39 @@ def test_bad_inputs_name_the_parameter(trained_cnn, synthetic_xy):
         ev.eps_sweep(trained_cnn, x, y, [])
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         ev.accuracy(lambda t: t, x, y)
+
+
+def test_non_finite_clean_logits_are_refused(trained_cnn, xy):
+    import copy
+    broken = copy.deepcopy(trained_cnn)
+    broken.linear.bias.data[3] = float("nan")
+    message = "model returns NaN or infinite logits on clean images"
+    for call in (lambda: ev.evaluate(broken, *xy, ("clean", "pgd20"), sanity=False),
+                 lambda: ev.accuracy(broken, *xy),
+                 lambda: ev.robust_accuracy(broken, *xy, "fgsm")):
+        with pytest.raises(ValueError, match=message):
+            call()
+    # only some images non-finite: the clean pass over every image catches them
+
+    class NanOnSome(nn.Module):
+        def forward(self, x):
+            z = trained_cnn(x)
+            return torch.where(x[:, :1, 0, 0] > 0.5, torch.full_like(z, float("inf")), z)
+    some = NanOnSome()
+    first_ok = xy[0][xy[0][:, 0, 0, 0] <= 0.5][:1]
+    x = torch.cat([first_ok, xy[0]])
+    y = torch.cat([xy[1][:1], xy[1]])
+    with pytest.raises(ValueError, match=message):
+        ev.evaluate(some, x, y, ("clean",), sanity=False)
+
+
+def test_evaluate_validates_once_at_the_entry(trained_cnn, xy):
+    """One check at the entry: one forward pass of one image, then the clean batches (no forward
+    passes spent re-validating in robust_accuracy or accuracy)."""
+    calls = []
+    handle = trained_cnn.register_forward_pre_hook(lambda mod, inputs: calls.append(len(inputs[0])))
+    try:
+        ev.evaluate(trained_cnn, *xy, ("clean",), sanity=False, batch_size=8)
+    finally:
+        handle.remove()
+    assert calls == [1] + [8] * (N // 8)

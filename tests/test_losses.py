@@ -55,7 +55,8 @@ def test_d2r_terms_sum_to_loss_and_weights_apply():
     z = [torch.randn(8, 10) for _ in range(3)]
     y = torch.randint(0, 10, (8,))
     t = losses.d2r_terms(*z, y, w_clean=2.0, w_adv=5.0)
-    assert t["loss"].item() == pytest.approx((t["ce"] + t["mse"] + 2 * t["clean"] + 5 * t["adv"]).item(), rel=1e-6)
+    total = t["ce"] + t["mse"] + 2 * t["clean"] + 5 * t["adv"]
+    assert t["loss"].item() == pytest.approx(total.item(), rel=1e-6)
     assert t["clean"].item() == pytest.approx(abs(t["kl_fg"].item() - t["kl_gf"].item()), abs=1e-7)
     no_clean = losses.d2r_loss(*z, y, w_clean=0.0)
     assert no_clean.item() == pytest.approx((t["ce"] + t["mse"] + 30 * t["adv"]).item(), rel=1e-6)
@@ -69,7 +70,8 @@ def test_d2r_equal_logits_make_kl_terms_vanish():
     assert t["mse"].item() == 0.0
     # with p = q the official +1e-5 leaves only Σ_c p·log(1 + 1e-5/p) / C ≈ C·1e-5 / C = 1e-5
     assert t["adv"].item() == pytest.approx(1e-5, rel=1e-3)
-    assert t["loss"].item() == pytest.approx(F.cross_entropy(z, y).item() + 30 * t["adv"].item(), rel=1e-6)
+    assert t["loss"].item() == pytest.approx(F.cross_entropy(z, y).item() + 30 * t["adv"].item(),
+                                             rel=1e-6)
 
 
 def test_d2r_hand_computed_case():
@@ -78,16 +80,19 @@ def test_d2r_hand_computed_case():
     z_g = torch.tensor([[math.log(4.0), 0.0]])
     z_adv = torch.tensor([[0.0, math.log(4.0)]])
     y = torch.tensor([0])
-    kl_fg = (0.5 * (math.log(0.5 + 1e-5) - math.log(0.8)) + 0.5 * (math.log(0.5 + 1e-5) - math.log(0.2))) / 2
-    kl_gf = (0.8 * (math.log(0.8 + 1e-5) - math.log(0.5)) + 0.2 * (math.log(0.2 + 1e-5) - math.log(0.5))) / 2
-    adv = (0.2 * (math.log(0.2 + 1e-5) - math.log(0.8)) + 0.8 * (math.log(0.8 + 1e-5) - math.log(0.2))) / 2
+    def k(p, q):
+        return p * (math.log(p + 1e-5) - math.log(q))
+    kl_fg = (k(0.5, 0.8) + k(0.5, 0.2)) / 2
+    kl_gf = (k(0.8, 0.5) + k(0.2, 0.5)) / 2
+    adv = (k(0.2, 0.8) + k(0.8, 0.2)) / 2
     ce = -math.log(0.8)
     mse = ((0 - math.log(4)) ** 2 + (math.log(4) - 0) ** 2) / 2
     t = losses.d2r_terms(z_adv, z_nat, z_g, y)
     assert t["kl_fg"].item() == pytest.approx(kl_fg, rel=1e-5)
     assert t["kl_gf"].item() == pytest.approx(kl_gf, rel=1e-5)
     assert t["adv"].item() == pytest.approx(adv, rel=1e-5)
-    assert t["loss"].item() == pytest.approx(ce + mse + 20 * abs(kl_fg - kl_gf) + 30 * adv, rel=1e-5)
+    assert t["loss"].item() == pytest.approx(ce + mse + 20 * abs(kl_fg - kl_gf) + 30 * adv,
+                                             rel=1e-5)
 
 
 def test_d2r_gradients_reach_all_three_logits():
@@ -133,7 +138,8 @@ def test_lbgat_loss():
     base = F.cross_entropy(z_g, y) + ((z_adv - z_g) ** 2).mean()
     assert losses.lbgat_loss(z_adv, z_g, y).item() == pytest.approx(base.item(), rel=1e-6)
     six = losses.lbgat_loss(z_adv, z_g, y, beta=6.0, logits_nat=z_nat)
-    assert six.item() == pytest.approx(base.item() + 6 * losses.trades_kl(z_nat, z_adv).item(), rel=1e-6)
+    assert six.item() == pytest.approx(base.item() + 6 * losses.trades_kl(z_nat, z_adv).item(),
+                                       rel=1e-6)
     with pytest.raises(ValueError, match="needs logits_nat"):
         losses.lbgat_loss(z_adv, z_g, y, beta=6.0)
 
@@ -145,7 +151,7 @@ def test_pgd_at_and_ce_are_cross_entropy():
     assert losses.ce_loss(z, y).item() == pytest.approx(F.cross_entropy(z, y).item())
 
 
-# ------------------------------------------------------------------------------------------ bad input
+# ---------------------------------------------------------------------------------------- bad input
 def test_bad_inputs_name_the_parameter():
     z = torch.randn(4, 10)
     y = torch.tensor([0, 1, 2, 3])

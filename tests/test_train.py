@@ -1,7 +1,7 @@
-"""The training loop: schedule, resume = uninterrupted, NaN stop, safe checkpoints, DDP with gloo."""
+"""The training loop: schedule, resume = uninterrupted, NaN stop, safe checkpoints, DDP with
+gloo."""
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -17,8 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(method="d2r", epochs=3, **kw):
-    return train.TrainConfig(method=method, dataset="synthetic", subset="default", train_size=96, epochs=epochs,
-                             batch_size=32, eval_size=16, method_params={"steps": 2} if method != "standard" else {},
+    return train.TrainConfig(method=method, dataset="synthetic", subset="default", train_size=96,
+                             epochs=epochs,
+                             batch_size=32, eval_size=16,
+                             method_params={"steps": 2} if method != "standard" else {},
                              **kw)
 
 
@@ -26,14 +28,15 @@ def states_equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("epoch,lr", [(1, 0.02), (2, 0.1), (75, 0.1), (76, 0.01), (90, 0.01), (91, 0.001),
-                                      (100, 0.001)])
+@pytest.mark.parametrize("epoch,lr", [(1, 0.02), (2, 0.1), (75, 0.1), (76, 0.01), (90, 0.01),
+                                      (91, 0.001), (100, 0.001)])
 def test_paper_schedule_boundaries_for_100_epochs(epoch, lr):
     assert train.paper_lr(epoch, 100) == pytest.approx(lr)
 
 
 def test_paper_schedule_scales_and_cosine():
-    assert [round(train.paper_lr(e, 10), 6) for e in range(1, 11)] == [0.02] + [0.1] * 6 + [0.01] * 2 + [0.001]
+    lrs = [round(train.paper_lr(e, 10), 6) for e in range(1, 11)]
+    assert lrs == [0.02] + [0.1] * 6 + [0.01] * 2 + [0.001]
     assert train.cosine_lr(1, 10) == pytest.approx(0.1)
     assert train.cosine_lr(10, 10) < train.cosine_lr(5, 10) < 0.1
     with pytest.raises(ValueError, match="epoch must be <= 10"):
@@ -43,7 +46,8 @@ def test_paper_schedule_scales_and_cosine():
 def test_fit_records_history_and_saves_target_and_guide(tmp_path):
     result = train.fit(tiny(epochs=2), tmp_path, progress=False, log=lambda *a: None)
     assert [r["epoch"] for r in result.history] == [1, 2]
-    for key in ("train_loss", "train_ce", "train_mse", "train_clean", "train_adv", "clean_acc", "pgd_acc", "lr"):
+    for key in ("train_loss", "train_ce", "train_mse", "train_clean", "train_adv", "clean_acc",
+                "pgd_acc", "lr"):
         assert key in result.history[0]
     assert all(0 <= r["pgd_acc"] <= r["clean_acc"] + 1e-9 for r in result.history)
     target, guide, payload = train.load_run(tmp_path)
@@ -56,7 +60,8 @@ def test_fit_records_history_and_saves_target_and_guide(tmp_path):
 def test_resume_equals_uninterrupted_exactly(tmp_path):
     full = train.fit(tiny(), tmp_path / "full", progress=False, log=lambda *a: None)
     for _ in range(3):  # one epoch per call, as if killed after each checkpoint
-        part = train.fit(tiny(), tmp_path / "parts", progress=False, log=lambda *a: None, max_epochs=1)
+        part = train.fit(tiny(), tmp_path / "parts", progress=False, log=lambda *a: None,
+                         max_epochs=1)
     assert states_equal(full.target.state_dict(), part.target.state_dict())
     assert states_equal(full.guide.state_dict(), part.guide.state_dict())
     assert full.history == part.history or [r["train_loss"] for r in full.history] == \
@@ -64,13 +69,17 @@ def test_resume_equals_uninterrupted_exactly(tmp_path):
 
 
 def test_killed_process_resumes_to_the_same_weights(tmp_path):
-    """SIGKILL the command line mid-run, run the same command again: same weights as an uninterrupted run."""
-    cmd = [sys.executable, "-m", "d2r_lib", "train", "--method", "pgd_at", "--dataset", "synthetic", "--subset",
+    """SIGKILL the command line mid-run, run the same command again: same weights as an
+    uninterrupted run."""
+    cmd = [sys.executable, "-m", "d2r_lib", "train", "--method", "pgd_at", "--dataset",
+           "synthetic", "--subset",
            "default", "--train-size", "256", "--epochs", "3", "--batch-size", "32", "--steps", "2",
            "--eval-size", "16", "--device", "cpu", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd + ["--out", str(tmp_path / "whole")], check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL,
+    subprocess.run(cmd + ["--out", str(tmp_path / "whole")], check=True, env=env,
+                   capture_output=True)
+    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "killed")], env=env,
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "killed" / "last.pt"
     deadline = time.time() + 120
@@ -79,7 +88,8 @@ def test_killed_process_resumes_to_the_same_weights(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert checkpoint.load(ckpt)["epoch"] < 3, "the run finished before it could be killed"
-    subprocess.run(cmd + ["--out", str(tmp_path / "killed")], check=True, env=env, capture_output=True)
+    subprocess.run(cmd + ["--out", str(tmp_path / "killed")], check=True, env=env,
+                   capture_output=True)
     whole, _, _ = train.load_run(tmp_path / "whole")
     resumed, _, payload = train.load_run(tmp_path / "killed")
     assert payload["epoch"] == 3
@@ -101,7 +111,8 @@ def test_nan_loss_stops_with_epoch_batch_term_and_keeps_checkpoint(tmp_path, mon
             terms["loss"] = terms["loss"] + terms["adv"]
         return terms
     monkeypatch.setattr(losses, "d2r_terms", poisoned)
-    with pytest.raises(train.TrainingDiverged, match=r"epoch 2, batch 2: term 'adv' = nan.*last good checkpoint"):
+    with pytest.raises(train.TrainingDiverged,
+                       match=r"epoch 2, batch 2: term 'adv' = nan.*last good checkpoint"):
         train.fit(cfg, tmp_path, progress=False, log=lambda *a: None)
     assert (tmp_path / "last.pt").read_bytes() == before
 
@@ -111,15 +122,17 @@ def test_collapse_to_a_constant_prediction_warns(tmp_path, monkeypatch):
 
     class Constant(torch.nn.Module):
         def forward(self, x):
-            return 1e-3 * x.flatten(1)[:, :10] + torch.zeros(10).index_fill_(0, torch.tensor([3]), 10.0)
+            constant = torch.zeros(10).index_fill_(0, torch.tensor([3]), 10.0)
+            return 1e-3 * x.flatten(1)[:, :10] + constant
 
     torch.manual_seed(0)
     x, y = torch.rand(40, 3, 8, 8), torch.randint(0, 10, (40,))
     record = train.held_out_check(Constant(), x, y)
     assert record["predicted_classes"] == 1
     assert record["clean_acc"] == pytest.approx((y == 3).float().mean().item())
-    with pytest.warns(train.TrainingCollapsed, match=r"epoch 4: the target predicts one class for all 40 held-out "
-                                                     r"images.*lr = 0.1 now, e.g. 0.05"):
+    with pytest.warns(train.TrainingCollapsed,
+                      match=r"epoch 4: the target predicts one class for all 40 held-out "
+                            r"images.*lr = 0.1 now, e.g. 0.05"):
         assert train.warn_if_collapsed({**record, "epoch": 4}, 40, 0.1)
 
     varied = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
@@ -130,11 +143,12 @@ def test_collapse_to_a_constant_prediction_warns(tmp_path, monkeypatch):
         assert not train.warn_if_collapsed({**record, "epoch": 1}, 40, 0.1)
 
     # the loop checks every epoch
-    monkeypatch.setattr(train, "held_out_check", lambda *a, **k: {"clean_acc": 0.1, "pgd_acc": 0.0,
-                                                                  "predicted_classes": 1})
+    collapsed = {"clean_acc": 0.1, "pgd_acc": 0.0, "predicted_classes": 1}
+    monkeypatch.setattr(train, "held_out_check", lambda *a, **k: collapsed)
     with pytest.warns(train.TrainingCollapsed, match="epoch 1: "):
         import dataclasses
-        train.fit(dataclasses.replace(tiny(epochs=1), eval_size=32), tmp_path, progress=False, log=lambda *a: None)
+        train.fit(dataclasses.replace(tiny(epochs=1), eval_size=32), tmp_path, progress=False,
+                  log=lambda *a: None)
 
 
 class Evil:
@@ -153,7 +167,8 @@ def test_pickled_checkpoint_is_refused(tmp_path):
 
 def test_strict_keys_and_metadata_checks(tmp_path):
     train.fit(tiny(method="standard", epochs=1), tmp_path, progress=False, log=lambda *a: None)
-    with pytest.raises(checkpoint.CheckpointError, match="target_model: stored 'small_cnn', asked 'resnet18'"):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match="target_model: stored 'small_cnn', asked 'resnet18'"):
         train.load_run(tmp_path, target_model="resnet18")
     with pytest.raises(checkpoint.CheckpointError, match="num_classes: stored 10, asked 100"):
         train.load_run(tmp_path, num_classes=100)
@@ -169,7 +184,8 @@ def test_strict_keys_and_metadata_checks(tmp_path):
 def test_other_settings_in_out_dir_are_not_overwritten(tmp_path):
     train.fit(tiny(epochs=1), tmp_path, progress=False, log=lambda *a: None)
     before = (tmp_path / "last.pt").read_bytes()
-    with pytest.raises(checkpoint.CheckpointError, match=r"other settings \(epochs: stored 1, asked 2\)"):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"other settings \(epochs: stored 1, asked 2\)"):
         train.fit(tiny(epochs=2), tmp_path, progress=False, log=lambda *a: None)
     assert (tmp_path / "last.pt").read_bytes() == before
 
@@ -192,7 +208,8 @@ def test_bad_training_requests(tmp_path):
 
 def test_ddp_two_cpu_processes_with_gloo_stay_identical_and_save_once(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           "29517",
            str(ROOT / "tests" / "ddp_worker.py"), str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -200,6 +217,106 @@ def test_ddp_two_cpu_processes_with_gloo_stay_identical_and_save_once(tmp_path):
     info = json.loads((out / "ranks.json").read_text())
     assert info == {**info, "world": 2, "identical": True, "nonzero": True}
     assert sorted(p.name for p in out.iterdir()) == ["history.json", "last.pt", "ranks.json"]
-    assert r.stdout.count("epoch   1 ") == 1 and r.stdout.count("epoch   2 ") == 1  # logged by rank 0 only
+    # logged by rank 0 only
+    assert r.stdout.count("epoch   1 ") == 1 and r.stdout.count("epoch   2 ") == 1
     payload = checkpoint.load(out / "last.pt")
     assert payload["epoch"] == 2 and payload["guide"] is not None
+
+
+# ------------------------------------------------------------------------------- divergence on disk
+def synthetic_cfg(**kw):
+    fields = dict(method="standard", dataset="synthetic", subset="default", train_size=96,
+                  epochs=2, batch_size=32, eval_size=16)
+    return train.TrainConfig(**{**fields, **kw})
+
+
+def test_lr_1e6_diverges_before_anything_is_written(tmp_path):
+    with pytest.raises(train.TrainingDiverged,
+                       match=r"(non-finite loss at epoch 1|training diverged in epoch 1).*"
+                             r"the last good checkpoint is intact: none written yet"):
+        train.fit(synthetic_cfg(lr=1e6), tmp_path, progress=False, log=lambda *a: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lr_1e6_with_one_batch_per_epoch_keeps_the_last_finite_checkpoint(tmp_path):
+    """One batch per epoch: the loss of every step is finite, the weights are not; the run stops
+    before the write, and the checkpoint on disk is the last finite one."""
+    cfg = synthetic_cfg(lr=1e6, train_size=32, batch_size=64, epochs=5)
+    with pytest.raises(train.TrainingDiverged,
+                       match=r"training diverged in epoch (\d)( \(found after batch 1, the epoch's "
+                             r"last\): (target|optimizer)\.\S+ holds NaN or infinite values|: the "
+                             r"target's clean logits on the held-out images are NaN or infinite)"
+                             r".* Nothing was saved") as info:
+        train.fit(cfg, tmp_path, progress=False, log=lambda *a: None)
+    epoch = int(str(info.value).split("epoch ")[1].split(" ")[0].rstrip(":"))
+    if epoch > 1:
+        payload = checkpoint.load(tmp_path / "last.pt")  # refuses non-finite tensors
+        assert payload["epoch"] == epoch - 1
+        assert f"(after epoch {epoch - 1})" in str(info.value)
+    else:
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_a_non_finite_buffer_stops_the_run_before_the_checkpoint_write(tmp_path, monkeypatch):
+    """A BatchNorm running_var of inf leaves every train-mode loss finite: only the check of every
+    parameter and buffer before the write catches it."""
+    cfg = synthetic_cfg(epochs=3)
+    train.fit(cfg, tmp_path, progress=False, log=lambda *a: None, max_epochs=1)
+    before = (tmp_path / "last.pt").read_bytes()
+    real_step = methods.train_step
+
+    def step_then_poison(method, target, guide, optimizer, x, y, **params):
+        terms = real_step(method, target, guide, optimizer, x, y, **params)
+        target.features[4].running_var.fill_(float("inf"))
+        return terms
+
+    monkeypatch.setattr(methods, "train_step", step_then_poison)
+    with pytest.raises(train.TrainingDiverged,
+                       match=r"training diverged in epoch 2 \(found after batch 3, the epoch's "
+                             r"last\): target\.features\.4\.running_var holds NaN or infinite "
+                             r"values\. Nothing was saved; the last good checkpoint is intact: "
+                             r".*last\.pt \(after epoch 1\)"):
+        train.fit(cfg, tmp_path, progress=False, log=lambda *a: None)
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_non_finite_optimizer_state_is_caught_too(tmp_path):
+    target = models.build_model("small_cnn")
+    optimizer = methods.make_optimizer(target)
+    target(torch.rand(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    optimizer.state[next(target.parameters())]["momentum_buffer"][0] = float("nan")
+    with pytest.raises(train.TrainingDiverged, match=r"epoch 7 .*batch 9.*optimizer\.0\."
+                                                     r"momentum_buffer holds NaN"):
+        train.check_finite(7, 9, target, None, optimizer)
+
+
+def test_non_finite_checkpoints_are_refused_for_evaluation_and_resume(tmp_path):
+    cfg = synthetic_cfg()
+    train.fit(cfg, tmp_path, progress=False, log=lambda *a: None, max_epochs=1)
+    path = tmp_path / "last.pt"
+    payload = torch.load(path, weights_only=True)
+    payload["target"]["linear.weight"][0, 0] = float("nan")
+    torch.save(payload, path)
+    message = r"refusing to load .*last\.pt: tensor target\.linear\.weight holds NaN or infinite"
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        train.load_run(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        train.fit(cfg, tmp_path, progress=False, log=lambda *a: None)
+
+
+def test_atomic_write_replaces_whole_files_or_nothing(tmp_path):
+    path = tmp_path / "sub" / "out.txt"
+    assert checkpoint.atomic_write(path, lambda tmp: tmp.write_text("first")) == path
+    assert path.read_text() == "first"
+
+    def half_then_fail(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.atomic_write(path, half_then_fail)
+    assert path.read_text() == "first"
+    assert [p.name for p in path.parent.iterdir()] == ["out.txt"]  # no temporary file left
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        checkpoint.atomic_write(tmp_path, lambda tmp: None)
