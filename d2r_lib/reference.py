@@ -34,8 +34,22 @@ import torch
 from . import checkpoint, data, evaluate, methods, models, train, validate
 
 __all__ = [
-    "CONFIGS", "METHODS", "METRICS", "PREREGISTERED", "ReferenceConfig", "SEEDS", "load", "load_target", "main",
-    "paired", "plan", "run", "run_one", "summary", "t_quantile",
+    "CONFIGS",
+    "METHODS",
+    "METRICS",
+    "PREREGISTERED",
+    "SEEDS",
+    "ReferenceConfig",
+    "load",
+    "load_target",
+    "main",
+    "paired",
+    "per_epoch_validation",
+    "plan",
+    "run",
+    "run_one",
+    "summary",
+    "t_quantile",
 ]
 
 METHODS = ("standard", "pgd_at", "trades", "mart", "lbgat", "d2r", "d2r_no_clean", "d2r_no_adv",
@@ -272,6 +286,28 @@ def run(out: str | Path, method_names=METHODS, seeds=SEEDS, config: ReferenceCon
     for seed in seeds:
         validate.number("seeds", seed, min=0, integer=True)
     return [run_one(out, m, s, config, device=device, log=log) for s in seeds for m in method_names]
+
+
+def per_epoch_validation(cfg: train.TrainConfig, x_val, y_val, *, device: str = "cpu",
+                         log=lambda *a, **k: None) -> tuple[train.TrainResult, list[float]]:
+    """Train `cfg` one epoch per `fit` call and, after each epoch, measure PGD-20 accuracy on a validation set
+    the training never sees; both are kept in the checkpoint cache. Chapter 8 (robust overfitting, picking
+    the epoch). Returns the finished run and the validation curve (one value per epoch)."""
+    folder = train.cache_path(cfg)
+    curve_path, history_path = folder / "validation.json", folder / "history.json"
+    curve = json.loads(curve_path.read_text()) if curve_path.is_file() else []
+    trained = len(json.loads(history_path.read_text())) if history_path.is_file() else 0
+    resume = "auto"
+    if trained != len(curve):  # a cached run without its validation curve: train it afresh
+        curve, resume = [], "never"
+    while True:
+        result = train.fit(cfg, folder, device=device, progress=False, log=log, resume=resume, max_epochs=1)
+        resume = "auto"
+        if len(curve) < len(result.history):
+            curve.append(evaluate.robust_accuracy(result.target, x_val, y_val, "pgd20", seed=EVAL_SEED))
+            _write_json(curve_path, curve)
+        if len(result.history) >= cfg.epochs:
+            return result, curve
 
 
 # --------------------------------------------------------------------------------------------- reading
