@@ -34,12 +34,14 @@ import torch
 from . import checkpoint, data, evaluate, methods, models, train, validate
 
 __all__ = [
+    "AUTOATTACK_STEPS_PER_IMAGE",
     "CONFIGS",
     "METHODS",
     "METRICS",
     "PREREGISTERED",
     "SEEDS",
     "ReferenceConfig",
+    "estimate",
     "load",
     "load_target",
     "main",
@@ -58,6 +60,10 @@ SEEDS = (0, 1, 2)
 METRICS = ("clean", "pgd20", "cw20", "autoattack")
 FILES = ("manifest.json", "metrics.json", "history.json")
 MAX_CHECKPOINT_BYTES = 1_000_000
+AUTOATTACK_STEPS_PER_IMAGE = 1200
+"""Rough attack-step equivalents per image of AutoAttack standard on a model with about 30 % robust images:
+APGD-CE 100 on all, then on the survivors APGD-T 9 × 100, FAB-T 9 × 100 (≈ 2 steps each) and Square 5,000
+queries (forward passes, ≈ 1/3 step each). Used only by `estimate`."""
 EVAL_SEED = 0  # every attack of every run uses this seed: the same random starts for every method
 
 PREREGISTERED = {
@@ -273,6 +279,28 @@ def run_one(out: str | Path, method: str, seed: int, config: ReferenceConfig = C
     return folder
 
 
+def estimate(config: ReferenceConfig, method_names=METHODS, *, device: str = "cpu") -> dict[str, float]:
+    """Projected seconds of one run of each method on this machine (1 thread for CPU): a training step measured
+    with `costmodel.measure_step` at the configuration's K, and PGD-20 measured with `costmodel.measure_pgd` for
+    the per-epoch checks, PGD-20 / CW-20 and (roughly, AUTOATTACK_STEPS_PER_IMAGE) AutoAttack. Chapter 9's cost
+    model; takes a few seconds per method."""
+    from . import costmodel
+    pgd_step = costmodel.measure_pgd(config.target_model, steps=20, batch_size=128, device=device) / 20
+    images = (config.train_size or 50000) * config.epochs
+    checks = pgd_step * (20 * config.held_out * config.epochs + 40 * config.test_images
+                         + AUTOATTACK_STEPS_PER_IMAGE * config.autoattack_images)
+    out = {}
+    for name in method_names:
+        m = methods.get_method(name)
+        steps = config.steps if "steps" in m.defaults else None
+        step = costmodel.measure_step(name, config.target_model, config.guide_model, steps=steps,
+                                      batch_size=config.batch_size, device=device, repeats=2)
+        out[name] = step * images + (checks if name != "standard" else
+                                     pgd_step * (20 * config.held_out * config.epochs + 40 * config.test_images
+                                                 + 100 * config.autoattack_images))
+    return out
+
+
 def plan(out: str | Path, method_names=METHODS, seeds=SEEDS) -> list[tuple[str, int, bool]]:
     """(method, seed, complete) of every requested run."""
     return [(m, s, is_complete(run_dir(Path(out), m, s))) for m in method_names for s in seeds]
@@ -429,6 +457,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="reference", help=f"one of {', '.join(CONFIGS)}")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dry-run", action="store_true", help="print what would run, train nothing")
+    p.add_argument("--estimate", action="store_true",
+                   help="with --dry-run: measure step costs here and project the hours of the runs to do")
     args = parser.parse_args(argv)
     try:
         method_names = _names(args.methods, METHODS, "--methods")
@@ -439,6 +469,8 @@ def main(argv=None) -> int:
         _names([args.device], ["cpu", "cuda"], "--device")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        if args.estimate and not args.dry_run:
+            raise ValueError("--estimate only works with --dry-run (it measures, it does not train)")
         if args.out.exists() and not args.out.is_dir():
             raise ValueError(f"--out {args.out} is a file; give a folder")
     except ValueError as err:
@@ -451,6 +483,13 @@ def main(argv=None) -> int:
             print("deviation:", line)
         for m, s, done in todo:
             print(f"{'complete' if done else 'to run':>9}  {run_dir(args.out, m, s)}")
+        if args.estimate:
+            per_run = estimate(config, sorted({m for m, _, done in todo if not done}), device=args.device)
+            total = sum(per_run[m] for m, _, done in todo if not done)
+            for name, seconds in per_run.items():
+                print(f"projected {name:<16}{seconds / 60:6.1f} min per run (1 thread, measured now)")
+            print(f"projected total {total / 3600:.1f} h of one core; with two processes on two cores about "
+                  f"{total / 7200:.1f} h")
         return 0
     torch.set_flush_denormal(True)
     run(args.out, method_names, args.seeds, config, device=args.device)

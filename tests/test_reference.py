@@ -94,7 +94,7 @@ def test_resume_after_an_interruption(tmp_path, cache, monkeypatch, capsys):
 def test_bad_arguments_name_the_flag_and_write_nothing(tmp_path, capsys):
     out = tmp_path / "ref"
     for argv, flag in ((["--methods", "fgsm_at"], "--methods"), (["--seeds", "-1"], "--seeds"),
-                       (["--config", "huge"], "--config")):
+                       (["--config", "huge"], "--config"), (["--estimate"], "--estimate")):
         with pytest.raises(SystemExit) as err:
             reference.main(["run", "--out", str(out), *argv])
         assert err.value.code == 2
@@ -109,6 +109,16 @@ def test_dry_run_lists_the_runs_and_trains_nothing(tmp_path, capsys):
     assert text.count("to run") == len(reference.METHODS) * len(reference.SEEDS)
     assert "K = 5 instead of the official 10" in text
     assert not out.exists()
+
+
+def test_estimate_projects_every_run_to_do(tmp_path, capsys):
+    argv = ["run", "--out", str(tmp_path / "ref"), "--config", "tiny", "--methods", "standard", "pgd_at",
+            "--seeds", "0", "1", "--dry-run", "--estimate"]
+    assert reference.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "projected standard" in text and "projected pgd_at" in text and "projected total" in text
+    per_run = reference.estimate(TINY, ["standard", "pgd_at"])
+    assert set(per_run) == {"standard", "pgd_at"} and 0 < per_run["standard"] < per_run["pgd_at"]
 
 
 # ------------------------------------------------------------------------------------------- statistics
