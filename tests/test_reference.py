@@ -210,3 +210,18 @@ def test_shipped_runs_reproduce_their_metrics():
         x, y = test.subset(n).tensors()
         pgd = evaluate.robust_accuracy(reference.load_target(run), x, y, "pgd20", seed=run["metrics"]["eval_seed"])
         assert abs(pgd - run["metrics"]["pgd20"]) <= 2 / n, run["folder"]
+
+
+def test_per_epoch_validation_records_one_value_per_epoch_and_is_cached(tmp_path, cache, monkeypatch):
+    from d2r_lib import train
+    cfg = train.TrainConfig(method="pgd_at", subset="mini", train_size=32, epochs=2, batch_size=16, eval_size=8,
+                            method_params={"steps": 1}, seed=0)
+    val = data.cifar10("train", "mini").subset(positions=list(range(4000, 4008)))
+    x_val, y_val = val.tensors()
+    result, curve = reference.per_epoch_validation(cfg, x_val, y_val)
+    assert len(curve) == len(result.history) == 2 and all(0 <= v <= 1 for v in curve)
+    assert curve[-1] == evaluate.robust_accuracy(result.target, x_val, y_val, "pgd20", seed=reference.EVAL_SEED)
+    calls = []
+    monkeypatch.setattr(evaluate, "robust_accuracy", lambda *a, **k: calls.append(a) or 0.0)
+    again, curve_again = reference.per_epoch_validation(cfg, x_val, y_val)
+    assert curve_again == curve and again.history == result.history and calls == []
