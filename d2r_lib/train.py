@@ -192,20 +192,6 @@ def setup_distributed(device: str) -> tuple[int, int, str]:
     return rank, world, device
 
 
-def _batches(dataset, batch_size: int, seed: int, epoch: int, rank: int, world: int):
-    """This process's shuffled batches of an epoch; the order depends only on (seed, epoch)."""
-    order = torch.randperm(len(dataset),
-                           generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    per_rank = batch_size // world
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        mine = chunk[rank * per_rank:(rank + 1) * per_rank] if world > 1 else chunk
-        if len(mine) == 0 or (world > 1 and len(chunk) < batch_size):
-            continue  # every rank takes equal shares; a short last batch is dropped under DDP
-        items = [dataset[int(i)] for i in mine]
-        yield torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
-
-
 def held_out_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int = 0) -> dict:
     """Clean and PGD-20 accuracy (ε 8/255, the evaluation protocol) on a fixed subset, and how many
     distinct classes the model predicts there (1 = collapsed to a constant); RNG state untouched."""
@@ -297,8 +283,9 @@ def _resume(path: Path | None, resume: str, cfg: TrainConfig, target, guide, opt
     optimizer.load_state_dict(payload["optimizer"])
     _set_rng_state(payload["rng"])
     done = payload["epoch"]
-    say(f"loaded the finished run {path} epoch {done}/{cfg.epochs}" if done >= cfg.epochs
-        else f"resumed {path} after epoch {done}/{cfg.epochs}")
+    run = path.parent.name  # the run's folder name: a page never shows this machine's paths
+    say(f"loaded the finished run {run} (epoch {done}/{cfg.epochs})" if done >= cfg.epochs
+        else f"resumed the run {run} after epoch {done}/{cfg.epochs}")
     return payload["history"], done + 1
 
 
@@ -404,13 +391,15 @@ def fit(cfg: TrainConfig, out_dir: str | Path | None = None, *, device: str = "c
     method = methods.get_method(cfg.method)
     last = cfg.epochs if max_epochs is None else min(cfg.epochs, first - 1 + max_epochs)
 
+    loader = data.BatchLoader(train_set, cfg.batch_size, seed=cfg.seed, rank=rank, world=world,
+                              device=device)
     from tqdm.auto import tqdm
     for epoch in range(first, last + 1):
         lr = _set_lr(optimizer, cfg, epoch)
         sums: dict[str, float] = {}
         seen, batch, started = 0, 0, time.perf_counter()
-        batches = tqdm(_batches(train_set, cfg.batch_size, cfg.seed, epoch, rank, world),
-                       total=math.ceil(len(train_set) / cfg.batch_size), leave=False,
+        loader.set_epoch(epoch)
+        batches = tqdm(loader, total=len(loader), leave=False,
                        desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}",
                        disable=not (progress and rank == 0))
         for batch, (x, y) in enumerate(batches, start=1):

@@ -74,7 +74,7 @@ def test_killed_process_resumes_to_the_same_weights(tmp_path):
     cmd = [sys.executable, "-m", "d2r_lib", "train", "--method", "pgd_at", "--dataset",
            "synthetic", "--subset",
            "default", "--train-size", "256", "--epochs", "3", "--batch-size", "32", "--steps", "2",
-           "--eval-size", "16", "--device", "cpu", "--no-progress"]
+           "--held-out", "16", "--device", "cpu", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd + ["--out", str(tmp_path / "whole")], check=True, env=env,
                    capture_output=True)
