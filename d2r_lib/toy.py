@@ -14,15 +14,30 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from . import attacks, evaluate, methods, validate
 
 __all__ = [
-    "KINDS", "EPS", "STEPS", "MLP", "ToyRun", "make_data", "points", "mlp", "attack_params", "train",
-    "robust_mask", "exact_robust_accuracy", "pgd_accuracy", "evaluate_terms", "grid_predictions",
-    "plot_regions", "plot_arrows", "plot_target_vs_guide",
+    "EPS",
+    "KINDS",
+    "MLP",
+    "STEPS",
+    "ToyRun",
+    "attack_params",
+    "evaluate_terms",
+    "exact_robust_accuracy",
+    "grid_predictions",
+    "make_data",
+    "mlp",
+    "pgd_accuracy",
+    "plot_arrows",
+    "plot_regions",
+    "plot_target_vs_guide",
+    "points",
+    "robust_mask",
+    "train",
 ]
 
 KINDS = ("moons", "rings")
@@ -314,7 +329,7 @@ def plot_arrows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: dict[
                 ax.add_patch(_square(x0, y0, eps))
             if (x1 - x0) ** 2 + (y1 - y0) ** 2 > 1e-10:
                 ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
-                            arrowprops=dict(arrowstyle="->", lw=0.8, color="crimson" if bad else "black"))
+                            arrowprops={"arrowstyle": "->", "lw": 0.8, "color": "crimson" if bad else "black"})
     if title:
         fig.suptitle(title)
     fig.tight_layout()

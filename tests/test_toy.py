@@ -1,13 +1,10 @@
 """The 2-D world of d2r_lib.toy: data, training of every method, exact robust accuracy, plots."""
-import matplotlib
+import matplotlib.figure
+import matplotlib.pyplot as plt
+import pytest
+import torch
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from d2r_lib import attacks, methods, toy  # noqa: E402
+from d2r_lib import attacks, methods, toy
 
 TEST = toy.make_data(400, seed=123)
 
@@ -42,8 +39,8 @@ def test_rings_geometry():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(n=1), "n must be >= 2"), (dict(kind="spiral"), "kind must be one of"),
-    (dict(noise=-1.0), "noise must be >= 0"), (dict(seed=-1), "seed must be >= 0"),
+    ({"n": 1}, "n must be >= 2"), ({"kind": "spiral"}, "kind must be one of"),
+    ({"noise": -1.0}, "noise must be >= 0"), ({"seed": -1}, "seed must be >= 0"),
 ])
 def test_data_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -162,6 +159,7 @@ def test_evaluate_terms_matches_compute_terms():
 
 
 def test_plots_return_figures(standard_run):
+    plt.switch_backend("Agg")
     x, y = TEST
     guided = toy.train("lbgat", seed=0, epochs=1)
     figs = [
