@@ -37,6 +37,7 @@ __all__ = [
     "plot_target_vs_guide",
     "points",
     "robust_mask",
+    "test_set",
     "train",
 ]
 
@@ -79,6 +80,13 @@ def make_data(n: int = 2000, *, kind: str = "moons", seed: int = 0, noise: float
     order = torch.randperm(n, generator=gen)
     x = torch.cat(parts)[order].clamp(0.0, 1.0).float()
     return x.view(n, 2, 1, 1), torch.cat(labels)[order]
+
+
+def test_set(seed: int = 0, n: int = 500, *, kind: str = "moons", noise: float = 0.04):
+    """Held-out points for runs of `train(seed=seed)`: `make_data(n, seed=10_000 + seed)`, never their
+    training points (those use seed `seed`)."""
+    validate.number("seed", seed, min=0, integer=True)
+    return make_data(n, kind=kind, seed=10_000 + seed, noise=noise)
 
 
 def points(x: torch.Tensor) -> torch.Tensor:
@@ -222,7 +230,8 @@ def robust_mask(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, 
 def exact_robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
                           grid: int = 41) -> float:
     """The fraction of points whose whole L∞ ball (a dense lattice, see `robust_mask`) is classified right."""
-    return robust_mask(model, x, y, eps, grid=grid).float().mean().item()
+    mask = robust_mask(model, x, y, eps, grid=grid)
+    return mask.sum().item() / len(mask)            # a count over n, like evaluate's accuracies
 
 
 def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, seed: int = 0) -> float:
