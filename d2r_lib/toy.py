@@ -10,6 +10,7 @@ of `d2r_lib.attacks` and every method of `d2r_lib.methods` applies unchanged, th
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ __all__ = [
     "attack_params",
     "evaluate_terms",
     "exact_robust_accuracy",
+    "fgsm_method",
     "grid_predictions",
     "make_data",
     "mlp",
@@ -123,7 +125,7 @@ def mlp(width: int = 32, depth: int = 2, num_classes: int = 2) -> MLP:
 @dataclass
 class ToyRun:
     """A trained toy run: models, the per-epoch mean of every loss term, and what made it."""
-    method: str
+    method: methods.Method
     target: nn.Module
     guide: nn.Module | None
     history: list[dict]
@@ -138,6 +140,28 @@ def attack_params(method: str | methods.Method, eps: float = EPS, steps: int = S
     if "eps" not in m.defaults:
         return {}
     return {"eps": eps, "step_size": eps / 4 if step_size is None else step_size, "steps": steps}
+
+
+def fgsm_method(random_start: bool) -> methods.Method:
+    """FGSM adversarial training as a `methods.Method` (CE on one-step x′). Chapter 2.
+
+    random_start=False: one step from x itself (train it with step_size = eps), the setting in which
+    Wong et al. (2020) saw catastrophic overfitting; True: their repair, a uniform start in the ball (train it
+    with step_size = 1.25 eps). Train with steps=1; `methods.train_step` runs it like any registry method.
+    """
+    if not isinstance(random_start, bool):
+        raise TypeError(f"random_start must be True or False; got {random_start!r}")
+    start = "uniform" if random_start else "clean"
+    name = "fgsm_rs_at" if random_start else "fgsm_at"
+    text = f"FGSM training: CE on one signed-gradient step from {'a uniform start' if random_start else 'x'}"
+    base = methods.get_method("pgd_at")
+    if "pgd_start" in {f.name for f in dataclasses.fields(base)}:    # registry whose attack is a kind + start
+        return dataclasses.replace(base, name=name, description=text, pgd_start=start)
+
+    def attack(target, guide, x, y, *, eps, step_size, steps):
+        return attacks.pgd(target, x, y, eps=eps, step_size=step_size, steps=steps, start=start)
+
+    return dataclasses.replace(base, name=name, description=text, attack=attack)
 
 
 def train(method: str | methods.Method, *, seed: int = 0, epochs: int = 20, data=None, width: int = 32,
@@ -185,7 +209,7 @@ def train(method: str | methods.Method, *, seed: int = 0, epochs: int = 20, data
     target.eval()
     if guide is not None:
         guide.eval()
-    return ToyRun(m.name, target, guide, history, all_params, seed)
+    return ToyRun(m, target, guide, history, all_params, seed)
 
 
 # ------------------------------------------------------------------------------------------ evaluation

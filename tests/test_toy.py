@@ -77,6 +77,22 @@ def test_train_is_deterministic_and_validates():
         toy.train("nope", epochs=1)
 
 
+def test_fgsm_method_without_and_with_random_start():
+    x, y = TEST
+    model = toy.mlp(8).eval()
+    plain = methods.make_adversarial(toy.fgsm_method(False), model, None, x, y, eps=0.1, step_size=0.1, steps=1)
+    torch.testing.assert_close(plain, attacks.fgsm(model, x, y, eps=0.1))
+    torch.manual_seed(0)
+    started = methods.make_adversarial(toy.fgsm_method(True), model, None, x, y, eps=0.1, step_size=0.125,
+                                       steps=1)
+    assert not torch.equal(started, plain)
+    assert (started - x).abs().max() <= 0.1 + 1e-6
+    run = toy.train(toy.fgsm_method(True), seed=0, epochs=1, eps=0.1, step_size=0.125, steps=1)
+    assert run.method.name == "fgsm_rs_at" and run.params["step_size"] == 0.125
+    with pytest.raises(TypeError, match="random_start must be True or False"):
+        toy.fgsm_method("yes")
+
+
 def test_train_raises_on_divergence():
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         toy.train("d2r", seed=0, epochs=3, lr=5.0)
