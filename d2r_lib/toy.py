@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import attacks, evaluate, methods, validate
+from .train import cosine_lr
 
 __all__ = [
     "EPS",
@@ -182,6 +183,7 @@ def train(method: str | methods.Method, *, seed: int = 0, epochs: int = 20, data
     all_params = {**budget, **params}
     m.resolve(**all_params)                        # unknown or invalid parameters fail before any work
     x, y = make_data(2000, seed=seed) if data is None else data
+    _check_model_data(x, y)
     torch.manual_seed(seed)
     target = mlp(width, depth)
     guide = mlp(width, depth) if m.uses_guide else None
@@ -189,7 +191,7 @@ def train(method: str | methods.Method, *, seed: int = 0, epochs: int = 20, data
     order_gen = torch.Generator().manual_seed(seed)
     history = []
     for epoch in range(1, epochs + 1):
-        rate = 0.5 * lr * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+        rate = cosine_lr(epoch, epochs, lr)
         for group in optimizer.param_groups:
             group["lr"] = rate
         sums, seen = {}, 0

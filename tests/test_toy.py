@@ -75,6 +75,8 @@ def test_train_is_deterministic_and_validates():
         toy.train("pgd_at", epochs=1, beta=1.0)
     with pytest.raises(ValueError, match="method must be one of"):
         toy.train("nope", epochs=1)
+    with pytest.raises(ValueError, match="shape \\(n, 2, 1, 1\\)"):
+        toy.train("standard", epochs=1, data=(torch.rand(8, 3, 1, 1), torch.zeros(8, dtype=torch.long)))
 
 
 def test_fgsm_method_without_and_with_random_start():
