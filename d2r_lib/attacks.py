@@ -100,7 +100,7 @@ def _random_start(x, eps, norm, start):
 
 def _check_common(x, eps, step_size, steps, norm):
     validate.images(x)
-    validate.eps(eps)
+    validate.eps(eps, norm=norm)
     validate.step_size(step_size)
     validate.steps(steps)
     validate.choice("norm", norm, NORMS)

@@ -99,8 +99,10 @@ def load(path: str | Path, map_location="cpu", *, check_finite: bool = True) -> 
             "arbitrary code. Only checkpoints of tensors and plain values (as d2r_lib writes) are "
             f"accepted. Details: {err}"
         ) from None
-    except (RuntimeError, EOFError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+    except (RuntimeError, EOFError, ValueError, IndexError, KeyError, UnicodeDecodeError,
+            OSError) as err:  # torch.load's ways of failing on a corrupt or truncated file
+        raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or truncated "
+                              f"({type(err).__name__}: {err})") from None
     if not isinstance(payload, dict):
         kind = type(payload).__name__
         raise CheckpointError(f"{path} holds a {kind}, not a d2r_lib checkpoint dict")

@@ -245,7 +245,7 @@ def _check_attack_args(model, x, y, attacks, eps, batch_size, seed, autoattack_v
     """The one validation of a public entry point (one forward pass of one image); returns
     #classes."""
     attacks = _check_attacks(attacks)
-    validate.eps(eps)
+    validate.eps(eps, norm="linf")
     _check_batch_and_seed(batch_size, seed)
     if "autoattack" in attacks:
         _autoattack_list(autoattack_version)
@@ -417,7 +417,7 @@ def transfer_check(source_model: nn.Module, model: nn.Module, x: torch.Tensor, y
     `whitebox` reuses a known white-box PGD-20 accuracy. Warns RobustnessWarning when the transfer
     is stronger.
     """
-    validate.eps(eps)
+    validate.eps(eps, norm="linf")
     _check_batch_and_seed(batch_size, seed)
     _check_data(source_model, x, y, "source_model")
     _check_data(model, x, y)

@@ -132,7 +132,7 @@ class Method:
 
 def _check_param(key: str, value, default) -> None:
     if key == "eps":
-        validate.eps(value)
+        validate.eps(value, norm="linf")
     elif key == "step_size":
         validate.step_size(value)
     elif key == "steps":

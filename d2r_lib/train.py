@@ -101,8 +101,8 @@ class TrainConfig:
             validate.number("train_size", self.train_size, min=1, integer=True)
         for key in ("epochs", "batch_size", "eval_size"):
             validate.number(key, getattr(self, key), min=1, integer=True)
-        validate.number("seed", self.seed, min=0, integer=True)
-        validate.number("lr", self.lr, min=0, min_open=True)
+        validate.seed(self.seed)
+        validate.lr(self.lr)
         validate.number("momentum", self.momentum, min=0, max=1)
         validate.number("weight_decay", self.weight_decay, min=0)
         validate.choice("schedule", self.schedule, SCHEDULES)
