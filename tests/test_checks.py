@@ -799,8 +799,8 @@ WRONG = [
      r"trained on the clean batch"),
     ("pgd_at_step", step_factory("pgd_at", zero_grad=False), r"forgot optimizer.zero_grad\(\)"),
     ("pgd_at_step", step_factory("pgd_at", attack_train_mode=True),
-     r"target's BatchNorm saw 3 training-mode forward passes, the library's step 1"),
-    ("pgd_at_step", step_factory("pgd_at", eval_after=True), r"saw 0 training-mode forward passes.*model.train\(\)"),
+     r"the target made 3 training-mode forward passes; this method's step makes 1"),
+    ("pgd_at_step", step_factory("pgd_at", eval_after=True), r"made 0 training-mode forward passes.*model.train\(\)"),
     ("pgd_at_step", step_factory("pgd_at", attack=lambda t, g, x, y, b: attacks.fgsm(t, x, y, eps=b["eps"])),
      r"generated x′ with FGSM"),
     ("robust_accuracy", robust_percent, r"returned a percentage"),
@@ -829,7 +829,7 @@ WRONG = [
      r"generated x′ with PGD on the cross-entropy"),
     ("trades_step", step_factory("trades", loss=lambda t, g, x, xa, y, k: losses.trades_loss(t(x), t(xa), y)),
      r"ignored the `beta` argument"),
-    ("trades_step", step_factory("trades", attack_train_mode=True), r"BatchNorm saw \d+ training-mode.*eval mode"),
+    ("trades_step", step_factory("trades", attack_train_mode=True), r"made \d+ training-mode forward passes.*eval mode"),
     # chapter 4
     ("lbgat0_loss", lbgat0_ce_target, r"CE term uses the target's adversarial logits"),
     ("lbgat0_loss", lbgat0_mse_probs, r"MSE compares probabilities"),
@@ -848,7 +848,7 @@ WRONG = [
     ("lbgat_step", step_factory("lbgat", loss=lambda t, g, x, xa, y, k: (lambda zg: F.cross_entropy(zg, y)
                                 + F.mse_loss(t(x), zg))(g(x))), r"MSE uses the target's clean logits"),
     ("lbgat_step", step_factory("lbgat", loss=lambda t, g, x, xa, y, k: (lambda zg: F.cross_entropy(zg, y)
-                                + F.mse_loss(t(xa), zg))(g.eval()(x))), r"guide's BatchNorm saw 0"),
+                                + F.mse_loss(t(xa), zg))(g.eval()(x))), r"the guide made 0 training-mode forward passes"),
     # chapter 5
     ("official_kl", okl_no_eps, r"left out the \+1e-5"),
     ("official_kl", okl_batchmean, r"'batchmean'\), so your value is (10|100)× the official"),
@@ -896,8 +896,8 @@ WRONG = [
      r"used the LBGAT loss"),
     ("d2r_step", step_factory("d2r", loss=lambda t, g, x, xa, y, k: (lambda z: losses.d2r_loss(
         z[: len(x)], z[len(x):], g(x), y))(t(torch.cat([xa, x])))),
-     r"target's BatchNorm saw 1 training-mode forward passes, the library's step 2"),
-    ("d2r_step", step_factory("d2r", attack_train_mode=True), r"BatchNorm saw \d+ training-mode.*eval mode"),
+     r"the target made 1 training-mode forward passes; this method's step makes 2"),
+    ("d2r_step", step_factory("d2r", attack_train_mode=True), r"made \d+ training-mode forward passes.*eval mode"),
     # chapter 8
     ("accuracy", accuracy_percent, r"returned a percentage"),
     ("accuracy", accuracy_train_mode, r"the model ran in train mode"),
