@@ -8,22 +8,22 @@ import torch.nn.functional as F
 
 from .. import attacks
 from .harness import (
+    AttackSpec,
+    attack_cases,
+    call_learner,
+    ce_objective,
+    ce_sum,
     fail,
+    generator,
     passed,
     pct,
-    call_learner,
-    sandbox,
-    generator,
     rand_images,
-    wrong_attack,
-    ce_sum,
-    AttackSpec,
     run_attack_check,
-    attack_cases,
-    ce_objective,
+    sandbox,
+    wrong_attack,
 )
 
-__all__ = ["check_fgsm", "check_project_linf", "check_project_l2", "check_pgd_linf", "check_pgd_l2"]
+__all__ = ["check_linearised_max", "check_fgsm", "check_project_linf", "check_project_l2", "check_pgd_linf", "check_pgd_l2"]
 
 
 # ------------------------------------------------------------------------------------------ ch. 1
@@ -200,3 +200,48 @@ def check_pgd_l2(fn) -> None:
     """Task: ``pgd_l2(model, x, y, eps, step_size, steps)``: L2 PGD (normalised-gradient steps)."""
     run_attack_check(_pgd_spec("pgd_l2", "l2", fn), fn)
 
+
+
+# ------------------------------------------------------------------------------------ derive
+def check_linearised_max(fn) -> None:
+    """Task (derive): ``linearised_max(grad, eps)`` → (δ*, value): the maximiser of ⟨g, δ⟩ over ‖δ‖∞ ≤ ε."""
+    task = "linearised_max"
+    with sandbox(task, fn):
+        for trial, (b, d, eps) in enumerate([(6, 50, 0.03), (1, 7, 0.5), (4, 300, 8 / 255)]):
+            g = torch.randn(b, d, generator=generator(2600 + trial), dtype=torch.float64)
+            g[:, 0] = 0.0                          # a zero coordinate: any δ in [−ε, ε] is optimal there
+            out = call_learner(task, fn, g.clone(), eps)
+            if not (isinstance(out, tuple) and len(out) == 2):
+                fail(task, "return a pair (delta, value): the maximiser δ* and the maximum ⟨g, δ*⟩ per example")
+            delta, value = (torch.as_tensor(v, dtype=torch.float64) for v in out)
+            if delta.shape != g.shape or value.shape != (b,):
+                fail(task, f"delta must be shaped like grad {tuple(g.shape)} and value be one number per "
+                           f"example {(b,)}; got {tuple(delta.shape)} and {tuple(value.shape)}")
+            gain = (g * delta).sum(1)
+            best = eps * g.abs().sum(1)
+            if torch.allclose(gain, -best, rtol=1e-6):
+                fail(task, "your δ *minimises* the linearised loss: the maximiser moves each coordinate along "
+                           "the sign of its gradient")
+            if delta.abs().max().item() > eps * (1 + 1e-6):
+                l2 = eps * g / g.norm(dim=1, keepdim=True)
+                hint = (" (you scaled g itself: that is not a point of the L∞ ball)"
+                        if torch.allclose(delta, eps * g) else "")
+                if torch.allclose(delta, l2):
+                    hint = " (ε·g/‖g‖₂ is the maximiser over the L2 ball)"
+                fail(task, f"your δ leaves the L∞ ball: max |δ_i| = {delta.abs().max().item():.4g} > ε = "
+                           f"{eps}{hint}")
+            if not torch.allclose(gain, best, rtol=1e-6, atol=1e-12):
+                if torch.allclose(gain, eps * g.norm(dim=1), rtol=1e-6):
+                    fail(task, "your δ = ε·g/‖g‖₂ reaches ε‖g‖₂, the maximum over the L2 ball; over the L∞ "
+                               "ball every coordinate can move by ε on its own, which reaches more")
+                fail(task, f"your δ is in the ball but reaches ⟨g, δ⟩ = {gain.min().item():.4g} where "
+                           f"{best.min().item():.4g} is possible: a linear function over a box is largest "
+                           f"at a corner")
+            if not torch.allclose(value, best, rtol=1e-6, atol=1e-12):
+                if torch.allclose(value, eps * g.norm(dim=1), rtol=1e-6):
+                    fail(task, "your value is ε‖g‖₂; the maximum over the L∞ ball is ε times the *dual* norm "
+                               "of L∞, which is the L1 norm: ε‖g‖₁")
+                fail(task, f"your δ is right but your value {value[0].item():.4g} is not ⟨g, δ*⟩ = "
+                           f"{best[0].item():.4g}: write it as a closed form in g and ε")
+        passed(task, "δ* = ε·sign(g) reaches the maximum ε‖g‖₁ of the linearised loss over the L∞ ball: FGSM "
+                     "is its exact maximiser (3 trials, zero gradients included)")

@@ -1,29 +1,28 @@
 """Checks of exercise notebook 2 (chapter 2): the PGD-AT loss and step, robust accuracy."""
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
 from .. import attacks, losses
 from .harness import (
-    fail,
-    passed,
+    SHAPES,
+    LossSpec,
+    Variant,
+    as_float,
     call_learner,
-    sandbox,
+    close,
+    eval_common,
+    eval_setup,
+    fail,
+    fraction_verdict,
     generator,
     library_accuracy,
-    as_float,
-    Variant,
-    LossSpec,
-    close,
-    run_loss_check,
-    rand_logits,
+    passed,
     rand_labels,
-    eval_setup,
-    eval_common,
-    fraction_verdict,
-    SHAPES,
+    rand_logits,
+    run_loss_check,
+    sandbox,
 )
 
 __all__ = ["check_pgd_at_loss", "check_robust_accuracy"]

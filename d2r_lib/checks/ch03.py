@@ -1,25 +1,23 @@
 """Checks of exercise notebook 3 (chapter 3): TRADES' KL, loss, attack and step."""
 from __future__ import annotations
 
-
 import torch.nn.functional as F
 
 from .. import attacks, losses
 from .harness import (
-    passed,
-    generator,
-    Variant,
-    LossSpec,
-    run_loss_check,
-    rand_logits,
-    rand_labels,
-    wrong_attack,
+    SHAPES,
     AttackSpec,
-    run_attack_check,
+    LossSpec,
+    Variant,
     attack_cases,
+    generator,
     p_clean,
     p_logits,
-    SHAPES,
+    rand_labels,
+    rand_logits,
+    run_attack_check,
+    run_loss_check,
+    wrong_attack,
 )
 
 __all__ = ["check_trades_kl", "check_trades_loss", "check_trades_attack"]

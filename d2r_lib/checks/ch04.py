@@ -1,24 +1,23 @@
 """Checks of exercise notebook 4 (chapter 4): the LBGAT losses, the shared optimizer, the LBGAT step."""
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
 from .. import losses, methods
 from .harness import (
-    fail,
-    passed,
-    call_learner,
-    sandbox,
-    generator,
-    small_cnn,
-    Variant,
-    LossSpec,
-    run_loss_check,
-    rand_logits,
-    rand_labels,
     SHAPES,
+    LossSpec,
+    Variant,
+    call_learner,
+    fail,
+    generator,
+    passed,
+    rand_labels,
+    rand_logits,
+    run_loss_check,
+    sandbox,
+    small_cnn,
 )
 
 __all__ = ["check_lbgat0_loss", "check_lbgat_loss", "check_make_optimizer"]

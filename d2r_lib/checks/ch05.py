@@ -1,25 +1,31 @@
 """Checks of exercise notebook 5 (chapter 5): the official KL helper and the D2R loss's terms."""
 from __future__ import annotations
 
+import math
 
 import torch
 import torch.nn.functional as F
 
 from .. import losses
 from .harness import (
-    passed,
-    generator,
-    Variant,
-    LossSpec,
-    run_loss_check,
-    rand_logits,
-    rand_labels,
-    exact_kl_mean,
-    kbar,
     SHAPES,
+    LossSpec,
+    Variant,
+    as_float,
+    call_learner,
+    close,
+    exact_kl_mean,
+    fail,
+    generator,
+    kbar,
+    passed,
+    rand_labels,
+    rand_logits,
+    run_loss_check,
+    sandbox,
 )
 
-__all__ = ["check_official_kl", "check_d2r_clean_term", "check_d2r_adv_term", "check_d2r_loss"]
+__all__ = ["check_kl_mean_ratio", "check_clean_term_leading_order", "check_official_kl", "check_d2r_clean_term", "check_d2r_adv_term", "check_d2r_loss"]
 
 
 # ------------------------------------------------------------------------------------------ ch. 5
@@ -208,3 +214,71 @@ def check_d2r_loss(fn) -> None:
         passed="CE(g(x), y) + MSE(f(x′), g(x)) + w_clean·|K̄L(p_f‖p_g) − K̄L(p_g‖p_f)| + w_adv·K̄L(p_f(x′) ‖ p_g(x)) "
                "as losses.d2r_loss (weights 20/30 and others, value and gradients w.r.t. all three logits)"), fn)
 
+
+
+# ------------------------------------------------------------------------------------ derive
+def check_kl_mean_ratio(fn) -> None:
+    """Task (derive): ``kl_mean_ratio(batch, classes)`` = official K̄L ('mean') / per-sample KL ('batchmean')."""
+    task = "kl_mean_ratio"
+    with sandbox(task, fn):
+        for trial, (b, c) in enumerate([(8, 10), (3, 100), (32, 7)]):
+            g = generator(2700 + trial)
+            p = F.softmax(rand_logits(g, b, c, 2.0), dim=1)
+            log_q = F.log_softmax(rand_logits(g, b, c, 2.0), dim=1)
+            measured = (losses.official_kl(p, log_q, "mean") / losses.official_kl(p, log_q, "batchmean")).item()
+            got = as_float(task, call_learner(task, fn, b, c), "the ratio")
+            if close(got, measured, 1e-9, 1e-12):
+                continue
+            for wrong, message in [
+                (c, "inverted: 'batchmean' sums over the classes, so it is the *larger* one"),
+                (1 / (b * c), "'batchmean' already divides by the batch size; only the classes remain"),
+                (1 / b, "both reductions average over the batch; they differ in what they do over the classes"),
+                (b, "both reductions average over the batch; they differ in what they do over the classes"),
+            ]:
+                if close(got, wrong, 1e-9, 1e-12):
+                    fail(task, f"your ratio {got:.4g} for batch {b}, {c} classes is {message}")
+            fail(task, f"your ratio {got:.4g} differs from the measured {measured:.4g} (batch {b}, {c} classes): "
+                       f"write both reductions as sums over i and c and divide")
+        passed(task, "K̄L (mean over batch × classes) = KL (batchmean) / C: the official D2R weights 20 and 30 "
+                     "act on KL/10 for CIFAR-10 (3 shapes)")
+
+
+def _exact_clean(p_f, p_g):
+    """|mean(p_f log(p_f/p_g)) − mean(p_g log(p_g/p_f))|: the clean term without the +1e-5."""
+    return (p_f * (p_f.log() - p_g.log()) - p_g * (p_g.log() - p_f.log())).mean().abs()
+
+
+def check_clean_term_leading_order(fn) -> None:
+    """Task (derive): ``clean_term_leading_order(p_f, p_g)``: the small-difference law of D2R's clean term."""
+    task = "clean_term_leading_order"
+    with sandbox(task, fn):
+        g = generator(2800)
+        b, c = 6, 10
+        p_f = F.softmax(rand_logits(g, b, c, 1.0), dim=1)
+        direction = rand_logits(g, b, c, 1.0)
+        rows = []
+        for t in (1e-2, 1e-3, 1e-4):
+            p_g = F.softmax(p_f.log() + t * direction, dim=1)
+            got = call_learner(task, fn, p_f.clone(), p_g.clone())
+            got = as_float(task, got.item() if isinstance(got, torch.Tensor) and got.numel() == 1 else got,
+                           "the leading-order value")
+            exact = _exact_clean(p_f, p_g).item()
+            delta = p_g - p_f
+            second = (delta ** 2 / (2 * p_f)).mean().item()
+            if close(got, second, 0.05, 0):
+                fail(task, "your value is Σ δ²/(2p): the leading order of *each* KL. In the difference of the two "
+                           "directions these second-order terms cancel; expand both KLs one order further")
+            if close(got, 6 * exact, 0.05, 0):
+                fail(task, "your value is 6× the clean term: check the coefficient of the third-order term "
+                           "(−1/3 from one direction, −1/6 from the other)")
+            if close(got, 2 * exact, 0.05, 0):
+                fail(task, "your value is 2× the clean term: check the coefficient of the third-order term")
+            rows.append((t, got, exact))
+        t, got, exact = rows[-1]
+        if not close(got, exact, 0.03, 0):
+            fail(task, f"at a difference of size {t:g} your value {got:.4g} differs from the exact clean term "
+                       f"{exact:.4g} by {abs(got / exact - 1):.0%}: a leading-order law must agree more and more "
+                       f"closely as the difference shrinks")
+        order = math.log(rows[0][2] / rows[-1][2]) / math.log(rows[0][0] / rows[-1][0])
+        passed(task, f"your law matches the exact clean term to {abs(got / exact - 1):.1%} at δ ~ {t:g}; the "
+                     f"term shrinks like δ^{order:.2f}: third order, where each KL alone is second order")

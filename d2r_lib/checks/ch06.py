@@ -1,38 +1,40 @@
 """Checks of exercise notebook 6 (chapter 6): the guide's reference, the CAG objective, CAG, the D2R step."""
 from __future__ import annotations
 
+import copy
 
 import torch
 import torch.nn.functional as F
 
 from .. import attacks, losses
 from .harness import (
-    fail,
-    passed,
-    call_learner,
-    sandbox,
-    generator,
-    rand_images,
-    small_cnn,
-    mode_flags,
-    bn_state,
-    bn_changed,
-    copies,
-    assert_modes_restored,
-    Variant,
-    LossSpec,
-    run_loss_check,
-    rand_logits,
-    wrong_attack,
+    SHAPES,
     AttackSpec,
-    run_attack_check,
+    LossSpec,
+    Variant,
+    assert_modes_restored,
     attack_cases,
+    bn_changed,
+    bn_state,
+    call_learner,
+    copies,
+    fail,
+    generator,
+    mode_flags,
     p_clean,
     p_logits,
-    SHAPES,
+    passed,
+    rand_images,
+    rand_logits,
+    run_attack_check,
+    run_loss_check,
+    sandbox,
+    small_cnn,
+    wrong_attack,
 )
 
-__all__ = ["check_cag_objective", "check_guide_reference", "check_cag"]
+__all__ = ["check_cag_objective", "check_guide_reference", "check_cag", "check_soft_label_ce",
+           "check_cag_copy_prediction"]
 
 
 # ------------------------------------------------------------------------------------------ ch. 6
@@ -162,3 +164,57 @@ def check_cag(fn) -> None:
         passed="x + 0.001·N(0, I), sign steps on Σ KL(p_g(x) ‖ p_f(x′)), p_g(x) once without a graph, both models "
                "in eval mode and restored, projection, [0, 1], detached, as attacks.cag (3 trials)"), fn)
 
+
+
+# ------------------------------------------------------------------------------------ derive / predict
+def check_soft_label_ce(fn) -> None:
+    """Task (derive): ``soft_label_ce(logits_adv, p_guide)`` = −Σ p_g log p_f(x′): CAG as a soft-label CE ascent."""
+    def case(t):
+        b, c, s = SHAPES[t]
+        g = generator(2900 + t)
+        return (rand_logits(g, b, c, 2 * s), F.softmax(rand_logits(g, b, c, 2 * s), dim=1)), {}
+
+    def ref(za, pg):
+        return -(pg * F.log_softmax(za, dim=1)).sum()
+
+    run_loss_check(LossSpec(
+        task="soft_label_ce", names=("logits_adv", "p_guide"), reference=ref, make_case=case, trials=6,
+        grad_names=("logits_adv",),
+        variants=[
+            Variant("you used hard labels argmax p_g(x): the guide's whole distribution is the soft label",
+                    lambda za, pg: F.cross_entropy(za, pg.argmax(1), reduction="sum")),
+            Variant("you averaged over the batch; CAG's objective is a sum over batch and classes",
+                    lambda za, pg: ref(za, pg) / za.shape[0]),
+            Variant("you returned the CAG objective itself; the soft-label CE drops the guide's entropy term "
+                    "(a constant in x′): −Σ p_g log p_f(x′)", lambda za, pg: attacks.official_kl_sum(pg, za)),
+            Variant("roles exchanged: the soft label is p_g(x) and the log-probabilities are the target's",
+                    lambda za, pg: -(F.softmax(za, dim=1) * torch.log(pg)).sum()),
+        ],
+        passed="−Σ p_g log p_f(x′) differs from CAG's objective only by Σ p_g log(p_g + 1e-5), a constant in "
+               "x′: same gradient, so CAG is PGD on a soft-label cross-entropy"), fn)
+
+
+def check_cag_copy_prediction(predicted_agreement) -> None:
+    """Task (predict): the share of pixels where CAG and TRADES generation agree when the guide is the target."""
+    task = "predict: CAG with a copied guide"
+    if isinstance(predicted_agreement, bool) or not isinstance(predicted_agreement, (int, float)) or \
+            not 0 <= predicted_agreement <= 1:
+        fail(task, f"set predicted_agreement to a fraction in [0, 1] before running; got {predicted_agreement!r}")
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        g = generator(3000)
+        x = rand_images(g, 8)
+        target = small_cnn(10, 3010).eval()
+        runs = {}
+        for name, guide in [("copy", copy.deepcopy(target)), ("other", small_cnn(10, 3020).eval())]:
+            torch.manual_seed(3030)
+            d_cag = attacks.cag(target, guide, x, eps=0.031, step_size=0.007, steps=5) - x
+            torch.manual_seed(3030)
+            d_trades = attacks.trades_attack(target, x, eps=0.031, step_size=0.007, steps=5) - x
+            runs[name] = (d_cag.sign() == d_trades.sign()).float().mean().item()
+    measured = runs["copy"]
+    why = (f"with g = f, p_g(x) = p_f(x): CAG's objective Σ KL(p_g(x) ‖ p_f(x′)) is TRADES' objective, so from "
+           f"the same start both attacks take the same steps ({measured:.1%} of the perturbation signs agree; "
+           f"with a different guide: {runs['other']:.1%})")
+    if abs(predicted_agreement - measured) > 0.05:
+        fail(task, f"you predicted {predicted_agreement:.0%}; the run gives {measured:.1%}: {why}")
+    passed(task, f"you predicted {predicted_agreement:.0%}: right — {why}")

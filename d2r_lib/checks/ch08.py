@@ -9,21 +9,22 @@ import torch.nn.functional as F
 
 from .. import attacks
 from .harness import (
-    fail,
-    passed,
+    Prototype,
+    as_float,
     call_learner,
-    sandbox,
+    close,
+    eval_common,
+    eval_setup,
+    fail,
+    fraction_verdict,
     generator,
     library_accuracy,
-    as_float,
-    close,
-    Prototype,
-    eval_setup,
-    eval_common,
-    fraction_verdict,
+    passed,
+    sandbox,
 )
 
-__all__ = ["check_accuracy", "check_eps_sweep", "check_transfer_accuracy", "check_gradient_masking"]
+__all__ = ["check_accuracy", "check_eps_sweep", "check_transfer_accuracy", "check_gradient_masking",
+           "check_bpda_attack", "check_logit_attack"]
 
 
 def check_accuracy(fn) -> None:
@@ -137,8 +138,11 @@ class _Quantised(nn.Module):
         super().__init__()
         self.inner, self.levels = inner, levels
 
+    def quantise(self, x):
+        return torch.round(x * self.levels) / self.levels
+
     def forward(self, x):
-        return self.inner(torch.round(x * self.levels) / self.levels)
+        return self.inner(self.quantise(x))
 
 
 class _SoftmaxOut(nn.Module):
@@ -195,3 +199,64 @@ def check_gradient_masking(fn) -> None:
                         f"robust-looking number is not masking unless a weaker attack does better than the "
                         f"white-box one")
         passed(task, f"flags exactly the gradient-masked models among {len(zoo)} ({', '.join(zoo)})")
+
+
+# ------------------------------------------------------------------------------------ break it
+def _pgd_signed(model, x, y, eps, step_size, steps, forward=None):
+    """Plain L∞ PGD from x (no random start) on CE of `forward(x′)` (default: the model's output)."""
+    forward = forward or model
+    x_adv = x.clone()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(forward(x_adv), y), x_adv)
+        x_adv = attacks.project(x_adv.detach() + step_size * grad.sign(), x, eps)
+    return x_adv.detach()
+
+
+def _run_break_check(task, fn, kind) -> None:
+    """A break-it task: the learner's attack must bring the masked model's accuracy down where PGD fails."""
+    eps, step_size, steps = 0.2, 0.05, 10
+    with sandbox(task, fn):
+        zoo, x, y, _ = _masking_zoo(2500)
+        model = zoo["quantised input (torch.round)" if kind == "bpda" else "softmax output ×1000"][0]
+        torch.manual_seed(2550)
+        out = call_learner(task, fn, model, x.clone(), y.clone(), eps, step_size, steps)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            fail(task, f"return x′ shaped like x {tuple(x.shape)}")
+        out = out.detach()
+        if ((out < -1e-6) | (out > 1 + 1e-6)).any():
+            fail(task, "your x′ has pixels outside [0, 1]: clamp")
+        if (out - x).abs().max().item() > eps + 1e-6:
+            fail(task, f"your x′ leaves the ε-ball (max |x′ − x| = {(out - x).abs().max().item():.3g} > ε = "
+                       f"{eps}): a break that changes the image more than ε proves nothing")
+        clean = library_accuracy(model, x, y)
+        mine = library_accuracy(model, out, y)
+        plain = library_accuracy(model, _pgd_signed(model, x, y, eps, step_size, steps), y)
+        if kind == "bpda":
+            ref_x = _pgd_signed(model, x, y, eps, step_size, steps,
+                                forward=lambda z: model.inner(z + (model.quantise(z) - z).detach()))
+        else:
+            ref_x = _pgd_signed(model, x, y, eps, step_size, steps, forward=model.inner)
+        ref = library_accuracy(model, ref_x, y)
+        if mine > ref + 0.25:
+            how = ("the gradient of torch.round is zero almost everywhere, so every step is sign(0) = 0. "
+                   "BPDA: run the rounding forward but let the gradient pass as if it were the identity, "
+                   "z + (model.quantise(z) − z).detach(), then attack model.inner on that")
+            if kind != "bpda":
+                how = ("softmax(1000·z) is saturated: the loss on it has a gradient of about 0. Attack the "
+                       "logits behind it (model.inner) instead: the decision is the same argmax")
+            same = " — the same as plain PGD" if abs(mine - plain) < 0.05 else ""
+            fail(task, f"the masked model keeps {mine:.0%} accuracy under your attack{same} (clean {clean:.0%}, "
+                       f"plain PGD {plain:.0%}, a working break {ref:.0%} at ε = {eps}): {how}")
+        passed(task, f"your attack takes the masked model from {clean:.0%} to {mine:.0%} at ε = {eps}, where "
+                     f"plain PGD leaves {plain:.0%}: its robustness was gradient masking")
+
+
+def check_bpda_attack(fn) -> None:
+    """Task (break it): ``bpda_pgd(model, x, y, eps, step_size, steps)`` defeats input rounding."""
+    _run_break_check("bpda_pgd", fn, "bpda")
+
+
+def check_logit_attack(fn) -> None:
+    """Task (break it): ``logit_pgd(model, x, y, eps, step_size, steps)`` defeats a saturated softmax."""
+    _run_break_check("logit_pgd", fn, "logits")
