@@ -28,6 +28,8 @@ import pytest
 import torch
 import yaml
 
+import d2r_lib
+
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS, EXERCISES = ROOT / "solutions", ROOT / "exercises"
 STEMS = ["01_fgsm_pgd", "02_pgd_at", "03_trades", "04_lbgat", "05_d2r_loss", "06_cag", "08_evaluation"]
@@ -139,8 +141,9 @@ def test_notebook_structure(stem, kind):
     # the Colab shim installs from the repository URL of _config.yml
     shim = code[0].source
     assert "import d2r_lib" in shim and "except ImportError" in shim
+    # ... pinned to the library's version tag, so a notebook and the library it runs always match
     urls = re.findall(r'%pip install -q "d2r_lib @ git\+(\S+?)"', shim)
-    assert urls == [_repository_url()]
+    assert urls == [f"{_repository_url()}@v{d2r_lib.__version__}"]
     # tasks: 3–6, each a solution (or stub) cell followed by a check cell
     tasks = _tasks(nb)
     assert 3 <= len(tasks) <= 6
