@@ -67,7 +67,25 @@ LIBRARY = {
     "eps_sweep": lambda m, x, y, attack, eps_values: [_accuracy(m, attack(m, x, y, e), y) for e in eps_values],
     "transfer_accuracy": lambda s, t, x, y, attack, eps: _accuracy(t, attack(s, x, y, eps), y),
     "gradient_masking": _lib_masked,
+    "linearised_max": lambda g, eps: (eps * g.sign(), eps * g.abs().sum(1)),
+    "kl_mean_ratio": lambda b, c: 1 / c,
+    "clean_term_leading_order": lambda pf, pg: ((pg - pf) ** 3 / (6 * pf ** 2)).mean().abs(),
+    "soft_label_ce": lambda za, pg: F.cross_entropy(za, pg, reduction="sum"),
+    "cag_copy_prediction": 1.0,
+    "bpda_attack": lambda m, x, y, eps, a, k: _bpda(m, x, y, eps, a, k),
+    "logit_attack": lambda m, x, y, eps, a, k: attacks.pgd(m.inner, x, y, eps=eps, step_size=a, steps=k,
+                                                           objective="cw"),
 }
+
+
+def _bpda(m, x, y, eps, a, k, *, straight_through=True):
+    x_adv = x.clone()
+    for _ in range(k):
+        x_adv.requires_grad_(True)
+        z = x_adv + (m.quantise(x_adv) - x_adv).detach() if straight_through else m.quantise(x_adv)
+        grad, = torch.autograd.grad(F.cross_entropy(m.inner(z), y), x_adv)
+        x_adv = attacks.project(x_adv.detach() + a * grad.sign(), x, eps)
+    return x_adv.detach()
 
 
 def _guide_ref(guide, x):
@@ -882,8 +900,6 @@ WRONG = [
     ("cag_objective", cagobj_raw_logits, r"raw logits f\(x′\) where log p_f\(x′\) belongs"),
     ("cag", cag_target_reference, r"target's own p_f\(x\) as the reference.*TRADES/LBGAT generation"),
     ("cag", cag_train_mode, r"ran in train mode during your attack"),
-    ("cag", cag_guide_every_step, r"the guide ran \d+ times during your attack.*compute it once, before the loop"),
-    ("cag", cag_guide_with_graph, r"guide's forward pass ran with gradients enabled"),
     ("cag", cag_modes_not_restored, r"left the (target|guide) in eval mode, but it came in train mode"),
     ("cag", cag_uniform_start, r"CAG starts at x \+ 0.001·N\(0, I\)"),
     ("cag", cag_reversed, r"KL direction reversed: you ascended KL\(p_f\(x′\) ‖ p_g\(x\)\)"),
@@ -915,7 +931,42 @@ WRONG = [
     ("gradient_masking", masked_always, r"flagged the honest model 'linear \(honest\)'"),
     ("gradient_masking", masked_small_eps, r"flagged the honest model"),
     ("gradient_masking", masked_returns_number, r"return True or False"),
+    # derive / predict / break it
+    ("linearised_max", lambda g, eps: (eps * g / g.norm(dim=1, keepdim=True), eps * g.norm(dim=1)),
+     r"ε·g/‖g‖₂ reaches ε‖g‖₂, the maximum over the L2 ball"),
+    ("linearised_max", lambda g, eps: (eps * g.sign(), eps * g.norm(dim=1)), r"\*dual\* norm of L∞.*L1"),
+    ("linearised_max", lambda g, eps: (-eps * g.sign(), eps * g.abs().sum(1)), r"\*minimises\*"),
+    ("linearised_max", lambda g, eps: (eps * g, eps * g.abs().sum(1)), r"leaves the L∞ ball.*scaled g itself"),
+    ("kl_mean_ratio", lambda b, c: c, r"inverted"),
+    ("kl_mean_ratio", lambda b, c: 1 / (b * c), r"already divides by the batch size"),
+    ("kl_mean_ratio", lambda b, c: 1 / b, r"both reductions average over the batch"),
+    ("clean_term_leading_order", lambda pf, pg: ((pg - pf) ** 2 / (2 * pf)).mean(),
+     r"Σ δ²/\(2p\): the leading order of \*each\* KL"),
+    ("clean_term_leading_order", lambda pf, pg: ((pg - pf) ** 3 / pf ** 2).mean().abs(), r"6× the clean term"),
+    ("clean_term_leading_order", lambda pf, pg: ((pg - pf) ** 3 / (3 * pf ** 2)).mean().abs(),
+     r"2× the clean term"),
+    ("soft_label_ce", lambda za, pg: F.cross_entropy(za, pg.argmax(1), reduction="sum"), r"hard labels"),
+    ("soft_label_ce", lambda za, pg: F.cross_entropy(za, pg), r"averaged over the batch"),
+    ("soft_label_ce", lambda za, pg: attacks.official_kl_sum(pg, za), r"returned the CAG objective itself"),
+    ("cag_copy_prediction", 0.5, r"you predicted 50%; the run gives 100.0%"),
+    ("cag_copy_prediction", 1.5, r"a fraction in \[0, 1\]"),
+    ("bpda_attack", lambda m, x, y, eps, a, k: _bpda(m, x, y, eps, a, k, straight_through=False),
+     r"keeps 100% accuracy under your attack — the same as plain PGD.*BPDA"),
+    ("bpda_attack", lambda m, x, y, eps, a, k: _bpda(m, x, y, 2 * eps, a, k), r"leaves the ε-ball"),
+    ("logit_attack", lambda m, x, y, eps, a, k: attacks.pgd(m, x, y, eps=eps, step_size=a, steps=k),
+     r"softmax\(1000·z\) is saturated.*model.inner"),
+    ("logit_attack", lambda m, x, y, eps, a, k: _bpda_logprob(m, x, y, eps, a, k), r"keeps 100% accuracy"),
 ]
+
+
+def _bpda_logprob(m, x, y, eps, a, k):
+    """PGD on the log of the saturated softmax output: still masked."""
+    x_adv = x.clone()
+    for _ in range(k):
+        x_adv.requires_grad_(True)
+        grad, = torch.autograd.grad(F.nll_loss(torch.log(m(x_adv) + 1e-30), y), x_adv)
+        x_adv = attacks.project(x_adv.detach() + a * grad.sign(), x, eps)
+    return x_adv.detach()
 
 
 @pytest.mark.filterwarnings("ignore:reduction. 'mean' divides the total loss")
@@ -938,3 +989,168 @@ def test_random_start_with_other_random_numbers_passes_on_invariants(capsys):
     """A correct PGD that draws its start differently is accepted (invariants + loss reached), with a note."""
     checks.check_pgd_linf(pgd_other_rng)
     assert "your random numbers differ from the library's" in capsys.readouterr().out
+
+
+# ================================================================ correct but differently written answers
+def cag_official(t, g, x, eps, a, k):
+    """A transcription of the official D2R CAG: both models in eval mode, the guide evaluated inside every step
+    under enable_grad (its graph unused), the start x + 0.001·N(0, I), min/max projection, then the clamp."""
+    t.eval()
+    g.eval()
+    x_adv = x.detach() + 0.001 * torch.randn(x.shape).detach()
+    for _ in range(k):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            p_g = F.softmax(g(x), dim=1)
+            loss = (p_g * (torch.log(p_g + 1e-5) - F.log_softmax(t(x_adv), dim=1))).sum()
+        grad = torch.autograd.grad(loss, [x_adv])[0]
+        x_adv = x_adv.detach() + a * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+        x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    return x_adv.detach()
+
+
+def _restoring(fn):
+    """The official scripts leave modes to the training loop; the notebook's task restores them."""
+    def wrapped(*args):
+        models = [a for a in args if isinstance(a, torch.nn.Module)]
+        flags = [[m.training for m in model.modules()] for model in models]
+        try:
+            return fn(*args)
+        finally:
+            for model, fl in zip(models, flags):
+                for m, f in zip(model.modules(), fl):
+                    m.training = f
+    return wrapped
+
+
+def _official_trades_attack(model, x, eps, a, k):
+    model.eval()
+    criterion_kl = torch.nn.KLDivLoss(reduction="sum")
+    x_adv = x.detach() + 0.001 * torch.randn(x.shape).detach()
+    for _ in range(k):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            loss_kl = criterion_kl(F.log_softmax(model(x_adv), dim=1), F.softmax(model(x), dim=1))
+        grad = torch.autograd.grad(loss_kl, [x_adv])[0]
+        x_adv = x_adv.detach() + a * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+        x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    return x_adv.detach()
+
+
+def trades_step_official(model, optimizer, x, y, *, beta, eps, step_size, steps):
+    """TRADES' trades_loss (yaodongyu/TRADES): train-mode passes on x, x′ and x again."""
+    x_adv = _official_trades_attack(model, x, eps, step_size, steps)
+    model.train()
+    optimizer.zero_grad()
+    logits = model(x)
+    loss_natural = F.cross_entropy(logits, y)
+    criterion_kl = torch.nn.KLDivLoss(reduction="sum")
+    loss_robust = (1.0 / len(x)) * criterion_kl(F.log_softmax(model(x_adv), dim=1), F.softmax(model(x), dim=1))
+    loss = loss_natural + beta * loss_robust
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def lbgat_step_official(target, guide, optimizer, x, y, *, eps, step_size, steps):
+    """LBGAT's step at β = 0: x′ from the target alone; train-mode passes f(x′), f(x), g(x)."""
+    x_adv = _official_trades_attack(target, x, eps, step_size, steps)
+    target.train()
+    guide.train()
+    optimizer.zero_grad()
+    out_adv = target(x_adv)
+    out_natural = target(x)  # noqa: F841 - computed by the official code even at β = 0
+    out_guide = guide(x)
+    loss = F.cross_entropy(out_guide, y) + torch.nn.MSELoss()(out_adv, out_guide)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def d2r_step_official(target, guide, optimizer, x, y, *, eps, step_size, steps):
+    """D2R.py's step: the official CAG, then f(x′), f(x), g(x) in train mode, the D2R loss."""
+    x_adv = cag_official(target, guide, x, eps, step_size, steps)
+    target.train()
+    guide.train()
+    optimizer.zero_grad()
+    loss = losses.d2r_loss(target(x_adv), target(x), guide(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def pgd_at_step_other_rng(model, optimizer, x, y, *, eps, step_size, steps):
+    """A PGD-AT step whose attack draws its start after other random numbers (so x′ differs from the library's)."""
+    torch.rand(7)
+    start = (x + eps * (2 * torch.rand(x.shape) - 1)).clamp(0, 1)
+    with attacks.eval_mode(model):
+        x_adv = start
+        for _ in range(steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            grad, = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+            x_adv = attacks.project(x_adv.detach() + step_size * grad.sign(), x, eps)
+    model.train()
+    loss = F.cross_entropy(model(x_adv.detach()), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+CORRECT = [
+    ("cag", _restoring(cag_official)),
+    ("cag", cag_guide_every_step),
+    ("cag", cag_guide_with_graph),
+    ("trades_step", trades_step_official),
+    ("lbgat_step", lbgat_step_official),
+    ("d2r_step", d2r_step_official),
+    ("pgd_at_step", pgd_at_step_other_rng),
+    ("pgd_linf", pgd_other_rng),
+    ("trades_attack", _restoring(_official_trades_attack)),
+    ("linearised_max", lambda g, eps: (torch.where(g >= 0, eps, -eps) * torch.ones_like(g),
+                                       (g * torch.where(g >= 0, eps, -eps)).sum(1))),
+    ("kl_mean_ratio", lambda b, c: b / (b * c)),
+    ("clean_term_leading_order", lambda pf, pg: ((pg - pf) ** 3 / (6 * pg ** 2)).mean().abs()),
+    ("clean_term_leading_order", lambda pf, pg: ((pg - pf) ** 3 / (6 * pf * pg)).mean().abs()),
+    ("soft_label_ce", lambda za, pg: -(pg * F.log_softmax(za, dim=1)).sum()),
+    ("cag_copy_prediction", 0.98),
+    ("bpda_attack", lambda m, x, y, eps, a, k: attacks.pgd(m.inner, x, y, eps=eps, step_size=a, steps=k)),
+    ("logit_attack", lambda m, x, y, eps, a, k: attacks.pgd(m.inner, x, y, eps=eps, step_size=a, steps=k)),
+    ("official_kl", lambda p, lq: torch.mean(p * (torch.log(p + 1e-5) - lq))),
+    ("trades_kl", lambda zn, za: F.kl_div(F.log_softmax(za, 1), F.softmax(zn, 1), reduction="batchmean")),
+    ("fgsm", lambda m, x, y, eps: attacks.pgd(m, x, y, eps=eps, step_size=eps, steps=1, start="clean")),
+]
+
+
+@pytest.mark.parametrize("name,answer", CORRECT, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CORRECT)])
+def test_correct_but_differently_written_answer_passes(name, answer, capsys):
+    getattr(checks, f"check_{name}")(answer)
+    assert capsys.readouterr().out.startswith("✓ ")
+
+
+def test_official_cag_gets_advice_not_a_failure(capsys):
+    checks.check_cag(cag_guide_every_step)
+    out = capsys.readouterr().out
+    assert out.startswith("✓ cag:")
+    assert "💡 cag: the guide ran" in out and "compute it once, before the loop" in out
+
+
+def test_official_steps_are_accepted_with_their_extra_passes(capsys):
+    checks.check_trades_step(trades_step_official)
+    checks.check_lbgat_step(lbgat_step_official)
+    out = capsys.readouterr().out
+    assert out.count("✓ ") == 2
+
+
+def test_a_step_with_other_random_numbers_is_checked_on_its_own_x_adv(capsys):
+    checks.check_pgd_at_step(pgd_at_step_other_rng)
+    assert "checked for the ε-ball, [0, 1] and the objective it reaches" in capsys.readouterr().out
+
+
+def test_predictions_get_their_verdicts(capsys):
+    checks.check_cag_copy_prediction(1.0)
+    assert "right" in capsys.readouterr().out
+    with pytest.raises(checks.CheckFailed, match=r"you predicted 0%; the run gives"):
+        checks.check_cag_copy_prediction(0.0)
