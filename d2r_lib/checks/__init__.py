@@ -1,14 +1,17 @@
 """Self-checks used by the exercise notebooks (``exercises/NN_topic.ipynb``). Chapters 1–9.
 
-After each task a notebook calls ``checks.check_<thing>(your_answer)``. The check runs your function on fresh
-inputs (seeded inside the check, several trials, without touching your notebook's random state), compares it
-with the library and with the properties every correct answer has, prints one line starting with ✓ (and
-advice starting with 💡 where a correct answer could be cheaper), or raises :class:`CheckFailed` (an
-``AssertionError``) whose message names the mistake. ``NotImplementedError`` from an unsolved exercise
-passes through unchanged.
+After each task a notebook calls ``checks.check_<thing>(your_answer)``. The check runs your function
+on fresh inputs (seeded inside the check, several trials, without touching your notebook's random
+state), compares it with the library and with the properties every correct answer has, prints one
+line starting with ✓ (and advice starting with 💡 where a correct answer could be cheaper), or
+raises
+:class:`CheckFailed` (an ``AssertionError``) whose message names the mistake.
+``NotImplementedError`` from an unsolved exercise passes through unchanged.
 
-The machinery is in :mod:`.harness`; each chapter's checks are in their own module (``ch01`` ... ``ch09``).
+The machinery is in :mod:`.harness`; each chapter's checks are in their own module (``ch01`` ...
+``ch09``).
 """
+
 from __future__ import annotations
 
 from . import ch01, ch02, ch03, ch04, ch05, ch06, ch08, steps

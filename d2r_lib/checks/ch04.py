@@ -1,4 +1,6 @@
-"""Checks of exercise notebook 4 (chapter 4): the LBGAT losses, the shared optimizer, the LBGAT step."""
+"""Checks of exercise notebook 4 (chapter 4): the LBGAT losses, the shared optimizer, the LBGAT
+step."""
+
 from __future__ import annotations
 
 import torch
@@ -6,18 +8,20 @@ import torch.nn.functional as F
 
 from .. import losses, methods
 from .harness import (
-    SHAPES,
-    LossSpec,
-    Variant,
     call_learner,
     fail,
     generator,
     passed,
     rand_labels,
-    rand_logits,
-    run_loss_check,
     sandbox,
     small_cnn,
+)
+from .losscheck import (
+    SHAPES,
+    LossSpec,
+    Variant,
+    rand_logits,
+    run_loss_check,
 )
 
 __all__ = ["check_lbgat0_loss", "check_lbgat_loss", "check_make_optimizer"]
@@ -33,34 +37,71 @@ def _triple_case(base_seed, with_beta=False):
         z_guide = rand_logits(g, b, c, 2 * s)
         y = rand_labels(g, b, c)
         if with_beta:
-            return (z_adv, z_guide, y), {"beta": [6.0, 0.0, 2.0, 6.0, 1.0, 6.0][t], "logits_nat": z_nat}
+            return (z_adv, z_guide, y), {
+                "beta": [6.0, 0.0, 2.0, 6.0, 1.0, 6.0][t],
+                "logits_nat": z_nat,
+            }
         return (z_adv, z_guide, y), {}
+
     return case
 
 
 def check_lbgat0_loss(fn) -> None:
-    """Task: ``lbgat0_loss(logits_adv, logits_guide, y)`` = CE(g(x), y) + MSE(f(x′), g(x)) (LBGAT, β = 0)."""
+    """Task: ``lbgat0_loss(logits_adv, logits_guide, y)`` = CE(g(x), y) + MSE(f(x′), g(x)) (LBGAT, β
+    = 0)."""
     ce, mse = F.cross_entropy, F.mse_loss
-    run_loss_check(LossSpec(
-        task="lbgat0_loss", names=("logits_adv", "logits_guide", "y"), reference=losses.lbgat_loss,
-        make_case=_triple_case(400), trials=6, grad_names=("logits_adv", "logits_guide"),
-        variants=[
-            Variant("your CE term uses the target's adversarial logits f(x′); LBGAT puts the label loss on the "
-                     "guide: CE(g(x), y)", lambda za, zg, y: ce(za, y) + mse(za, zg)),
-            Variant("your MSE compares probabilities (softmax); LBGAT's MSE is between the logits f(x′) and g(x)",
-                     lambda za, zg, y: ce(zg, y) + mse(F.softmax(za, dim=1), F.softmax(zg, dim=1))),
-            Variant("your MSE sums the squared error over the classes ({C}× too large); nn.MSELoss / F.mse_loss "
-                     "averages over batch × classes", lambda za, zg, y: ce(zg, y) + za.shape[1] * mse(za, zg)),
-            Variant("your MSE sums over batch and classes; F.mse_loss averages them (reduction='mean')",
-                     lambda za, zg, y: ce(zg, y) + za.numel() * mse(za, zg)),
-            Variant("you left out CE(g(x), y): without it nothing ties the guide to the labels",
-                     lambda za, zg, y: mse(za, zg)),
-            Variant("you left out MSE(f(x′), g(x)), the term through which the target learns from the guide",
-                     lambda za, zg, y: ce(zg, y)),
-        ],
-        grad_hints={"logits_guide": "LBGAT trains the guide through both CE and MSE: don't detach g(x) in the MSE.",
-                    "logits_adv": "The target learns only through MSE(f(x′), g(x)): keep f(x′) in the graph."},
-        passed="CE(g(x), y) + MSE(f(x′), g(x)) as losses.lbgat_loss with β = 0 (value and gradients, 6 trials)"), fn)
+    run_loss_check(
+        LossSpec(
+            task="lbgat0_loss",
+            names=("logits_adv", "logits_guide", "y"),
+            reference=losses.lbgat_loss,
+            make_case=_triple_case(400),
+            trials=6,
+            grad_names=("logits_adv", "logits_guide"),
+            variants=[
+                Variant(
+                    "your CE term uses the target's adversarial logits f(x′); LBGAT puts the label "
+                    "loss on the "
+                    "guide: CE(g(x), y)",
+                    lambda za, zg, y: ce(za, y) + mse(za, zg),
+                ),
+                Variant(
+                    "your MSE compares probabilities (softmax); LBGAT's MSE is between the logits "
+                    "f(x′) and g(x)",
+                    lambda za, zg, y: ce(zg, y) + mse(F.softmax(za, dim=1), F.softmax(zg, dim=1)),
+                ),
+                Variant(
+                    "your MSE sums the squared error over the classes ({C}× too large); nn.MSELoss "
+                    "/ F.mse_loss "
+                    "averages over batch × classes",
+                    lambda za, zg, y: ce(zg, y) + za.shape[1] * mse(za, zg),
+                ),
+                Variant(
+                    "your MSE sums over batch and classes; F.mse_loss averages them "
+                    "(reduction='mean')",
+                    lambda za, zg, y: ce(zg, y) + za.numel() * mse(za, zg),
+                ),
+                Variant(
+                    "you left out CE(g(x), y): without it nothing ties the guide to the labels",
+                    lambda za, zg, y: mse(za, zg),
+                ),
+                Variant(
+                    "you left out MSE(f(x′), g(x)), the term through which the target learns from "
+                    "the guide",
+                    lambda za, zg, y: ce(zg, y),
+                ),
+            ],
+            grad_hints={
+                "logits_guide": "LBGAT trains the guide through both CE and MSE: don't detach g(x) "
+                "in the MSE.",
+                "logits_adv": "The target learns only through MSE(f(x′), g(x)): keep f(x′) in the "
+                "graph.",
+            },
+            passed="CE(g(x), y) + MSE(f(x′), g(x)) as losses.lbgat_loss with β = 0 (value and "
+            "gradients, 6 trials)",
+        ),
+        fn,
+    )
 
 
 def check_lbgat_loss(fn) -> None:
@@ -71,35 +112,70 @@ def check_lbgat_loss(fn) -> None:
     def ref(za, zg, y, beta, logits_nat):
         return losses.lbgat_loss(za, zg, y, beta=beta, logits_nat=logits_nat)
 
-    run_loss_check(LossSpec(
-        task="lbgat_loss", names=("logits_adv", "logits_guide", "y"), reference=ref,
-        make_case=_triple_case(500, with_beta=True), trials=6, grad_names=("logits_adv", "logits_guide"),
-        variants=[
-            Variant("KL direction reversed: you computed KL(p_f(x′) ‖ p_f(x)); LBGAT's β-term is TRADES' "
-                     "KL(p_f(x) ‖ p_f(x′))",
-                     lambda za, zg, y, beta, logits_nat: lb0(za, zg, y) + beta * kl(za, logits_nat)),
-            Variant("your β-term compares the guide with the target (KL(p_g(x) ‖ p_f(x′))); LBGAT's β-term is the "
-                     "target's own TRADES KL(p_f(x) ‖ p_f(x′)), with logits_nat = f(x)",
-                     lambda za, zg, y, beta, logits_nat: lb0(za, zg, y) + beta * kl(zg, za)),
-            Variant("your KL averages over batch × classes (1/{C} of the per-sample KL); LBGAT's β-term is TRADES' "
-                     "KL summed over classes and averaged over the batch",
-                     lambda za, zg, y, beta, logits_nat: lb0(za, zg, y) + beta * kl(logits_nat, za) / za.shape[1]),
-            Variant("you ignored the `beta` argument (your value matches β = 6): use the beta passed in",
-                     lambda za, zg, y, beta, logits_nat: None if beta == 6.0
-                     else lb0(za, zg, y) + 6.0 * kl(logits_nat, za)),
-            Variant("you dropped the β-term: with β > 0 add β·KL(p_f(x) ‖ p_f(x′)) (logits_nat = f(x))",
-                     lambda za, zg, y, beta, logits_nat: lb0(za, zg, y)),
-            Variant("your CE term uses the target's clean logits f(x); LBGAT puts the label loss on the guide g(x)",
-                     lambda za, zg, y, beta, logits_nat: F.cross_entropy(logits_nat, y) + F.mse_loss(za, zg)
-                     + beta * kl(logits_nat, za)),
-        ],
-        grad_hints={"logits_guide": "LBGAT trains the guide through CE and MSE: don't detach g(x)."},
-        passed="CE(g(x), y) + MSE(f(x′), g(x)) + β·KL(p_f(x) ‖ p_f(x′)) as losses.lbgat_loss (β ∈ {0, 1, 2, 6})"), fn)
-
+    run_loss_check(
+        LossSpec(
+            task="lbgat_loss",
+            names=("logits_adv", "logits_guide", "y"),
+            reference=ref,
+            make_case=_triple_case(500, with_beta=True),
+            trials=6,
+            grad_names=("logits_adv", "logits_guide"),
+            variants=[
+                Variant(
+                    "KL direction reversed: you computed KL(p_f(x′) ‖ p_f(x)); LBGAT's β-term is "
+                    "TRADES' "
+                    "KL(p_f(x) ‖ p_f(x′))",
+                    lambda za, zg, y, beta, logits_nat: lb0(za, zg, y) + beta * kl(za, logits_nat),
+                ),
+                Variant(
+                    "your β-term compares the guide with the target (KL(p_g(x) ‖ p_f(x′))); "
+                    "LBGAT's β-term is the "
+                    "target's own TRADES KL(p_f(x) ‖ p_f(x′)), with logits_nat = f(x)",
+                    lambda za, zg, y, beta, logits_nat: lb0(za, zg, y) + beta * kl(zg, za),
+                ),
+                Variant(
+                    "your KL averages over batch × classes (1/{C} of the per-sample KL); LBGAT's "
+                    "β-term is TRADES' "
+                    "KL summed over classes and averaged over the batch",
+                    lambda za, zg, y, beta, logits_nat: (
+                        lb0(za, zg, y) + beta * kl(logits_nat, za) / za.shape[1]
+                    ),
+                ),
+                Variant(
+                    "you ignored the `beta` argument (your value matches β = 6): use the beta "
+                    "passed in",
+                    lambda za, zg, y, beta, logits_nat: (
+                        None if beta == 6.0 else lb0(za, zg, y) + 6.0 * kl(logits_nat, za)
+                    ),
+                ),
+                Variant(
+                    "you dropped the β-term: with β > 0 add β·KL(p_f(x) ‖ p_f(x′)) (logits_nat = "
+                    "f(x))",
+                    lambda za, zg, y, beta, logits_nat: lb0(za, zg, y),
+                ),
+                Variant(
+                    "your CE term uses the target's clean logits f(x); LBGAT puts the label loss "
+                    "on the guide g(x)",
+                    lambda za, zg, y, beta, logits_nat: (
+                        F.cross_entropy(logits_nat, y)
+                        + F.mse_loss(za, zg)
+                        + beta * kl(logits_nat, za)
+                    ),
+                ),
+            ],
+            grad_hints={
+                "logits_guide": "LBGAT trains the guide through CE and MSE: don't detach g(x)."
+            },
+            passed="CE(g(x), y) + MSE(f(x′), g(x)) + β·KL(p_f(x) ‖ p_f(x′)) as losses.lbgat_loss "
+            "(β ∈ {0, 1, 2, 6})",
+        ),
+        fn,
+    )
 
 
 def check_make_optimizer(fn) -> None:
-    """Task: ``make_optimizer(target, guide)``: one SGD over both models with the official hyperparameters."""
+    """Task: ``make_optimizer(target, guide)``: one SGD over both models with the official
+    hyperparameters."""
     task = "make_optimizer"
     with sandbox(task, fn):
         t, g = small_cnn(10, 1900, width=4), small_cnn(10, 1901, width=4)
@@ -115,16 +191,37 @@ def check_make_optimizer(fn) -> None:
         for role, model in [("target", t), ("guide", g)]:
             missing = sum(id(p) not in set(ids) for p in model.parameters())
             if missing:
-                fail(task, f"{missing} of the {role}'s parameter tensors are not in the optimizer: LBGAT/D2R train "
-                            f"target *and* guide with one SGD over [target.parameters(), guide.parameters()]")
+                fail(
+                    task,
+                    f"{missing} of the {role}'s parameter tensors are not in the optimizer: "
+                    "LBGAT/D2R train "
+                    "target *and* guide with one SGD over [target.parameters(), "
+                    "guide.parameters()]",
+                )
         want = ref.param_groups[0]
-        names = {"lr": "the learning rate lr", "momentum": "momentum", "weight_decay": "weight_decay",
-                 "nesterov": "nesterov", "dampening": "dampening"}
+        names = {
+            "lr": "the learning rate lr",
+            "momentum": "momentum",
+            "weight_decay": "weight_decay",
+            "nesterov": "nesterov",
+            "dampening": "dampening",
+        }
         for group in opt.param_groups:
             for key, label in names.items():
                 if group.get(key) != want[key]:
-                    extra = " (5e-4 is a common default, but LBGAT and D2R use 2e-4)" if key == "weight_decay" else ""
-                    fail(task, f"{label} = {group.get(key)!r}; the official code uses {want[key]!r}{extra}")
-        passed(task, f"SGD over target and guide, lr {want['lr']}, momentum {want['momentum']}, weight decay "
-                      f"{want['weight_decay']}, no Nesterov, as methods.make_optimizer")
-
+                    extra = (
+                        " (5e-4 is a common default, but LBGAT and D2R use 2e-4)"
+                        if key == "weight_decay"
+                        else ""
+                    )
+                    fail(
+                        task,
+                        f"{label} = {group.get(key)!r}; the official code uses "
+                        f"{want[key]!r}{extra}",
+                    )
+        passed(
+            task,
+            f"SGD over target and guide, lr {want['lr']}, momentum {want['momentum']}, weight "
+            "decay "
+            f"{want['weight_decay']}, no Nesterov, as methods.make_optimizer",
+        )
