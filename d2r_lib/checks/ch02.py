@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import attacks, losses
+from . import toy2d
 from .harness import (
     as_float,
     call_learner,
@@ -28,7 +29,7 @@ from .losscheck import (
     run_loss_check,
 )
 
-__all__ = ["check_pgd_at_loss", "check_robust_accuracy"]
+__all__ = ["check_fgsm_overfitting", "check_pgd_at_loss", "check_robust_accuracy"]
 
 
 # ------------------------------------------------------------------------------------------ ch. 2
@@ -122,3 +123,59 @@ def check_robust_accuracy(fn) -> None:
         passed(
             task, "accuracy on attacks.pgd's x′, eval mode, mode restored, as a fraction (3 trials)"
         )
+
+
+# ------------------------------------------------------------------------------------ break it
+def _fgsm_training(task, fn, *, random_start, seed=2, eps=0.2, epochs=30, n=600, batch=100):
+    """Train a two-moons MLP with the learner's FGSM step; returns clean, FGSM, PGD-20 accuracy."""
+    x, y = toy2d.moons(n, seed)
+    model = toy2d.mlp(64, seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    order_gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=order_gen)
+        for start in range(0, n, batch):
+            idx = order[start : start + batch]
+            call_learner(task, fn, model, optimizer, x[idx], y[idx], eps, random_start)
+    model.eval()
+    x_test, y_test = toy2d.moons(500, 999)
+    fgsm = toy2d.accuracy(model, attacks.fgsm(model, x_test, y_test, eps=eps), y_test)
+    return (
+        toy2d.accuracy(model, x_test, y_test),
+        fgsm,
+        toy2d.pgd_accuracy(model, x_test, y_test, eps),
+    )
+
+
+def check_fgsm_overfitting(fn) -> None:
+    """Break it, repair it: ``fgsm_train_step(model, optimizer, x, y, eps, random_start)``."""
+    task = "fgsm_train_step"
+    with sandbox(task, fn):
+        plain = _fgsm_training(task, fn, random_start=False)
+        fixed = _fgsm_training(task, fn, random_start=True)
+    line = (
+        f"two moons, seed 2, ε = 0.2, 30 epochs — without random start: clean {plain[0]:.0%}, "
+        f"FGSM {plain[1]:.0%}, PGD-20 {plain[2]:.0%}; with it: clean {fixed[0]:.0%}, "
+        f"FGSM {fixed[1]:.0%}, PGD-20 {fixed[2]:.0%}"
+    )
+    if plain[1] - plain[2] < 0.3:
+        fail(
+            task,
+            f"{line}. Without the random start FGSM training should overfit to its own attack "
+            f"(FGSM accuracy far above PGD's); here it does not: does your step start at x when "
+            f"random_start is False, take one signed step of size ε on the loss, and train on "
+            f"that x′ in train mode?",
+        )
+    if fixed[2] < plain[2] + 0.05:
+        fail(
+            task,
+            f"{line}. The random start should repair it (PGD-20 accuracy well above the "
+            f"run without): with random_start=True, start from a uniform point of the ε-ball "
+            f"and take the signed step from there, projected back onto the ball",
+        )
+    passed(
+        task,
+        f"{line}: FGSM training overfits to its own one-step attack (catastrophic "
+        f"overfitting), and the random start repairs much of it",
+    )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from .. import attacks, losses
+from . import toy2d
 from .attackcheck import (
     AttackSpec,
     attack_cases,
@@ -15,6 +17,7 @@ from .attackcheck import (
 )
 from .harness import (
     generator,
+    prediction_verdict,
     rand_labels,
 )
 from .losscheck import (
@@ -25,7 +28,7 @@ from .losscheck import (
     run_loss_check,
 )
 
-__all__ = ["check_trades_kl", "check_trades_loss", "check_trades_attack"]
+__all__ = ["check_beta_prediction", "check_trades_kl", "check_trades_loss", "check_trades_attack"]
 
 
 # ------------------------------------------------------------------------------------------ ch. 3
@@ -262,3 +265,45 @@ def check_trades_attack(fn) -> None:
         ),
         fn,
     )
+
+
+# ------------------------------------------------------------------------------------ predict
+_BETA_EPS = 0.05
+
+
+@functools.lru_cache(maxsize=1)
+def _beta_runs() -> tuple:
+    """(β, clean, PGD-20) of TRADES on two moons, seed 0, β 0 → 24 (run once per process)."""
+    x_test, y_test = toy2d.moons(500, 999)
+    rows = []
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        for beta in (0.0, 1.0, 6.0, 24.0):
+            target, _ = toy2d.train(
+                "trades", seed=0, beta=beta, eps=_BETA_EPS, step_size=_BETA_EPS / 4, steps=5
+            )
+            rows.append(
+                (
+                    beta,
+                    toy2d.accuracy(target, x_test, y_test),
+                    toy2d.pgd_accuracy(target, x_test, y_test, _BETA_EPS),
+                )
+            )
+    return tuple(rows)
+
+
+def check_beta_prediction(predicted_clean_trend) -> None:
+    """Task (predict): how TRADES' clean accuracy moves as β grows (two-moons runs, β 0 → 24)."""
+    task = "predict: TRADES β sweep"
+    allowed = ("rises", "falls", "flat")
+    if predicted_clean_trend not in allowed:
+        prediction_verdict(task, predicted_clean_trend, allowed, None, "")
+    eps, rows = _BETA_EPS, _beta_runs()
+    change = rows[-1][1] - rows[0][1]
+    measured = "falls" if change < -0.02 else "rises" if change > 0.02 else "flat"
+    table = ", ".join(f"β {b:g}: clean {c:.1%} / PGD-20 {r:.1%}" for b, c, r in rows)
+    why = (
+        f"two moons, seed 0, ε = {eps}: {table}. β weighs the KL that pulls p(x′) towards p(x) "
+        f"against the CE that fits the labels: the larger β, the smoother the boundary near the "
+        f"data, at the price of clean accuracy (the trade-off TRADES is named after)"
+    )
+    prediction_verdict(task, predicted_clean_trend, allowed, measured, why)

@@ -51,6 +51,7 @@ __all__ = [
     "eval_setup",
     "eval_common",
     "fraction_verdict",
+    "prediction_verdict",
 ]
 
 
@@ -277,3 +278,16 @@ def fraction_verdict(task, got, want, *, clean=None, what="accuracy"):
             "attacked "
             f"images x′",
         )
+
+
+def prediction_verdict(task: str, predicted, allowed: tuple, measured, why: str) -> None:
+    """Predict-then-run: a right prediction passes with its explanation, a wrong one fails."""
+    if predicted not in allowed:
+        fail(
+            task,
+            f"set your prediction to one of {', '.join(map(repr, allowed))} before running; "
+            f"got {predicted!r}",
+        )
+    if predicted != measured:
+        fail(task, f"you predicted {predicted!r}; the run gives {measured!r}: {why}")
+    passed(task, f"you predicted {predicted!r}: right — {why}")
