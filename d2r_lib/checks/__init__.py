@@ -14,17 +14,21 @@ The machinery is in :mod:`.harness`; each chapter's checks are in their own modu
 
 from __future__ import annotations
 
-from . import ch01, ch02, ch03, ch04, ch05, ch06, ch08, steps
+from . import ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, steps
 from .ch01 import *  # noqa: F403
 from .ch02 import *  # noqa: F403
 from .ch03 import *  # noqa: F403
 from .ch04 import *  # noqa: F403
 from .ch05 import *  # noqa: F403
 from .ch06 import *  # noqa: F403
+from .ch07 import *  # noqa: F403
 from .ch08 import *  # noqa: F403
+from .ch09 import *  # noqa: F403
 from .harness import CheckFailed
 from .steps import *  # noqa: F403
 
 __all__ = ["CheckFailed"] + [
-    name for module in (ch01, ch02, ch03, ch04, ch05, ch06, ch08, steps) for name in module.__all__
+    name
+    for module in (ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, steps)
+    for name in module.__all__
 ]
