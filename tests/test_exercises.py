@@ -42,7 +42,9 @@ STEMS = [
     "04_lbgat",
     "05_d2r_loss",
     "06_cag",
+    "07_experiment_design",
     "08_evaluation",
+    "09_cost_model",
 ]
 SMOKE = {"profile": "smoke", "seed": 0, "device": "cpu"}
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"

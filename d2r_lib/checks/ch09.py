@@ -9,7 +9,13 @@ import torch
 from .. import costmodel, methods, models
 from .harness import as_float, call_learner, close, fail, passed, sandbox
 
-__all__ = ["check_epoch_seconds", "check_cost_prediction", "measure_epoch", "COST_RUN"]
+__all__ = [
+    "check_outer_steps",
+    "check_epoch_seconds",
+    "check_cost_prediction",
+    "measure_epoch",
+    "COST_RUN",
+]
 
 # the run whose epoch the learner predicts (random images: only the time matters)
 COST_RUN = {"method": "pgd_at", "model": "small_cnn", "steps": 2, "images": 128, "batch_size": 32}
@@ -102,3 +108,38 @@ def check_cost_prediction(predicted_seconds, measured_seconds: float | None = No
         f"{line}: within a factor of 3 — close enough to plan a run (timings on a shared "
         f"machine vary by tens of per cent)",
     )
+
+
+def check_outer_steps(fn) -> None:
+    """Task (derive): ``outer_steps(train_passes, reference_passes)`` = c for equal-size models."""
+    task = "outer_steps"
+    tp, ap = costmodel.TRAIN_PASS, costmodel.ATTACK_PASS
+    with sandbox(task, fn):
+        for p, r in [(1, 0), (3, 1), (2, 1), (2, 0), (5, 2)]:
+            got = as_float(task, call_learner(task, fn, p, r), "c")
+            want = (tp * p + r) / ap
+            if close(got, want, 1e-9, 1e-12):
+                continue
+            for value, message in [
+                (tp * p / ap, "you left out the reference pass (TRADES' p_f(x), CAG's p_g(x))"),
+                ((p + r) / ap, "a training pass costs about 3 forward passes, not 1"),
+                (
+                    tp * p + r,
+                    "c is in units of attack steps: divide by one attack step (2 forwards)",
+                ),
+                (
+                    (tp * p + 2 * r) / ap,
+                    "a reference pass is a forward pass without backward: 1, not 2",
+                ),
+            ]:
+                if close(got, value, 1e-9, 1e-12):
+                    fail(task, f"{message} ({p} train passes, {r} reference passes)")
+            fail(
+                task,
+                f"your c = {got:.4g} for {p} train and {r} reference passes; expected {want:.4g}",
+            )
+        passed(
+            task,
+            f"c = (3·train + reference) / 2: PGD-AT {costmodel.outer_steps('pgd_at'):g}, "
+            f"D2R {costmodel.outer_steps('d2r'):g} attack steps, as costmodel.outer_steps",
+        )
