@@ -281,7 +281,13 @@ def _beta_runs() -> tuple:
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         for beta in (0.0, 1.0, 6.0, 24.0):
             target, _ = toy2d.train(
-                "trades", seed=0, beta=beta, eps=_BETA_EPS, step_size=_BETA_EPS / 4, steps=5
+                "trades",
+                seed=0,
+                beta=beta,
+                eps=_BETA_EPS,
+                step_size=_BETA_EPS / 4,
+                steps=5,
+                lr=0.05,
             )
             rows.append(
                 (

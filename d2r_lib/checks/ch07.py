@@ -30,7 +30,9 @@ def _paired(a, b):
     n = len(d)
     mean = sum(d) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1))
-    return mean, mean / (sd / math.sqrt(n)) if sd > 0 else math.copysign(math.inf, mean)
+    if sd == 0:
+        return mean, 0.0 if mean == 0 else math.copysign(math.inf, mean)
+    return mean, mean / (sd / math.sqrt(n))
 
 
 def _welch(a, b):
@@ -46,6 +48,7 @@ _SCORES = [
     ([0.71, 0.64, 0.69, 0.75, 0.66], [0.73, 0.655, 0.705, 0.77, 0.68]),
     ([0.50, 0.52, 0.47], [0.49, 0.50, 0.475]),
     ([0.8, 0.82, 0.79, 0.81, 0.83, 0.78], [0.81, 0.80, 0.80, 0.80, 0.84, 0.79]),
+    ([0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5]),
 ]
 
 
@@ -62,7 +65,11 @@ def check_paired_t(fn) -> None:
         for a, b in _SCORES:
             mean, t = _as_pair(task, call_learner(task, fn, list(a), list(b)))
             want_mean, want_t = _paired(a, b)
-            if close(mean, -want_mean, 1e-9, 1e-12) and close(t, -want_t, 1e-6, 1e-9):
+            if (
+                want_mean != 0
+                and close(mean, -want_mean, 1e-9, 1e-12)
+                and close(t, -want_t, 1e-6, 1e-9)
+            ):
                 fail(
                     task,
                     "your differences are baseline − ablation; the task asks ablation − baseline "
@@ -74,7 +81,13 @@ def check_paired_t(fn) -> None:
                     f"your mean difference {mean:.6g} differs from {want_mean:.6g}: average the "
                     f"per-seed differences",
                 )
-            if close(t, want_t, 1e-6, 1e-9):
+            if math.isnan(t) or (want_t == 0 and t != 0):
+                fail(
+                    task,
+                    f"identical arms (every difference 0) gave t = {t}: with s_d = 0 and "
+                    f"d̄ = 0 there is no difference, t = 0",
+                )
+            if close(t, want_t, 1e-6, 1e-9) or (math.isinf(want_t) and t == want_t):
                 continue
             n = len(a)
             if close(t, _welch(a, b)[1], 1e-6, 1e-9):
@@ -223,7 +236,7 @@ def run_registered_plan(plan, *, epochs: int = 10, eps: float = 0.05):
     with torch.random.fork_rng(devices=[]):
         for seed in plan["seeds"]:
             for role in ("baseline", "ablation"):
-                target, _ = toy2d.train(plan[role], seed=seed, epochs=epochs, **budget)
+                target, _ = toy2d.train(plan[role], seed=seed, epochs=epochs, lr=0.02, **budget)
                 score = (
                     toy2d.accuracy(target, x_test, y_test)
                     if plan["metric"] == "clean"

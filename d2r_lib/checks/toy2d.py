@@ -55,7 +55,7 @@ def train(
     guide_width: int | None = None,
     n: int = 600,
     batch_size: int = 200,
-    lr: float = 0.05,
+    lr: float = 0.02,
     **params,
 ):
     """Train `method` on `moons(n, seed)` with `methods.train_step`; models in eval mode."""
