@@ -5,6 +5,8 @@ code's transcription where one exists) pass every check; at least two deliberate
 check are rejected with the specific message that names the mistake."""
 
 import contextlib
+import math
+import statistics
 
 import pytest
 import torch
@@ -98,6 +100,21 @@ LIBRARY = {
     "logit_attack": lambda m, x, y, eps, a, k: attacks.pgd(
         m.inner, x, y, eps=eps, step_size=a, steps=k, objective="cw"
     ),
+    "fgsm_overfitting": lambda m, o, x, y, eps, rs: _fgsm_train_step(m, o, x, y, eps, rs),
+    "beta_prediction": "falls",
+    "paired_t": lambda a, b: _paired_t(a, b),
+    "decision": lambda a, b, *, t_crit, min_effect: _decide(a, b, t_crit, min_effect),
+    "preregistration": {
+        "baseline": "d2r",
+        "ablation": "d2r_no_clean",
+        "seeds": [0, 1, 2, 3, 4],
+        "metric": "pgd",
+        "t_crit": 2.776,
+        "min_effect": 0.01,
+    },
+    "epoch_seconds": lambda a, b, c, k, n: n * (a + b * (k + c)),
+    "outer_steps": lambda p, r: (3 * p + r) / 2,
+    "cost_prediction": 2.0,
 }
 
 
@@ -856,6 +873,127 @@ def masked_returns_number(model, x, y, surrogate):
     return _accuracy(model, attacks.ATTACKS["pgd"](model, x, y, 0.3), y)
 
 
+# ============================================================ helpers of the new tasks' answers
+def _fgsm_train_step(model, optimizer, x, y, eps, random_start):
+    start = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1) if random_start else x.clone()
+    start.requires_grad_(True)
+    with attacks.eval_mode(model):
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(start), y), start)
+    alpha = 1.25 * eps if random_start else eps
+    x_adv = attacks.project(start.detach() + alpha * grad.sign(), x, eps)
+    model.train()
+    loss = F.cross_entropy(model(x_adv), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def _fgsm_train_step_delta(model, optimizer, x, y, eps, random_start):
+    """Written on δ, with torch.rand for the start and model.eval()/train() by hand."""
+    delta = eps * (2 * torch.rand_like(x) - 1) if random_start else torch.zeros_like(x)
+    delta.requires_grad_(True)
+    model.eval()
+    (grad,) = torch.autograd.grad(F.cross_entropy(model((x + delta).clamp(0, 1)), y), delta)
+    step = 1.25 * eps if random_start else eps
+    delta = (delta.detach() + step * grad.sign()).clamp(-eps, eps)
+    model.train()
+    optimizer.zero_grad()
+    F.cross_entropy(model((x + delta).clamp(0, 1)), y).backward()
+    optimizer.step()
+
+
+def _paired_t(a, b, ddof=1):
+    d = torch.tensor(b, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64)
+    mean = d.mean().item()
+    sd = d.std(correction=ddof).item()
+    if sd == 0:
+        return mean, 0.0 if mean == 0 else math.copysign(math.inf, mean)
+    return mean, mean / (sd / math.sqrt(len(d)))
+
+
+def _paired_t_stdlib(a, b):
+    d = [y - x for x, y in zip(a, b)]
+    if len(set(d)) == 1:
+        return d[0], 0.0 if d[0] == 0 else math.copysign(math.inf, d[0])
+    return statistics.mean(d), statistics.mean(d) / (statistics.stdev(d) / math.sqrt(len(d)))
+
+
+def _welch_t(a, b):
+    n = len(a)
+    ma, mb = statistics.mean(a), statistics.mean(b)
+    return mb - ma, (mb - ma) / math.sqrt(statistics.variance(a) / n + statistics.variance(b) / n)
+
+
+def _decide(a, b, t_crit, min_effect, test=_paired_t):
+    mean, t = test(a, b)
+    if abs(t) < t_crit or abs(mean) < min_effect:
+        return "no difference"
+    return "ablation better" if mean > 0 else "baseline better"
+
+
+def _decide_unpaired(a, b, t_crit, min_effect):
+    return _decide(a, b, t_crit, min_effect, test=_welch_t)
+
+
+def _decide_stdlib(a, b, t_crit, min_effect):
+    mean, t = _paired_t_stdlib(a, b)
+    significant, relevant = abs(t) >= t_crit, abs(mean) >= min_effect
+    return (
+        ("ablation better" if mean > 0 else "baseline better")
+        if significant and relevant
+        else "no difference"
+    )
+
+
+def _project_l2_renorm(xa, x, eps):
+    d = xa - x
+    n = d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    return (x + torch.where(n > eps, d * eps / n.clamp_min(1e-12), d)).clamp(0, 1)
+
+
+def _pgd_l2_other_rng(m, x, y, eps, a, k):
+    torch.rand(3)
+    return attacks.pgd(m, x, y, eps=eps, step_size=a, steps=k, norm="l2")
+
+
+def _robust_other(m, x, y, eps, step_size, steps):
+    x_adv = attacks.pgd(m, x, y, eps=eps, step_size=step_size, steps=steps)
+    return _accuracy_counted(m, x_adv, y)
+
+
+def _accuracy_counted(m, x, y):
+    flags = [mod.training for mod in m.modules()]
+    m.eval()
+    with torch.no_grad():
+        correct = int((m(x).argmax(1) == y).sum())
+    for mod, f in zip(m.modules(), flags):
+        mod.training = f
+    return correct / len(y)
+
+
+def _guide_ref_other(g, x):
+    with attacks.eval_mode(g), torch.no_grad():
+        z = g(x)
+        return torch.exp(z - torch.logsumexp(z, dim=1, keepdim=True))
+
+
+def _masked_by_sweep(model, x, y, surrogate):
+    pgd = attacks.ATTACKS["pgd"]
+    big = _accuracy(model, pgd(model, x, y, 0.3), y)
+    transfer = _accuracy(model, pgd(surrogate, x, y, 0.3), y)
+    return big > 0.1 or transfer + 0.05 < big
+
+
+def _pgd_at_step_fn(m, o, x, y, *, eps, step_size, steps):
+    x_adv = attacks.pgd(m, x, y, eps=eps, step_size=step_size, steps=steps)
+    m.train()
+    loss = losses.pgd_at_loss(m(x_adv), y)
+    o.zero_grad()
+    loss.backward()
+    o.step()
+    return loss.item()
+
+
 WRONG = [
     # chapter 1
     ("fgsm", fgsm_raw_gradient, r"raw gradient, ε·∇; FGSM steps along its sign"),
@@ -1218,6 +1356,89 @@ WRONG = [
         lambda m, x, y, eps, a, k: _bpda_logprob(m, x, y, eps, a, k),
         r"keeps 100% accuracy",
     ),
+    (
+        "fgsm_overfitting",
+        lambda m, o, x, y, eps, rs: _fgsm_train_step(m, o, x, y, eps, False),
+        r"The random start should repair it",
+    ),
+    (
+        "fgsm_overfitting",
+        lambda m, o, x, y, eps, rs: _fgsm_train_step(m, o, x, y, eps / 4, rs),
+        r"Without the random start FGSM training should overfit",
+    ),
+    ("beta_prediction", "rises", r"you predicted 'rises'; the run gives 'falls'"),
+    ("beta_prediction", "down", r"set your prediction to one of 'rises', 'falls', 'flat'"),
+    ("paired_t", lambda a, b: _paired_t(b, a), r"your differences are baseline − ablation"),
+    ("paired_t", lambda a, b: _welch_t(a, b), r"independent samples \(Welch's t\)"),
+    (
+        "paired_t",
+        lambda a, b: _paired_t(a, b, ddof=0),
+        r"divides by n; the sample standard deviation",
+    ),
+    (
+        "decision",
+        lambda a, b, *, t_crit, min_effect: _decide(a, b, t_crit, 0.0),
+        r"below min_effect = 0.05 is not worth reporting",
+    ),
+    (
+        "decision",
+        lambda a, b, *, t_crit, min_effect: _decide(b, a, t_crit, min_effect),
+        r"mind the sign of ablation − baseline",
+    ),
+    (
+        "decision",
+        lambda a, b, *, t_crit, min_effect: _decide_unpaired(a, b, t_crit, min_effect),
+        r"a paired test sees it \(an unpaired one would not",
+    ),
+    (
+        "preregistration",
+        {
+            "baseline": "d2r",
+            "ablation": "d2r_no_clean",
+            "seeds": [0, 1, 2, 3, 4],
+            "metric": "pgd",
+            "t_crit": 1.96,
+            "min_effect": 0.01,
+        },
+        r"t_crit = 1.96 for 5 seeds; the two-sided 5 % critical value .* is 2.776",
+    ),
+    (
+        "preregistration",
+        {
+            "baseline": "d2r",
+            "ablation": "d2r_no_clean",
+            "seeds": [0, 1],
+            "metric": "pgd",
+            "t_crit": 12.7,
+            "min_effect": 0.01,
+        },
+        r"2 seeds: use 3 to 10",
+    ),
+    (
+        "preregistration",
+        {
+            "baseline": "d2r",
+            "ablation": "d2r",
+            "seeds": [0, 1, 2],
+            "metric": "pgd",
+            "t_crit": 4.303,
+            "min_effect": 0.01,
+        },
+        r"baseline and ablation are the same method",
+    ),
+    ("epoch_seconds", lambda a, b, c, k, n: n * (a + b * k), r"you left out c"),
+    ("epoch_seconds", lambda a, b, c, k, n: a + b * (k + c), r"that is one image"),
+    ("epoch_seconds", lambda a, b, c, k, n: n * (a + b * k + c), r"multiply it by b as well"),
+    ("outer_steps", lambda p, r: 3 * p / 2, r"you left out the reference pass"),
+    ("outer_steps", lambda p, r: (p + r) / 2, r"a training pass costs about 3 forward passes"),
+    ("outer_steps", lambda p, r: 3 * p + r, r"divide by one attack step"),
+    (
+        "cost_prediction",
+        20.0,
+        r"you predicted 20 s; one epoch .* took 2 s .*off by more than a factor of 3",
+    ),
+    ("cost_prediction", -1.0, r"set predicted_seconds to your predicted number of seconds"),
+    # existing checks: more wrong answers are listed above
 ]
 
 
@@ -1411,6 +1632,91 @@ CORRECT = [
         "fgsm",
         lambda m, x, y, eps: attacks.pgd(m, x, y, eps=eps, step_size=eps, steps=1, start="clean"),
     ),
+    ("fgsm_overfitting", lambda m, o, x, y, eps, rs: _fgsm_train_step_delta(m, o, x, y, eps, rs)),
+    ("beta_prediction", "falls"),
+    ("paired_t", lambda a, b: _paired_t_stdlib(a, b)),
+    ("decision", lambda a, b, *, t_crit, min_effect: _decide_stdlib(a, b, t_crit, min_effect)),
+    (
+        "preregistration",
+        {
+            "baseline": "d2r",
+            "ablation": "d2r_no_adv",
+            "seeds": [3, 1, 4],
+            "metric": "clean",
+            "t_crit": 4.3,
+            "min_effect": 0.02,
+        },
+    ),
+    ("epoch_seconds", lambda a, b, c, k, n: n * a + n * b * k + n * b * c),
+    ("outer_steps", lambda p, r: 1.5 * p + 0.5 * r),
+    ("cost_prediction", 2.5),
+    ("project_linf", lambda xa, x, eps: torch.max(torch.min(xa, x + eps), x - eps).clamp(0, 1)),
+    ("project_l2", lambda xa, x, eps: _project_l2_renorm(xa, x, eps)),
+    ("pgd_l2", lambda m, x, y, eps, a, k: _pgd_l2_other_rng(m, x, y, eps, a, k)),
+    ("pgd_at_loss", lambda z, y: -F.log_softmax(z, dim=1).gather(1, y[:, None]).mean()),
+    (
+        "robust_accuracy",
+        lambda m, x, y, *, eps, step_size, steps: _robust_other(m, x, y, eps, step_size, steps),
+    ),
+    (
+        "trades_loss",
+        lambda zn, za, y, beta=6.0: (
+            F.cross_entropy(zn, y)
+            + beta
+            * (F.softmax(zn, 1) * (F.log_softmax(zn, 1) - F.log_softmax(za, 1))).sum(1).mean()
+        ),
+    ),
+    ("lbgat0_loss", lambda za, zg, y: F.cross_entropy(zg, y) + ((za - zg) ** 2).mean()),
+    (
+        "lbgat_loss",
+        lambda za, zg, y, beta=0.0, logits_nat=None: (
+            F.cross_entropy(zg, y)
+            + torch.nn.MSELoss()(za, zg)
+            + (
+                beta
+                * F.kl_div(F.log_softmax(za, 1), F.softmax(logits_nat, 1), reduction="batchmean")
+                if beta > 0
+                else 0.0
+            )
+        ),
+    ),
+    (
+        "make_optimizer",
+        lambda t, g: torch.optim.SGD(
+            list(t.parameters()) + list(g.parameters()), lr=0.1, momentum=0.9, weight_decay=2e-4
+        ),
+    ),
+    ("d2r_clean_term", lambda zn, zg: torch.abs(_okl(zn, zg) - _okl(zg, zn))),
+    (
+        "d2r_adv_term",
+        lambda za, zg: torch.mean(
+            F.softmax(za, 1) * (torch.log(F.softmax(za, 1) + 1e-5) - F.log_softmax(zg, 1))
+        ),
+    ),
+    (
+        "d2r_loss",
+        lambda za, zn, zg, y, w_clean=20.0, w_adv=30.0: losses.d2r_terms(
+            za, zn, zg, y, w_clean=w_clean, w_adv=w_adv
+        )["loss"],
+    ),
+    ("guide_reference", lambda g, x: _guide_ref_other(g, x)),
+    (
+        "cag_objective",
+        lambda za, pg: (pg * torch.log(pg + 1e-5)).sum() - (pg * F.log_softmax(za, dim=1)).sum(),
+    ),
+    ("accuracy", lambda m, x, y: _accuracy_counted(m, x, y)),
+    (
+        "eps_sweep",
+        lambda m, x, y, attack, eps_values: list(
+            map(lambda e: _accuracy(m, attack(m, x, y, e), y), eps_values)
+        ),
+    ),
+    (
+        "transfer_accuracy",
+        lambda s, t, x, y, attack, eps: _accuracy_counted(t, attack(s, x, y, eps), y),
+    ),
+    ("gradient_masking", lambda m, x, y, s: _masked_by_sweep(m, x, y, s)),
+    ("pgd_at_step", lambda m, o, x, y, **k: _pgd_at_step_fn(m, o, x, y, **k)),
 ]
 
 
@@ -1446,3 +1752,50 @@ def test_predictions_get_their_verdicts(capsys):
     assert "right" in capsys.readouterr().out
     with pytest.raises(checks.CheckFailed, match=r"you predicted 0%; the run gives"):
         checks.check_cag_copy_prediction(0.0)
+
+
+@pytest.fixture(autouse=True)
+def _no_timing(monkeypatch):
+    """The cost-prediction check measures an epoch; tests give it a fixed 2 s (no timed tests)."""
+    from d2r_lib.checks import ch09
+
+    monkeypatch.setattr(ch09, "measure_epoch", lambda run=ch09.COST_RUN: 2.0)
+
+
+def test_every_check_accepts_at_least_two_correct_answers():
+    """The library's answer and one written differently (the official code where it exists)."""
+    assert {name for name, _ in CORRECT} == set(LIBRARY)
+
+
+def test_measure_epoch_times_a_real_epoch():
+    from d2r_lib.checks import ch09
+
+    seconds = ch09.measure_epoch({**ch09.COST_RUN, "images": 16, "batch_size": 8, "steps": 1})
+    assert isinstance(seconds, float) and seconds > 0
+
+
+def test_run_registered_plan_refuses_an_unregistered_or_changed_plan(capsys):
+    from d2r_lib.checks import ch07
+
+    ch07._REGISTERED.clear()
+    plan = dict(LIBRARY["preregistration"])
+    with pytest.raises(RuntimeError, match="register the plan first"):
+        checks.run_registered_plan(plan)
+    checks.check_preregistration(plan)
+    with pytest.raises(RuntimeError, match="the plan changed after it was registered"):
+        checks.run_registered_plan({**plan, "metric": "clean"})
+    assert "plan registered" in capsys.readouterr().out
+
+
+def test_beta_prediction_right_and_wrong(capsys):
+    checks.check_beta_prediction("falls")
+    assert "you predicted 'falls': right" in capsys.readouterr().out
+    with pytest.raises(checks.CheckFailed, match=r"you predicted 'flat'; the run gives 'falls'"):
+        checks.check_beta_prediction("flat")
+
+
+def test_cost_prediction_right_and_wrong(capsys):
+    checks.check_cost_prediction(1.5, measured_seconds=2.0)
+    assert "within a factor of 3" in capsys.readouterr().out
+    with pytest.raises(checks.CheckFailed, match=r"off by more than a factor of 3"):
+        checks.check_cost_prediction(0.5, measured_seconds=2.0)

@@ -96,7 +96,7 @@ def check_paired_t(fn) -> None:
                     "you compared the two groups as independent samples (Welch's t); the same seed "
                     "trains both arms, so the runs come in pairs: test the per-seed differences",
                 )
-            if close(t, want_t * math.sqrt((n - 1) / n), 1e-6, 1e-9):
+            if close(t, want_t * math.sqrt(n / (n - 1)), 1e-6, 1e-9):
                 fail(
                     task,
                     "your standard deviation divides by n; the sample standard deviation of the "
