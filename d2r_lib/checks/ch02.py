@@ -101,27 +101,33 @@ def check_robust_accuracy(fn) -> None:
                 task, lambda m: call_learner(task, fn, m, x.clone(), y.clone(), **k), model, mode
             )
             got = as_float(task, out)
-            torch.manual_seed(2150 + i)
-            want = library_accuracy(model, attacks.pgd(model, x, y, **k), y)
+            runs = []  # the library's PGD under several random starts: any correct PGD lands here
+            for s in range(5):
+                torch.manual_seed(2150 + i + 1000 * s)
+                runs.append(library_accuracy(model, attacks.pgd(model, x, y, **k), y))
+            want, low, high = runs[0], min(runs) - 1 / b, max(runs) + 1 / b
+            if low - 1e-9 <= got <= high + 1e-9:
+                continue
             clean = library_accuracy(model, x, y)
             fraction_verdict(task, got, want, clean=clean, what="robust accuracy")
-            if not close(got, want, 0, 1e-6):
-                fgsm = library_accuracy(model, attacks.fgsm(model, x, y, eps=k["eps"]), y)
-                if close(got, fgsm, 0, 1e-6):
-                    fail(
-                        task,
-                        f"you attacked with FGSM ({got:.4g}); robust accuracy here is under PGD "
-                        f"(attacks.pgd with the given eps, step_size and steps): {want:.4g}",
-                    )
+            fgsm = library_accuracy(model, attacks.fgsm(model, x, y, eps=k["eps"]), y)
+            if close(got, fgsm, 0, 1e-6):
                 fail(
                     task,
-                    f"your robust accuracy {got:.4g} differs from the library's {want:.4g} (clean "
-                    f"{clean:.4g}): call attacks.pgd(model, x, y, eps=eps, step_size=step_size, "
-                    "steps=steps) "
-                    f"once, then the accuracy on x′ in eval mode",
+                    f"you attacked with FGSM ({got:.4g}); robust accuracy here is under PGD "
+                    f"(with the given eps, step_size and steps): {min(runs):.4g}–{max(runs):.4g}",
                 )
+            fail(
+                task,
+                f"your robust accuracy {got:.4g} is outside what PGD with this budget gives "
+                f"({min(runs):.4g}–{max(runs):.4g} over 5 random starts; clean {clean:.4g}): "
+                f"attack once with PGD (eps, step_size, steps as given), then the accuracy on x′ "
+                f"in eval mode",
+            )
         passed(
-            task, "accuracy on attacks.pgd's x′, eval mode, mode restored, as a fraction (3 trials)"
+            task,
+            "accuracy on PGD's x′ (within what 5 random starts of attacks.pgd give), eval mode, "
+            "mode restored, as a fraction (3 trials)",
         )
 
 
