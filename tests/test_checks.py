@@ -115,6 +115,7 @@ LIBRARY = {
     "epoch_seconds": lambda a, b, c, k, n: n * (a + b * (k + c)),
     "outer_steps": lambda p, r: (3 * p + r) / 2,
     "cost_prediction": 2.0,
+    "mart_loss": losses.mart_loss,
 }
 
 
@@ -874,6 +875,25 @@ def masked_returns_number(model, x, y, surrogate):
 
 
 # ============================================================ helpers of the new tasks' answers
+def _mart_official(logits, logits_adv, y, beta, *, weight=True, boosted=True):
+    """A transcription of mart_loss in YisenWang/MART (train_wideresnet.py's loss), β as given."""
+    kl = torch.nn.KLDivLoss(reduction="none")
+    batch_size = len(logits)
+    adv_probs = F.softmax(logits_adv, dim=1)
+    tmp1 = torch.argsort(adv_probs, dim=1)[:, -2:]
+    new_y = torch.where(tmp1[:, -1] == y, tmp1[:, -2], tmp1[:, -1])
+    loss_adv = F.cross_entropy(logits_adv, y)
+    if boosted:
+        loss_adv = loss_adv + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), new_y)
+    nat_probs = F.softmax(logits, dim=1)
+    true_probs = torch.gather(nat_probs, 1, (y.unsqueeze(1)).long()).squeeze(1)
+    w = (1.0000001 - true_probs) if weight else 1.0
+    loss_robust = (1.0 / batch_size) * torch.sum(
+        torch.sum(kl(torch.log(adv_probs + 1e-12), nat_probs), dim=1) * w
+    )
+    return loss_adv + float(beta) * loss_robust
+
+
 def _fgsm_train_step(model, optimizer, x, y, eps, random_start):
     start = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1) if random_start else x.clone()
     start.requires_grad_(True)
@@ -957,6 +977,8 @@ def _pgd_l2_other_rng(m, x, y, eps, a, k):
 
 
 def _robust_other(m, x, y, eps, step_size, steps):
+    """Robust accuracy whose PGD start comes from other random numbers than the library's."""
+    torch.rand(5)
     x_adv = attacks.pgd(m, x, y, eps=eps, step_size=step_size, steps=steps)
     return _accuracy_counted(m, x_adv, y)
 
@@ -1438,6 +1460,21 @@ WRONG = [
         r"you predicted 20 s; one epoch .* took 2 s .*off by more than a factor of 3",
     ),
     ("cost_prediction", -1.0, r"set predicted_seconds to your predicted number of seconds"),
+    (
+        "mart_loss",
+        lambda zn, za, y, beta=6.0: _mart_official(zn, za, y, beta, weight=False),
+        r"you left out the weight 1 − p\(x\)_y",
+    ),
+    (
+        "mart_loss",
+        lambda zn, za, y, beta=6.0: _mart_official(zn, za, y, beta, boosted=False),
+        r"you left out the boosted term",
+    ),
+    (
+        "mart_loss",
+        lambda zn, za, y, beta=6.0: _mart_official(zn, za, y, 6.0),
+        r"you ignored the `beta` argument",
+    ),
     # existing checks: more wrong answers are listed above
 ]
 
@@ -1650,6 +1687,7 @@ CORRECT = [
     ("epoch_seconds", lambda a, b, c, k, n: n * a + n * b * k + n * b * c),
     ("outer_steps", lambda p, r: 1.5 * p + 0.5 * r),
     ("cost_prediction", 2.5),
+    ("mart_loss", lambda zn, za, y, beta=6.0: _mart_official(zn, za, y, beta)),
     ("project_linf", lambda xa, x, eps: torch.max(torch.min(xa, x + eps), x - eps).clamp(0, 1)),
     ("project_l2", lambda xa, x, eps: _project_l2_renorm(xa, x, eps)),
     ("pgd_l2", lambda m, x, y, eps, a, k: _pgd_l2_other_rng(m, x, y, eps, a, k)),

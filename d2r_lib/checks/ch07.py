@@ -7,12 +7,15 @@ import copy
 import math
 
 import torch
+import torch.nn.functional as F
 
-from .. import methods
+from .. import losses, methods
 from . import toy2d
-from .harness import as_float, call_learner, close, fail, passed, sandbox
+from .harness import as_float, call_learner, close, fail, generator, passed, rand_labels, sandbox
+from .losscheck import SHAPES, LossSpec, Variant, rand_logits, run_loss_check
 
 __all__ = [
+    "check_mart_loss",
     "check_paired_t",
     "check_decision",
     "check_preregistration",
@@ -244,3 +247,96 @@ def run_registered_plan(plan, *, epochs: int = 10, eps: float = 0.05):
                 )
                 scores[role].append(score)
     return scores["baseline"], scores["ablation"]
+
+
+def _mart_parts(zn, za, y):
+    pa, pn = F.softmax(za, dim=1), F.softmax(zn, dim=1)
+    top2 = torch.argsort(pa, dim=1)[:, -2:]
+    other = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+    ce = F.cross_entropy(za, y)
+    margin = F.nll_loss(torch.log(1.0001 - pa + 1e-12), other)
+    kl = F.kl_div(torch.log(pa + 1e-12), pn, reduction="none").sum(1)
+    weight = 1.0000001 - pn.gather(1, y[:, None]).squeeze(1)
+    return ce, margin, kl, weight, pa
+
+
+def check_mart_loss(fn) -> None:
+    """Task: ``mart_loss(logits_nat, logits_adv, y, beta=6.0)`` as the official MART code."""
+
+    def case(t):
+        b, c, s = SHAPES[t]
+        g = generator(3100 + t)
+        zn = rand_logits(g, b, c, 2 * s)
+        return (zn, zn + rand_logits(g, b, c, s), rand_labels(g, b, c)), {
+            "beta": [6.0, 6.0, 1.0, 6.0, 3.0, 0.5][t]
+        }
+
+    def variant(build):
+        def v(zn, za, y, beta):
+            ce, margin, kl, weight, pa = _mart_parts(zn, za, y)
+            return build(ce, margin, kl, weight, pa, zn, za, y, beta)
+
+        return v
+
+    run_loss_check(
+        LossSpec(
+            task="mart_loss",
+            names=("logits_nat", "logits_adv", "y"),
+            reference=losses.mart_loss,
+            make_case=case,
+            trials=6,
+            grad_names=("logits_nat", "logits_adv"),
+            variants=[
+                Variant(
+                    "you left out the weight 1 − p(x)_y: MART weighs each example's KL by how "
+                    "badly the clean prediction misses",
+                    variant(lambda ce, m, kl, w, pa, zn, za, y, beta: ce + m + beta * kl.mean()),
+                ),
+                Variant(
+                    "the weight uses the adversarial prediction; MART's is 1 − p(x)_y on the clean "
+                    "image",
+                    variant(
+                        lambda ce, m, kl, w, pa, zn, za, y, beta: (
+                            ce
+                            + m
+                            + beta * (kl * (1.0000001 - pa.gather(1, y[:, None]).squeeze(1))).mean()
+                        )
+                    ),
+                ),
+                Variant(
+                    "you left out the boosted term −log(1 − max_{{k≠y}} p_k(x′)) of the BCE",
+                    variant(lambda ce, m, kl, w, pa, zn, za, y, beta: ce + beta * (kl * w).mean()),
+                ),
+                Variant(
+                    "KL direction reversed: MART's KL is KL(p(x) ‖ p(x′)), the clean distribution "
+                    "first",
+                    variant(
+                        lambda ce, m, kl, w, pa, zn, za, y, beta: (
+                            ce
+                            + m
+                            + beta
+                            * (
+                                F.kl_div(
+                                    F.log_softmax(zn, 1), F.softmax(za, 1), reduction="none"
+                                ).sum(1)
+                                * w
+                            ).mean()
+                        )
+                    ),
+                ),
+                Variant(
+                    "you ignored the `beta` argument (your value matches β = 6)",
+                    variant(
+                        lambda ce, m, kl, w, pa, zn, za, y, beta: (
+                            None if beta == 6.0 else ce + m + 6.0 * (kl * w).mean()
+                        )
+                    ),
+                ),
+            ],
+            rtol=1e-6,
+            passed="CE(f(x′), y) − log(1 − max_{k≠y} p_k(x′)) "
+            "+ β·mean[KL(p(x) ‖ p(x′))·(1 − p(x)_y)] as losses.mart_loss "
+            "(value and gradients, β ∈ {0.5, 1, 3, 6})",
+        ),
+        fn,
+    )
