@@ -116,6 +116,7 @@ LIBRARY = {
     "outer_steps": lambda p, r: (3 * p + r) / 2,
     "cost_prediction": 2.0,
     "mart_loss": losses.mart_loss,
+    "k_prediction": 10,
 }
 
 
@@ -1688,6 +1689,7 @@ CORRECT = [
     ("outer_steps", lambda p, r: 1.5 * p + 0.5 * r),
     ("cost_prediction", 2.5),
     ("mart_loss", lambda zn, za, y, beta=6.0: _mart_official(zn, za, y, beta)),
+    ("k_prediction", 10.0),
     ("project_linf", lambda xa, x, eps: torch.max(torch.min(xa, x + eps), x - eps).clamp(0, 1)),
     ("project_l2", lambda xa, x, eps: _project_l2_renorm(xa, x, eps)),
     ("pgd_l2", lambda m, x, y, eps, a, k: _pgd_l2_other_rng(m, x, y, eps, a, k)),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -18,6 +20,7 @@ from .harness import (
     generator,
     library_accuracy,
     passed,
+    prediction_verdict,
     rand_labels,
     sandbox,
 )
@@ -29,7 +32,12 @@ from .losscheck import (
     run_loss_check,
 )
 
-__all__ = ["check_fgsm_overfitting", "check_pgd_at_loss", "check_robust_accuracy"]
+__all__ = [
+    "check_k_prediction",
+    "check_fgsm_overfitting",
+    "check_pgd_at_loss",
+    "check_robust_accuracy",
+]
 
 
 # ------------------------------------------------------------------------------------------ ch. 2
@@ -185,3 +193,44 @@ def check_fgsm_overfitting(fn) -> None:
         f"{line}: FGSM training overfits to its own one-step attack (catastrophic "
         f"overfitting), and the random start repairs much of it",
     )
+
+
+# ------------------------------------------------------------------------------------ predict
+_K_EPS = 0.08
+
+
+@functools.lru_cache(maxsize=1)
+def _k_runs() -> tuple:
+    """(K, clean, PGD-20) of PGD-AT on two moons, seed 0, K = 1 (step ε) and K = 10 (step ε/4)."""
+    x_test, y_test = toy2d.moons(500, 999)
+    rows = []
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        for k, alpha in ((1, 1.0), (10, 0.25)):
+            target, _ = toy2d.train(
+                "pgd_at", seed=0, lr=0.05, eps=_K_EPS, step_size=alpha * _K_EPS, steps=k
+            )
+            rows.append(
+                (
+                    k,
+                    toy2d.accuracy(target, x_test, y_test),
+                    toy2d.pgd_accuracy(target, x_test, y_test, _K_EPS),
+                )
+            )
+    return tuple(rows)
+
+
+def check_k_prediction(predicted_more_robust_k) -> None:
+    """Task (predict): which attack length K in PGD-AT gives the higher PGD-20 accuracy, 1 or 10."""
+    task = "predict: PGD-AT with K = 1 or K = 10"
+    allowed = (1, 10, "same")
+    if isinstance(predicted_more_robust_k, bool) or predicted_more_robust_k not in allowed:
+        prediction_verdict(task, predicted_more_robust_k, allowed, None, "")
+    (_, clean1, rob1), (_, clean10, rob10) = _k_runs()
+    measured = 10 if rob10 > rob1 + 0.02 else 1 if rob1 > rob10 + 0.02 else "same"
+    why = (
+        f"two moons, seed 0, ε = {_K_EPS}, evaluated with PGD-20: K = 1 (one step of ε, i.e. "
+        f"FGSM training) clean {clean1:.1%} / PGD-20 {rob1:.1%}; K = 10 (steps of ε/4) clean "
+        f"{clean10:.1%} / PGD-20 {rob10:.1%}. A longer inner maximisation finds stronger x′ to "
+        f"train on, so the model resists the stronger test attack better, at some clean accuracy"
+    )
+    prediction_verdict(task, predicted_more_robust_k, allowed, measured, why)

@@ -11,8 +11,23 @@ import torch.nn.functional as F
 
 from .. import losses, methods
 from . import toy2d
-from .harness import as_float, call_learner, close, fail, generator, passed, rand_labels, sandbox
-from .losscheck import SHAPES, LossSpec, Variant, rand_logits, run_loss_check
+from .harness import (
+    as_float,
+    call_learner,
+    close,
+    fail,
+    generator,
+    passed,
+    rand_labels,
+    sandbox,
+)
+from .losscheck import (
+    SHAPES,
+    LossSpec,
+    Variant,
+    rand_logits,
+    run_loss_check,
+)
 
 __all__ = [
     "check_mart_loss",

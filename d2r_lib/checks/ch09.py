@@ -7,7 +7,14 @@ import time
 import torch
 
 from .. import costmodel, methods, models
-from .harness import as_float, call_learner, close, fail, passed, sandbox
+from .harness import (
+    as_float,
+    call_learner,
+    close,
+    fail,
+    passed,
+    sandbox,
+)
 
 __all__ = [
     "check_outer_steps",

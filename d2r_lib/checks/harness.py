@@ -282,7 +282,7 @@ def fraction_verdict(task, got, want, *, clean=None, what="accuracy"):
 
 def prediction_verdict(task: str, predicted, allowed: tuple, measured, why: str) -> None:
     """Predict-then-run: a right prediction passes with its explanation, a wrong one fails."""
-    if predicted not in allowed:
+    if isinstance(predicted, bool) or predicted not in allowed:
         fail(
             task,
             f"set your prediction to one of {', '.join(map(repr, allowed))} before running; "
