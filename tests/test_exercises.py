@@ -69,7 +69,8 @@ def _repository_url() -> str:
 
 
 def _tasks(nb) -> list[tuple[int, int]]:
-    """(solution cell index, check cell index) per task, in order; the check is the next code cell."""
+    """(solution cell index, check cell index) per task, in order; the check is the next code
+    cell."""
     out = []
     for i, cell in enumerate(nb.cells):
         if GEN.is_solution_cell(cell) or (
@@ -107,6 +108,26 @@ def test_the_expected_notebooks_exist():
         index = (folder / "index.md").read_text()
         for stem in STEMS:
             assert f"{stem}.ipynb" in index, f"{folder.name}/index.md does not link {stem}"
+
+
+def test_every_check_is_used_by_a_notebook_and_every_task_states_its_kind():
+    from d2r_lib import checks
+
+    used = set()
+    for stem in STEMS:
+        nb = _read(SOLUTIONS / f"{stem}.ipynb")
+        used |= set(re.findall(r"checks\.(check_\w+)\(", "\n".join(c.source for c in nb.cells)))
+    assert used == {n for n in checks.__all__ if n.startswith("check_")}
+    kinds = set()
+    for stem in STEMS:
+        nb = _read(SOLUTIONS / f"{stem}.ipynb")
+        for sol, _ in _tasks(nb):
+            found = re.findall(r"\*Kind: ([a-z ,]+?)\.\*", nb.cells[sol - 1].source)
+            kinds |= set(found)
+    # the new kinds of task are spread over the notebooks (transcription tasks state no kind)
+    assert {"derive and check", "predict, then run", "break it", "experiment design"} <= kinds, (
+        kinds
+    )
 
 
 def test_committed_exercises_are_what_the_generator_makes():
