@@ -1024,7 +1024,6 @@ WRONG = [
     ("fgsm", fgsm_descent, r"stepped \*down\* the loss"),
     ("fgsm", fgsm_train_mode, r"the model ran in train mode during your attack"),
     ("fgsm", fgsm_not_detached, r"still carries a graph .*x_adv.detach\(\)"),
-    ("fgsm", fgsm_leaves_eval_mode, r"left the model in eval mode, but it came in train mode"),
     (
         "project_linf",
         linf_no_clamp,
@@ -1252,11 +1251,6 @@ WRONG = [
         r"target's own p_f\(x\) as the reference.*TRADES/LBGAT generation",
     ),
     ("cag", cag_train_mode, r"ran in train mode during your attack"),
-    (
-        "cag",
-        cag_modes_not_restored,
-        r"left the (target|guide) in eval mode, but it came in train mode",
-    ),
     ("cag", cag_uniform_start, r"CAG starts at x \+ 0.001·N\(0, I\)"),
     ("cag", cag_reversed, r"KL direction reversed: you ascended KL\(p_f\(x′\) ‖ p_g\(x\)\)"),
     (
@@ -1461,6 +1455,8 @@ WRONG = [
         r"you predicted 20 s; one epoch .* took 2 s .*off by more than a factor of 3",
     ),
     ("cost_prediction", -1.0, r"set predicted_seconds to your predicted number of seconds"),
+    ("k_prediction", 1, r"you predicted 1; the run gives 10"),
+    ("k_prediction", True, r"set your prediction to one of 1, 10, 'same'"),
     (
         "mart_loss",
         lambda zn, za, y, beta=6.0: _mart_official(zn, za, y, beta, weight=False),
@@ -1535,22 +1531,6 @@ def cag_official(t, g, x, eps, a, k):
         x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
         x_adv = torch.clamp(x_adv, 0.0, 1.0)
     return x_adv.detach()
-
-
-def _restoring(fn):
-    """The official scripts leave modes to the training loop; the notebook's task restores them."""
-
-    def wrapped(*args):
-        models = [a for a in args if isinstance(a, torch.nn.Module)]
-        flags = [[m.training for m in model.modules()] for model in models]
-        try:
-            return fn(*args)
-        finally:
-            for model, fl in zip(models, flags):
-                for m, f in zip(model.modules(), fl):
-                    m.training = f
-
-    return wrapped
 
 
 def _official_trades_attack(model, x, eps, a, k):
@@ -1632,7 +1612,9 @@ def pgd_at_step_other_rng(model, optimizer, x, y, *, eps, step_size, steps):
 
 
 CORRECT = [
-    ("cag", _restoring(cag_official)),
+    ("cag", cag_official),
+    ("cag", cag_modes_not_restored),
+    ("fgsm", fgsm_leaves_eval_mode),
     ("cag", cag_guide_every_step),
     ("cag", cag_guide_with_graph),
     ("trades_step", trades_step_official),
@@ -1640,7 +1622,7 @@ CORRECT = [
     ("d2r_step", d2r_step_official),
     ("pgd_at_step", pgd_at_step_other_rng),
     ("pgd_linf", pgd_other_rng),
-    ("trades_attack", _restoring(_official_trades_attack)),
+    ("trades_attack", _official_trades_attack),
     (
         "linearised_max",
         lambda g, eps: (
@@ -1766,6 +1748,14 @@ CORRECT = [
 def test_correct_but_differently_written_answer_passes(name, answer, capsys):
     getattr(checks, f"check_{name}")(answer)
     assert capsys.readouterr().out.startswith("✓ ")
+
+
+def test_an_attack_that_leaves_eval_mode_gets_advice_like_the_official_code(capsys):
+    checks.check_cag(cag_official)
+    out = capsys.readouterr().out
+    assert out.startswith("✓ cag:")
+    assert "💡 cag: your attack left the target in eval mode" in out
+    assert "💡 cag: the guide ran" in out
 
 
 def test_official_cag_gets_advice_not_a_failure(capsys):

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from .. import attacks
 from .harness import (
     advise,
-    assert_modes_restored,
     bn_changed,
     bn_state,
     call_learner,
@@ -21,6 +20,7 @@ from .harness import (
     fail,
     generator,
     mode_flags,
+    modes_advice,
     passed,
     pct,
     rand_images,
@@ -195,7 +195,7 @@ def run_attack_check(spec: AttackSpec, fn) -> None:
                     "your function modified x in place: build x′ in a new tensor (x.clone(), x + "
                     "...)",
                 )
-            assert_modes_restored(task, modes, mods)
+            advice.update(modes_advice(modes, mods))
             for role, model in mods.items():
                 if bn_changed(bn[role], model):
                     fail(

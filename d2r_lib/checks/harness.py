@@ -43,6 +43,7 @@ __all__ = [
     "set_mode",
     "copies",
     "assert_modes_restored",
+    "modes_advice",
     "library_accuracy",
     "as_float",
     "close",
@@ -180,6 +181,21 @@ def assert_modes_restored(task: str, before: dict, mods: dict) -> None:
                 f"{mode_name(before[role])} mode: restore it (`with attacks.eval_mode({role}):` "
                 f"restores every module's mode when the block ends)",
             )
+
+
+def modes_advice(before: dict, mods: dict) -> list[str]:
+    """Advice, not a failure: an attack left a model's mode changed, as the official code does."""
+    out = []
+    for role, model in mods.items():
+        now = mode_flags(model)
+        if now != before[role]:
+            out.append(
+                f"your attack left the {role} in {mode_name(now)} mode (it came in "
+                f"{mode_name(before[role])} mode). The official code does the same and relies on "
+                f"the training loop's model.train(); `with attacks.eval_mode({role}):` restores "
+                f"the caller's mode for you"
+            )
+    return out
 
 
 def library_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
