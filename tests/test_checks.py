@@ -117,6 +117,7 @@ LIBRARY = {
     "cost_prediction": 2.0,
     "mart_loss": losses.mart_loss,
     "k_prediction": 10,
+    "guide_width_prediction": 128,
 }
 
 
@@ -1456,6 +1457,8 @@ WRONG = [
     ),
     ("cost_prediction", -1.0, r"set predicted_seconds to your predicted number of seconds"),
     ("k_prediction", 1, r"you predicted 1; the run gives 10"),
+    ("guide_width_prediction", 4, r"you predicted 4; the run gives 128"),
+    ("guide_width_prediction", "wider", r"set your prediction to one of 4, 128, 'same'"),
     ("k_prediction", True, r"set your prediction to one of 1, 10, 'same'"),
     (
         "mart_loss",
@@ -1672,6 +1675,7 @@ CORRECT = [
     ("cost_prediction", 2.5),
     ("mart_loss", lambda zn, za, y, beta=6.0: _mart_official(zn, za, y, beta)),
     ("k_prediction", 10.0),
+    ("guide_width_prediction", 128.0),
     ("project_linf", lambda xa, x, eps: torch.max(torch.min(xa, x + eps), x - eps).clamp(0, 1)),
     ("project_l2", lambda xa, x, eps: _project_l2_renorm(xa, x, eps)),
     ("pgd_l2", lambda m, x, y, eps, a, k: _pgd_l2_other_rng(m, x, y, eps, a, k)),

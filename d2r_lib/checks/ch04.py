@@ -3,15 +3,19 @@ step."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from .. import losses, methods
+from . import toy2d
 from .harness import (
     call_learner,
     fail,
     generator,
     passed,
+    prediction_verdict,
     rand_labels,
     sandbox,
     small_cnn,
@@ -24,7 +28,12 @@ from .losscheck import (
     run_loss_check,
 )
 
-__all__ = ["check_lbgat0_loss", "check_lbgat_loss", "check_make_optimizer"]
+__all__ = [
+    "check_guide_width_prediction",
+    "check_lbgat0_loss",
+    "check_lbgat_loss",
+    "check_make_optimizer",
+]
 
 
 # ------------------------------------------------------------------------------------------ ch. 4
@@ -225,3 +234,42 @@ def check_make_optimizer(fn) -> None:
             "decay "
             f"{want['weight_decay']}, no Nesterov, as methods.make_optimizer",
         )
+
+
+# ------------------------------------------------------------------------------------ predict
+@functools.lru_cache(maxsize=1)
+def _width_runs() -> tuple:
+    """(guide width, target clean, target PGD-20, guide clean) of LBGAT0 on two moons, seed 0."""
+    x_test, y_test = toy2d.moons(500, 999)
+    rows = []
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        for width in (4, 128):
+            target, guide = toy2d.train(
+                "lbgat", seed=0, lr=0.05, guide_width=width, eps=0.05, step_size=0.0125, steps=5
+            )
+            rows.append(
+                (
+                    width,
+                    toy2d.accuracy(target, x_test, y_test),
+                    toy2d.pgd_accuracy(target, x_test, y_test, 0.05),
+                    toy2d.accuracy(guide, x_test, y_test),
+                )
+            )
+    return tuple(rows)
+
+
+def check_guide_width_prediction(predicted_better_width) -> None:
+    """Task (predict): the guide width (4 or 128) with which LBGAT's target is more accurate."""
+    task = "predict: LBGAT's guide width"
+    allowed = (4, 128, "same")
+    if isinstance(predicted_better_width, bool) or predicted_better_width not in allowed:
+        prediction_verdict(task, predicted_better_width, allowed, None, "")
+    (_, t4, r4, g4), (_, t128, r128, g128) = _width_runs()
+    measured = 128 if t128 > t4 + 0.02 else 4 if t4 > t128 + 0.02 else "same"
+    why = (
+        f"two moons, seed 0, target width 32, ε = 0.05: guide width 4 — guide {g4:.1%}, target "
+        f"clean {t4:.1%} / PGD-20 {r4:.1%}; guide width 128 — guide {g128:.1%}, target clean "
+        f"{t128:.1%} / PGD-20 {r128:.1%}. In LBGAT0 the target never sees the labels: it learns "
+        f"only by matching the guide's logits (MSE), so it inherits the guide's accuracy"
+    )
+    prediction_verdict(task, predicted_better_width, allowed, measured, why)
