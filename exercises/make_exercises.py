@@ -1,22 +1,24 @@
-"""Generate the exercise notebooks from the solution notebooks (the solutions are the source of truth).
+"""Generate the exercise notebooks from the solution notebooks (the solutions are the source).
 
-    python exercises/make_exercises.py           # rewrite exercises/NN_topic.ipynb, normalise solutions/
-    python exercises/make_exercises.py --check   # change nothing; exit 1 listing every stale file
+    python exercises/make_exercises.py          # write exercises/NN_*.ipynb, normalise solutions/
+    python exercises/make_exercises.py --check  # change nothing; exit 1 listing every stale file
 
 The nbgrader convention:
 
-* In a code cell, the lines from ``### BEGIN SOLUTION`` to ``### END SOLUTION`` (markers included) become
-  ``raise NotImplementedError("Task N: write the body of `name` (replace this line)")`` at the indentation
-  of the BEGIN marker. N counts the solution cells of the notebook in order; `name` is the function the
-  region sits in.
-* In a markdown cell, the lines from ``<!-- BEGIN SOLUTION -->`` to ``<!-- END SOLUTION -->`` are dropped
-  from the exercise, and a line ``<!-- EXERCISE: text -->`` becomes ``text`` in the exercise (it stays an
-  invisible comment in the solution).
+* In a code cell, the lines from ``### BEGIN SOLUTION`` to ``### END SOLUTION`` (markers included)
+  become ``raise NotImplementedError("Task N: write the body of `name` (replace this line)")`` at
+  the indentation of the BEGIN marker. N counts the solution cells of the notebook in order; `name`
+  is the function the region sits in.
+* In a markdown cell, the lines from ``<!-- BEGIN SOLUTION -->`` to ``<!-- END SOLUTION -->`` are
+  dropped from the exercise, and a line ``<!-- EXERCISE: text -->`` becomes ``text`` in the exercise
+  (it stays an invisible comment in the solution).
 
-Both notebooks are normalised so that the comparison is exact: nbformat 4.5, no outputs, no execution
-counts, deterministic cell ids, minimal metadata (kernel ``python3``), cell tags sorted. Solution cells get
-the tag ``hide-input`` in the solution notebook (the book folds them away) and lose it in the exercise.
+Both notebooks are normalised so that the comparison is exact: nbformat 4.5, no outputs, no
+execution counts, deterministic cell ids, minimal metadata (kernel ``python3``), cell tags sorted.
+Solution cells get the tag ``hide-input`` in the solution notebook (the book folds them away) and
+lose it in the exercise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +41,9 @@ KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "nam
 
 
 def is_solution_cell(cell) -> bool:
-    return cell.cell_type == "code" and any(line.strip() == BEGIN for line in cell.source.splitlines())
+    return cell.cell_type == "code" and any(
+        line.strip() == BEGIN for line in cell.source.splitlines()
+    )
 
 
 def _task_name(source: str, begin_line: int) -> str:
@@ -50,8 +54,9 @@ def _task_name(source: str, begin_line: int) -> str:
         return None
     best = None
     for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
-                node.lineno <= begin_line <= (node.end_lineno or node.lineno):
+        if isinstance(
+            node, (ast.FunctionDef, ast.AsyncFunctionDef)
+        ) and node.lineno <= begin_line <= (node.end_lineno or node.lineno):
             if best is None or node.lineno > best.lineno:
                 best = node
     return None if best is None else best.name
@@ -108,13 +113,16 @@ def _cell(kind: str, source: str, tags: list[str], index: int, stem: str):
 def _notebook(cells):
     nb = nbformat.v4.new_notebook()
     nb.nbformat, nb.nbformat_minor = 4, 5
-    nb.metadata = nbformat.NotebookNode({"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python"}})
+    nb.metadata = nbformat.NotebookNode(
+        {"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python"}}
+    )
     nb.cells = cells
     return nb
 
 
 def normalise_solution(nb, stem: str):
-    """The solution notebook as it must be committed (deterministic, stripped, solution cells `hide-input`)."""
+    """The solution notebook as it must be committed (deterministic, stripped, solution cells
+    `hide-input`)."""
     cells = []
     for i, cell in enumerate(nb.cells):
         if cell.cell_type not in ("code", "markdown"):
@@ -161,7 +169,7 @@ def expected_files(solutions: Path = SOLUTIONS, exercises: Path = EXERCISES) -> 
 
 
 def stale_files(solutions: Path = SOLUTIONS, exercises: Path = EXERCISES) -> list[str]:
-    """Human-readable list of the files that differ from what the generator makes (empty: up to date)."""
+    """Readable list of the files that differ from what the generator makes (empty: up to date)."""
     problems = []
     expected = expected_files(solutions, exercises)
     for path, text in expected.items():
@@ -177,7 +185,9 @@ def stale_files(solutions: Path = SOLUTIONS, exercises: Path = EXERCISES) -> lis
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 and list stale files; write nothing")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 and list stale files; write nothing"
+    )
     args = parser.parse_args(argv)
     if args.check:
         problems = stale_files()

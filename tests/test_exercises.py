@@ -1,25 +1,28 @@
 """Exercises and solutions, proven open and complete.
 
-* the committed exercise notebooks are exactly what `exercises/make_exercises.py` generates from the solutions;
-* every notebook has one `parameters` cell of literals, no outputs, and the Colab shim installs from the URL
-  in `_config.yml` (`repository.url`);
-* every solution notebook executes at the `smoke` profile (papermill, kernel `python3`) with every check ✓;
+* the committed exercise notebooks are exactly what `exercises/make_exercises.py` generates from the
+  solutions;
+* every notebook has one `parameters` cell of literals, no outputs, and the Colab shim installs from
+  the URL in `_config.yml` (`repository.url`);
+* every solution notebook executes at the `smoke` profile (papermill, kernel `python3`) with every
+  check ✓;
 * every exercise notebook, executed, stops at its first task with NotImplementedError;
-* for each task separately, replacing only that task's solution by its stub makes execution fail at that task
-  (in-process: the notebook's code cells are exec'd in a fresh namespace, magics replaced by `pass`), after
-  every earlier task's check passed.
+* for each task separately, replacing only that task's solution by its stub makes execution fail at
+  that task (in-process: the notebook's code cells are exec'd in a fresh namespace, magics replaced
+  by `pass`), after every earlier task's check passed.
 
-The kernel runs are the slow part (about 5–15 s each on 2 cores). Under `pytest -n 2 --dist loadfile` this whole
-module goes to one worker; the kernels run with one thread each (OMP_NUM_THREADS=1), which avoids
-oversubscribing the cores the other worker uses (tiny tensors are also fastest on one thread).
+The kernel runs are the slow part (about 5–15 s each on 2 cores). Under `pytest -n 2 --dist
+loadfile` this whole module goes to one worker; the kernels run with one thread each
+(OMP_NUM_THREADS=1), which avoids oversubscribing the cores the other worker uses (tiny tensors are
+also fastest on one thread).
 """
+
 from __future__ import annotations
 
 import ast
 import contextlib
 import importlib.util
 import io
-import os
 import re
 from pathlib import Path
 
@@ -28,9 +31,21 @@ import pytest
 import torch
 import yaml
 
+import d2r_lib
+
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS, EXERCISES = ROOT / "solutions", ROOT / "exercises"
-STEMS = ["01_fgsm_pgd", "02_pgd_at", "03_trades", "04_lbgat", "05_d2r_loss", "06_cag", "08_evaluation"]
+STEMS = [
+    "01_fgsm_pgd",
+    "02_pgd_at",
+    "03_trades",
+    "04_lbgat",
+    "05_d2r_loss",
+    "06_cag",
+    "07_experiment_design",
+    "08_evaluation",
+    "09_cost_model",
+]
 SMOKE = {"profile": "smoke", "seed": 0, "device": "cpu"}
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 
@@ -54,18 +69,25 @@ def _repository_url() -> str:
 
 
 def _tasks(nb) -> list[tuple[int, int]]:
-    """(solution cell index, check cell index) per task, in order; the check is the next code cell."""
+    """(solution cell index, check cell index) per task, in order; the check is the next code
+    cell."""
     out = []
     for i, cell in enumerate(nb.cells):
-        if GEN.is_solution_cell(cell) or (cell.cell_type == "code" and "raise NotImplementedError(\"Task" in
-                                          cell.source.replace("'", '"')):
+        if GEN.is_solution_cell(cell) or (
+            cell.cell_type == "code"
+            and 'raise NotImplementedError("Task' in cell.source.replace("'", '"')
+        ):
             j = next(k for k in range(i + 1, len(nb.cells)) if nb.cells[k].cell_type == "code")
             out.append((i, j))
     return out
 
 
 def _cases():
-    return [(stem, task) for stem in STEMS for task in range(1, len(_tasks(_read(SOLUTIONS / f"{stem}.ipynb"))) + 1)]
+    return [
+        (stem, task)
+        for stem in STEMS
+        for task in range(1, len(_tasks(_read(SOLUTIONS / f"{stem}.ipynb"))) + 1)
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +100,7 @@ def _one_thread(monkeypatch):
     torch.set_num_threads(threads)
 
 
-# ============================================================================================ structure
+# ======================================== structure
 def test_the_expected_notebooks_exist():
     assert sorted(p.stem for p in SOLUTIONS.glob("[0-9][0-9]_*.ipynb")) == STEMS
     assert sorted(p.stem for p in EXERCISES.glob("[0-9][0-9]_*.ipynb")) == STEMS
@@ -88,19 +110,48 @@ def test_the_expected_notebooks_exist():
             assert f"{stem}.ipynb" in index, f"{folder.name}/index.md does not link {stem}"
 
 
+def test_every_check_is_used_by_a_notebook_and_every_task_states_its_kind():
+    from d2r_lib import checks
+
+    used = set()
+    for stem in STEMS:
+        nb = _read(SOLUTIONS / f"{stem}.ipynb")
+        used |= set(re.findall(r"checks\.(check_\w+)\(", "\n".join(c.source for c in nb.cells)))
+    assert used == {n for n in checks.__all__ if n.startswith("check_")}
+    kinds = set()
+    for stem in STEMS:
+        nb = _read(SOLUTIONS / f"{stem}.ipynb")
+        for sol, _ in _tasks(nb):
+            found = re.findall(r"\*Kind: ([a-z ,]+?)\.\*", nb.cells[sol - 1].source)
+            kinds |= set(found)
+    # the new kinds of task are spread over the notebooks (transcription tasks state no kind)
+    assert {"derive and check", "predict, then run", "break it", "experiment design"} <= kinds, (
+        kinds
+    )
+
+
 def test_committed_exercises_are_what_the_generator_makes():
     problems = GEN.stale_files()
     assert not problems, "stale; run `python exercises/make_exercises.py`:\n" + "\n".join(problems)
 
 
 def test_generator_stubs_keep_indentation_and_number_tasks():
-    source = "def f(x):\n    \"\"\"Doc.\"\"\"\n    ### BEGIN SOLUTION\n    y = x + 1\n    return y\n    ### END SOLUTION"
+    source = (
+        'def f(x):\n    """Doc."""\n    ### BEGIN SOLUTION\n    y = x + 1\n    return y\n'
+        "    ### END SOLUTION"
+    )
     stub = GEN.stub_source(source, 3)
-    assert stub == "def f(x):\n    \"\"\"Doc.\"\"\"\n    raise NotImplementedError('Task 3: write the body of `f` (replace this line)')"
+    assert stub == (
+        'def f(x):\n    """Doc."""\n'
+        "    raise NotImplementedError('Task 3: write the body of `f` (replace this line)')"
+    )
     compile(stub, "<stub>", "exec")
     with pytest.raises(ValueError, match="without"):
         GEN.stub_source("### BEGIN SOLUTION\nx = 1", 1)
-    md = "# Title\n<!-- EXERCISE: shown in exercises -->\n<!-- BEGIN SOLUTION -->\nonly in solutions\n<!-- END SOLUTION -->\nend"
+    md = (
+        "# Title\n<!-- EXERCISE: shown in exercises -->\n<!-- BEGIN SOLUTION -->\n"
+        "only in solutions\n<!-- END SOLUTION -->\nend"
+    )
     assert GEN.exercise_markdown(md) == "# Title\nshown in exercises\nend"
 
 
@@ -112,14 +163,19 @@ def test_check_mode_reports_a_stale_exercise(tmp_path):
     original = GEN.ROOT
     GEN.ROOT = tmp_path
     try:
-        assert any("missing" in p for p in GEN.stale_files(tmp_path / "solutions", tmp_path / "exercises"))
-        for path, text in GEN.expected_files(tmp_path / "solutions", tmp_path / "exercises").items():
+        assert any(
+            "missing" in p for p in GEN.stale_files(tmp_path / "solutions", tmp_path / "exercises")
+        )
+        for path, text in GEN.expected_files(
+            tmp_path / "solutions", tmp_path / "exercises"
+        ).items():
             path.write_text(text)
         assert GEN.stale_files(tmp_path / "solutions", tmp_path / "exercises") == []
         edited = (tmp_path / "exercises" / src.name).read_text().replace("Task 1", "Task one")
         (tmp_path / "exercises" / src.name).write_text(edited)
-        assert GEN.stale_files(tmp_path / "solutions", tmp_path / "exercises") == \
-            ["exercises/02_pgd_at.ipynb: differs from the generated version"]
+        assert GEN.stale_files(tmp_path / "solutions", tmp_path / "exercises") == [
+            "exercises/02_pgd_at.ipynb: differs from the generated version"
+        ]
     finally:
         GEN.ROOT = original
 
@@ -135,18 +191,25 @@ def test_notebook_structure(stem, kind):
     assert len(params) == 1 and params[0] is code[1]
     tree = ast.parse(params[0].source)
     assert {t.id for node in tree.body for t in node.targets} == set(SMOKE)
-    assert all(isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) for node in tree.body)
+    assert all(
+        isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) for node in tree.body
+    )
     # the Colab shim installs from the repository URL of _config.yml
     shim = code[0].source
     assert "import d2r_lib" in shim and "except ImportError" in shim
+    # ... pinned to the library's version tag, so a notebook and the library it runs always match
     urls = re.findall(r'%pip install -q "d2r_lib @ git\+(\S+?)"', shim)
-    assert urls == [_repository_url()]
+    assert urls == [f"{_repository_url()}@v{d2r_lib.__version__}"]
     # tasks: 3–6, each a solution (or stub) cell followed by a check cell
     tasks = _tasks(nb)
     assert 3 <= len(tasks) <= 6
     for n, (sol, chk) in enumerate(tasks, start=1):
-        assert re.fullmatch(r"checks\.check_\w+\(\w+\)", nb.cells[chk].source.strip()), nb.cells[chk].source
-        assert nb.cells[sol - 1].cell_type == "markdown" and f"Task {n} ·" in nb.cells[sol - 1].source
+        assert re.fullmatch(r"checks\.check_\w+\(\w+\)", nb.cells[chk].source.strip()), nb.cells[
+            chk
+        ].source
+        assert (
+            nb.cells[sol - 1].cell_type == "markdown" and f"Task {n} ·" in nb.cells[sol - 1].source
+        )
         tags = nb.cells[sol].metadata.get("tags", [])
         if kind == "solutions":
             assert "hide-input" in tags
@@ -155,15 +218,17 @@ def test_notebook_structure(stem, kind):
             assert f"raise NotImplementedError('Task {n}: " in nb.cells[sol].source
 
 
-# ================================================================================ in-process execution
+# ======================================== in-process execution
 def _runnable(source: str) -> str:
     """IPython magics (%pip, !cmd) become `pass`, keeping the indentation."""
     return "\n".join(re.sub(r"^(\s*)[%!].*$", r"\1pass", line) for line in source.splitlines())
 
 
 def _exec_notebook(nb, stem: str):
-    """Exec the code cells in a fresh namespace; returns (index of the failing cell or None, error, outputs)."""
+    """Exec the code cells in a fresh namespace; returns (index of the failing cell or None, error,
+    outputs)."""
     import matplotlib
+
     matplotlib.use("Agg")
     ns = {"__name__": "__main__"}
     outputs = {}
@@ -191,24 +256,37 @@ def test_removing_one_solution_fails_at_that_task(stem, task):
     tasks = _tasks(solution)
     sol_cell, check_cell = tasks[task - 1]
     assert _tasks(exercise)[task - 1] == (sol_cell, check_cell)
-    solution.cells[sol_cell] = exercise.cells[sol_cell]          # only this task is unsolved
+    solution.cells[sol_cell] = exercise.cells[sol_cell]  # only this task is unsolved
     index, error, outputs = _exec_notebook(solution, stem)
-    assert isinstance(error, NotImplementedError), f"expected NotImplementedError at task {task}, got {error!r}"
+    assert isinstance(error, NotImplementedError), (
+        f"expected NotImplementedError at task {task}, got {error!r}"
+    )
     assert str(error).startswith(f"Task {task}:"), str(error)
-    assert index in (sol_cell, check_cell), f"failed in cell {index}, task {task} is cells {sol_cell}-{check_cell}"
+    assert index in (sol_cell, check_cell), (
+        f"failed in cell {index}, task {task} is cells {sol_cell}-{check_cell}"
+    )
     for _, earlier_check in tasks[: task - 1]:
         assert outputs[earlier_check].startswith("✓"), outputs[earlier_check]
 
 
-# ================================================================================== kernel execution
+# ======================================== kernel execution
 def _papermill(path: Path, out: Path):
     papermill = pytest.importorskip("papermill")
-    return papermill.execute_notebook(str(path), str(out), parameters=dict(SMOKE), kernel_name="python3",
-                                      cwd=str(path.parent), progress_bar=False, log_output=False)
+    return papermill.execute_notebook(
+        str(path),
+        str(out),
+        parameters=dict(SMOKE),
+        kernel_name="python3",
+        cwd=str(path.parent),
+        progress_bar=False,
+        log_output=False,
+    )
 
 
 def _stdout(cell) -> str:
-    return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+    return "".join(
+        o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream"
+    )
 
 
 @pytest.mark.slow
@@ -218,11 +296,15 @@ def test_solution_notebook_runs_at_smoke_with_every_check_passing(stem, tmp_path
     out = tmp_path / f"{stem}.ipynb"
     _papermill(SOLUTIONS / f"{stem}.ipynb", out)
     executed = _read(out)
-    checks_run = [c for c in executed.cells if c.cell_type == "code" and c.source.startswith("checks.check_")]
+    checks_run = [
+        c for c in executed.cells if c.cell_type == "code" and c.source.startswith("checks.check_")
+    ]
     assert len(checks_run) == len(_tasks(_read(SOLUTIONS / f"{stem}.ipynb")))
     for cell in checks_run:
         assert _stdout(cell).startswith("✓"), (cell.source, _stdout(cell))
-    errors = [o for c in executed.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    errors = [
+        o for c in executed.cells for o in c.get("outputs", []) if o.get("output_type") == "error"
+    ]
     assert not errors
 
 
@@ -239,6 +321,13 @@ def test_exercise_notebook_stops_at_its_first_task(stem, tmp_path):
     assert info.value.ename == "NotImplementedError"
     assert "Task 1:" in info.value.evalue
     executed = _read(out)
-    failing = [c for c in executed.cells if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+    failing = [
+        c
+        for c in executed.cells
+        if any(o.get("output_type") == "error" for o in c.get("outputs", []))
+    ]
     assert len(failing) == 1
-    assert failing[0].source in (exercise.cells[first_solution].source, exercise.cells[first_check].source)
+    assert failing[0].source in (
+        exercise.cells[first_solution].source,
+        exercise.cells[first_check].source,
+    )

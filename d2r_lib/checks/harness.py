@@ -1,0 +1,309 @@
+"""The checks' shared machinery: run a learner's answer on reference inputs, compare, report.
+
+* `sandbox` gives a check its own random state (the notebook's is left alone) and one thread;
+  `call_learner` runs the learner's function: an unsolved stub's NotImplementedError passes through,
+  any other error becomes a verdict;
+* `passed` prints one line starting with ✓; `advise` one starting with 💡 (advice on a correct
+  answer, e.g. efficiency: nothing fails); `fail` raises `CheckFailed` naming the mistake;
+* reference inputs: images with exact 0/1 pixels, small CNNs whose BatchNorm makes train and eval
+  mode differ, prototype classifiers with honest gradients; helpers for modes and BatchNorm.
+
+Losses are compared in `losscheck`, attacks in `attackcheck`; the checks are in `ch01` ... `ch09`
+and `steps`. Reference values come from the library; wrong variants live only here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .. import models
+
+__all__ = [
+    "CheckFailed",
+    "fail",
+    "passed",
+    "pct",
+    "advise",
+    "call_learner",
+    "sandbox",
+    "generator",
+    "rand_images",
+    "small_cnn",
+    "mode_flags",
+    "mode_name",
+    "bn_state",
+    "bn_changed",
+    "bn_count",
+    "set_mode",
+    "copies",
+    "assert_modes_restored",
+    "modes_advice",
+    "library_accuracy",
+    "as_float",
+    "close",
+    "rand_labels",
+    "Prototype",
+    "eval_setup",
+    "eval_common",
+    "fraction_verdict",
+    "prediction_verdict",
+]
+
+
+class CheckFailed(AssertionError):
+    """Your function disagrees with d2r_lib; the message says how (and, when recognised, which
+    mistake)."""
+
+
+# ================================================================================================
+# Plumbing
+# ================================================================================================
+def fail(task: str, message: str):
+    raise CheckFailed(f"✗ {task}: {message}")
+
+
+def passed(task: str, detail: str) -> None:
+    print(f"✓ {task}: {detail}")
+
+
+def pct(frac: float) -> str:
+    return f"{100 * frac:.3g} %"
+
+
+def advise(task: str, message: str) -> None:
+    """Advice on a correct answer (efficiency, style): printed, never a failure."""
+    print(f"💡 {task}: {message}")
+
+
+def call_learner(task: str, fn: Callable, *args, **kwargs):
+    """Run the learner's function; an unsolved stub's NotImplementedError passes through
+    unchanged."""
+    try:
+        return fn(*args, **kwargs)
+    except (NotImplementedError, CheckFailed):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any error of the learner's code becomes a verdict
+        raise CheckFailed(f"✗ {task}: your function raised {type(exc).__name__}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def sandbox(task: str, fn):
+    """Own random state (the notebook's is left alone), gradients on, one thread (tiny tensors)."""
+    if not callable(fn):
+        raise TypeError(
+            f"{task}: pass your function itself (e.g. check(my_function)), not {type(fn).__name__}"
+        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def rand_images(g: torch.Generator, b: int, size: int = 16) -> torch.Tensor:
+    """Random images in [0, 1] with some pixels exactly 0 or 1 (so a missing clamp shows)."""
+    x = torch.rand(b, 3, size, size, generator=g)
+    u = torch.rand(b, 3, size, size, generator=g)
+    x = torch.where(u < 0.1, torch.zeros_like(x), x)
+    return torch.where(u > 0.9, torch.ones_like(x), x)
+
+
+def small_cnn(num_classes: int = 10, seed: int = 0, width: int = 8) -> nn.Module:
+    """A small_cnn (d2r_lib.models.SmallCNN) whose BatchNorm statistics make train and eval mode
+    differ."""
+    torch.manual_seed(seed)
+    m = models.SmallCNN(num_classes, width=width)
+    g = generator(seed + 7)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                n = mod.num_features
+                mod.running_mean.copy_(0.2 * (2 * torch.rand(n, generator=g) - 1))
+                mod.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=g))
+                mod.weight.copy_(0.5 + torch.rand(n, generator=g))
+                mod.bias.copy_(0.2 * (2 * torch.rand(n, generator=g) - 1))
+    return m
+
+
+def mode_flags(model: nn.Module) -> list[bool]:
+    return [m.training for m in model.modules()]
+
+
+def mode_name(flags: list[bool]) -> str:
+    return "train" if all(flags) else "eval" if not any(flags) else "a mix of train and eval"
+
+
+def bn_state(model: nn.Module) -> list[torch.Tensor]:
+    return [b.detach().clone() for name, b in model.named_buffers()]
+
+
+def bn_changed(before, model) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, bn_state(model)))
+
+
+def bn_count(model: nn.Module) -> int:
+    """Training-mode forward passes seen by the model (its first BatchNorm's
+    num_batches_tracked)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return int(m.num_batches_tracked)
+    return 0
+
+
+def set_mode(model: nn.Module, mode: str) -> nn.Module:
+    model.train(mode == "train")
+    return model
+
+
+def copies(base: dict, mode: str) -> dict:
+    return {k: set_mode(copy.deepcopy(m), mode) for k, m in base.items()}
+
+
+def assert_modes_restored(task: str, before: dict, mods: dict) -> None:
+    for role, model in mods.items():
+        now = mode_flags(model)
+        if now != before[role]:
+            fail(
+                task,
+                f"your function left the {role} in {mode_name(now)} mode, but it came in "
+                f"{mode_name(before[role])} mode: restore it (`with attacks.eval_mode({role}):` "
+                f"restores every module's mode when the block ends)",
+            )
+
+
+def modes_advice(before: dict, mods: dict) -> list[str]:
+    """Advice, not a failure: an attack left a model's mode changed, as the official code does."""
+    out = []
+    for role, model in mods.items():
+        now = mode_flags(model)
+        if now != before[role]:
+            out.append(
+                f"your attack left the {role} in {mode_name(now)} mode (it came in "
+                f"{mode_name(before[role])} mode). The official code does the same and relies on "
+                f"the training loop's model.train(); `with attacks.eval_mode({role}):` restores "
+                f"the caller's mode for you"
+            )
+    return out
+
+
+def library_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The library's clean accuracy (d2r_lib.evaluate.accuracy: eval mode, no graph, modes
+    restored)."""
+    from ..evaluate import accuracy
+
+    return accuracy(model, x, y)
+
+
+def as_float(task: str, value, what: str = "the accuracy") -> float:
+    if isinstance(value, bool) or value is None:
+        fail(task, f"your function returned {value!r}; return {what} as a Python float")
+    if isinstance(value, torch.Tensor):
+        fail(
+            task,
+            f"your function returned a tensor ({tuple(value.shape)}); return {what} as a Python "
+            "float "
+            f"(use .item())",
+        )
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        fail(
+            task, f"your function returned {type(value).__name__}; return {what} as a Python float"
+        )
+    if not math.isfinite(out):
+        fail(task, f"your function returned {out}; expected a finite number")
+    return out
+
+
+def close(a: float, b: float, rtol: float, atol: float) -> bool:
+    return abs(a - b) <= atol + rtol * abs(b)
+
+
+def rand_labels(g: torch.Generator, b: int, c: int) -> torch.Tensor:
+    return torch.randint(0, c, (b,), generator=g)
+
+
+class Prototype(nn.Module):
+    """A linear nearest-prototype classifier: logits_c = ⟨x, μ_c⟩ − ‖μ_c‖²/2 (honest gradients)."""
+
+    def __init__(self, prototypes: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mu", prototypes.flatten(1).clone())
+
+    def forward(self, x):
+        return x.flatten(1) @ self.mu.T - 0.5 * (self.mu**2).sum(1)
+
+
+def eval_setup(seed: int, b: int, c: int = 10, contrast: float = 0.04):
+    """BatchNorm (identity in eval mode) + a nearest-prototype classifier, images near the
+    prototypes and
+    labels 15 % wrong: honest gradients, clean accuracy ≈ 85 %, and FGSM/PGD at ε = 0.05 change
+    it."""
+    g = generator(seed)
+    proto = (0.5 + contrast * torch.randn(c, 3, 8, 8, generator=g)).clamp(0, 1)
+    y = torch.randint(0, c, (b,), generator=g)
+    x = (proto[y] + 0.02 * torch.randn(b, 3, 8, 8, generator=g)).clamp(0, 1)
+    model = nn.Sequential(nn.BatchNorm2d(3), Prototype(proto))
+    flip = torch.rand(b, generator=g) < 0.15
+    return model, x, torch.where(flip, (y + 1) % c, y)
+
+
+def eval_common(task, fn_call, model, mode):
+    """Call the learner on a copy of `model` in `mode`; check the mode is restored and BatchNorm
+    untouched."""
+    mods = copies({"model": model}, mode)
+    modes, bn = {"model": mode_flags(mods["model"])}, bn_state(mods["model"])
+    out = fn_call(mods["model"])
+    assert_modes_restored(task, modes, mods)
+    if bn_changed(bn, mods["model"]):
+        fail(
+            task,
+            "the model ran in train mode: BatchNorm used the batch's statistics and updated its "
+            "running "
+            "averages; evaluate in eval mode (`with attacks.eval_mode(model):`)",
+        )
+    return out
+
+
+def fraction_verdict(task, got, want, *, clean=None, what="accuracy"):
+    if close(got, want, 0, 1e-6):
+        return
+    if close(got, 100 * want, 0, 1e-4):
+        fail(
+            task,
+            f"you returned a percentage ({got:.4g}); return the {what} as a fraction in [0, 1]",
+        )
+    if close(got, 1 - want, 0, 1e-6):
+        fail(task, f"you returned the error rate (1 − {what}): {got:.4g} instead of {want:.4g}")
+    if clean is not None and close(got, clean, 0, 1e-6) and not close(clean, want, 0, 1e-6):
+        fail(
+            task,
+            f"you measured the clean accuracy ({clean:.4g}); the {what} is measured on the "
+            "attacked "
+            f"images x′",
+        )
+
+
+def prediction_verdict(task: str, predicted, allowed: tuple, measured, why: str) -> None:
+    """Predict-then-run: a right prediction passes with its explanation, a wrong one fails."""
+    if isinstance(predicted, bool) or predicted not in allowed:
+        fail(
+            task,
+            f"set your prediction to one of {', '.join(map(repr, allowed))} before running; "
+            f"got {predicted!r}",
+        )
+    if predicted != measured:
+        fail(task, f"you predicted {predicted!r}; the run gives {measured!r}: {why}")
+    passed(task, f"you predicted {predicted!r}: right — {why}")

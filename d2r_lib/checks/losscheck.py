@@ -1,0 +1,191 @@
+"""Comparing a learner's loss with the library's: value, gradients, the common wrong variants."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import losses
+from .harness import (
+    call_learner,
+    close,
+    fail,
+    passed,
+    sandbox,
+)
+
+__all__ = [
+    "Variant",
+    "LossSpec",
+    "run_loss_check",
+    "rand_logits",
+    "SHAPES",
+    "exact_kl_mean",
+    "kbar",
+]
+
+
+# ================================================================================================
+# Losses: one framework
+# ================================================================================================
+@dataclass
+class Variant:
+    message: str  # may use {B}, {C}, {got}, {want}
+    fn: Callable  # same arguments as the reference; returns a tensor or None (n/a)
+
+
+@dataclass
+class LossSpec:
+    task: str
+    names: tuple[str, ...]  # positional argument names
+    reference: Callable
+    make_case: Callable  # trial -> (args tuple, kwargs dict)
+    variants: list[Variant]
+    trials: int
+    grad_names: tuple[str, ...]  # inputs whose gradient must match the library's
+    grad_hints: dict = field(default_factory=dict)
+    passed: str = ""
+    rtol: float = 1e-8  # float64 inputs: a different but equivalent formula agrees to ~1e-14
+    atol: float = 1e-12
+
+
+def run_loss_check(spec: LossSpec, fn) -> None:
+    task = spec.task
+    with sandbox(task, fn):
+        for trial in range(spec.trials):
+            args, kwargs = spec.make_case(trial)
+            first = next(a for a in args if isinstance(a, torch.Tensor) and a.dim() == 2)
+            info = {"B": first.shape[0], "C": first.shape[1]}
+            learner_args, ref_args, leaves = [], [], []
+            for name, a in zip(spec.names, args):
+                if isinstance(a, torch.Tensor) and a.is_floating_point():
+                    la = a.detach().clone().requires_grad_(name in spec.grad_names)
+                    ra = a.detach().clone().requires_grad_(name in spec.grad_names)
+                    if name in spec.grad_names:
+                        leaves.append((name, la, ra))
+                else:
+                    la = a.clone() if isinstance(a, torch.Tensor) else a
+                    ra = a
+                learner_args.append(la)
+                ref_args.append(ra)
+            snapshots = [
+                (n, a.detach().clone())
+                for n, a in zip(spec.names, learner_args)
+                if isinstance(a, torch.Tensor)
+            ]
+            out = call_learner(task, fn, *learner_args, **kwargs)
+            if not isinstance(out, torch.Tensor):
+                fail(
+                    task,
+                    f"your function returned {type(out).__name__}; return the loss as a torch "
+                    "tensor "
+                    f"(a 0-dim scalar; .item() or float() would cut the graph)",
+                )
+            if out.dim() != 0:
+                fail(
+                    task,
+                    f"your function returned a tensor of shape {tuple(out.shape)}; the loss is one "
+                    f"0-dim scalar: reduce over the batch (and the classes)",
+                )
+            for (name, before), a in zip(
+                snapshots, [a for a in learner_args if isinstance(a, torch.Tensor)]
+            ):
+                if not torch.equal(a.detach(), before):
+                    fail(
+                        task,
+                        f"your function modified its input `{name}` in place; compute new tensors "
+                        "instead",
+                    )
+            got = out.item()
+            if not math.isfinite(got):
+                fail(
+                    task,
+                    f"your function returned {got} (batch {info['B']}, {info['C']} classes); "
+                    "expected a "
+                    f"finite value: check for log(0) or a division by zero",
+                )
+            expected = spec.reference(*ref_args, **kwargs)
+            want = expected.item()
+            info.update(got=got, want=want)
+            if not close(got, want, spec.rtol, spec.atol):
+                with torch.no_grad():
+                    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in ref_args]
+                    for v in spec.variants:
+                        val = v.fn(*plain, **kwargs)
+                        if val is None:
+                            continue
+                        val = float(val)
+                        if close(got, val, spec.rtol, spec.atol) and not close(
+                            val, want, spec.rtol, spec.atol
+                        ):
+                            fail(task, v.message.format_map(info))
+                extra = "".join(f", {k}={v}" for k, v in kwargs.items())
+                fail(
+                    task,
+                    f"your value {got:.8g} differs from the library's {want:.8g} (batch "
+                    f"{info['B']}, "
+                    f"{info['C']} classes{extra}); none of the common mistakes this check knows "
+                    "matches, "
+                    f"so compare your formula with the task's statement term by term",
+                )
+            if not leaves:
+                continue
+            if not out.requires_grad:
+                fail(
+                    task,
+                    "your loss carries no graph (requires_grad=False), so training could not "
+                    "backpropagate through it: don't use .item(), .detach(), numpy or "
+                    "torch.no_grad() inside",
+                )
+            g_l = torch.autograd.grad(out, [la for _, la, _ in leaves], allow_unused=True)
+            g_r = torch.autograd.grad(expected, [ra for _, _, ra in leaves], allow_unused=True)
+            for (name, _, _), gl, gr in zip(leaves, g_l, g_r):
+                hint = spec.grad_hints.get(name, "")
+                ref_zero = gr is None or not gr.abs().gt(0).any()
+                if ref_zero:
+                    if gl is not None and gl.abs().gt(1e-12).any():
+                        fail(
+                            task,
+                            f"gradient flows into `{name}`, which the library's loss does not "
+                            "depend on",
+                        )
+                    continue
+                if gl is None or not gl.abs().gt(0).any():
+                    fail(
+                        task,
+                        f"no gradient reaches `{name}`: the loss must backpropagate into it (don't "
+                        ".detach() it, don't go through numpy or .item(), no torch.no_grad()). "
+                        f"{hint}".strip(),
+                    )
+                if not torch.allclose(gl, gr, rtol=1e-5, atol=1e-9):
+                    diff = (gl - gr).abs().max().item()
+                    fail(
+                        task,
+                        f"your value is right but the gradient w.r.t. `{name}` differs from the "
+                        "library's "
+                        f"(max |Δ| = {diff:.3g}): did you .detach() part of a term? {hint}".strip(),
+                    )
+        passed(task, spec.passed)
+
+
+def rand_logits(g: torch.Generator, b: int, c: int, scale: float) -> torch.Tensor:
+    return scale * torch.randn(b, c, generator=g, dtype=torch.float64)
+
+
+# (batch, classes, logit scale) per trial: batch 1, 10 and 100 classes, flat and peaked
+# distributions
+SHAPES = [(8, 10, 1.0), (1, 10, 2.0), (16, 100, 1.5), (5, 100, 0.7), (32, 10, 4.0), (3, 10, 0.3)]
+
+
+def exact_kl_mean(p, log_q):
+    """The exact KL summand p·(log p − log q) averaged over batch × classes (no +1e-5)."""
+    return (p * (torch.log(p) - log_q)).mean()
+
+
+def kbar(z_p, z_q, reduction="mean"):
+    """K̄L(softmax(z_p) ‖ softmax(z_q)) via the library's official_kl."""
+    return losses.official_kl(F.softmax(z_p, dim=1), F.log_softmax(z_q, dim=1), reduction)

@@ -1,0 +1,456 @@
+"""The training-step checks of notebooks 2, 3, 4 and 6: a learner's step against methods.train_step.
+
+The reference step is `methods.train_step`, the library's one training step. The learner's step may
+draw the attack's random start in its own way: the check records the x′ the learner's loss saw (the
+target's train-mode input that is not x) and, when it differs from the library's x′, checks x′
+(ball, [0, 1], the attack's objective reached) and the loss at that x′ (`methods.compute_terms`)
+instead of exact equality. Forward passes in train mode: the official count and the library's named
+faster variant are both accepted.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from .. import attacks, losses, methods
+from .harness import (
+    as_float,
+    call_learner,
+    close,
+    fail,
+    generator,
+    passed,
+    rand_images,
+    rand_labels,
+    sandbox,
+    small_cnn,
+)
+
+__all__ = ["check_pgd_at_step", "check_trades_step", "check_lbgat_step", "check_d2r_step"]
+
+_BUDGETS = {
+    "pgd_at": dict(eps=8 / 255, step_size=2 / 255, steps=2),
+    "trades": dict(eps=0.031, step_size=0.007, steps=2),
+    "lbgat": dict(eps=0.031, step_size=0.007, steps=2),
+    "d2r": dict(eps=0.031, step_size=0.007, steps=2),
+}
+# train-mode forward passes of one step: (official code, the library's faster named variant)
+_PASSES = {
+    "pgd_at": {"target": ({1: "f(x′)"}), "guide": {0: ""}},
+    "trades": {"target": {3: "f(x), f(x′), f(x) (official)", 2: "f(x), f(x′)"}, "guide": {0: ""}},
+    "lbgat": {"target": {2: "f(x′), f(x) (official)", 1: "f(x′)"}, "guide": {1: "g(x)"}},
+    "d2r": {"target": {2: "f(x′), f(x)"}, "guide": {1: "g(x)"}},
+}
+_GUIDED = ("lbgat", "d2r")
+
+
+def _lib_adv(method):
+    return lambda t, g, x, y, k: methods.make_adversarial(method, t, g, x, y, **k)
+
+
+def _lib_loss(method, **over):
+    return lambda t, g, x, xa, y, k: methods.compute_terms(method, t, g, x, xa, y, **{**k, **over})[
+        "loss"
+    ]
+
+
+def _only(keys):
+    return lambda k: {a: b for a, b in k.items() if a in keys}
+
+
+_BUDGET = ("eps", "step_size", "steps")
+
+
+def _step_variants(method):
+    """(message, attack, loss) of the common mistakes; their loss *values* are compared, nothing is
+    trained."""
+    b = _only(_BUDGET)
+    ce, kl, mse = F.cross_entropy, losses.trades_kl, F.mse_loss
+    pgd_ce = lambda start: lambda t, g, x, y, k: attacks.pgd(t, x, y, start=start, **b(k))  # noqa: E731
+    if method == "pgd_at":
+        return [
+            (
+                "you trained on the clean batch: PGD-AT minimises CE(f(x′), y) on the adversarial "
+                "examples",
+                _lib_adv(method),
+                lambda t, g, x, xa, y, k: ce(t(x), y),
+            ),
+            (
+                "you applied softmax before F.cross_entropy (which applies log-softmax itself)",
+                _lib_adv(method),
+                lambda t, g, x, xa, y, k: ce(F.softmax(t(xa), dim=1), y),
+            ),
+            (
+                "you generated x′ with FGSM; PGD-AT uses PGD (steps of size step_size from a "
+                "uniform random start)",
+                lambda t, g, x, y, k: attacks.fgsm(t, x, y, eps=k["eps"]),
+                _lib_loss(method),
+            ),
+            (
+                "your PGD has no random start (start='clean'); PGD-AT starts uniformly in the "
+                "ε-ball",
+                pgd_ce("clean"),
+                _lib_loss(method),
+            ),
+        ]
+    if method == "trades":
+        return [
+            (
+                "your CE term uses f(x′); TRADES takes CE on the clean logits: CE(f(x), y) + "
+                "β·KL(p(x) ‖ p(x′))",
+                _lib_adv(method),
+                lambda t, g, x, xa, y, k: (lambda zn, za: ce(za, y) + k["beta"] * kl(zn, za))(
+                    t(x), t(xa)
+                ),
+            ),
+            (
+                "KL direction reversed: TRADES' loss uses KL(p(x) ‖ p(x′))",
+                _lib_adv(method),
+                lambda t, g, x, xa, y, k: (lambda zn, za: ce(zn, y) + k["beta"] * kl(za, zn))(
+                    t(x), t(xa)
+                ),
+            ),
+            (
+                "you generated x′ with PGD on the cross-entropy; TRADES' x′ maximises KL(p(x) ‖ "
+                "p(x′)) "
+                "(attacks.trades_attack)",
+                pgd_ce("uniform"),
+                _lib_loss(method),
+            ),
+            (
+                "you ignored the `beta` argument (your loss matches β = 6)",
+                _lib_adv(method),
+                _lib_loss(method, beta=6.0),
+            ),
+            (
+                "you trained on clean CE only: add β·KL(p(x) ‖ p(x′))",
+                _lib_adv(method),
+                lambda t, g, x, xa, y, k: ce(t(x), y),
+            ),
+        ]
+    if method == "lbgat":
+        return [
+            (
+                "you generated x′ with CAG (the guide's reference); LBGAT generates x′ with the "
+                "target alone, "
+                "as TRADES (attacks.trades_attack)",
+                lambda t, g, x, y, k: attacks.cag(t, g, x, **b(k)),
+                _lib_loss(method),
+            ),
+            (
+                "your MSE uses the target's clean logits f(x); LBGAT matches the adversarial "
+                "logits f(x′) to g(x)",
+                _lib_adv(method),
+                lambda t, g, x, xa, y, k: ce(g(x), y) + mse(t(x), g(x)),
+            ),
+            (
+                "your CE term uses the target's logits f(x′); LBGAT puts CE on the guide: CE(g(x), "
+                "y)",
+                _lib_adv(method),
+                lambda t, g, x, xa, y, k: (lambda za: ce(za, y) + mse(za, g(x)))(t(xa)),
+            ),
+            (
+                "you generated x′ with PGD on the cross-entropy; LBGAT uses TRADES generation "
+                "(attacks.trades_attack)",
+                pgd_ce("uniform"),
+                _lib_loss(method),
+            ),
+        ]
+    return [  # d2r
+        (
+            "you generated x′ with the target alone (TRADES/LBGAT generation); D2R uses CAG, whose "
+            "reference is the "
+            "guide's p_g(x) (attacks.cag)",
+            _lib_adv("d2r_trades_gen"),
+            _lib_loss("d2r_trades_gen"),
+        ),
+        (
+            "your KL terms use 'batchmean' (the per-sample KL); the official D2R averages them "
+            "over batch × classes",
+            _lib_adv(method),
+            _lib_loss(method, kl_reduction="batchmean"),
+        ),
+        (
+            "you used the LBGAT loss (CE + MSE); D2R adds w_clean·|K̄L(p_f‖p_g) − K̄L(p_g‖p_f)| + "
+            "w_adv·K̄L(p_f(x′) ‖ "
+            "p_g(x)) (losses.d2r_loss)",
+            _lib_adv(method),
+            lambda t, g, x, xa, y, k: losses.lbgat_loss(t(xa), g(x), y),
+        ),
+        (
+            "you generated x′ with PGD on the cross-entropy; D2R uses CAG (attacks.cag)",
+            pgd_ce("uniform"),
+            _lib_loss(method),
+        ),
+    ]
+
+
+def _params(t, g):
+    return [p.detach().clone() for m in (t, g) if m is not None for p in m.parameters()]
+
+
+def _max_diff(a, b) -> float:
+    return max((u - v).abs().max().item() for u, v in zip(a, b))
+
+
+class _Recorder:
+    """Counts each model's train-mode forward passes and keeps the target's train-mode inputs."""
+
+    def __init__(self, models: dict):
+        self.calls = {role: 0 for role in models}
+        self.inputs = []
+        self.hooks = [m.register_forward_pre_hook(self._hook(role)) for role, m in models.items()]
+
+    def _hook(self, role):
+        def hook(module, args):
+            if module.training:
+                self.calls[role] += 1
+                if role == "target":
+                    self.inputs.append(args[0].detach().clone())
+
+        return hook
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+
+
+def _objective(method, t, g, x, y, x_adv) -> float:
+    """What the method's attack raises, for x′ (eval mode, no graph)."""
+    with attacks.eval_mode(t), torch.no_grad():
+        z = t(x_adv)
+        if method == "pgd_at":
+            return F.cross_entropy(z, y, reduction="sum").item()
+        ref = t(x) if method in ("trades", "lbgat") else None
+    if ref is None:
+        with attacks.eval_mode(g), torch.no_grad():
+            ref = g(x)
+    return attacks.official_kl_sum(F.softmax(ref, dim=1), z).item()
+
+
+def _loss_value(t, g, x, xa, y, k, loss_fn) -> float:
+    t.train()
+    if g is not None:
+        g.train()
+    with torch.no_grad():
+        return float(loss_fn(t, g, x, xa, y, k))
+
+
+def _check_passes(task, method, rec) -> None:
+    for role, allowed in _PASSES[method].items():
+        n = rec.calls.get(role, 0)
+        if n in allowed:
+            continue
+        want = (
+            " or ".join(f"{c} ({d})" for c, d in allowed.items()) if any(allowed.values()) else "0"
+        )
+        if n > max(allowed):
+            fail(
+                task,
+                f"the {role} made {n} training-mode forward passes; this method's step makes "
+                f"{want}: "
+                "run the attack with the models in eval mode and only the loss's forward passes "
+                "in "
+                f"train mode",
+            )
+        fail(
+            task,
+            f"the {role} made {n} training-mode forward passes; this method's step makes {want}: "
+            "after "
+            "the attack put the models in train mode (`model.train()`) and run each forward pass "
+            "of "
+            f"the loss separately",
+        )
+
+
+def _run_step_check(task: str, method: str, fn) -> None:
+    guided = method in _GUIDED
+    rng_note = ""
+    with sandbox(task, fn):
+        for trial, (b, beta) in enumerate([(8, 6.0), (4, 2.0)]):
+            g = generator(1700 + trial)
+            x, y = rand_images(g, b), rand_labels(g, b, 10)
+            base_t = small_cnn(10, 1750 + trial, width=4)
+            base_g = small_cnn(10, 1760 + trial, width=4) if guided else None
+            junk = [
+                torch.randn(p.shape, generator=g)
+                for m in (base_t, base_g)
+                if m is not None
+                for p in m.parameters()
+            ]
+            k = dict(_BUDGETS[method])
+            if method == "trades":
+                k["beta"] = beta
+            lr = 0.05
+
+            def fresh():
+                t = copy.deepcopy(base_t).train()
+                gg = copy.deepcopy(base_g).train() if base_g is not None else None
+                for p, j in zip(
+                    [p for m in (t, gg) if m is not None for p in m.parameters()], junk
+                ):
+                    p.grad = j.clone()  # stale gradients: a step without zero_grad() shows
+                return t, gg, methods.make_optimizer(t, gg, lr=lr)
+
+            t_l, g_l, opt_l = fresh()
+            rec = _Recorder({"target": t_l, **({"guide": g_l} if guided else {})})
+            torch.manual_seed(1800 + trial)
+            args = (
+                (t_l, g_l, opt_l, x.clone(), y.clone())
+                if guided
+                else (t_l, opt_l, x.clone(), y.clone())
+            )
+            try:
+                ret = call_learner(task, fn, *args, **k)
+            finally:
+                rec.remove()
+            t_r, g_r, opt_r = fresh()
+            torch.manual_seed(1800 + trial)
+            x_ref = methods.make_adversarial(
+                method, copy.deepcopy(t_r), copy.deepcopy(g_r), x, y, **k
+            )
+            torch.manual_seed(1800 + trial)
+            want = methods.train_step(method, t_r, g_r, opt_r, x, y, **k)["loss"]
+            got = as_float(
+                task,
+                ret.item() if isinstance(ret, torch.Tensor) and ret.numel() == 1 else ret,
+                "the loss",
+            )
+            x_l = next(
+                (i for i in rec.inputs if i.shape == x.shape and not torch.equal(i, x)), None
+            )
+            same_x_adv = x_l is not None and torch.allclose(x_l, x_ref, atol=1e-6)
+            if x_l is None and not close(got, want, 1e-4, 1e-5):
+                same_x_adv = True  # a loss without x′: recognise it among the variants
+            if not same_x_adv and not close(got, want, 1e-4, 1e-5):
+                for message, attack, loss_fn in _step_variants(method):
+                    t_v, g_v, _ = fresh()
+                    torch.manual_seed(1800 + trial)
+                    xa = attack(t_v, g_v, x, y, k)
+                    if torch.allclose(xa, x_l, atol=1e-6) or same_x_adv:
+                        v = _loss_value(t_v, g_v, x, xa, y, k, loss_fn)
+                        if close(got, v, 1e-4, 1e-5) and not close(v, want, 1e-4, 1e-5):
+                            fail(task, message)
+            if same_x_adv and not close(got, want, 1e-4, 1e-5):
+                for message, attack, loss_fn in _step_variants(method):
+                    t_v, g_v, _ = fresh()
+                    v = _loss_value(t_v, g_v, x, x_ref, y, k, loss_fn)
+                    if close(got, v, 1e-4, 1e-5) and not close(v, want, 1e-4, 1e-5):
+                        fail(task, message)
+            _check_passes(task, method, rec)
+            if x_l is None:
+                fail(
+                    task,
+                    "the target never ran in train mode on an adversarial x′: make x′ with the "
+                    "attack, then put the models in train mode (`model.train()`) and compute the "
+                    "loss "
+                    "on x′",
+                )
+            params_l = _params(t_l, g_l)
+            if _max_diff(params_l, _params(base_t, base_g)) == 0:
+                fail(
+                    task,
+                    "your step did not change the parameters: call loss.backward(), then "
+                    "optimizer.step()",
+                )
+            if not same_x_adv:
+                _check_own_x_adv(task, method, base_t, base_g, x, y, k, x_l, x_ref)
+                t_c, g_c, _ = fresh()
+                at_yours = methods.compute_terms(
+                    method, t_c.train(), g_c.train() if g_c else None, x, x_l, y, **k
+                )["loss"].item()
+                if not close(got, at_yours, 1e-4, 1e-5):
+                    fail(
+                        task,
+                        f"your loss {got:.6g} differs from the method's loss at your own x′, "
+                        f"{at_yours:.6g} (methods.compute_terms): compare your loss term by term",
+                    )
+                rng_note = (
+                    " — your attack drew its random numbers differently, so x′ was checked for the "
+                    "ε-ball, [0, 1] and the objective it reaches, and the loss at your x′"
+                )
+                continue
+            if not close(got, want, 1e-4, 1e-5):
+                fail(
+                    task,
+                    f"your loss {got:.6g} differs from the library's {want:.6g} for the same "
+                    "batch, "
+                    f"x′ and parameters (methods.train_step({method!r}, ...)): compare your loss "
+                    "term "
+                    f"by term with the chapter's",
+                )
+            params_r = _params(t_r, g_r)
+            if _max_diff(params_l, params_r) > 1e-5:
+                stale = [r - lr * j for r, j in zip(params_r, junk)]
+                if _max_diff(params_l, stale) <= 1e-5:
+                    fail(
+                        task,
+                        "you forgot optimizer.zero_grad(): gradients left from the previous step "
+                        "were "
+                        "added to this one",
+                    )
+                fail(
+                    task,
+                    f"your loss is right but the parameters after your step differ from the "
+                    f"library's (max |Δ| = {_max_diff(params_l, params_r):.3g}): zero the "
+                    "gradients, "
+                    f"then exactly one loss.backward() and one optimizer.step() with the optimizer "
+                    f"passed in",
+                )
+        passed(
+            task,
+            f"same loss and parameters after one step as methods.train_step({method!r}, ...) "
+            "(attack "
+            f"in eval mode, loss in train mode, stale gradients cleared; 2 trials){rng_note}",
+        )
+
+
+def _check_own_x_adv(task, method, base_t, base_g, x, y, k, x_l, x_ref) -> None:
+    eps = k["eps"]
+    if ((x_l < -1e-6) | (x_l > 1 + 1e-6)).any():
+        fail(task, "your x′ has pixels outside [0, 1]: clamp after every step")
+    if (x_l - x).abs().max().item() > eps + 1e-6:
+        fail(
+            task,
+            f"your x′ leaves the ε-ball (max |x′ − x| = {(x_l - x).abs().max().item():.4g} > "
+            f"ε = {eps:.4g}): project after every step",
+        )
+    t, g = copy.deepcopy(base_t), copy.deepcopy(base_g) if base_g is not None else None
+    base = _objective(method, t, g, x, y, x)
+    mine, lib = (
+        _objective(method, t, g, x, y, x_l) - base,
+        _objective(method, t, g, x, y, x_ref) - base,
+    )
+    if mine < 0.75 * lib:
+        fail(
+            task,
+            "your x′ raises the attack's objective much less than the library's attack "
+            f"({mine:.3g} vs "
+            f"{lib:.3g}): make x′ with the chapter's attack for this method",
+        )
+
+
+def check_pgd_at_step(fn) -> None:
+    """Task: ``pgd_at_step(model, optimizer, x, y, *, eps, step_size, steps)`` → loss (float)."""
+    _run_step_check("pgd_at_step", "pgd_at", fn)
+
+
+def check_trades_step(fn) -> None:
+    """Task: ``trades_step(model, optimizer, x, y, *, beta, eps, step_size, steps)`` → loss
+    (float)."""
+    _run_step_check("trades_step", "trades", fn)
+
+
+def check_lbgat_step(fn) -> None:
+    """Task: ``lbgat_step(target, guide, optimizer, x, y, *, eps, step_size, steps)`` → loss
+    (float)."""
+    _run_step_check("lbgat_step", "lbgat", fn)
+
+
+def check_d2r_step(fn) -> None:
+    """Task: ``d2r_step(target, guide, optimizer, x, y, *, eps, step_size, steps)`` → loss
+    (float)."""
+    _run_step_check("d2r_step", "d2r", fn)
