@@ -47,7 +47,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl-reduction", default=None, choices=["mean", "batchmean"],
                    help="D2R KL convention: mean over batch×classes (official, default) or batchmean")
     p.add_argument("--seed", type=int, default=d.seed, help="default %(default)s (the official effective seed)")
-    p.add_argument("--eval-size", type=int, default=d.eval_size,
+    p.add_argument("--held-out", type=int, default=d.held_out,
                    help="held-out test images for the per-epoch clean/PGD-20 check (default %(default)s)")
     p.add_argument("--no-augment", action="store_true", help="turn off RandomCrop(pad 4) + flip")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU)")
@@ -70,7 +70,7 @@ def _config_from_args(a) -> "object":
     return train.TrainConfig(method=a.method, target_model=a.target, guide_model=a.guide, dataset=a.dataset,
                              subset=a.subset, train_size=a.train_size, epochs=a.epochs, batch_size=a.batch_size,
                              lr=a.lr, schedule=a.schedule, method_params=params, seed=a.seed,
-                             eval_size=a.eval_size, augment=not a.no_augment, amp=a.amp,
+                             held_out=a.held_out, augment=not a.no_augment, amp=a.amp,
                              channels_last=a.channels_last, compile=a.compile).validate()
 
 
@@ -147,7 +147,7 @@ def cmd_quickstart(a) -> int:
     for method in ("standard", "d2r"):
         cfg = train.TrainConfig(method=method, target_model=a.target, guide_model=a.guide, dataset="cifar10",
                                 subset="mini", train_size=a.train_size, epochs=a.epochs, batch_size=a.batch_size,
-                                lr=a.lr, seed=a.seed, eval_size=200,
+                                lr=a.lr, seed=a.seed, held_out=200,
                                 method_params={"steps": a.steps} if method != "standard" else {})
         print(f"== training {method}: {a.epochs} epochs on {a.train_size or 7897} lossless CIFAR-10 training images, "
               f"lr {a.lr:g}, seed {a.seed}")

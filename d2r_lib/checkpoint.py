@@ -89,3 +89,21 @@ def check_meta(payload: dict, path, **expected) -> None:
              if v is not None and payload.get(k) != v]
     if wrong:
         raise CheckpointError(f"checkpoint {path} does not match what was asked: " + "; ".join(wrong))
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """`write(tmp_path)` fills a temporary file in `path`'s folder, which is fsync'ed and renamed onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

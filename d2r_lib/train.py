@@ -75,7 +75,7 @@ class TrainConfig:
     schedule: str = "paper"
     method_params: dict = field(default_factory=dict)   # eps / step_size / steps / beta / w_clean / w_adv ...
     seed: int = 1                          # the official code's effective torch seed
-    eval_size: int = 200                   # held-out test images for the per-epoch clean / PGD-20 accuracy
+    held_out: int = 200                    # held-out test images for the per-epoch clean / PGD-20 accuracy
     augment: bool = True
     amp: bool = False                      # bfloat16 autocast (CUDA)
     channels_last: bool = False
@@ -90,7 +90,7 @@ class TrainConfig:
         validate.choice("subset", self.subset, data.DATASETS[self.dataset]["subsets"])
         if self.train_size is not None:
             validate.number("train_size", self.train_size, min=1, integer=True)
-        for key in ("epochs", "batch_size", "eval_size"):
+        for key in ("epochs", "batch_size", "held_out"):
             validate.number(key, getattr(self, key), min=1, integer=True)
         validate.number("seed", self.seed, min=0, integer=True)
         validate.number("lr", self.lr, min=0, min_open=True)
@@ -262,7 +262,7 @@ def fit(cfg: TrainConfig, out_dir: str | Path | None = None, *, device: str = "c
     eval_split = "val" if cfg.dataset == "tinyimagenet" else "test"
     eval_subset = cfg.subset if cfg.dataset != "cifar100" else None
     held_out = data.load(cfg.dataset, eval_split, eval_subset, data_dir=data_dir, download=download)
-    held_out = held_out.subset(min(cfg.eval_size, len(held_out)))
+    held_out = held_out.subset(min(cfg.held_out, len(held_out)))
     x_eval, y_eval = held_out.tensors(device)
     num_classes = train_set.num_classes
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny(method="d2r", epochs=3, **kw):
     return train.TrainConfig(method=method, dataset="synthetic", subset="default", train_size=96, epochs=epochs,
-                             batch_size=32, eval_size=16, method_params={"steps": 2} if method != "standard" else {},
+                             batch_size=32, held_out=16, method_params={"steps": 2} if method != "standard" else {},
                              **kw)
 
 
@@ -134,7 +134,7 @@ def test_collapse_to_a_constant_prediction_warns(tmp_path, monkeypatch):
                                                                   "predicted_classes": 1})
     with pytest.warns(train.TrainingCollapsed, match="epoch 1: "):
         import dataclasses
-        train.fit(dataclasses.replace(tiny(epochs=1), eval_size=32), tmp_path, progress=False, log=lambda *a: None)
+        train.fit(dataclasses.replace(tiny(epochs=1), held_out=32), tmp_path, progress=False, log=lambda *a: None)
 
 
 class Evil:
