@@ -71,8 +71,8 @@ PROFILES: dict[str, Profile] = {
                    epochs=5, batch_size=128, target_model="small_cnn", guide_model="small_cnn",
                    autoattack="fast", steps=5),
     "gpu-short": Profile("checks the GPU path with the paper's models: about ten minutes on one GPU",
-                         dataset="cifar10", subset="full", train_size=10_000, test_size=1000, attacked=500,
-                         held_out=200, epochs=3, batch_size=128, target_model="wrn34_10", guide_model="resnet18",
+                         dataset="cifar10", subset="full", train_size=5000, test_size=1000, attacked=500,
+                         held_out=200, epochs=2, batch_size=128, target_model="wrn34_10", guide_model="resnet18",
                          autoattack="fast"),
     "full": Profile("the paper: WRN-34-10 target, ResNet-18 guide, CIFAR-10, 100 epochs (GPU hours)",
                     dataset="cifar10", **_PAPER),
@@ -207,11 +207,13 @@ def profiles_table(names=None) -> str:
     for name in names:
         validate.choice("profile", name, PROFILES)
 
-    def cell(value):
-        return "all" if value is None else str(value)
+    def cell(key, value):
+        if value is None:
+            return "method's own" if key in ("eps", "step_size", "steps") else "all"
+        return str(value)
     rows = ["| setting | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---|" * len(names)]
     for key in PROFILE_FIELDS:
-        rows.append(f"| `{key}` | " + " | ".join(cell(getattr(PROFILES[n], key)) for n in names) + " |")
+        rows.append(f"| `{key}` | " + " | ".join(cell(key, getattr(PROFILES[n], key)) for n in names) + " |")
     rows.append("| purpose | " + " | ".join(PROFILES[n].purpose for n in names) + " |")
     return "\n".join(rows)
 
