@@ -1,11 +1,13 @@
-"""Profiles, one resolved configuration per chapter, the shared training runs and the results tables.
-Every chapter uses it; chapter 9 shows it.
+"""Profiles, one resolved configuration per chapter, the shared training runs and the results
+tables. Every chapter uses it; chapter 9 shows it.
 
-A chapter's `parameters` cell holds literals; `resolve(...)` fills whatever is None from the profile,
-validates every value with a clear error, and prints the device once. `trained(cfg, method)` loads a run
-from the checkpoint cache or trains it, so chapters with the same profile share their models.
-`d2r profiles` prints `PROFILES` as a table; `d2r run` (see `runner`) executes chapters at any profile.
+A chapter's `parameters` cell holds literals; `resolve(...)` fills whatever is None from the
+profile, validates every value with a clear error, and prints the device once. `trained(cfg,
+method)` loads a run from the checkpoint cache or trains it, so chapters with the same profile share
+their models. `d2r profiles` prints `PROFILES` as a table; `d2r run` (see `runner`) executes
+chapters at any profile.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,10 +20,29 @@ import torch
 
 from . import validate
 
-__all__ = ["PROFILES", "Profile", "Config", "DEVICES", "PROFILE_ENV", "RESULTS_ENV", "CHAPTER_RUNS",
-           "PROFILE_FIELDS", "pick_device", "resolve", "flush_denormals", "profiles_table", "test_set",
-           "train_config", "trained", "cached", "chapter_runs", "save_results", "load_results",
-           "collect_results", "cache_label"]
+__all__ = [
+    "PROFILES",
+    "Profile",
+    "Config",
+    "DEVICES",
+    "PROFILE_ENV",
+    "RESULTS_ENV",
+    "CHAPTER_RUNS",
+    "PROFILE_FIELDS",
+    "pick_device",
+    "resolve",
+    "flush_denormals",
+    "profiles_table",
+    "test_set",
+    "train_config",
+    "trained",
+    "cached",
+    "chapter_runs",
+    "save_results",
+    "load_results",
+    "collect_results",
+    "cache_label",
+]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PROFILE_ENV = "D2R_PROFILE"
@@ -32,12 +53,14 @@ RESULTS_ENV = "D2R_RESULTS_DIR"
 class Profile:
     """A named set of defaults for every chapter. Sizes of None mean the whole split.
 
-    train_size: training images; test_size: test images for clean accuracy; attacked: the first test images
-    that a chapter's evaluation attacks; held_out: test images of the per-epoch check during training.
-    eps / step_size / steps of None keep each method's own training attack (the official 0.031 / 0.007 / 10
-    of TRADES, LBGAT and D2R). Evaluation always follows the official protocol (ε = 8/255, PGD-20 and CW-20,
-    step 2/255). `autoattack` names an `evaluate.AUTOATTACK_VERSIONS` entry or "off".
+    train_size: training images; test_size: test images for clean accuracy; attacked: the first test
+    images that a chapter's evaluation attacks; held_out: test images of the per-epoch check during
+    training. eps / step_size / steps of None keep each method's own training attack (the official
+    0.031 / 0.007 / 10 of TRADES, LBGAT and D2R). Evaluation always follows the official protocol (ε
+    = 8/255, PGD-20 and CW-20, step 2/255). `autoattack` names an `evaluate.AUTOATTACK_VERSIONS`
+    entry or "off".
     """
+
     purpose: str
     dataset: str
     subset: str
@@ -57,44 +80,114 @@ class Profile:
 
 
 PROFILE_FIELDS = tuple(f.name for f in dataclasses.fields(Profile) if f.name != "purpose")
-"""The settings a chapter may override through `resolve(**overrides)` (and `d2r run -p name=value`)."""
+"""The settings a chapter may override through `resolve(**overrides)` (and `d2r run -p
+name=value`)."""
 
-_PAPER = dict(subset="full", train_size=None, test_size=None, attacked=None, held_out=1000, epochs=100,
-              batch_size=128, target_model="wrn34_10", guide_model="resnet18", autoattack="standard")
+_PAPER = dict(
+    subset="full",
+    train_size=None,
+    test_size=None,
+    attacked=None,
+    held_out=1000,
+    epochs=100,
+    batch_size=128,
+    target_model="wrn34_10",
+    guide_model="resnet18",
+    autoattack="standard",
+)
 
 PROFILES: dict[str, Profile] = {
-    "smoke": Profile("tests and nbval: seconds per notebook on 2 CPU cores", dataset="cifar10", subset="mini",
-                     train_size=256, test_size=64, attacked=32, held_out=32, epochs=1, batch_size=64,
-                     target_model="small_cnn", guide_model="small_cnn", autoattack="apgd-ce", steps=2),
-    "cpu": Profile("the rendered book, a laptop: minutes per chapter on lossless CIFAR-10 mini",
-                   dataset="cifar10", subset="mini", train_size=4000, test_size=1000, attacked=500, held_out=200,
-                   epochs=5, batch_size=128, target_model="small_cnn", guide_model="small_cnn",
-                   autoattack="fast", steps=5),
-    "gpu-short": Profile("checks the GPU path with the paper's models: about ten minutes on one GPU",
-                         dataset="cifar10", subset="full", train_size=5000, test_size=1000, attacked=500,
-                         held_out=200, epochs=2, batch_size=128, target_model="wrn34_10", guide_model="resnet18",
-                         autoattack="fast"),
-    "full": Profile("the paper: WRN-34-10 target, ResNet-18 guide, CIFAR-10, 100 epochs (GPU hours)",
-                    dataset="cifar10", **_PAPER),
-    "full-preact": Profile("the paper's PreActResNet-18 target, ResNet-18 guide, CIFAR-10, 100 epochs",
-                           dataset="cifar10", **{**_PAPER, "target_model": "preact_resnet18"}),
-    "full-cifar100": Profile("the paper on CIFAR-100: WRN-34-10 target, ResNet-18 guide, 100 epochs",
-                             dataset="cifar100", **_PAPER),
-    "full-tiny": Profile("the paper on Tiny ImageNet (64×64, 200 classes): PreActResNet-18 target, "
-                         "ResNet-18 guide (layer 2 at stride 2), 100 epochs", dataset="tinyimagenet",
-                         **{**_PAPER, "target_model": "preact_resnet18", "guide_model": "resnet18_standard"}),
-    # placeholder, to be replaced by the evidence helper's settings of the shipped runs (book/reference)
-    "reference": Profile("the shipped reference runs: several seeds with AutoAttack, hours of CPU once",
-                         dataset="cifar10", subset="mini", train_size=7897, test_size=1000, attacked=1000,
-                         held_out=200, epochs=10, batch_size=128, target_model="small_cnn",
-                         guide_model="small_cnn", autoattack="standard", steps=10),
+    "smoke": Profile(
+        "tests and nbval: seconds per notebook on 2 CPU cores",
+        dataset="cifar10",
+        subset="mini",
+        train_size=256,
+        test_size=64,
+        attacked=32,
+        held_out=32,
+        epochs=1,
+        batch_size=64,
+        target_model="small_cnn",
+        guide_model="small_cnn",
+        autoattack="apgd-ce",
+        steps=2,
+    ),
+    "cpu": Profile(
+        "the rendered book, a laptop: minutes per chapter on lossless CIFAR-10 mini",
+        dataset="cifar10",
+        subset="mini",
+        train_size=4000,
+        test_size=1000,
+        attacked=500,
+        held_out=200,
+        epochs=5,
+        batch_size=128,
+        target_model="small_cnn",
+        guide_model="small_cnn",
+        autoattack="fast",
+        steps=5,
+    ),
+    "gpu-short": Profile(
+        "checks the GPU path with the paper's models: about ten minutes on one GPU",
+        dataset="cifar10",
+        subset="full",
+        train_size=5000,
+        test_size=1000,
+        attacked=500,
+        held_out=200,
+        epochs=2,
+        batch_size=128,
+        target_model="wrn34_10",
+        guide_model="resnet18",
+        autoattack="fast",
+    ),
+    "full": Profile(
+        "the paper: WRN-34-10 target, ResNet-18 guide, CIFAR-10, 100 epochs (GPU hours)",
+        dataset="cifar10",
+        **_PAPER,
+    ),
+    "full-preact": Profile(
+        "the paper's PreActResNet-18 target, ResNet-18 guide, CIFAR-10, 100 epochs",
+        dataset="cifar10",
+        **{**_PAPER, "target_model": "preact_resnet18"},
+    ),
+    "full-cifar100": Profile(
+        "the paper on CIFAR-100: WRN-34-10 target, ResNet-18 guide, 100 epochs",
+        dataset="cifar100",
+        **_PAPER,
+    ),
+    "full-tiny": Profile(
+        "the paper on Tiny ImageNet (64×64, 200 classes): PreActResNet-18 target, "
+        "ResNet-18 guide (layer 2 at stride 2), 100 epochs",
+        dataset="tinyimagenet",
+        **{**_PAPER, "target_model": "preact_resnet18", "guide_model": "resnet18_standard"},
+    ),
+    # placeholder, to be replaced by the evidence helper's settings of the shipped runs
+    # (book/reference)
+    "reference": Profile(
+        "the shipped reference runs: several seeds with AutoAttack, hours of CPU once",
+        dataset="cifar10",
+        subset="mini",
+        train_size=7897,
+        test_size=1000,
+        attacked=1000,
+        held_out=200,
+        epochs=10,
+        batch_size=128,
+        target_model="small_cnn",
+        guide_model="small_cnn",
+        autoattack="standard",
+        steps=10,
+    ),
 }
 """Every profile by name; `profiles_table()` shows them side by side."""
 
 
 @dataclass(frozen=True)
 class Config:
-    """A chapter's resolved parameters: every value set and checked; `extra` holds the chapter's declared extras."""
+    """A chapter's resolved parameters: every value set and checked; `extra` holds the chapter's
+    declared extras."""
+
     profile: str
     seed: int
     device: str
@@ -120,17 +213,22 @@ class Config:
 
     def describe(self) -> str:
         """One line naming profile, seed, data and budget: print it beside every table."""
+
         def size(n):
             return "all" if n is None else n
+
         budget = f"steps={self.steps if self.steps is not None else 'method default'}"
-        return (f"profile={self.profile} seed={self.seed} data={self.dataset}/{self.subset} "
-                f"(train {size(self.train_size)}, test {size(self.test_size)}, attacked {size(self.attacked)}) "
-                f"target={self.target_model} guide={self.guide_model} epochs={self.epochs} "
-                f"batch={self.batch_size} {budget}")
+        return (
+            f"profile={self.profile} seed={self.seed} data={self.dataset}/{self.subset} "
+            f"(train {size(self.train_size)}, test {size(self.test_size)}, "
+            f"attacked {size(self.attacked)}) "
+            f"target={self.target_model} guide={self.guide_model} epochs={self.epochs} "
+            f"batch={self.batch_size} {budget}"
+        )
 
 
 def pick_device(device: str = "auto") -> str:
-    """"auto" → cuda, else mps, else cpu; an unavailable explicit choice raises."""
+    """ "auto" → cuda, else mps, else cpu; an unavailable explicit choice raises."""
     validate.choice("device", device, DEVICES)
     if device == "auto":
         if torch.cuda.is_available():
@@ -138,12 +236,15 @@ def pick_device(device: str = "auto") -> str:
         mps = getattr(torch.backends, "mps", None)
         return "mps" if mps is not None and mps.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but no CUDA GPU is available; use device='auto' or 'cpu'")
+        raise ValueError(
+            "device='cuda' was asked for but no CUDA GPU is available; use device='auto' or 'cpu'"
+        )
     return device
 
 
 def _check_values(values: dict) -> None:
     from . import data, evaluate, models  # local: keep `import d2r_lib.experiments` light
+
     validate.choice("dataset", values["dataset"], data.DATASETS)
     validate.choice("subset", values["subset"], data.DATASETS[values["dataset"]]["subsets"])
     for key in ("train_size", "test_size", "attacked", "steps"):
@@ -161,22 +262,34 @@ def _check_values(values: dict) -> None:
     validate.choice("autoattack", values["autoattack"], [*evaluate.AUTOATTACK_VERSIONS, "off"])
 
 
-def resolve(profile: str = "cpu", *, seed: int = 0, device: str = "auto", verbose: bool = True,
-            extras: dict | None = None, **overrides) -> Config:
-    """Fill every None override from the profile, validate all values, pick and print the device. Chapter 1.
+def resolve(
+    profile: str = "cpu",
+    *,
+    seed: int = 0,
+    device: str = "auto",
+    verbose: bool = True,
+    extras: dict | None = None,
+    **overrides,
+) -> Config:
+    """Fill every None override from the profile, validate all values, pick and print the device.
+    Chapter 1.
 
     overrides: profile settings (`PROFILE_FIELDS`); any other name raises, listing the allowed ones.
-    extras: a chapter's own parameters (e.g. `{"beta_values": [1.0, 6.0]}` in chapter 3), kept in `cfg.extra`.
-    The environment variable D2R_PROFILE, when set, replaces `profile` and says so in one printed line (the
-    test suite runs the whole book at the smoke profile this way). Nothing global changes: see
-    `flush_denormals` for the one CPU setting chapters switch on explicitly.
+    extras: a chapter's own parameters (e.g. `{"beta_values": [1.0, 6.0]}` in chapter 3), kept in
+    `cfg.extra`. The environment variable D2R_PROFILE, when set, replaces `profile` and says so in
+    one printed line (the test suite runs the whole book at the smoke profile this way). Nothing
+    global changes: see `flush_denormals` for the one CPU setting chapters switch on explicitly.
     """
     unknown = sorted(set(overrides) - set(PROFILE_FIELDS))
     if unknown:
-        raise TypeError(f"resolve() got unknown setting(s) {', '.join(map(repr, unknown))}; allowed: "
-                        f"{', '.join(PROFILE_FIELDS)} (a chapter's own values go in extras={{name: value}})")
+        raise TypeError(
+            f"resolve() got unknown setting(s) {', '.join(map(repr, unknown))}; allowed: "
+            f"{', '.join(PROFILE_FIELDS)} (a chapter's own values go in extras={{name: value}})"
+        )
     if extras is not None and not isinstance(extras, dict):
-        raise TypeError(f"extras must be a dict of a chapter's own parameters; got {type(extras).__name__}")
+        raise TypeError(
+            f"extras must be a dict of a chapter's own parameters; got {type(extras).__name__}"
+        )
     env = os.environ.get(PROFILE_ENV)
     if env:
         validate.choice(PROFILE_ENV, env, PROFILES)
@@ -188,16 +301,18 @@ def resolve(profile: str = "cpu", *, seed: int = 0, device: str = "auto", verbos
     values = {k: getattr(PROFILES[profile], k) for k in PROFILE_FIELDS}
     values.update({k: v for k, v in overrides.items() if v is not None})
     _check_values(values)
-    cfg = Config(profile=profile, seed=seed, device=pick_device(device), extra=dict(extras or {}), **values)
+    cfg = Config(
+        profile=profile, seed=seed, device=pick_device(device), extra=dict(extras or {}), **values
+    )
     if verbose:
         print(f"device: {cfg.device} | {cfg.describe()}")
     return cfg
 
 
 def flush_denormals(enabled: bool = True) -> bool:
-    """Flush tiny ("denormal") floats to zero on the CPU: barely trained models are full of them and CPUs
-    process them very slowly. A global torch setting, so chapters call it explicitly. Returns whether the
-    CPU supports it. Chapter 1."""
+    """Flush tiny ("denormal") floats to zero on the CPU: barely trained models are full of them and
+    CPUs process them very slowly. A global torch setting, so chapters call it explicitly. Returns
+    whether the CPU supports it. Chapter 1."""
     return torch.set_flush_denormal(bool(enabled))
 
 
@@ -211,17 +326,25 @@ def profiles_table(names=None) -> str:
         if value is None:
             return "method's own" if key in ("eps", "step_size", "steps") else "all"
         return str(value)
-    rows = ["| setting | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---|" * len(names)]
+
+    rows = [
+        "| setting | " + " | ".join(f"`{n}`" for n in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
     for key in PROFILE_FIELDS:
-        rows.append(f"| `{key}` | " + " | ".join(cell(key, getattr(PROFILES[n], key)) for n in names) + " |")
+        rows.append(
+            f"| `{key}` | " + " | ".join(cell(key, getattr(PROFILES[n], key)) for n in names) + " |"
+        )
     rows.append("| purpose | " + " | ".join(PROFILES[n].purpose for n in names) + " |")
     return "\n".join(rows)
 
 
-# ------------------------------------------------------------------------------------ data and training
+# -------------------------------------------------------------------------------- data and training
 def test_set(cfg: Config):
-    """The profile's test images: the first `test_size` of the test split (Tiny ImageNet: the val split)."""
+    """The profile's test images: the first `test_size` of the test split (Tiny ImageNet: the val
+    split)."""
     from . import data
+
     split = "val" if cfg.dataset == "tinyimagenet" else "test"
     ds = data.load(cfg.dataset, split, cfg.subset, download=True)
     return ds.subset(cfg.test_size) if cfg.test_size is not None and cfg.test_size < len(ds) else ds
@@ -230,19 +353,34 @@ def test_set(cfg: Config):
 def train_config(cfg: Config, method: str, **method_params):
     """The TrainConfig of `method` under this profile's budget (same settings ⇒ same cached run)."""
     from . import methods, train
+
     m = methods.get_method(method)
-    budget = {k: v for k, v in (("eps", cfg.eps), ("step_size", cfg.step_size), ("steps", cfg.steps))
-              if v is not None and k in m.defaults}
-    return train.TrainConfig(method=method, target_model=cfg.target_model, guide_model=cfg.guide_model,
-                             dataset=cfg.dataset, subset=cfg.subset, train_size=cfg.train_size, epochs=cfg.epochs,
-                             batch_size=cfg.batch_size, lr=cfg.lr, method_params={**budget, **method_params},
-                             seed=cfg.seed, held_out=cfg.held_out).validate()
+    budget = {
+        k: v
+        for k, v in (("eps", cfg.eps), ("step_size", cfg.step_size), ("steps", cfg.steps))
+        if v is not None and k in m.defaults
+    }
+    return train.TrainConfig(
+        method=method,
+        target_model=cfg.target_model,
+        guide_model=cfg.guide_model,
+        dataset=cfg.dataset,
+        subset=cfg.subset,
+        train_size=cfg.train_size,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        method_params={**budget, **method_params},
+        seed=cfg.seed,
+        held_out=cfg.held_out,
+    ).validate()
 
 
 def cache_label(text: str) -> str:
-    """`text` with the checkpoint cache's absolute folder replaced by `<cache>`: the rendered book must not
-    show the machine's home folder."""
+    """`text` with the checkpoint cache's absolute folder replaced by `<cache>`: the rendered book
+    must not show the machine's home folder."""
     from . import train
+
     root = str(train.cache_dir())
     return str(text).replace(root, "<cache>")
 
@@ -252,23 +390,40 @@ def _relative_log(message: str = "", *args, **kwargs) -> None:
 
 
 def trained(cfg: Config, method: str, *, progress: bool = True, **method_params):
-    """Load `method`'s run for this profile from the checkpoint cache, or train it (see train.load_or_train).
-    Messages name the run by its cache key, never by an absolute path."""
+    """Load `method`'s run for this profile from the checkpoint cache, or train it (see
+    train.load_or_train). Messages name the run by its cache key, never by an absolute path."""
     from . import train
-    return train.load_or_train(train_config(cfg, method, **method_params), device=cfg.device, progress=progress,
-                               log=_relative_log)
+
+    return train.load_or_train(
+        train_config(cfg, method, **method_params),
+        device=cfg.device,
+        progress=progress,
+        log=_relative_log,
+    )
 
 
 def cached(cfg: Config, method: str, **method_params):
-    """`method`'s finished run for this profile if the cache holds it, else None (nothing is trained)."""
+    """`method`'s finished run for this profile if the cache holds it, else None (nothing is
+    trained)."""
     from . import train
+
     return train.load_cached(train_config(cfg, method, **method_params), device=cfg.device)
 
 
-# The training runs each chapter needs, declared so that `d2r run --nproc-per-node N` can train them first
-# under torchrun: chapter prefix → function of (cfg, the chapter's parameters) → [(method, method_params)].
-_CH7_METHODS = ("standard", "pgd_at", "trades", "mart", "lbgat", "d2r", "d2r_no_clean", "d2r_no_adv",
-                "d2r_trades_gen")
+# The training runs each chapter needs, declared so that `d2r run --nproc-per-node N` can train them
+# first under torchrun: chapter prefix → function of (cfg, the chapter's parameters) → [(method,
+# method_params)].
+_CH7_METHODS = (
+    "standard",
+    "pgd_at",
+    "trades",
+    "mart",
+    "lbgat",
+    "d2r",
+    "d2r_no_clean",
+    "d2r_no_adv",
+    "d2r_trades_gen",
+)
 CHAPTER_RUNS = {
     "07": lambda cfg, params: [(name, {}) for name in _CH7_METHODS],
     "08": lambda cfg, params: [(name, {}) for name in str(params.get("method_names", "")).split()],
@@ -276,18 +431,20 @@ CHAPTER_RUNS = {
 
 
 def chapter_runs(chapter: str, cfg: Config, params: dict | None = None) -> list:
-    """The TrainConfigs chapter `chapter` (a file stem such as "07_d2r_end_to_end") trains at `cfg`."""
+    """The TrainConfigs chapter `chapter` (a file stem such as "07_d2r_end_to_end") trains at
+    `cfg`."""
     for prefix, runs in CHAPTER_RUNS.items():
         if chapter.startswith(prefix):
             return [train_config(cfg, method, **mp) for method, mp in runs(cfg, dict(params or {}))]
     return []
 
 
-# ------------------------------------------------------------------------------------------- results
+# ------------------------------------------------------------------------------------------ results
 def save_results(cfg: Config, name: str, table) -> Path | None:
-    """Write a chapter's ResultsTable (with its configuration) to $D2R_RESULTS_DIR/<name>.json when that is
-    set (the runner sets it); returns the path, or None."""
+    """Write a chapter's ResultsTable (with its configuration) to $D2R_RESULTS_DIR/<name>.json when
+    that is set (the runner sets it); returns the path, or None."""
     from . import checkpoint
+
     root = os.environ.get(RESULTS_ENV)
     if not root:
         return None
@@ -299,13 +456,20 @@ def save_results(cfg: Config, name: str, table) -> Path | None:
 
 
 def load_results(folder: str | Path) -> list[dict]:
-    """The saved result tables of one run folder: [{"name", "config", "table": ResultsTable}, ...]."""
+    """The saved result tables of one run folder: [{"name", "config", "table": ResultsTable},
+    ...]."""
     from .evaluate import ResultsTable
+
     out = []
     for path in sorted(Path(folder).glob("*.json")):
         blob = json.loads(path.read_text())
-        out.append({"name": blob.get("name", path.stem), "config": blob["config"],
-                    "table": ResultsTable.from_dict(blob["table"])})
+        out.append(
+            {
+                "name": blob.get("name", path.stem),
+                "config": blob["config"],
+                "table": ResultsTable.from_dict(blob["table"]),
+            }
+        )
     return out
 
 

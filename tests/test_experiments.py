@@ -1,4 +1,6 @@
-"""experiments: the profiles, resolve (no silent acceptance, no hidden global change), results files."""
+"""experiments: the profiles, resolve (no silent acceptance, no hidden global change), results
+files."""
+
 import dataclasses
 import json
 
@@ -14,8 +16,16 @@ def no_profile_env(monkeypatch):
 
 
 def test_every_profile_is_a_frozen_profile_that_resolves():
-    assert list(experiments.PROFILES) == ["smoke", "cpu", "gpu-short", "full", "full-preact", "full-cifar100",
-                                          "full-tiny", "reference"]
+    assert list(experiments.PROFILES) == [
+        "smoke",
+        "cpu",
+        "gpu-short",
+        "full",
+        "full-preact",
+        "full-cifar100",
+        "full-tiny",
+        "reference",
+    ]
     for name, profile in experiments.PROFILES.items():
         assert isinstance(profile, experiments.Profile)
         cfg = experiments.resolve(name, device="cpu", verbose=False)
@@ -26,11 +36,22 @@ def test_every_profile_is_a_frozen_profile_that_resolves():
 
 def test_paper_profiles_hold_the_papers_settings():
     p = experiments.PROFILES
-    assert (p["full"].target_model, p["full"].guide_model, p["full"].dataset, p["full"].epochs) == \
-        ("wrn34_10", "resnet18", "cifar10", 100)
-    assert p["full-preact"].target_model == "preact_resnet18" and p["full-preact"].dataset == "cifar10"
-    assert p["full-cifar100"].dataset == "cifar100" and p["full-cifar100"].target_model == "wrn34_10"
-    assert (p["full-tiny"].dataset, p["full-tiny"].target_model) == ("tinyimagenet", "preact_resnet18")
+    assert (p["full"].target_model, p["full"].guide_model, p["full"].dataset, p["full"].epochs) == (
+        "wrn34_10",
+        "resnet18",
+        "cifar10",
+        100,
+    )
+    assert (
+        p["full-preact"].target_model == "preact_resnet18" and p["full-preact"].dataset == "cifar10"
+    )
+    assert (
+        p["full-cifar100"].dataset == "cifar100" and p["full-cifar100"].target_model == "wrn34_10"
+    )
+    assert (p["full-tiny"].dataset, p["full-tiny"].target_model) == (
+        "tinyimagenet",
+        "preact_resnet18",
+    )
     assert p["gpu-short"].target_model == "wrn34_10" and p["gpu-short"].epochs < 10
     assert p["gpu-short"].train_size < 50_000
 
@@ -40,12 +61,22 @@ def test_resolve_refuses_unknown_overrides_listing_the_allowed_names():
         experiments.resolve("smoke", epoch=3, verbose=False)
     message = str(info.value)
     assert "unknown setting(s) 'epoch'" in message
-    assert "epochs, batch_size" in message and "attacked, held_out" in message and "extras=" in message
+    assert (
+        "epochs, batch_size" in message and "attacked, held_out" in message and "extras=" in message
+    )
 
 
 def test_resolve_keeps_declared_extras_and_applies_overrides():
-    cfg = experiments.resolve("smoke", seed=3, device="cpu", verbose=False, epochs=2, attacked=8, held_out=None,
-                              extras={"beta_values": [1.0, 6.0]})
+    cfg = experiments.resolve(
+        "smoke",
+        seed=3,
+        device="cpu",
+        verbose=False,
+        epochs=2,
+        attacked=8,
+        held_out=None,
+        extras={"beta_values": [1.0, 6.0]},
+    )
     assert (cfg.seed, cfg.epochs, cfg.attacked, cfg.held_out) == (3, 2, 8, 32)
     assert cfg.extra == {"beta_values": [1.0, 6.0]}
     assert "attacked 8" in cfg.describe()
@@ -53,12 +84,19 @@ def test_resolve_keeps_declared_extras_and_applies_overrides():
         experiments.resolve("smoke", verbose=False, extras=[1])
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"epochs": 0}, "epochs must be >= 1"), ({"attacked": 2.5}, "attacked must be an integer"),
-    ({"eps": 2.0}, "eps must be <= 1"), ({"eps": 0.0}, "eps must be > 0"),
-    ({"target_model": "vgg"}, "target_model must be one of"), ({"subset": "huge"}, "subset must be one of"),
-    ({"autoattack": "best"}, "autoattack must be one of"), ({"lr": -1.0}, "lr must be > 0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"attacked": 2.5}, "attacked must be an integer"),
+        ({"eps": 2.0}, "eps must be <= 1"),
+        ({"eps": 0.0}, "eps must be > 0"),
+        ({"target_model": "vgg"}, "target_model must be one of"),
+        ({"subset": "huge"}, "subset must be one of"),
+        ({"autoattack": "best"}, "autoattack must be one of"),
+        ({"lr": -1.0}, "lr must be > 0"),
+    ],
+)
 def test_resolve_validates_every_value(override, message):
     with pytest.raises((TypeError, ValueError), match=message):
         experiments.resolve("smoke", device="cpu", verbose=False, **override)
@@ -86,6 +124,7 @@ def test_the_environment_replaces_the_profile_and_says_so(monkeypatch, capsys):
 def test_resolve_changes_no_global_setting(monkeypatch):
     def refuse(*args):
         raise AssertionError("resolve must not call torch.set_flush_denormal")
+
     monkeypatch.setattr(torch, "set_flush_denormal", refuse)
     threads = torch.get_num_threads()
     experiments.resolve("smoke", device="cpu", verbose=False)
@@ -111,15 +150,22 @@ def test_chapter_runs_declares_chapter_7s_methods():
 def test_cache_label_hides_the_cache_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("D2R_CACHE_DIR", str(tmp_path))
     text = f"loaded the finished run {train.cache_dir()}/d2r-small_cnn-abc/last.pt epoch 1/1"
-    assert experiments.cache_label(text) == "loaded the finished run <cache>/d2r-small_cnn-abc/last.pt epoch 1/1"
+    assert (
+        experiments.cache_label(text)
+        == "loaded the finished run <cache>/d2r-small_cnn-abc/last.pt epoch 1/1"
+    )
 
 
 def test_profiles_table_has_a_column_per_profile_and_a_row_per_setting():
     table = experiments.profiles_table().splitlines()
     assert table[0].count("|") == len(experiments.PROFILES) + 2
     assert len(table) == 2 + len(experiments.PROFILE_FIELDS) + 1
-    assert any(row.startswith("| `target_model` | small_cnn | small_cnn | wrn34_10 | wrn34_10 | preact_resnet18 |")
-               for row in table)
+    assert any(
+        row.startswith(
+            "| `target_model` | small_cnn | small_cnn | wrn34_10 | wrn34_10 | preact_resnet18 |"
+        )
+        for row in table
+    )
     assert "method's own" in experiments.profiles_table()
 
 
