@@ -99,7 +99,9 @@ if _t is not None and _t.cuda.is_available() and _t.cuda.is_initialized():
 print("D2R_PROBE" + _j.dumps(_m))"""
 
 
-def _execute_notebook(nb, cwd: Path, kernel: str | None, env: dict) -> tuple[dict | None, dict]:
+def _execute_notebook(
+    nb, cwd: Path, kernel: str | None, env: dict, log_path: Path
+) -> tuple[dict | None, dict]:
     """Run every cell in one fresh kernel, then the memory probe; (error or None, probe)."""
     import nbformat
     from nbclient import NotebookClient
@@ -114,7 +116,8 @@ def _execute_notebook(nb, cwd: Path, kernel: str | None, env: dict) -> tuple[dic
         resources={"metadata": {"path": str(cwd)}},
     )
     error, probe = None, {}
-    with client.setup_kernel(env=env):
+    # the kernel process's own messages (not the notebook's output) go to kernel.log
+    with open(log_path, "w") as kernel_log, client.setup_kernel(env=env, stderr=kernel_log):
         for index, cell in enumerate(nb.cells):
             try:
                 client.execute_cell(cell, index)
@@ -238,7 +241,9 @@ def execute(r, *, kernel: str | None = None, one_thread: bool = False, log=print
         nb = pm.parameterize_notebook(nb, r.passed)
         if r.nproc_per_node:
             _pretrain(r, env, log)
-        error, probe = _execute_notebook(nb, r.notebook.parent, kernel, env)
+        error, probe = _execute_notebook(
+            nb, r.notebook.parent, kernel, env, r.folder / "kernel.log"
+        )
     except (
         Exception
     ) as err:  # a kernel that died, torchrun that failed: reported, the other runs go on
