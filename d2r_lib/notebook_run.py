@@ -296,49 +296,106 @@ def is_complete(r) -> bool:
 
 
 # ----------------------------------------------------------------------------------------- results
-def _rows(out: Path) -> tuple[list[dict], list[str], list[str]]:
-    rows, params, metrics = [], [], []
+def _manifests(out: Path) -> list[tuple[Path, dict]]:
+    found = []
     for path in sorted(out.rglob(MANIFEST)):
-        m = json.loads(path.read_text())
-        if m.get("status") != "ok" or not (path.parent / "results").is_dir():
+        try:
+            found.append((path.parent, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue  # a manifest being written by a running job
+    return found
+
+
+def _rows(runs: list[tuple[Path, dict]], out: Path) -> list[dict]:
+    rows = []
+    for folder, m in runs:
+        if m.get("status") != "ok" or not (folder / "results").is_dir():
             continue
-        for item in experiments.load_results(path.parent / "results"):
+        for item in experiments.load_results(folder / "results"):
             for row_name, values in item["table"].rows.items():
-                row = {
-                    "run": str(path.parent.relative_to(out)),
-                    "chapter": m["chapter"],
-                    "profile": m["profile"],
-                    "seed": item["config"]["seed"],
-                    **m.get("overrides", {}),
-                    "table": item["name"],
-                    "row": row_name,
-                    **values,
-                }
-                params += [k for k in m.get("overrides", {}) if k not in params and k != "seed"]
-                metrics += [k for k in values if k not in metrics]
-                rows.append(row)
-    return rows, params, metrics
+                rows.append(
+                    {
+                        "run": str(folder.relative_to(out)),
+                        "chapter": m["chapter"],
+                        "profile": m["profile"],
+                        "seed": item["config"]["seed"],
+                        **m.get("overrides", {}),
+                        "table": item["name"],
+                        "row": row_name,
+                        **values,
+                    }
+                )
+    return rows
 
 
-def write_results(out) -> tuple[Path, Path] | None:
-    """Gather every results table of every completed run under `out` into results.csv and .md."""
+def _markdown(columns: list[str], rows: list[dict], percent=()) -> list[str]:
+    def cell(row, c):
+        value = row.get(c, "")
+        return f"{100 * value:.2f}" if c in percent and isinstance(value, float) else str(value)
+
+    return [
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+        *["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows],
+        "",
+    ]
+
+
+def _csv(columns: list[str], rows: list[dict]) -> str:
     import csv
     import io
 
-    out = Path(out)
-    rows, params, metrics = _rows(out)
-    if not rows:
-        return None
-    columns = ["run", "chapter", "profile", "seed", *params, "table", "row", *metrics]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    lines = [
-        f"Results of {len(rows)} row(s) from the runs under this folder (accuracies in %; "
-        f"each run's manifest.json holds its parameters and versions).",
-        "",
+    return buffer.getvalue()
+
+
+def write_results(out) -> tuple[Path, Path, Path] | None:
+    """Gather the runs under `out` into runs.csv, and every results table of every completed run
+    into results.csv; results.md shows both. Returns the three paths (None: `out` holds no run)."""
+    from . import checkpoint
+
+    out = Path(out)
+    runs = _manifests(out)
+    if not runs:
+        return None
+    params = list(dict.fromkeys(k for _, m in runs for k in m.get("overrides", {}) if k != "seed"))
+    summary = [
+        {
+            "run": str(folder.relative_to(out)),
+            "chapter": m.get("chapter"),
+            "profile": m.get("profile"),
+            "seed": (m.get("parameters") or {}).get("seed"),
+            **m.get("overrides", {}),
+            "status": m.get("status"),
+            "seconds": m.get("seconds"),
+            "peak_rss_mb": round((m.get("peak_memory_mb") or {}).get("rss") or 0) or None,
+            "git_commit": (m.get("git_commit") or "")[:10],
+        }
+        for folder, m in runs
     ]
+    run_columns = [
+        "chapter",
+        "profile",
+        "seed",
+        *params,
+        "status",
+        "seconds",
+        "peak_rss_mb",
+        "git_commit",
+    ]
+    rows = _rows(runs, out)
+    metrics = list(
+        dict.fromkeys(
+            k
+            for r in rows
+            for k in r
+            if k not in {"run", "chapter", "profile", "seed", "table", "row", *params}
+        )
+    )
+    lines = [f"### runs ({len(runs)})", "", *_markdown(run_columns, summary)]
     for table in dict.fromkeys(r["table"] for r in rows):
         mine = [r for r in rows if r["table"] == table]
         cols = [
@@ -349,22 +406,16 @@ def write_results(out) -> tuple[Path, Path] | None:
             "row",
             *[k for k in metrics if any(k in r for r in mine)],
         ]
-        lines += [f"### {table}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for r in mine:
-            cells = [
-                f"{100 * r[c]:.2f}"
-                if c in metrics and isinstance(r.get(c), float)
-                else str(r.get(c, ""))
-                for c in cols
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    from . import checkpoint
-
-    csv_path, md_path = out / "results.csv", out / "results.md"
-    checkpoint.atomic_write(csv_path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
-    checkpoint.atomic_write(md_path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
-    return csv_path, md_path
+        lines += [f"### {table} (accuracy, %)", "", *_markdown(cols, mine, percent=metrics)]
+    paths = out / "runs.csv", out / "results.csv", out / "results.md"
+    texts = (
+        _csv(["run", *run_columns], summary),
+        _csv(["run", "chapter", "profile", "seed", *params, "table", "row", *metrics], rows),
+        "\n".join(lines),
+    )
+    for path, text in zip(paths, texts):
+        checkpoint.atomic_write(path, lambda tmp, text=text: Path(tmp).write_text(text))
+    return paths
 
 
 def train_declared(spec: str | Path) -> int:
