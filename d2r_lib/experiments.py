@@ -427,6 +427,7 @@ _CH7_METHODS = (
 CHAPTER_RUNS = {
     "07": lambda cfg, params: [(name, {}) for name in _CH7_METHODS],
     "08": lambda cfg, params: [(name, {}) for name in str(params.get("method_names", "")).split()],
+    "d2r_budget": lambda cfg, params: [("d2r", {"w_clean": params.get("w_clean", 20.0)})],
 }
 
 

@@ -1,0 +1,1 @@
+from .__main__ import build_parser  # TEMPORARY shim, not committed
