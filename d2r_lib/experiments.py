@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -391,15 +392,21 @@ def _relative_log(message: str = "", *args, **kwargs) -> None:
 
 def trained(cfg: Config, method: str, *, progress: bool = True, **method_params):
     """Load `method`'s run for this profile from the checkpoint cache, or train it (see
-    train.load_or_train). Messages name the run by its cache key, never by an absolute path."""
+    train.load_or_train). Messages name the run by its cache key, never by an absolute path, and
+    training warnings point at the caller's line (a chapter cell), not at the library's files."""
     from . import train
 
-    return train.load_or_train(
-        train_config(cfg, method, **method_params),
-        device=cfg.device,
-        progress=progress,
-        log=_relative_log,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train.load_or_train(
+            train_config(cfg, method, **method_params),
+            device=cfg.device,
+            progress=progress,
+            log=_relative_log,
+        )
+    for w in caught:
+        warnings.warn(w.message, w.category, stacklevel=2)
+    return result
 
 
 def cached(cfg: Config, method: str, **method_params):
