@@ -3,6 +3,7 @@ files."""
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
@@ -180,3 +181,26 @@ def test_save_and_load_results(monkeypatch, tmp_path):
     [item] = experiments.load_results(tmp_path / "r")
     assert item["name"] == "t" and item["table"]["d2r"] == {"clean": 0.5, "pgd20": 0.25}
     assert "t: profile=smoke seed=0" in experiments.collect_results(tmp_path / "r")
+
+
+def test_trained_names_the_callers_line_in_warnings_and_the_cache_as_a_label(
+    monkeypatch, tmp_path, capsys
+):
+    monkeypatch.setenv("D2R_CACHE_DIR", str(tmp_path))
+    seen = {}
+
+    def fake_load_or_train(tc, *, device, progress, log):
+        log(f"loaded the finished run {train.cache_path(tc)}/last.pt epoch 1/1")
+        warnings.warn("collapsed", train.TrainingCollapsed, stacklevel=2)
+        seen["config"] = tc
+        return "run"
+
+    monkeypatch.setattr(train, "load_or_train", fake_load_or_train)
+    cfg = experiments.resolve("smoke", device="cpu", verbose=False)
+    with pytest.warns(train.TrainingCollapsed) as record:
+        assert experiments.trained(cfg, "d2r") == "run"
+    assert record[0].filename == __file__
+    assert seen["config"].method == "d2r" and seen["config"].held_out == 32
+    printed = capsys.readouterr().out
+    assert printed.startswith("loaded the finished run <cache>/d2r-small_cnn-")
+    assert str(tmp_path) not in printed
