@@ -283,7 +283,7 @@ def resolve(
     """
     unknown = sorted(set(overrides) - set(PROFILE_FIELDS))
     if unknown:
-        raise TypeError(
+        raise ValueError(
             f"resolve() got unknown setting(s) {', '.join(map(repr, unknown))}; allowed: "
             f"{', '.join(PROFILE_FIELDS)} (a chapter's own values go in extras={{name: value}})"
         )

@@ -58,7 +58,7 @@ def test_paper_profiles_hold_the_papers_settings():
 
 
 def test_resolve_refuses_unknown_overrides_listing_the_allowed_names():
-    with pytest.raises(TypeError) as info:
+    with pytest.raises(ValueError) as info:
         experiments.resolve("smoke", epoch=3, verbose=False)
     message = str(info.value)
     assert "unknown setting(s) 'epoch'" in message
