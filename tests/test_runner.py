@@ -425,13 +425,23 @@ def _available(dataset: str, subset: str) -> bool:
         return False
 
 
+@pytest.fixture(scope="module")
+def paper_cache(tmp_path_factory):
+    """One cache folder for the paper profiles: the full CIFAR-10 is decoded from JPEG once."""
+    return tmp_path_factory.mktemp("paper_cache")
+
+
 @pytest.mark.slow
 @pytest.mark.data
 @pytest.mark.parametrize("profile", PAPER_PROFILES)
 def test_every_paper_profile_runs_chapter_7_on_the_cpu_when_shrunk(
-    profile, tmp_path, cache, shared_data
+    profile, tmp_path, paper_cache, shared_data, monkeypatch
 ):
     """The real models, datasets and code path of each paper profile; only the sizes shrink."""
+    monkeypatch.setenv("D2R_CACHE_DIR", str(paper_cache))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv(experiments.PROFILE_ENV, raising=False)
+    cache = paper_cache
     p = experiments.PROFILES[profile]
     params = dict(SHRINK)
     if not _available(p.dataset, p.subset):
