@@ -40,6 +40,7 @@ __all__ = [
     "add_arguments",
     "chapters",
     "main",
+    "make_executor",
     "notebook_parameters",
     "parse_values",
     "plan",
@@ -335,29 +336,40 @@ def _job(r: Run, kernel, one_thread: bool) -> dict:
     return execute(r, kernel=kernel, one_thread=one_thread)
 
 
-def _submit(runs: list[Run], cluster: str, options: dict, out: Path, kernel, log) -> list[dict]:
-    import submitit
-
-    folder = out / "logs" / "%j"
+def make_executor(cluster: str, options: dict, out: Path):
+    """submitit's executor for `--cluster local|slurm`, with the job options; a clear error (and
+    nothing written) where submitit or Slurm is missing. Chapter 9."""
+    try:
+        import submitit
+    except ImportError:
+        raise RunnerError(f"--cluster {cluster} needs submitit: pip install submitit") from None
+    folder = Path(out) / "logs" / "%j"
     if cluster == "local":
         executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(timeout_min=options.get("time_min", 240))
-    else:
+        return executor
+    try:
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
-        slurm = {
-            "timeout_min": options.get("time_min", 240),
-            "gpus_per_node": options.get("gpus", 1),
-            "name": "d2r",
-            "tasks_per_node": 1,
-        }
-        for key, name in (
-            ("partition", "slurm_partition"),
-            ("cpus", "cpus_per_task"),
-            ("parallel", "slurm_array_parallelism"),
-        ):
-            if options.get(key) is not None:
-                slurm[name] = options[key]
-        executor.update_parameters(**slurm)
+    except RuntimeError as err:  # no srun: not on a Slurm cluster
+        raise RunnerError(f"--cluster slurm: {err} Use --cluster local or none here.") from None
+    slurm = {
+        "timeout_min": options.get("time_min", 240),
+        "gpus_per_node": options.get("gpus", 1),
+        "name": "d2r",
+        "tasks_per_node": 1,
+    }
+    for key, name in (
+        ("partition", "slurm_partition"),
+        ("cpus", "cpus_per_task"),
+        ("parallel", "slurm_array_parallelism"),
+    ):
+        if options.get(key) is not None:
+            slurm[name] = options[key]
+    executor.update_parameters(**slurm)
+    return executor
+
+
+def _submit(runs: list[Run], cluster: str, executor, out: Path, kernel, log) -> list[dict]:
     one = cluster == "local"
     jobs = executor.map_array(_job, runs, [kernel] * len(runs), [one] * len(runs))
     log(
@@ -408,6 +420,9 @@ def run(
         nproc_per_node=nproc_per_node,
     )
     out = Path(out).absolute()
+    executor = (
+        make_executor(cluster, dict(cluster_options or {}), out) if cluster != "none" else None
+    )
     todo, manifests = [], {}
     for r in runs:
         if not force and is_complete(r):
@@ -416,9 +431,7 @@ def run(
         else:
             todo.append(r)
     if todo and cluster != "none":
-        for r, m in zip(
-            todo, _submit(todo, cluster, dict(cluster_options or {}), out, kernel, log)
-        ):
+        for r, m in zip(todo, _submit(todo, cluster, executor, out, kernel, log)):
             manifests[r.name] = m
     else:
         for r in todo:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -478,3 +479,38 @@ def _paper_profile_checks(profile, p, params, tmp_path, cache):
     )
     rows = read_csv(tmp_path / "out" / "results.csv")
     assert len(rows) == 9 and {r["profile"] for r in rows} == {profile}
+
+
+def test_slurm_is_refused_cleanly_where_there_is_no_slurm(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    nb = tiny_notebook(tmp_path / "tiny.ipynb")
+    out = tmp_path / "out"
+    assert (
+        cli(["--profile", "smoke", "--chapters", str(nb), "--cluster", "slurm", "--out", str(out)])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert (
+        '--cluster slurm: Could not detect "srun"' in err and "Use --cluster local or none" in err
+    )
+    assert not out.exists()
+
+
+def test_slurm_jobs_get_the_options_as_sbatch_lines(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    options = {"time_min": 90, "gpus": 2, "partition": "gpu", "cpus": 8, "parallel": 3}
+    executor = runner.make_executor("slurm", options, tmp_path / "out")
+    text = executor._executor._make_submission_file_text("python -m job", "uid")
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --gpus-per-node=2",
+        "#SBATCH --time=90",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --job-name=d2r",
+    ):
+        assert line in text, text
+    assert f"{tmp_path / 'out' / 'logs'}" in text
