@@ -47,7 +47,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl-reduction", default=None, choices=["mean", "batchmean"],
                    help="D2R KL convention: mean over batch×classes (official, default) or batchmean")
     p.add_argument("--seed", type=int, default=d.seed, help="default %(default)s (the official effective seed)")
-    p.add_argument("--held-out", type=int, default=d.held_out,
+    p.add_argument("--held-out", "--eval-size", dest="held_out", type=int, default=d.held_out,
                    help="held-out test images for the per-epoch clean/PGD-20 check (default %(default)s)")
     p.add_argument("--no-augment", action="store_true", help="turn off RandomCrop(pad 4) + flip")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU)")
