@@ -1,1 +1,0 @@
-from .__main__ import build_parser  # TEMPORARY shim, not committed
