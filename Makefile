@@ -15,9 +15,11 @@ book: $(STAMP) $(VENDOR)/.stamp
 	$(VENV)/bin/jupyter-book build . -W --keep-going
 	@echo "The book is at $(CURDIR)/_build/html/index.html"
 
-# Tests: the library, every chapter at the `smoke` profile, the book build, the exercises.
+# Tests: style, the library, every chapter and solution notebook once under nbval at the `smoke` profile
+# (chosen through D2R_PROFILE, with a fresh checkpoint cache), the book build, the exercises.
 test: $(STAMP) $(VENDOR)/.stamp
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile -q
+	$(PY) -m ruff check d2r_lib tests
+	OMP_NUM_THREADS=1 D2R_PROFILE=smoke D2R_CACHE_DIR=$$(mktemp -d) $(PY) -m pytest -n 2 --dist loadfile -q --nbval-lax --nbval-current-env tests book solutions
 
 quickstart: $(STAMP)
 	$(PY) -m d2r_lib quickstart

@@ -1,26 +1,19 @@
-"""Profiles, parameter validation, shared training runs and the papermill runner. Every chapter uses it.
+"""Profiles, one resolved configuration per chapter, the shared training runs and the results
+tables. Every chapter uses it; chapter 9 shows it.
 
-A chapter's `parameters` cell holds literals; `resolve(...)` fills whatever is None from the profile,
-validates every value with a clear error, and prints the device once. `trained(cfg, method)` loads a run
-from the checkpoint cache or trains it, so chapters with the same profile share their models.
-
-| profile | purpose                     | scale                                                              |
-|---------|-----------------------------|--------------------------------------------------------------------|
-| smoke   | tests and nbval             | seconds per notebook on 2 CPU cores                                |
-| cpu     | the rendered book, a laptop | a few minutes per chapter; lossless CIFAR-10 `mini` (4,000 train / 1,000 test) |
-| full    | the paper                   | WRN-34-10 target, ResNet-18 guide, 100 epochs, full CIFAR-10; GPU hours |
-
-Run every chapter from the command line:
-`python -m d2r_lib.experiments run --profile smoke --out runs/smoke [--chapters 01 05]`.
+A chapter's `parameters` cell holds literals; `resolve(...)` fills whatever is None from the
+profile, validates every value with a clear error, and prints the device once. `trained(cfg,
+method)` loads a run from the checkpoint cache or trains it, so chapters with the same profile share
+their models. `d2r profiles` prints `PROFILES` as a table; `d2r run` (see `runner`) executes
+chapters at any profile.
 """
+
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
-import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,32 +21,175 @@ import torch
 
 from . import validate
 
-PROFILES: dict[str, dict] = {
-    "smoke": dict(dataset="cifar10", subset="mini", train_size=256, test_size=64, eval_size=32, held_out=32,
-                  epochs=1, batch_size=64, target_model="small_cnn", guide_model="small_cnn", eps=None,
-                  step_size=None, steps=2, autoattack="apgd-ce", lr=0.1),
-    "cpu": dict(dataset="cifar10", subset="mini", train_size=4000, test_size=1000, eval_size=500, held_out=200,
-                epochs=5, batch_size=128, target_model="small_cnn", guide_model="small_cnn", eps=None,
-                step_size=None, steps=5, autoattack="fast", lr=0.1),
-    "full": dict(dataset="cifar10", subset="full", train_size=None, test_size=None, eval_size=None, held_out=1000,
-                 epochs=100, batch_size=128, target_model="wrn34_10", guide_model="resnet18", eps=None,
-                 step_size=None, steps=None, autoattack="standard", lr=0.1),
-}
-"""Defaults per profile. Sizes of None mean the whole split: `train_size` training images, `test_size` test
-images for clean accuracy, `eval_size` of those for the attacks, `held_out` for the per-epoch check.
-`eps` / `step_size` / `steps` of None keep each method's own training attack (the official 0.031 / 0.007 /
-10 for TRADES, LBGAT and D2R; 8/255 / 2/255 / 10 for PGD-AT). Evaluation always follows the official
-protocol (ε = 8/255, PGD-20 and CW-20 with step 2/255). `autoattack` names an `evaluate.AUTOATTACK_VERSIONS`
-entry or "off"."""
+__all__ = [
+    "PROFILES",
+    "Profile",
+    "Config",
+    "DEVICES",
+    "PROFILE_ENV",
+    "RESULTS_ENV",
+    "CHAPTER_RUNS",
+    "PROFILE_FIELDS",
+    "pick_device",
+    "resolve",
+    "flush_denormals",
+    "profiles_table",
+    "test_set",
+    "train_config",
+    "trained",
+    "cached",
+    "chapter_runs",
+    "save_results",
+    "load_results",
+    "collect_results",
+    "cache_label",
+]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PROFILE_ENV = "D2R_PROFILE"
-CHAPTER_DIR = Path(__file__).resolve().parents[1] / "book"
+RESULTS_ENV = "D2R_RESULTS_DIR"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named set of defaults for every chapter. Sizes of None mean the whole split.
+
+    train_size: training images; test_size: test images for clean accuracy; attacked: the first test
+    images that a chapter's evaluation attacks; held_out: test images of the per-epoch check during
+    training. eps / step_size / steps of None keep each method's own training attack (the official
+    0.031 / 0.007 / 10 of TRADES, LBGAT and D2R). Evaluation always follows the official protocol (ε
+    = 8/255, PGD-20 and CW-20, step 2/255). `autoattack` names an `evaluate.AUTOATTACK_VERSIONS`
+    entry or "off".
+    """
+
+    purpose: str
+    dataset: str
+    subset: str
+    train_size: int | None
+    test_size: int | None
+    attacked: int | None
+    held_out: int
+    epochs: int
+    batch_size: int
+    target_model: str
+    guide_model: str
+    autoattack: str
+    eps: float | None = None
+    step_size: float | None = None
+    steps: int | None = None
+    lr: float = 0.1
+
+
+PROFILE_FIELDS = tuple(f.name for f in dataclasses.fields(Profile) if f.name != "purpose")
+"""The settings a chapter may override through `resolve(**overrides)` (and `d2r run -p
+name=value`)."""
+
+_PAPER = dict(
+    subset="full",
+    train_size=None,
+    test_size=None,
+    attacked=None,
+    held_out=1000,
+    epochs=100,
+    batch_size=128,
+    target_model="wrn34_10",
+    guide_model="resnet18",
+    autoattack="standard",
+)
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        "tests and nbval: seconds per notebook on 2 CPU cores",
+        dataset="cifar10",
+        subset="mini",
+        train_size=256,
+        test_size=64,
+        attacked=32,
+        held_out=32,
+        epochs=1,
+        batch_size=64,
+        target_model="small_cnn",
+        guide_model="small_cnn",
+        autoattack="apgd-ce",
+        steps=2,
+    ),
+    "cpu": Profile(
+        "the rendered book, a laptop: minutes per chapter on lossless CIFAR-10 mini",
+        dataset="cifar10",
+        subset="mini",
+        train_size=4000,
+        test_size=1000,
+        attacked=500,
+        held_out=200,
+        epochs=5,
+        batch_size=128,
+        target_model="small_cnn",
+        guide_model="small_cnn",
+        autoattack="fast",
+        steps=5,
+    ),
+    "gpu-short": Profile(
+        "checks the GPU path with the paper's models: about ten minutes on one GPU",
+        dataset="cifar10",
+        subset="full",
+        train_size=5000,
+        test_size=1000,
+        attacked=500,
+        held_out=200,
+        epochs=2,
+        batch_size=128,
+        target_model="wrn34_10",
+        guide_model="resnet18",
+        autoattack="fast",
+    ),
+    "full": Profile(
+        "the paper: WRN-34-10 target, ResNet-18 guide, CIFAR-10, 100 epochs (GPU hours)",
+        dataset="cifar10",
+        **_PAPER,
+    ),
+    "full-preact": Profile(
+        "the paper's PreActResNet-18 target, ResNet-18 guide, CIFAR-10, 100 epochs",
+        dataset="cifar10",
+        **{**_PAPER, "target_model": "preact_resnet18"},
+    ),
+    "full-cifar100": Profile(
+        "the paper on CIFAR-100: WRN-34-10 target, ResNet-18 guide, 100 epochs",
+        dataset="cifar100",
+        **_PAPER,
+    ),
+    "full-tiny": Profile(
+        "the paper on Tiny ImageNet (64×64, 200 classes): PreActResNet-18 target, "
+        "ResNet-18 guide (layer 2 at stride 2), 100 epochs",
+        dataset="tinyimagenet",
+        **{**_PAPER, "target_model": "preact_resnet18", "guide_model": "resnet18_standard"},
+    ),
+    # the settings of reference.CONFIGS["reference"] (the runs shipped in book/reference): 20,000
+    # of the full (JPEG) CIFAR-10 training images, 5 epochs, K = 5. reference.py evaluates on the
+    # lossless test images, which one subset per profile cannot say: keep the two in step.
+    "reference": Profile(
+        "the shipped reference runs: several seeds with AutoAttack, hours of CPU once",
+        dataset="cifar10",
+        subset="full",
+        train_size=20_000,
+        test_size=1000,
+        attacked=1000,
+        held_out=500,
+        epochs=5,
+        batch_size=128,
+        target_model="small_cnn",
+        guide_model="small_cnn",
+        autoattack="standard",
+        steps=5,
+    ),
+}
+"""Every profile by name; `profiles_table()` shows them side by side."""
 
 
 @dataclass(frozen=True)
 class Config:
-    """A chapter's resolved parameters: every value set and checked."""
+    """A chapter's resolved parameters: every value set and checked; `extra` holds the chapter's
+    declared extras."""
+
     profile: str
     seed: int
     device: str
@@ -61,16 +197,16 @@ class Config:
     subset: str
     train_size: int | None
     test_size: int | None
-    eval_size: int | None
+    attacked: int | None
     held_out: int
     epochs: int
     batch_size: int
     target_model: str
     guide_model: str
+    autoattack: str
     eps: float | None
     step_size: float | None
     steps: int | None
-    autoattack: str
     lr: float
     extra: dict = field(default_factory=dict)
 
@@ -79,17 +215,22 @@ class Config:
 
     def describe(self) -> str:
         """One line naming profile, seed, data and budget: print it beside every table."""
+
         def size(n):
             return "all" if n is None else n
+
         budget = f"steps={self.steps if self.steps is not None else 'method default'}"
-        return (f"profile={self.profile} seed={self.seed} data={self.dataset}/{self.subset} "
-                f"(train {size(self.train_size)}, test {size(self.test_size)}, attacked {size(self.eval_size)}) "
-                f"target={self.target_model} guide={self.guide_model} epochs={self.epochs} "
-                f"batch={self.batch_size} {budget}")
+        return (
+            f"profile={self.profile} seed={self.seed} data={self.dataset}/{self.subset} "
+            f"(train {size(self.train_size)}, test {size(self.test_size)}, "
+            f"attacked {size(self.attacked)}) "
+            f"target={self.target_model} guide={self.guide_model} epochs={self.epochs} "
+            f"batch={self.batch_size} {budget}"
+        )
 
 
 def pick_device(device: str = "auto") -> str:
-    """"auto" → cuda, else mps, else cpu; an unavailable explicit choice raises."""
+    """ "auto" → cuda, else mps, else cpu; an unavailable explicit choice raises."""
     validate.choice("device", device, DEVICES)
     if device == "auto":
         if torch.cuda.is_available():
@@ -97,167 +238,254 @@ def pick_device(device: str = "auto") -> str:
         mps = getattr(torch.backends, "mps", None)
         return "mps" if mps is not None and mps.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but no CUDA GPU is available; use device='auto' or 'cpu'")
+        raise ValueError(
+            "device='cuda' was asked for but no CUDA GPU is available; use device='auto' or 'cpu'"
+        )
     return device
 
 
-def resolve(profile: str = "cpu", *, seed: int = 0, device: str = "auto", verbose: bool = True, **overrides) -> Config:
-    """Fill every None override from the profile, validate all values, pick and print the device.
-
-    Overrides that are not profile fields (e.g. `beta_values` of chapter 3) are kept in `cfg.extra`.
-    The environment variable D2R_PROFILE, when set, replaces `profile` (the test suite builds the whole
-    book at the smoke profile this way).
-    """
+def _check_values(values: dict) -> None:
     from . import data, evaluate, models  # local: keep `import d2r_lib.experiments` light
-
-    if os.environ.get(PROFILE_ENV):
-        profile = os.environ[PROFILE_ENV]
-        validate.choice(PROFILE_ENV, profile, PROFILES)
-    validate.choice("profile", profile, PROFILES)
-    validate.number("seed", seed, min=0, integer=True)
-    values = dict(PROFILES[profile])
-    extra = {k: v for k, v in overrides.items() if k not in values}
-    values.update({k: v for k, v in overrides.items() if k in values and v is not None})
 
     validate.choice("dataset", values["dataset"], data.DATASETS)
     validate.choice("subset", values["subset"], data.DATASETS[values["dataset"]]["subsets"])
-    for key in ("train_size", "test_size", "eval_size", "steps", "step_size", "eps"):
-        if values[key] is None:
-            continue
-        if key == "eps":
-            validate.eps(values[key])
-        elif key == "step_size":
-            validate.step_size(values[key])
-        else:
+    for key in ("train_size", "test_size", "attacked", "steps"):
+        if values[key] is not None:
             validate.number(key, values[key], min=1, integer=True)
+    if values["eps"] is not None:
+        validate.number("eps", values["eps"], min=0, max=1, min_open=True)
+    if values["step_size"] is not None:
+        validate.number("step_size", values["step_size"], min=0, max=1, min_open=True)
     for key in ("held_out", "epochs", "batch_size"):
         validate.number(key, values[key], min=1, integer=True)
     validate.choice("target_model", values["target_model"], models.MODELS)
     validate.choice("guide_model", values["guide_model"], models.MODELS)
     validate.number("lr", values["lr"], min=0, min_open=True)
     validate.choice("autoattack", values["autoattack"], [*evaluate.AUTOATTACK_VERSIONS, "off"])
-    cfg = Config(profile=profile, seed=seed, device=pick_device(device), extra=extra, **values)
-    # Barely trained models have tiny ("denormal") floats, which CPUs process very slowly: flush them to zero.
-    torch.set_flush_denormal(True)
+
+
+def resolve(
+    profile: str = "cpu",
+    *,
+    seed: int = 0,
+    device: str = "auto",
+    verbose: bool = True,
+    extras: dict | None = None,
+    **overrides,
+) -> Config:
+    """Fill every None override from the profile, validate all values, pick and print the device.
+    Chapter 1.
+
+    overrides: profile settings (`PROFILE_FIELDS`); any other name raises, listing the allowed ones.
+    extras: a chapter's own parameters (e.g. `{"beta_values": [1.0, 6.0]}` in chapter 3), kept in
+    `cfg.extra`. The environment variable D2R_PROFILE, when set, replaces `profile` and says so in
+    one printed line (the test suite runs the whole book at the smoke profile this way). Nothing
+    global changes: see `flush_denormals` for the one CPU setting chapters switch on explicitly.
+    """
+    unknown = sorted(set(overrides) - set(PROFILE_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"resolve() got unknown setting(s) {', '.join(map(repr, unknown))}; allowed: "
+            f"{', '.join(PROFILE_FIELDS)} (a chapter's own values go in extras={{name: value}})"
+        )
+    if extras is not None and not isinstance(extras, dict):
+        raise TypeError(
+            f"extras must be a dict of a chapter's own parameters; got {type(extras).__name__}"
+        )
+    env = os.environ.get(PROFILE_ENV)
+    if env:
+        validate.choice(PROFILE_ENV, env, PROFILES)
+        if env != profile and verbose:
+            print(f"{PROFILE_ENV}={env} replaces this notebook's profile={profile!r}")
+        profile = env
+    validate.choice("profile", profile, PROFILES)
+    validate.number("seed", seed, min=0, integer=True)
+    values = {k: getattr(PROFILES[profile], k) for k in PROFILE_FIELDS}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    _check_values(values)
+    cfg = Config(
+        profile=profile, seed=seed, device=pick_device(device), extra=dict(extras or {}), **values
+    )
     if verbose:
         print(f"device: {cfg.device} | {cfg.describe()}")
     return cfg
 
 
-# ------------------------------------------------------------------------------------ data and training
+def flush_denormals(enabled: bool = True) -> bool:
+    """Flush tiny ("denormal") floats to zero on the CPU: barely trained models are full of them and
+    CPUs process them very slowly. A global torch setting, so chapters call it explicitly. Returns
+    whether the CPU supports it. Chapter 1."""
+    return torch.set_flush_denormal(bool(enabled))
+
+
+def profiles_table(names=None) -> str:
+    """The profiles side by side as a markdown table (`d2r profiles`, chapter 9)."""
+    names = list(PROFILES) if names is None else list(names)
+    for name in names:
+        validate.choice("profile", name, PROFILES)
+
+    def cell(key, value):
+        if value is None:
+            return "method's own" if key in ("eps", "step_size", "steps") else "all"
+        return str(value)
+
+    rows = [
+        "| setting | " + " | ".join(f"`{n}`" for n in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for key in PROFILE_FIELDS:
+        rows.append(
+            f"| `{key}` | " + " | ".join(cell(key, getattr(PROFILES[n], key)) for n in names) + " |"
+        )
+    rows.append("| purpose | " + " | ".join(PROFILES[n].purpose for n in names) + " |")
+    return "\n".join(rows)
+
+
+# -------------------------------------------------------------------------------- data and training
 def test_set(cfg: Config):
-    """The profile's test images (CIFAR-10 `mini`: the first `test_size` lossless test images)."""
+    """The profile's test images: the first `test_size` of the test split (Tiny ImageNet: the val
+    split)."""
     from . import data
+
     split = "val" if cfg.dataset == "tinyimagenet" else "test"
-    ds = data.load(cfg.dataset, split, cfg.subset if cfg.dataset != "cifar100" else None, download=True)
+    ds = data.load(cfg.dataset, split, cfg.subset, download=True)
     return ds.subset(cfg.test_size) if cfg.test_size is not None and cfg.test_size < len(ds) else ds
 
 
 def train_config(cfg: Config, method: str, **method_params):
     """The TrainConfig of `method` under this profile's budget (same settings ⇒ same cached run)."""
     from . import methods, train
+
     m = methods.get_method(method)
-    budget = {k: v for k, v in (("eps", cfg.eps), ("step_size", cfg.step_size), ("steps", cfg.steps))
-              if v is not None and k in m.defaults}
-    return train.TrainConfig(method=method, target_model=cfg.target_model, guide_model=cfg.guide_model,
-                             dataset=cfg.dataset, subset=cfg.subset, train_size=cfg.train_size, epochs=cfg.epochs,
-                             batch_size=cfg.batch_size, lr=cfg.lr, method_params={**budget, **method_params},
-                             seed=cfg.seed, eval_size=cfg.held_out).validate()
+    budget = {
+        k: v
+        for k, v in (("eps", cfg.eps), ("step_size", cfg.step_size), ("steps", cfg.steps))
+        if v is not None and k in m.defaults
+    }
+    return train.TrainConfig(
+        method=method,
+        target_model=cfg.target_model,
+        guide_model=cfg.guide_model,
+        dataset=cfg.dataset,
+        subset=cfg.subset,
+        train_size=cfg.train_size,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        method_params={**budget, **method_params},
+        seed=cfg.seed,
+        held_out=cfg.held_out,
+    ).validate()
+
+
+def cache_label(text: str) -> str:
+    """`text` with the checkpoint cache's absolute folder replaced by `<cache>`: the rendered book
+    must not show the machine's home folder."""
+    from . import train
+
+    root = str(train.cache_dir())
+    return str(text).replace(root, "<cache>")
+
+
+def _relative_log(message: str = "", *args, **kwargs) -> None:
+    print(cache_label(message), *args, **kwargs)
 
 
 def trained(cfg: Config, method: str, *, progress: bool = True, **method_params):
-    """Load `method`'s run for this profile from the checkpoint cache, or train it (see train.load_or_train)."""
+    """Load `method`'s run for this profile from the checkpoint cache, or train it (see
+    train.load_or_train). Messages name the run by its cache key, never by an absolute path, and
+    training warnings point at the caller's line (a chapter cell), not at the library's files."""
     from . import train
-    return train.load_or_train(train_config(cfg, method, **method_params), device=cfg.device, progress=progress)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train.load_or_train(
+            train_config(cfg, method, **method_params),
+            device=cfg.device,
+            progress=progress,
+            log=_relative_log,
+        )
+    for w in caught:
+        warnings.warn(w.message, w.category, stacklevel=2)
+    return result
 
 
 def cached(cfg: Config, method: str, **method_params):
-    """`method`'s finished run for this profile if the cache holds it, else None (nothing is trained)."""
+    """`method`'s finished run for this profile if the cache holds it, else None (nothing is
+    trained)."""
     from . import train
+
     return train.load_cached(train_config(cfg, method, **method_params), device=cfg.device)
 
 
-# ------------------------------------------------------------------------------------------- results
-RESULTS_ENV = "D2R_RESULTS_DIR"
+# The training runs each chapter needs, declared so that `d2r run --nproc-per-node N` can train them
+# first under torchrun: chapter prefix → function of (cfg, the chapter's parameters) → [(method,
+# method_params)].
+_CH7_METHODS = (
+    "standard",
+    "pgd_at",
+    "trades",
+    "mart",
+    "lbgat",
+    "d2r",
+    "d2r_no_clean",
+    "d2r_no_adv",
+    "d2r_trades_gen",
+)
+CHAPTER_RUNS = {
+    "07": lambda cfg, params: [(name, {}) for name in _CH7_METHODS],
+    "08": lambda cfg, params: [(name, {}) for name in str(params.get("method_names", "")).split()],
+    "d2r_budget": lambda cfg, params: [("d2r", {"w_clean": params.get("w_clean", 20.0)})],
+}
 
 
+def chapter_runs(chapter: str, cfg: Config, params: dict | None = None) -> list:
+    """The TrainConfigs chapter `chapter` (a file stem such as "07_d2r_end_to_end") trains at
+    `cfg`."""
+    for prefix, runs in CHAPTER_RUNS.items():
+        if chapter.startswith(prefix):
+            return [train_config(cfg, method, **mp) for method, mp in runs(cfg, dict(params or {}))]
+    return []
+
+
+# ------------------------------------------------------------------------------------------ results
 def save_results(cfg: Config, name: str, table) -> Path | None:
-    """Write a chapter's ResultsTable (with its profile) to $D2R_RESULTS_DIR/<name>.json when that is set."""
+    """Write a chapter's ResultsTable (with its configuration) to $D2R_RESULTS_DIR/<name>.json when
+    that is set (the runner sets it); returns the path, or None."""
+    from . import checkpoint
+
     root = os.environ.get(RESULTS_ENV)
     if not root:
         return None
     path = Path(root) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"config": cfg.as_dict(), "table": table.to_dict()}, indent=1))
+    text = json.dumps({"name": name, "config": cfg.as_dict(), "table": table.to_dict()}, indent=1)
+    checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 
-def collect_results(folder: str | Path) -> str:
-    """All saved result tables of a run folder as one markdown document."""
+def load_results(folder: str | Path) -> list[dict]:
+    """The saved result tables of one run folder: [{"name", "config", "table": ResultsTable},
+    ...]."""
     from .evaluate import ResultsTable
-    parts = []
+
+    out = []
     for path in sorted(Path(folder).glob("*.json")):
         blob = json.loads(path.read_text())
-        cfg = Config(**blob["config"])
-        parts.append(ResultsTable.from_dict(blob["table"]).to_markdown(caption=f"{path.stem}: {cfg.describe()}"))
+        out.append(
+            {
+                "name": blob.get("name", path.stem),
+                "config": blob["config"],
+                "table": ResultsTable.from_dict(blob["table"]),
+            }
+        )
+    return out
+
+
+def collect_results(folder: str | Path) -> str:
+    """All saved result tables of a results folder as one markdown document."""
+    parts = []
+    for item in load_results(folder):
+        cfg = Config(**item["config"])
+        parts.append(item["table"].to_markdown(caption=f"{item['name']}: {cfg.describe()}"))
     return "\n\n".join(parts)
-
-
-# ---------------------------------------------------------------------------------------------- runner
-def chapters() -> list[Path]:
-    """The book's chapter notebooks, in order."""
-    return sorted(CHAPTER_DIR.glob("[0-9][0-9]_*.ipynb"))
-
-
-def run_chapters(profile: str, out: str | Path, *, select: list[str] | None = None, seed: int = 0,
-                 device: str = "auto", extra: dict | None = None, kernel: str | None = None) -> list[dict]:
-    """Execute chapters with papermill at `profile`; executed notebooks and result tables go to `out`."""
-    import papermill
-
-    validate.choice("profile", profile, PROFILES)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"out {out} is a file; give a directory")
-    todo = [p for p in chapters() if not select or any(p.name.startswith(s) for s in select)]
-    if not todo:
-        raise ValueError(f"no chapter matches {select}; chapters: {[p.stem for p in chapters()]}")
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ[RESULTS_ENV] = str(out / "results")
-    report = []
-    for nb in todo:
-        started = time.perf_counter()
-        papermill.execute_notebook(str(nb), str(out / nb.name), cwd=str(nb.parent), kernel_name=kernel,
-                                   parameters={"profile": profile, "seed": seed, "device": device, **(extra or {})},
-                                   progress_bar=False)
-        report.append({"chapter": nb.stem, "seconds": round(time.perf_counter() - started, 1)})
-        print(f"{nb.stem}: {report[-1]['seconds']} s", flush=True)
-    (out / "timings.json").write_text(json.dumps(report, indent=1))
-    if (out / "results").is_dir():
-        (out / "results.md").write_text(collect_results(out / "results"))
-    return report
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m d2r_lib.experiments", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="execute the chapters with papermill at a profile")
-    p.add_argument("--profile", default="cpu", choices=list(PROFILES))
-    p.add_argument("--out", type=Path, required=True, help="folder for executed notebooks, timings and results")
-    p.add_argument("--chapters", nargs="*", default=None, help="chapter prefixes such as 01 07 (default: all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=list(DEVICES))
-    sub.add_parser("profiles", help="print the profiles")
-    args = parser.parse_args(argv)
-    if args.command == "profiles":
-        print(json.dumps(PROFILES, indent=1))
-        return 0
-    try:
-        run_chapters(args.profile, args.out, select=args.chapters, seed=args.seed, device=args.device)
-    except (ValueError, NotADirectoryError) as err:
-        parser.exit(2, f"error: {err}\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -84,7 +84,7 @@ class TrainConfig:
     schedule: str = "paper"
     method_params: dict = field(default_factory=dict)  # eps, step_size, steps, beta, w_clean ...
     seed: int = 1                          # the official code's effective torch seed
-    eval_size: int = 200                   # held-out images of the per-epoch clean / PGD-20 check
+    held_out: int = 200                   # held-out images of the per-epoch clean / PGD-20 check
     augment: bool = True
     amp: bool = False                      # bfloat16 autocast (CUDA)
     channels_last: bool = False
@@ -99,7 +99,7 @@ class TrainConfig:
         validate.choice("subset", self.subset, data.DATASETS[self.dataset]["subsets"])
         if self.train_size is not None:
             validate.number("train_size", self.train_size, min=1, integer=True)
-        for key in ("epochs", "batch_size", "eval_size"):
+        for key in ("epochs", "batch_size", "held_out"):
             validate.number(key, getattr(self, key), min=1, integer=True)
         validate.seed(self.seed)
         validate.lr(self.lr)
@@ -260,7 +260,7 @@ def _datasets(cfg: TrainConfig, device, data_dir, download: bool):
     eval_split = "val" if cfg.dataset == "tinyimagenet" else "test"
     eval_subset = cfg.subset if cfg.dataset != "cifar100" else None
     held_out = data.load(cfg.dataset, eval_split, eval_subset, data_dir=data_dir, download=download)
-    return train_set, held_out.subset(min(cfg.eval_size, len(held_out))).tensors(device)
+    return train_set, held_out.subset(min(cfg.held_out, len(held_out))).tensors(device)
 
 
 def _resume(path: Path | None, resume: str, cfg: TrainConfig, target, guide, optimizer, device,

@@ -9,7 +9,7 @@ from d2r_lib import train
 
 out = sys.argv[1]
 cfg = train.TrainConfig(method="d2r", dataset="synthetic", subset="default", train_size=128, epochs=2,
-                        batch_size=32, eval_size=16, method_params={"steps": 2})
+                        batch_size=32, held_out=16, method_params={"steps": 2})
 result = train.fit(cfg, out, device="cpu", progress=False)
 flat = torch.cat([p.detach().flatten() for m in (result.target, result.guide) for p in m.parameters()])
 gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny(method="d2r", epochs=3, **kw):
     return train.TrainConfig(method=method, dataset="synthetic", subset="default", train_size=96,
                              epochs=epochs,
-                             batch_size=32, eval_size=16,
+                             batch_size=32, held_out=16,
                              method_params={"steps": 2} if method != "standard" else {},
                              **kw)
 
@@ -147,7 +147,7 @@ def test_collapse_to_a_constant_prediction_warns(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "held_out_check", lambda *a, **k: collapsed)
     with pytest.warns(train.TrainingCollapsed, match="epoch 1: "):
         import dataclasses
-        train.fit(dataclasses.replace(tiny(epochs=1), eval_size=32), tmp_path, progress=False,
+        train.fit(dataclasses.replace(tiny(epochs=1), held_out=32), tmp_path, progress=False,
                   log=lambda *a: None)
 
 
@@ -226,7 +226,7 @@ def test_ddp_two_cpu_processes_with_gloo_stay_identical_and_save_once(tmp_path):
 # ------------------------------------------------------------------------------- divergence on disk
 def synthetic_cfg(**kw):
     fields = dict(method="standard", dataset="synthetic", subset="default", train_size=96,
-                  epochs=2, batch_size=32, eval_size=16)
+                  epochs=2, batch_size=32, held_out=16)
     return train.TrainConfig(**{**fields, **kw})
 
 
