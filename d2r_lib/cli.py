@@ -87,11 +87,6 @@ def _default(name: str):
     return _defaults()[name]
 
 
-def _held_out_field() -> str:
-    """TrainConfig's name for the per-epoch held-out check (`held_out`, formerly `eval_size`)."""
-    return "held_out" if "held_out" in _defaults() else "eval_size"
-
-
 def _positive(flag: str, value) -> None:
     if value is not None:
         validate.number(flag, value, min=1, integer=True)
@@ -167,7 +162,7 @@ def _add_train(sub) -> None:
                    help="in [0, 2**32 - 1] (default %(default)s, the official effective seed)")
     p.add_argument("--held-out", type=int, default=None,
                    help="test images of the per-epoch clean / PGD-20 check "
-                   f"(default {_default(_held_out_field())})")
+                   f"(default {_default('held_out')})")
     p.add_argument("--no-augment", action="store_true", help="turn off RandomCrop(pad 4) + flip")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
@@ -237,7 +232,7 @@ def train_config(a):
     if subsets is not None:
         validate.choice("--subset", a.subset or _default("subset"), subsets)
 
-    names = {"target": "target_model", "guide": "guide_model", "held_out": _held_out_field()}
+    names = {"target": "target_model", "guide": "guide_model", "held_out": "held_out"}
     options = ("target", "guide", "dataset", "subset", "train_size", "epochs", "batch_size", "lr",
                "held_out")
     kwargs = {names.get(k, k): getattr(a, k) for k in options if getattr(a, k) is not None}
@@ -398,7 +393,7 @@ def cmd_quickstart(a) -> int:
             method=method, target_model=a.target, guide_model=a.guide, dataset="cifar10",
             subset="mini", train_size=a.train_size, epochs=a.epochs, batch_size=a.batch_size,
             lr=a.lr, seed=a.seed, method_params={"steps": a.steps} if method != "standard" else {},
-            **{_held_out_field(): 200},
+            held_out=200,
         ).validate()
         for method in ("standard", "d2r")
     }

@@ -107,7 +107,7 @@ class ReferenceConfig:
                                  dataset="cifar10", subset=self.subset, train_size=self.train_size,
                                  epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                                  schedule=self.schedule, method_params=params, seed=seed,
-                                 eval_size=self.held_out).validate()
+                                 held_out=self.held_out).validate()
 
     def deviations(self, method: str) -> list[str]:
         """The named ways this configuration departs from the method's official settings."""

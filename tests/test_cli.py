@@ -77,7 +77,7 @@ def _parse(*argv):
 
 
 def _held_out(cfg):
-    return getattr(cfg, "held_out", getattr(cfg, "eval_size", None))
+    return cfg.held_out
 
 
 def test_profile_fills_the_defaults_and_flags_override_it(tmp_path):

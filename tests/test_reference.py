@@ -214,7 +214,7 @@ def test_shipped_runs_reproduce_their_metrics():
 
 def test_per_epoch_validation_records_one_value_per_epoch_and_is_cached(tmp_path, cache, monkeypatch):
     from d2r_lib import train
-    cfg = train.TrainConfig(method="pgd_at", subset="mini", train_size=32, epochs=2, batch_size=16, eval_size=8,
+    cfg = train.TrainConfig(method="pgd_at", subset="mini", train_size=32, epochs=2, batch_size=16, held_out=8,
                             method_params={"steps": 1}, seed=0)
     val = data.cifar10("train", "mini").subset(positions=list(range(4000, 4008)))
     x_val, y_val = val.tensors()

@@ -36,7 +36,7 @@ def registered():
 
 def test_a_registered_method_trains_one_epoch_with_fit(registered, tmp_path):
     cfg = train.TrainConfig(method="clean_plus_adv", dataset="synthetic", subset="default",
-                            train_size=64, epochs=1, batch_size=32, eval_size=16,
+                            train_size=64, epochs=1, batch_size=32, held_out=16,
                             method_params={"weight": 0.5})
     torch.manual_seed(0)
     result = train.fit(cfg, tmp_path, progress=False, log=lambda *a: None)
