@@ -1,6 +1,8 @@
-"""Helpers shared by the notebook tests: find notebooks, read the repository URL, lint a notebook."""
+"""Helpers of the notebook tests: find notebooks, read the repository URL, lint a notebook."""
 import ast
+import importlib
 import inspect
+import pkgutil
 import re
 from pathlib import Path
 
@@ -8,8 +10,6 @@ import nbformat
 import yaml
 
 import d2r_lib
-from d2r_lib import (attacks, checkpoint, checks, costmodel, data, evaluate, experiments, losses, methods, models,
-                     plot, train, widgets)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
@@ -20,20 +20,24 @@ def repository_url() -> str:
 
 
 def library_function_names() -> set[str]:
+    """Public functions defined anywhere in d2r_lib (subpackages such as checks included)."""
     names = set()
-    for module in (attacks, checkpoint, checks, costmodel, data, evaluate, experiments, losses, methods, models, plot,
-                   train, widgets):
+    for info in pkgutil.walk_packages(d2r_lib.__path__, "d2r_lib."):
+        if info.name.split(".")[-1].startswith("_"):
+            continue
+        module = importlib.import_module(info.name)
         names |= {n for n, obj in vars(module).items()
-                  if not n.startswith("_") and inspect.isfunction(obj) and obj.__module__ == module.__name__}
+                  if not n.startswith("_") and inspect.isfunction(obj)
+                  and obj.__module__ == module.__name__}
     return names
 
 
 def code_without_magics(source: str) -> str:
-    """IPython magics (%pip, !ls) become `pass` at the same indentation, so the cell parses as Python."""
+    """IPython magics (%pip, !ls) become `pass` at the same indentation: the cell parses."""
     return "\n".join(re.sub(r"^(\s*)[%!].*$", r"\1pass", line) for line in source.splitlines())
 
 
-MAX_CODE_LINE = 90   # characters: a code line wider than this needs a horizontal scroll bar on the page
+MAX_CODE_LINE = 90  # characters: a wider code line needs a horizontal scroll bar on the page
 SHIM_TAG = "hide-cell"   # the Colab shim is folded on the rendered page
 
 
@@ -68,16 +72,20 @@ def lint(path: Path) -> list[str]:
         problems.append("the 'parameters' cell must be the second code cell")
     else:
         for node in ast.parse(tagged[0].source).body:
-            if not (isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant | ast.UnaryOp)):
-                problems.append(f"parameters cell holds a non-literal statement: {ast.unparse(node)!r}")
+            literal = isinstance(node, ast.Assign) and isinstance(node.value,
+                                                                  ast.Constant | ast.UnaryOp)
+            if not literal:
+                problems.append("parameters cell holds a non-literal statement: "
+                                f"{ast.unparse(node)!r}")
     for i, c in enumerate(code):
         if c.get("outputs") or c.get("execution_count") is not None:
             problems.append(f"code cell {i} has committed outputs or an execution count")
     first = code[0].source if code else ""
     if repository_url() not in first or "import d2r_lib" not in first:
-        problems.append("the first code cell must be the Colab shim (import d2r_lib, else %pip install from "
-                        f"{repository_url()})")
-    if not re.search(r"from d2r_lib import|import d2r_lib\.", "\n".join(c.source for c in code)):
+        problems.append("the first code cell must be the Colab shim (import d2r_lib, else %pip "
+                        f"install from {repository_url()})")
+    all_code = "\n".join(c.source for c in code)
+    if not re.search(r"from d2r_lib import|import d2r_lib\.", all_code):
         problems.append("the notebook never imports d2r_lib modules")
     library = library_function_names()
     defined = {}
@@ -87,15 +95,18 @@ def lint(path: Path) -> list[str]:
             if isinstance(node, ast.FunctionDef):
                 defined[node.name] = i
                 if node.name in library:
-                    problems.append(f"cell {i} redefines the library function {node.name}(); call d2r_lib instead "
-                                    "(an inline derivation is named *_by_hand and compared with the library)")
+                    problems.append(f"cell {i} redefines the library function {node.name}(); "
+                                    "call d2r_lib instead (an inline derivation is named "
+                                    "*_by_hand and compared with the library)")
     for name, i in defined.items():
         if name.endswith("_by_hand"):
             after = "\n".join(c.source for c in code[i:]).split(f"def {name}", 1)[-1]
-            compared = any(f"{name}(" in c.source and re.search(r"assert_close|torch\.equal|allclose|assert ", c.source)
+            check = r"assert_close|torch\.equal|allclose|assert "
+            compared = any(f"{name}(" in c.source and re.search(check, c.source)
                            for c in code[i:])
             if f"{name}(" not in after or not compared:
-                problems.append(f"{name} is never compared with the library (assert_close / torch.equal)")
+                problems.append(f"{name} is never compared with the library "
+                                "(assert_close / torch.equal)")
     return problems
 
 

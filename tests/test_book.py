@@ -1,4 +1,4 @@
-"""The book: notebook lint, and a full `jupyter-book build` at the smoke profile with its HTML checked."""
+"""The book: notebook lint, a `jupyter-book build` at the smoke profile, its HTML in a browser."""
 import os
 import re
 import subprocess
@@ -8,11 +8,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from notebook_lint import CHAPTERS, ROOT, lint, repository_url
 
-EXPECTED = ["01_adversarial_examples", "02_adversarial_training", "03_trades", "04_lbgat", "05_d2r_loss",
-            "06_cag", "07_d2r_end_to_end", "08_robust_evaluation", "09_scaling_up"]
+EXPECTED = ["01_adversarial_examples", "02_adversarial_training", "03_trades", "04_lbgat",
+            "05_d2r_loss", "06_cag", "07_d2r_end_to_end", "08_robust_evaluation", "09_scaling_up"]
 
 
 def test_nine_chapters_in_the_toc():
@@ -52,7 +51,7 @@ def test_lint_catches_problems(tmp_path):
     assert "pgd_by_hand is never compared" in problems
 
 
-RESULTS_TABLES = ("02", "03", "04", "07", "08")  # chapters that display a results table (clean / robust %)
+RESULTS_TABLES = ("02", "03", "04", "07", "08")  # chapters with a results table (clean / robust %)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +60,8 @@ def built_book(tmp_path_factory):
     env = {**os.environ, "D2R_PROFILE": "smoke", "D2R_CACHE_DIR": str(out / "cache")}
     jb = Path(sys.executable).with_name("jupyter-book")
     started = time.perf_counter()
-    r = subprocess.run([str(jb), "build", str(ROOT), "--path-output", str(out), "-W", "--keep-going"],
+    r = subprocess.run([str(jb), "build", str(ROOT), "--path-output", str(out), "-W",
+                        "--keep-going"],
                        capture_output=True, text=True, env=env, timeout=1500)
     print(f"smoke book build: {time.perf_counter() - started:.0f} s")
     assert r.returncode == 0, (r.stdout[-4000:] + r.stderr[-4000:])
@@ -76,23 +76,28 @@ def test_book_builds_with_every_chapter_and_figure(built_book):
         assert re.search(r"<img [^>]*src=\"[^\"]+\.(png|svg)\"", html), f"{stem}: no figure"
         for bad in ("Traceback (most recent call last)", "output_error", "NotImplementedError"):
             assert bad not in html, f"{stem}: error output ({bad}) in the page"
-        prose = re.sub(r"<pre>.*?</pre>", "", html, flags=re.S)  # code and printed text may contain pipes
-        assert not re.search(r"\|\s*:?(---|—)", prose), f"{stem}: a Markdown table was rendered as text"
+        # code and printed text may contain pipes
+        prose = re.sub(r"<pre>.*?</pre>", "", html, flags=re.S)
+        assert not re.search(r"\|\s*:?(---|—)", prose), \
+            f"{stem}: a Markdown table was rendered as text"
         if stem[:2] in RESULTS_TABLES:
-            assert re.search(r"<table[^>]*>.*?\(%\)", html, re.S), f"{stem}: no rendered results table"
+            assert re.search(r"<table[^>]*>.*?\(%\)", html, re.S), \
+                f"{stem}: no rendered results table"
     assert (built_book / "index.html").exists()
     for folder in ("exercises", "solutions"):
         assert any((built_book / folder).glob("*.html")), f"no {folder} pages"
 
 
 def test_no_page_shows_a_path_of_the_building_machine(built_book):
-    """Pages are read on other machines: the builder's home, checkout, cache and output folders stay out."""
+    """Pages are read on other machines: the builder's home, checkout, cache and output folders
+    stay out."""
     machine = {str(Path.home()) + "/", str(ROOT) + "/", str(built_book.parents[1]) + "/",
                os.environ.get("TMPDIR", "/tmp") + "/pytest-"}
     for page in sorted(built_book.rglob("*.html")):
         html = page.read_text(errors="replace")
         for path in machine:
-            assert path not in html, f"{page.relative_to(built_book)} shows the machine path {path!r}"
+            where = page.relative_to(built_book)
+            assert path not in html, f"{where} shows the machine path {path!r}"
 
 
 def test_book_has_launch_buttons_and_bibliography(built_book):
@@ -104,15 +109,16 @@ def test_book_has_launch_buttons_and_bibliography(built_book):
 
 
 def test_hidden_folders_and_run_outputs_are_not_pages():
-    """`make test` leaves .pytest_cache/README.md and the quickstart leaves runs/: neither may become a page
-    (with -W, a document outside the toc fails the book build)."""
+    """`make test` leaves .pytest_cache/README.md and the quickstart leaves runs/: neither may
+    become a page (with -W, a document outside the toc fails the book build)."""
     import yaml
     from sphinx.util.matching import Matcher
     excluded = Matcher(yaml.safe_load((ROOT / "_config.yml").read_text())["exclude_patterns"])
     for folder in (".pytest_cache", ".venv", ".ci", "runs", "_build", "book/.ipynb_checkpoints",
                    "exercises/.ipynb_checkpoints"):
         assert excluded(folder), folder
-    for page in ("book", "exercises", "solutions", "book/01_adversarial_examples.ipynb", "exercises/index.md"):
+    for page in ("book", "exercises", "solutions", "book/01_adversarial_examples.ipynb",
+                 "exercises/index.md"):
         assert not excluded(page), page
 
 
@@ -125,14 +131,17 @@ SCREENSHOTS = ROOT / "_build" / "screenshots"
 def browser_reports(built_book):
     from browser import chromium_path, inspect_pages, navigation, search_results, serve
     if chromium_path() is None:
-        pytest.skip("no Chromium found: `.ci/run` installs Debian's chromium package (apt-get install chromium)")
-    pytest.importorskip("playwright.sync_api", reason="playwright (requirements.txt) is not installed")
+        pytest.skip("no Chromium found: `.ci/run` installs Debian's chromium package "
+                    "(apt-get install chromium)")
+    pytest.importorskip("playwright.sync_api",
+                        reason="playwright (requirements.txt) is not installed")
     pages = [f"book/{stem}.html" for stem in EXPECTED]
     pages += sorted(f"{folder}/{p.name}" for folder in ("exercises", "solutions")
                     for p in (built_book / folder).glob("*.html"))
     started = time.perf_counter()
     with serve(built_book) as base:
-        reports = inspect_pages(base, pages, SCREENSHOTS, slider_page="book/01_adversarial_examples.html")
+        reports = inspect_pages(base, pages, SCREENSHOTS,
+                                slider_page="book/01_adversarial_examples.html")
         reports["search:Danskin"] = search_results(base, "Danskin")
         reports["navigation"] = navigation(base, "book/03_trades.html")
     print(f"browser check of {len(pages)} pages: {time.perf_counter() - started:.0f} s; "
@@ -152,7 +161,8 @@ def test_browser_navigation_is_in_chapter_order(browser_reports):
     nav = [link.rsplit("/", 1)[-1] for link in browser_reports["navigation"]]
     chapters = [link for link in nav if link[:2].isdigit() or link == "#"]
     # the page itself (chapter 3) is shown as "#"
-    assert [c.replace("#", "03_trades.html") for c in chapters[:9]] == [f"{s}.html" for s in EXPECTED]
+    shown = [c.replace("#", "03_trades.html") for c in chapters[:9]]
+    assert shown == [f"{s}.html" for s in EXPECTED]
 
 
 def test_browser_no_outside_request_and_no_errors(browser_reports):
@@ -173,7 +183,8 @@ def test_browser_mathjax_renders_every_chapter(browser_reports):
 
 def test_browser_every_image_loads(browser_reports):
     for path, r in _pages(browser_reports).items():
-        assert r["broken_images"] == [], f"{path}: images that did not load: {r['broken_images'][:3]}"
+        assert r["broken_images"] == [], \
+            f"{path}: images that did not load: {r['broken_images'][:3]}"
     for stem in EXPECTED:
         assert browser_reports[f"book/{stem}.html"]["images"] > 0, f"{stem}: no figure"
 

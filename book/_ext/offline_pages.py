@@ -3,8 +3,8 @@
 Jupyter Book 1 always loads sphinx-thebe, which declares `const THEBE_JS_URL` in an inline
 script that it adds twice (a JavaScript error on every page) and that points at unpkg. The
 course does not use Thebe (its launch buttons are Colab and Binder), so its scripts are dropped
-from every page. The theme's colour mode defaults to "" under Jupyter Book, which the theme's script reports as a console
-error: it becomes "auto".
+from every page. The theme's colour mode defaults to "" under Jupyter Book, which the theme's
+script reports as a console error: it becomes "auto".
 """
 from __future__ import annotations
 
