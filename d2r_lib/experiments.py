@@ -432,8 +432,12 @@ _CH7_METHODS = (
     "d2r_no_adv",
     "d2r_trades_gen",
 )
+_CH7_VARIANTS = (("trades", {"official_passes": False}), ("lbgat", {"official_passes": False}),
+                 ("mart", {"eps": 8 / 255, "step_size": 2 / 255}))
+"""Variants of the corrected baselines that chapter 7 trains to show how far the correction moved."""
+
 CHAPTER_RUNS = {
-    "07": lambda cfg, params: [(name, {}) for name in _CH7_METHODS],
+    "07": lambda cfg, params: [(name, {}) for name in _CH7_METHODS] + list(_CH7_VARIANTS),
     "08": lambda cfg, params: [(name, {}) for name in str(params.get("method_names", "")).split()],
     "d2r_budget": lambda cfg, params: [("d2r", {"w_clean": params.get("w_clean", 20.0)})],
 }
