@@ -434,7 +434,7 @@ _CH7_METHODS = (
 )
 _CH7_VARIANTS = (("trades", {"official_passes": False}), ("lbgat", {"official_passes": False}),
                  ("mart", {"eps": 8 / 255, "step_size": 2 / 255}))
-"""Variants of the corrected baselines that chapter 7 trains to show how far the correction moved."""
+"""Variants of the corrected baselines that chapter 7 trains to show how far they moved."""
 
 CHAPTER_RUNS = {
     "07": lambda cfg, params: [(name, {}) for name in _CH7_METHODS] + list(_CH7_VARIANTS),
