@@ -4,7 +4,7 @@ Each function returns the figure and never calls `plt.show()`: a notebook shows 
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np

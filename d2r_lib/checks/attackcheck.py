@@ -4,8 +4,8 @@ Also the wrong-variant attacks that recognise common mistakes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
