@@ -157,7 +157,7 @@ def run_attack_check(spec: AttackSpec, fn) -> None:
             calls = {r: [] for r in mods}
             hooks = [
                 m.register_forward_pre_hook(
-                    lambda mod, inp, r=r: calls[r].append(torch.is_grad_enabled())
+                    lambda mod, inp, r=r, calls=calls: calls[r].append(torch.is_grad_enabled())
                 )
                 for r, m in mods.items()
             ]
