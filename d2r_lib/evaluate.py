@@ -20,8 +20,9 @@ import json
 import math
 import sys
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -485,7 +486,7 @@ class ResultsTable:
         for name, results in (rows or {}).items():
             self.add(name, results)
 
-    def add(self, name: str, results: Mapping[str, float]) -> "ResultsTable":
+    def add(self, name: str, results: Mapping[str, float]) -> ResultsTable:
         """Add (or replace) the row `name`."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"row name must be a non-empty string; got {name!r}")
@@ -553,7 +554,7 @@ class ResultsTable:
                 "meta": dict(self.meta)}
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "ResultsTable":
+    def from_dict(cls, d: Mapping) -> ResultsTable:
         """Inverse of `to_dict`; a plain {name: {attack: accuracy}} mapping is accepted too."""
         if not isinstance(d, Mapping):
             raise TypeError(f"d must be a mapping; got {type(d).__name__}")
@@ -567,7 +568,7 @@ class ResultsTable:
         return checkpoint.atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     @classmethod
-    def load_json(cls, path) -> "ResultsTable":
+    def load_json(cls, path) -> ResultsTable:
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
 

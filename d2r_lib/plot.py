@@ -1,10 +1,11 @@
-"""Matplotlib figures shared by the chapters. Chapter 1 introduces `image_grid`; chapter 2 `training_curves`.
+"""Matplotlib figures shared by the chapters. Chapter 1 introduces `image_grid`; chapter 2
+`training_curves`.
 
 Each function returns the figure and never calls `plt.show()`: a notebook shows the returned figure.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -14,8 +15,9 @@ __all__ = ["TERM_LABELS", "to_hwc", "image_grid", "training_curves", "compare_hi
            "accuracy_vs_eps", "results_bars"]
 
 TERM_LABELS = {
-    "loss": "total loss", "ce": "cross-entropy", "mse": "MSE(f(x′), g(x))", "clean": "|KL(f‖g) − KL(g‖f)| (clean)",
-    "adv": "KL(p_f(x′) ‖ p_g(x)) (adv)", "kl_fg": "KL(p_f(x) ‖ p_g(x))", "kl_gf": "KL(p_g(x) ‖ p_f(x))",
+    "loss": "total loss", "ce": "cross-entropy", "mse": "MSE(f(x′), g(x))",
+    "clean": "|KL(f‖g) − KL(g‖f)| (clean)", "adv": "KL(p_f(x′) ‖ p_g(x)) (adv)",
+    "kl_fg": "KL(p_f(x) ‖ p_g(x))", "kl_gf": "KL(p_g(x) ‖ p_f(x))",
     "kl": "KL term", "bce": "boosted CE",
 }
 
@@ -25,8 +27,9 @@ def to_hwc(img: torch.Tensor) -> np.ndarray:
     return img.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def image_grid(x: torch.Tensor, x_adv: torch.Tensor, *, labels=None, preds_clean=None, preds_adv=None,
-               classes: Sequence[str] | None = None, n: int = 6, amplify: float | None = None, title: str | None = None):
+def image_grid(x: torch.Tensor, x_adv: torch.Tensor, *, labels=None, preds_clean=None,
+               preds_adv=None, classes: Sequence[str] | None = None, n: int = 6,
+               amplify: float | None = None, title: str | None = None):
     """Rows: x, the perturbation δ = x′ − x (amplified to the full colour range), x′. Chapter 1."""
     n = min(n, len(x))
     delta = (x_adv[:n] - x[:n]).detach().cpu()
@@ -47,18 +50,21 @@ def image_grid(x: torch.Tensor, x_adv: torch.Tensor, *, labels=None, preds_clean
             axes[0, i].set_xlabel(f"pred: {name(preds_clean[i])}", fontsize=8)
         if preds_adv is not None:
             wrong = labels is not None and int(preds_adv[i]) != int(labels[i])
-            axes[2, i].set_xlabel(f"pred: {name(preds_adv[i])}", fontsize=8, color="crimson" if wrong else "black")
+            axes[2, i].set_xlabel(f"pred: {name(preds_adv[i])}", fontsize=8,
+                                  color="crimson" if wrong else "black")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def training_curves(history: Sequence[Mapping], *, terms: Sequence[str] | None = None, title: str | None = None,
-                    labels: Mapping[str, str] | None = None):
-    """Left: every training loss term per epoch (log scale); right: held-out clean and PGD accuracy. Chapter 2.
+def training_curves(history: Sequence[Mapping], *, terms: Sequence[str] | None = None,
+                    title: str | None = None, labels: Mapping[str, str] | None = None):
+    """Left: every training loss term per epoch (log scale); right: held-out clean and PGD accuracy.
+    Chapter 2.
 
-    labels: legend text per term, e.g. {"ce": "CE(g(x), y)"} for the guided methods (default: TERM_LABELS).
+    labels: legend text per term, e.g. {"ce": "CE(g(x), y)"} for the guided methods (default:
+    TERM_LABELS).
     """
     names = {**TERM_LABELS, **(labels or {})}
     epochs = [r["epoch"] for r in history]
@@ -88,7 +94,8 @@ def compare_histories(histories: Mapping[str, Sequence[Mapping]], *, keys=("clea
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for name, hist in histories.items():
-            ax.plot([r["epoch"] for r in hist], [100 * r[key] for r in hist], marker="o", label=name)
+            ax.plot([r["epoch"] for r in hist], [100 * r[key] for r in hist], marker="o",
+                    label=name)
         ax.set_xlabel("epoch"), ax.set_ylabel(f"{key.replace('_acc', '')} accuracy (%)")
         ax.legend(fontsize=7)
     if title:
@@ -97,8 +104,8 @@ def compare_histories(histories: Mapping[str, Sequence[Mapping]], *, keys=("clea
     return fig
 
 
-def accuracy_vs_eps(curves: Mapping[str, Sequence[tuple[float, float]]], *, title: str | None = None,
-                    in_255: bool = True):
+def accuracy_vs_eps(curves: Mapping[str, Sequence[tuple[float, float]]], *,
+                    title: str | None = None, in_255: bool = True):
     """Accuracy against ε for each named curve of (ε, accuracy) pairs. Chapters 1 and 8."""
     fig, ax = plt.subplots(figsize=(5.8, 3.8))
     for name, points in curves.items():
@@ -116,14 +123,15 @@ def accuracy_vs_eps(curves: Mapping[str, Sequence[tuple[float, float]]], *, titl
 
 
 def results_bars(table: Mapping[str, Mapping[str, float]], *, title: str | None = None):
-    """Grouped bars: one group per method, one bar per attack (accuracies as fractions). Chapters 7 and 8."""
+    """Grouped bars: one group per method, one bar per attack (accuracies as fractions). Chapters 7
+    and 8."""
     names = list(table)
     attacks = list(next(iter(table.values())))
     width = 0.8 / len(attacks)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) + 2), 3.8))
     for j, attack in enumerate(attacks):
-        ax.bar(np.arange(len(names)) + j * width, [100 * table[n].get(attack, np.nan) for n in names], width,
-               label=attack)
+        ax.bar(np.arange(len(names)) + j * width,
+               [100 * table[n].get(attack, np.nan) for n in names], width, label=attack)
     ax.set_xticks(np.arange(len(names)) + width * (len(attacks) - 1) / 2, names, rotation=20)
     ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=8)

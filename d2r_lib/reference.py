@@ -1,18 +1,21 @@
-"""The shipped reference runs: every method, several seeds, full evaluation. Chapters 7 and 8 read them.
+"""The shipped reference runs: every method, several seeds, full evaluation. Chapters 7 and 8 read
+them.
 
-`python -m d2r_lib.reference run --out book/reference` trains and evaluates each (method, seed) of the
-`reference` configuration once, on CPU in a few hours, and writes one folder per run:
+`python -m d2r_lib.reference run --out book/reference` trains and evaluates each (method, seed) of
+the `reference` configuration once, on CPU in a few hours, and writes one folder per run:
 
-    book/reference/<method>-seed<k>/manifest.json   parameters (incl. method and seed), commit, versions,
-                                                    device, seconds, deviations from the official settings
-                                    metrics.json    clean, PGD-20, CW-20 (official protocol) and AutoAttack
-                                    history.json    the per-epoch record of `train.fit`
-                                    target.pt       the target's weights (when under MAX_CHECKPOINT_BYTES)
+    book/reference/<method>-seed<k>/
+        manifest.json   parameters (incl. method and seed), commit, versions, device, seconds,
+                        deviations from the official settings
+        metrics.json    clean, PGD-20, CW-20 (official protocol) and AutoAttack
+        history.json    the per-epoch record of `train.fit`
+        target.pt       the target's weights (when under MAX_CHECKPOINT_BYTES)
 
-Training checkpoints live in the checkpoint cache (outside the repository), so an interrupted run resumes
-where it stopped; a folder whose files are all written is skipped. `load(folder)` reads the runs back,
-`summary(runs)` gives mean ± sd over seeds per method and `paired(runs)` the pre-registered comparisons:
-per-seed differences on the same test images with a t-interval (PREREGISTERED, fixed before any result).
+Training checkpoints live in the checkpoint cache (outside the repository), so an interrupted run
+resumes where it stopped; a folder whose files are all written is skipped. `load(folder)` reads the
+runs back, `summary(runs)` gives mean ± sd over seeds per method and `paired(runs)` the
+pre-registered comparisons: per-seed differences on the same test images with a t-interval
+(PREREGISTERED, fixed before any result).
 """
 from __future__ import annotations
 
@@ -61,9 +64,9 @@ METRICS = ("clean", "pgd20", "cw20", "autoattack")
 FILES = ("manifest.json", "metrics.json", "history.json")
 MAX_CHECKPOINT_BYTES = 1_000_000
 AUTOATTACK_STEPS_PER_IMAGE = 1200
-"""Rough attack-step equivalents per image of AutoAttack standard on a model with about 30 % robust images:
-APGD-CE 100 on all, then on the survivors APGD-T 9 × 100, FAB-T 9 × 100 (≈ 2 steps each) and Square 5,000
-queries (forward passes, ≈ 1/3 step each). Used only by `estimate`."""
+"""Rough attack-step equivalents per image of AutoAttack standard on a model with about 30 % robust
+images: APGD-CE 100 on all, then on the survivors APGD-T 9 × 100, FAB-T 9 × 100 (≈ 2 steps each)
+and Square 5,000 queries (forward passes, ≈ 1/3 step each). Used only by `estimate`."""
 EVAL_SEED = 0  # every attack of every run uses this seed: the same random starts for every method
 
 PREREGISTERED = {
@@ -73,20 +76,24 @@ PREREGISTERED = {
     "metrics": METRICS,
     "primary_metric": "autoattack",
     "level": 0.95,
-    "interval": "two-sided Student t-interval of the mean per-seed difference (method − other), n − 1 df",
-    "pairing": "same seed (same initialisation seed and batch order), same test images, same attack seed",
+    "interval": "two-sided Student t-interval of the mean per-seed difference (method − other), "
+    "n − 1 df",
+    "pairing": "same seed (same initialisation seed and batch order), same test images, "
+    "same attack seed",
     "multiplicity": "none: every comparison listed here is reported, none is picked after the fact",
 }
-"""The comparisons of chapter 7, written down on 2026-11-30 before any reference run existed: D2R minus each
-baseline and minus each ablation, on every metric, with 95 % t-intervals. `standard` is reported but not
-compared (it is not a robust baseline)."""
+"""The comparisons of chapter 7, written down on 2026-11-30 before any reference run existed: D2R
+minus each baseline and minus each ablation, on every metric, with 95 % t-intervals. `standard` is
+reported but not compared (it is not a robust baseline)."""
 
 
 @dataclass(frozen=True)
 class ReferenceConfig:
-    """Everything that determines the reference runs (training via `train.TrainConfig`, evaluation here)."""
+    """Everything that determines the reference runs (training via `train.TrainConfig`, evaluation
+    here)."""
     name: str
-    train_size: int | None      # first n images of the full CIFAR-10 training set (JPEG copies); None = all
+    train_size: int | None      # first n images of the full CIFAR-10 training set (JPEG copies);
+                                # None = all
     epochs: int
     steps: int | None           # K of every training attack; None = each method's official K (10)
     batch_size: int = 128
@@ -94,7 +101,8 @@ class ReferenceConfig:
     guide_model: str = "small_cnn"
     lr: float = 0.1
     schedule: str = "paper"
-    held_out: int = 500         # per-epoch clean / PGD-20 check of `fit` (first images of the JPEG test copy)
+    held_out: int = 500         # per-epoch clean / PGD-20 check of `fit` (first images of the JPEG
+                                # test copy)
     test_images: int = 1000     # the lossless CIFAR-10 test images: clean, PGD-20, CW-20
     autoattack_images: int = 500  # AutoAttack on the first n of them
     autoattack_version: str = "standard"
@@ -103,8 +111,9 @@ class ReferenceConfig:
     def train_config(self, method: str, seed: int) -> train.TrainConfig:
         m = methods.get_method(method)
         params = {"steps": self.steps} if self.steps is not None and "steps" in m.defaults else {}
-        return train.TrainConfig(method=method, target_model=self.target_model, guide_model=self.guide_model,
-                                 dataset="cifar10", subset=self.subset, train_size=self.train_size,
+        return train.TrainConfig(method=method, target_model=self.target_model,
+                                 guide_model=self.guide_model, dataset="cifar10",
+                                 subset=self.subset, train_size=self.train_size,
                                  epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                                  schedule=self.schedule, method_params=params, seed=seed,
                                  held_out=self.held_out).validate()
@@ -115,33 +124,40 @@ class ReferenceConfig:
         out = []
         if self.steps is not None and "steps" in m.defaults and self.steps != m.defaults["steps"]:
             reach = self.steps * m.defaults["step_size"]
-            out.append(f"training attack K = {self.steps} instead of the official {m.defaults['steps']} "
-                       f"(CPU budget); step size unchanged ({m.defaults['step_size']:.4g}, K·step = "
-                       f"{reach:.4g} {'≥' if reach >= m.defaults['eps'] else '<'} ε = {m.defaults['eps']:.4g})")
-        images = f"{self.train_size or 50000} {'JPEG ' if self.subset == 'full' else 'lossless '}training images"
+            out.append(f"training attack K = {self.steps} instead of the official "
+                       f"{m.defaults['steps']} (CPU budget); step size unchanged "
+                       f"({m.defaults['step_size']:.4g}, K·step = {reach:.4g} "
+                       f"{'≥' if reach >= m.defaults['eps'] else '<'} ε = "
+                       f"{m.defaults['eps']:.4g})")
+        images = (f"{self.train_size or 50000} "
+                  f"{'JPEG ' if self.subset == 'full' else 'lossless '}training images")
         out.append(f"{self.epochs} epochs on {images} with the official "
-                   f"schedule scaled (instead of 100 epochs on the 50,000 originals); target {self.target_model}, "
+                   f"schedule scaled (instead of 100 epochs on the 50,000 originals); "
+                   f"target {self.target_model}, "
                    f"guide {self.guide_model} (instead of WRN-34-10 / ResNet-18)")
         if self.autoattack_images < self.test_images:
-            out.append(f"AutoAttack ({self.autoattack_version}) on the first {self.autoattack_images} of the "
-                       f"{self.test_images} test images (CPU budget); PGD-20 and CW-20 on all of them")
+            out.append(f"AutoAttack ({self.autoattack_version}) on the first "
+                       f"{self.autoattack_images} of the {self.test_images} test images "
+                       f"(CPU budget); PGD-20 and CW-20 on all of them")
         return out
 
 
 CONFIGS = {
-    # Sized from measurements (1 thread, small_cnn, batch 128): a training step costs about 1.7 ms per image for
-    # standard, 5.7 for PGD-AT and 7.8 for D2R at K = 5 (9.7 / 11.8 at the official K = 10), so 5 epochs of 20,000
-    # images take 3 / 10 / 13 minutes; with evaluation (AutoAttack on 500 images) the 27 runs need about 7-8
-    # core-hours, under 4 hours on 2 cores. K = 5 keeps every official step size (K·step ≥ ε). Measured: standard
-    # reaches 60.0 % clean (seed 1), below the 65 % aim. `--dry-run --estimate` re-measures on your machine.
+    # Sized from measurements (1 thread, small_cnn, batch 128): a training step costs about 1.7 ms
+    # per image for standard, 5.7 for PGD-AT and 7.8 for D2R at K = 5 (9.7 / 11.8 at the official
+    # K = 10), so 5 epochs of 20,000 images take 3 / 10 / 13 minutes; with evaluation (AutoAttack on
+    # 500 images) the 27 runs need about 7-8 core-hours, under 4 hours on 2 cores. K = 5 keeps every
+    # official step size (K·step ≥ ε). Measured: standard reaches 60.0 % clean (seed 1), below the
+    # 65 % aim. `--dry-run --estimate` re-measures on your machine.
     "reference": ReferenceConfig("reference", train_size=20000, epochs=5, steps=5),
     # the pipeline in seconds (tests): a few batches, a few images
     "tiny": ReferenceConfig("tiny", train_size=64, epochs=1, steps=2, batch_size=32, held_out=16,
-                            test_images=24, autoattack_images=8, autoattack_version="apgd-ce", subset="mini"),
+                            test_images=24, autoattack_images=8, autoattack_version="apgd-ce",
+                            subset="mini"),
 }
 
 
-# --------------------------------------------------------------------------------------------- writing
+# ------------------------------------------------------------------------------------------ writing
 def _write(path: Path, write) -> None:
     """Atomic file write through checkpoint.atomic_write when the library has it."""
     atomic = getattr(checkpoint, "atomic_write", None)
@@ -168,10 +184,10 @@ def _write_json(path: Path, value) -> None:
 def _git_commit() -> str:
     root = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "d2r_lib"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "d2r_lib"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")
@@ -188,7 +204,8 @@ def _versions() -> dict:
 
 
 def _device_info(device: str) -> dict:
-    info = {"device": device, "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+    info = {"device": device, "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
             "processor": platform.processor() or platform.machine()}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -210,12 +227,14 @@ def is_complete(folder: Path) -> bool:
         return False
 
 
-# --------------------------------------------------------------------------------------------- running
+# ------------------------------------------------------------------------------------------ running
 def _evaluate(target, config: ReferenceConfig, partial_path: Path, log) -> tuple[dict, dict]:
-    """Every metric of the protocol, one at a time; finished metrics are kept in `partial_path` (resume)."""
+    """Every metric of the protocol, one at a time; finished metrics are kept in `partial_path`
+    (resume)."""
     test = data.cifar10("test", "mini").subset(config.test_images)
     x, y = test.tensors(next(target.parameters()).device)
-    done = json.loads(partial_path.read_text()) if partial_path.is_file() else {"metrics": {}, "seconds": {}}
+    done = (json.loads(partial_path.read_text()) if partial_path.is_file()
+            else {"metrics": {}, "seconds": {}})
     for metric in METRICS:
         if metric in done["metrics"]:
             continue
@@ -224,7 +243,8 @@ def _evaluate(target, config: ReferenceConfig, partial_path: Path, log) -> tuple
             value = evaluate.accuracy(target, x, y)
         elif metric == "autoattack":
             n = config.autoattack_images
-            value = evaluate.robust_accuracy(target, x[:n], y[:n], "autoattack", seed=EVAL_SEED,
+            value = evaluate.robust_accuracy(target, x[:n], y[:n], "autoattack",
+                                             seed=EVAL_SEED,
                                              autoattack_version=config.autoattack_version)
         else:
             value = evaluate.robust_accuracy(target, x, y, metric, seed=EVAL_SEED)
@@ -233,17 +253,20 @@ def _evaluate(target, config: ReferenceConfig, partial_path: Path, log) -> tuple
         log(f"  {metric}: {100 * value:.2f}% ({done['seconds'][metric]:.0f}s)")
         _write_json(partial_path, done)
     n = config.autoattack_images
-    done["metrics"]["pgd20_on_autoattack_images"] = done["metrics"].get("pgd20_on_autoattack_images")
+    done["metrics"]["pgd20_on_autoattack_images"] = done["metrics"].get(
+        "pgd20_on_autoattack_images")
     if done["metrics"]["pgd20_on_autoattack_images"] is None:
-        done["metrics"]["pgd20_on_autoattack_images"] = evaluate.robust_accuracy(target, x[:n], y[:n], "pgd20",
-                                                                                 seed=EVAL_SEED)
+        done["metrics"]["pgd20_on_autoattack_images"] = evaluate.robust_accuracy(
+            target, x[:n], y[:n], "pgd20", seed=EVAL_SEED)
         _write_json(partial_path, done)
     return done["metrics"], done["seconds"]
 
 
-def run_one(out: str | Path, method: str, seed: int, config: ReferenceConfig = CONFIGS["reference"], *,
+def run_one(out: str | Path, method: str, seed: int,
+            config: ReferenceConfig = CONFIGS["reference"], *,
             device: str = "cpu", log=print) -> Path:
-    """Train (or resume) and evaluate one reference run; write its folder. A complete folder is skipped."""
+    """Train (or resume) and evaluate one reference run; write its folder. A complete folder is
+    skipped."""
     folder = run_dir(Path(out), method, seed)
     if is_complete(folder):
         log(f"{folder.name}: complete, skipped")
@@ -258,20 +281,23 @@ def run_one(out: str | Path, method: str, seed: int, config: ReferenceConfig = C
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / "history.json", result.history)
     state = {k: v.detach().cpu() for k, v in result.target.state_dict().items()}
-    payload = {"kind": "d2r_lib.reference", "method": method, "seed": seed, "target_model": cfg.target_model,
-               "num_classes": 10, "target": state}
+    payload = {"kind": "d2r_lib.reference", "method": method, "seed": seed,
+               "target_model": cfg.target_model, "num_classes": 10, "target": state}
     ckpt = folder / "target.pt"
     checkpoint.save(payload, ckpt)
     if ckpt.stat().st_size > MAX_CHECKPOINT_BYTES:
         ckpt.unlink()
         ckpt = None
     metrics = {**metrics, "eps": 8 / 255, "test_images": config.test_images,
-               "autoattack_images": config.autoattack_images, "autoattack_version": config.autoattack_version,
-               "eval_seed": EVAL_SEED, "test_set": "cifar10/test/mini (lossless test images 0-999)"}
+               "autoattack_images": config.autoattack_images,
+               "autoattack_version": config.autoattack_version,
+               "eval_seed": EVAL_SEED,
+               "test_set": "cifar10/test/mini (lossless test images 0-999)"}
     _write_json(folder / "metrics.json", metrics)
     manifest = {
         "method": method, "seed": seed, "config": dataclasses.asdict(config),
-        "train_config": cfg.as_dict(), "method_params": methods.get_method(method).resolve(**cfg.method_params),
+        "train_config": cfg.as_dict(),
+        "method_params": methods.get_method(method).resolve(**cfg.method_params),
         "deviations": config.deviations(method), "commit": _git_commit(), "versions": _versions(),
         **_device_info(device),
         "seconds": {"train": round(train_seconds, 1), "evaluate": eval_seconds,
@@ -283,13 +309,16 @@ def run_one(out: str | Path, method: str, seed: int, config: ReferenceConfig = C
     return folder
 
 
-def estimate(config: ReferenceConfig, method_names=METHODS, *, device: str = "cpu") -> dict[str, float]:
-    """Projected seconds of one run of each method on this machine (1 thread for CPU): a training step measured
-    with `costmodel.measure_step` at the configuration's K, and PGD-20 measured with `costmodel.measure_pgd` for
-    the per-epoch checks, PGD-20 / CW-20 and (roughly, AUTOATTACK_STEPS_PER_IMAGE) AutoAttack. Chapter 9's cost
-    model; takes a few seconds per method."""
+def estimate(config: ReferenceConfig, method_names=METHODS, *,
+             device: str = "cpu") -> dict[str, float]:
+    """Projected seconds of one run of each method on this machine (1 thread for CPU): a training
+    step measured with `costmodel.measure_step` at the configuration's K, and PGD-20 measured with
+    `costmodel.measure_pgd` for the per-epoch checks, PGD-20 / CW-20 and (roughly,
+    AUTOATTACK_STEPS_PER_IMAGE) AutoAttack. Chapter 9's cost model; takes a few seconds per
+    method."""
     from . import costmodel
-    pgd_step = costmodel.measure_pgd(config.target_model, steps=20, batch_size=128, device=device) / 20
+    pgd_step = costmodel.measure_pgd(config.target_model, steps=20, batch_size=128,
+                                     device=device) / 20
     images = (config.train_size or 50000) * config.epochs
     checks = pgd_step * (20 * config.held_out * config.epochs + 40 * config.test_images
                          + AUTOATTACK_STEPS_PER_IMAGE * config.autoattack_images)
@@ -297,11 +326,13 @@ def estimate(config: ReferenceConfig, method_names=METHODS, *, device: str = "cp
     for name in method_names:
         m = methods.get_method(name)
         steps = config.steps if "steps" in m.defaults else None
-        step = costmodel.measure_step(name, config.target_model, config.guide_model, steps=steps,
-                                      batch_size=config.batch_size, device=device, repeats=2)
-        out[name] = step * images + (checks if name != "standard" else
-                                     pgd_step * (20 * config.held_out * config.epochs + 40 * config.test_images
-                                                 + 100 * config.autoattack_images))
+        step = costmodel.measure_step(name, config.target_model, config.guide_model,
+                                      steps=steps, batch_size=config.batch_size, device=device,
+                                      repeats=2)
+        out[name] = step * images + (
+            checks if name != "standard" else
+            pgd_step * (20 * config.held_out * config.epochs + 40 * config.test_images
+                        + 100 * config.autoattack_images))
     return out
 
 
@@ -310,9 +341,11 @@ def plan(out: str | Path, method_names=METHODS, seeds=SEEDS) -> list[tuple[str, 
     return [(m, s, is_complete(run_dir(Path(out), m, s))) for m in method_names for s in seeds]
 
 
-def run(out: str | Path, method_names=METHODS, seeds=SEEDS, config: ReferenceConfig = CONFIGS["reference"], *,
+def run(out: str | Path, method_names=METHODS, seeds=SEEDS,
+        config: ReferenceConfig = CONFIGS["reference"], *,
         device: str = "cpu", log=print) -> list[Path]:
-    """Every (method, seed) run, seed-major so that each seed finishes all methods before the next starts."""
+    """Every (method, seed) run, seed-major so that each seed finishes all methods before the next
+    starts."""
     for name in method_names:
         methods.get_method(name)
     for seed in seeds:
@@ -322,9 +355,10 @@ def run(out: str | Path, method_names=METHODS, seeds=SEEDS, config: ReferenceCon
 
 def per_epoch_validation(cfg: train.TrainConfig, x_val, y_val, *, device: str = "cpu",
                          log=lambda *a, **k: None) -> tuple[train.TrainResult, list[float]]:
-    """Train `cfg` one epoch per `fit` call and, after each epoch, measure PGD-20 accuracy on a validation set
-    the training never sees; both are kept in the checkpoint cache. Chapter 8 (robust overfitting, picking
-    the epoch). Returns the finished run and the validation curve (one value per epoch)."""
+    """Train `cfg` one epoch per `fit` call and, after each epoch, measure PGD-20 accuracy on a
+    validation set the training never sees; both are kept in the checkpoint cache. Chapter 8 (robust
+    overfitting, picking the epoch). Returns the finished run and the validation curve (one value
+    per epoch)."""
     folder = train.cache_path(cfg)
     curve_path, history_path = folder / "validation.json", folder / "history.json"
     curve = json.loads(curve_path.read_text()) if curve_path.is_file() else []
@@ -333,18 +367,21 @@ def per_epoch_validation(cfg: train.TrainConfig, x_val, y_val, *, device: str = 
     if trained != len(curve):  # a cached run without its validation curve: train it afresh
         curve, resume = [], "never"
     while True:
-        result = train.fit(cfg, folder, device=device, progress=False, log=log, resume=resume, max_epochs=1)
+        result = train.fit(cfg, folder, device=device, progress=False, log=log, resume=resume,
+                           max_epochs=1)
         resume = "auto"
         if len(curve) < len(result.history):
-            curve.append(evaluate.robust_accuracy(result.target, x_val, y_val, "pgd20", seed=EVAL_SEED))
+            curve.append(evaluate.robust_accuracy(result.target, x_val, y_val, "pgd20",
+                                                  seed=EVAL_SEED))
             _write_json(curve_path, curve)
         if len(result.history) >= cfg.epochs:
             return result, curve
 
 
-# --------------------------------------------------------------------------------------------- reading
+# ------------------------------------------------------------------------------------------ reading
 def load(folder: str | Path) -> list[dict]:
-    """Every complete run under `folder`: dicts with method, seed, metrics, history, manifest, checkpoint.
+    """Every complete run under `folder`: dicts with method, seed, metrics, history, manifest,
+    checkpoint.
 
     A run folder with missing files raises (a half-written run is never read as a result)."""
     folder = Path(folder)
@@ -353,13 +390,16 @@ def load(folder: str | Path) -> list[dict]:
         return runs
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if not is_complete(sub):
-            raise ValueError(f"{sub} is not a complete reference run (needs {', '.join(FILES)} and a manifest "
-                             f"with complete=true); finish it with `python -m d2r_lib.reference run` or remove it")
+            raise ValueError(f"{sub} is not a complete reference run (needs {', '.join(FILES)} "
+                             f"and a manifest with complete=true); finish it with "
+                             f"`python -m d2r_lib.reference run` or remove it")
         manifest = json.loads((sub / "manifest.json").read_text())
         ckpt = sub / manifest["checkpoint"] if manifest.get("checkpoint") else None
         runs.append({"folder": sub, "method": manifest["method"], "seed": manifest["seed"],
-                     "manifest": manifest, "metrics": json.loads((sub / "metrics.json").read_text()),
-                     "history": json.loads((sub / "history.json").read_text()), "checkpoint": ckpt})
+                     "manifest": manifest,
+                     "metrics": json.loads((sub / "metrics.json").read_text()),
+                     "history": json.loads((sub / "history.json").read_text()),
+                     "checkpoint": ckpt})
     return runs
 
 
@@ -377,7 +417,8 @@ def load_target(run_record: dict, device: str = "cpu"):
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     mean = sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
+    sd = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+          if len(values) > 1 else float("nan"))
     return mean, sd
 
 
@@ -422,31 +463,33 @@ def paired(runs: list[dict], method: str = PREREGISTERED["method"],
            level: float = PREREGISTERED["level"]) -> list[dict]:
     """Per-seed paired differences `method` − baseline (seeds both have), mean, sd and a t-interval.
 
-    One row per (baseline, metric). With fewer than 2 common seeds the interval is NaN (and `n` says why)."""
+    One row per (baseline, metric). With fewer than 2 common seeds the interval is NaN (and `n` says
+    why)."""
     by = {(r["method"], r["seed"]): r["metrics"] for r in runs}
     rows = []
     for base in baselines:
         seeds = sorted(s for (m, s) in by if m == method and (base, s) in by)
         for metric in metrics:
             diffs = [by[(method, s)][metric] - by[(base, s)][metric] for s in seeds]
-            row = {"method": method, "baseline": base, "metric": metric, "n": len(seeds), "seeds": seeds,
-                   "differences": diffs, "level": level}
+            row = {"method": method, "baseline": base, "metric": metric, "n": len(seeds),
+                   "seeds": seeds, "differences": diffs, "level": level}
             if len(diffs) >= 2:
                 mean, sd = _mean_sd(diffs)
                 half = t_quantile(0.5 + level / 2, len(diffs) - 1) * sd / math.sqrt(len(diffs))
                 row.update(mean=mean, sd=sd, low=mean - half, high=mean + half)
             else:
-                row.update(mean=diffs[0] if diffs else float("nan"), sd=float("nan"), low=float("nan"),
-                           high=float("nan"))
+                row.update(mean=diffs[0] if diffs else float("nan"), sd=float("nan"),
+                           low=float("nan"), high=float("nan"))
             rows.append(row)
     return rows
 
 
-# ------------------------------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------------------------------- CLI
 def _names(values, allowed, flag) -> list:
     for v in values:
         if v not in allowed:
-            raise ValueError(f"{flag} {v!r} is not allowed; choose from {', '.join(map(str, allowed))}")
+            raise ValueError(f"{flag} {v!r} is not allowed; "
+                             f"choose from {', '.join(map(str, allowed))}")
     return list(values)
 
 
@@ -454,15 +497,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m d2r_lib.reference", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="train and evaluate the reference runs (resumable, skips complete ones)")
-    p.add_argument("--out", type=Path, required=True, help="folder of the run folders, e.g. book/reference")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), help="methods (default: all nine)")
-    p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="seeds (default: 0 1 2)")
+    p = sub.add_parser("run", help="train and evaluate the reference runs (resumable, skips "
+                                   "complete ones)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder of the run folders, e.g. book/reference")
+    p.add_argument("--methods", nargs="+", default=list(METHODS),
+                   help="methods (default: all nine)")
+    p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS),
+                   help="seeds (default: 0 1 2)")
     p.add_argument("--config", default="reference", help=f"one of {', '.join(CONFIGS)}")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dry-run", action="store_true", help="print what would run, train nothing")
     p.add_argument("--estimate", action="store_true",
-                   help="with --dry-run: measure step costs here and project the hours of the runs to do")
+                   help="with --dry-run: measure step costs here and project the hours of the "
+                        "runs to do")
     args = parser.parse_args(argv)
     try:
         method_names = _names(args.methods, METHODS, "--methods")
@@ -472,9 +520,11 @@ def main(argv=None) -> int:
         _names([args.config], list(CONFIGS), "--config")
         _names([args.device], ["cpu", "cuda"], "--device")
         if args.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+            raise ValueError("--device cuda was asked for but no CUDA GPU is available; "
+                             "use --device cpu")
         if args.estimate and not args.dry_run:
-            raise ValueError("--estimate only works with --dry-run (it measures, it does not train)")
+            raise ValueError("--estimate only works with --dry-run (it measures, it does not "
+                             "train)")
         if args.out.exists() and not args.out.is_dir():
             raise ValueError(f"--out {args.out} is a file; give a folder")
     except ValueError as err:
@@ -488,12 +538,14 @@ def main(argv=None) -> int:
         for m, s, done in todo:
             print(f"{'complete' if done else 'to run':>9}  {run_dir(args.out, m, s)}")
         if args.estimate:
-            per_run = estimate(config, sorted({m for m, _, done in todo if not done}), device=args.device)
+            per_run = estimate(config, sorted({m for m, _, done in todo if not done}),
+                               device=args.device)
             total = sum(per_run[m] for m, _, done in todo if not done)
             for name, seconds in per_run.items():
-                print(f"projected {name:<16}{seconds / 60:6.1f} min per run (1 thread, measured now)")
-            print(f"projected total {total / 3600:.1f} h of one core; with two processes on two cores about "
-                  f"{total / 7200:.1f} h")
+                print(f"projected {name:<16}{seconds / 60:6.1f} min per run "
+                      f"(1 thread, measured now)")
+            print(f"projected total {total / 3600:.1f} h of one core; with two processes on two "
+                  f"cores about {total / 7200:.1f} h")
         return 0
     torch.set_flush_denormal(True)
     run(args.out, method_names, args.seeds, config, device=args.device)

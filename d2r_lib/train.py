@@ -90,7 +90,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         method = methods.get_method(self.method)
         validate.choice("target_model", self.target_model, models.MODELS)
         if method.uses_guide:

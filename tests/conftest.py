@@ -1,4 +1,5 @@
-"""Shared fixtures: a small model trained on the synthetic set, and the offline data bundle's location."""
+"""Shared fixtures: a small model trained on the synthetic set, and the offline data bundle's
+location."""
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def shared_data():
     if not (SHARED_DATA / "cifar10_test_1000.npz").exists():
-        pytest.skip(f"offline data bundle not found at {SHARED_DATA} (expected ../shared/data beside the checkout)")
+        pytest.skip(f"offline data bundle not found at {SHARED_DATA} "
+                    "(expected ../shared/data beside the checkout)")
     return SHARED_DATA
 
 
@@ -24,7 +26,8 @@ def synthetic_xy():
 
 @pytest.fixture(scope="session")
 def trained_cnn(synthetic_xy):
-    """small_cnn trained with plain CE on the synthetic set (clean accuracy near 100 %), in eval mode."""
+    """small_cnn trained with plain CE on the synthetic set (clean accuracy near 100 %), in eval
+    mode."""
     torch.manual_seed(0)
     x, y = synthetic_xy
     model = models.build_model("small_cnn")

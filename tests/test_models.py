@@ -7,7 +7,8 @@ from d2r_lib import models
 @pytest.mark.parametrize("name,classes,count", [
     ("wrn34_10", 10, 46_160_474), ("wrn34_10", 100, 46_218_164),
     ("resnet18", 10, 11_173_962), ("resnet18", 100, 11_220_132),
-    ("resnet18_standard", 10, 11_173_962), ("preact_resnet18", 10, 11_171_146), ("small_cnn", 10, 35_962),
+    ("resnet18_standard", 10, 11_173_962), ("preact_resnet18", 10, 11_171_146),
+    ("small_cnn", 10, 35_962),
 ])
 def test_parameter_counts(name, classes, count):
     assert models.count_parameters(models.build_model(name, classes)) == count

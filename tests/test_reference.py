@@ -1,4 +1,5 @@
-"""The reference runs: the pipeline end to end (tiny), skip and resume, the statistics, and the shipped runs."""
+"""The reference runs: the pipeline end to end (tiny), skip and resume, the statistics, and the
+shipped runs."""
 from __future__ import annotations
 
 import json
@@ -20,19 +21,20 @@ def cache(tmp_path, monkeypatch):
 
 
 def _run(out, *extra):
-    return reference.main(["run", "--out", str(out), "--methods", "pgd_at", "--seeds", "3", "--config", "tiny",
-                           *extra])
+    return reference.main(["run", "--out", str(out), "--methods", "pgd_at", "--seeds", "3",
+                           "--config", "tiny", *extra])
 
 
 def test_tiny_run_writes_a_complete_folder(tmp_path, cache):
     out = tmp_path / "ref"
     assert _run(out) == 0
     folder = out / "pgd_at-seed3"
-    assert sorted(p.name for p in folder.iterdir()) == ["history.json", "manifest.json", "metrics.json",
-                                                       "target.pt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["history.json", "manifest.json",
+                                                       "metrics.json", "target.pt"]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["method"] == "pgd_at" and manifest["seed"] == 3 and manifest["complete"] is True
-    assert manifest["train_config"]["seed"] == 3 and manifest["train_config"]["method_params"] == {"steps": 2}
+    assert manifest["train_config"]["seed"] == 3
+    assert manifest["train_config"]["method_params"] == {"steps": 2}
     assert manifest["method_params"] == {"eps": 8 / 255, "step_size": 2 / 255, "steps": 2}
     assert manifest["config"]["name"] == "tiny"
     assert len(manifest["commit"]) >= 40 or manifest["commit"] == "unknown"
@@ -42,7 +44,8 @@ def test_tiny_run_writes_a_complete_folder(tmp_path, cache):
     assert any("K = 2 instead of the official 10" in d for d in manifest["deviations"])
     metrics = json.loads((folder / "metrics.json").read_text())
     assert set(reference.METRICS) <= set(metrics)
-    assert metrics["test_images"] == TINY.test_images and metrics["autoattack_images"] == TINY.autoattack_images
+    assert metrics["test_images"] == TINY.test_images
+    assert metrics["autoattack_images"] == TINY.autoattack_images
     assert all(0 <= metrics[m] <= 1 for m in reference.METRICS)
     history = json.loads((folder / "history.json").read_text())
     assert [r["epoch"] for r in history] == [1]
@@ -85,8 +88,9 @@ def test_resume_after_an_interruption(tmp_path, cache, monkeypatch, capsys):
     capsys.readouterr()
     _run(out)
     log = capsys.readouterr().out
-    assert "loaded the finished run" in log          # training is not repeated
-    assert calls.count("pgd20") == 1                   # only PGD-20 on the AutoAttack images, the one not yet done
+    assert "loaded the finished run" in log  # training is not repeated
+    # only PGD-20 on the AutoAttack images, the one not yet done
+    assert calls.count("pgd20") == 1
     assert calls.count("cw20") == 1 and calls.count("autoattack") == 1
     assert reference.is_complete(folder)
 
@@ -112,8 +116,8 @@ def test_dry_run_lists_the_runs_and_trains_nothing(tmp_path, capsys):
 
 
 def test_estimate_projects_every_run_to_do(tmp_path, capsys):
-    argv = ["run", "--out", str(tmp_path / "ref"), "--config", "tiny", "--methods", "standard", "pgd_at",
-            "--seeds", "0", "1", "--dry-run", "--estimate"]
+    argv = ["run", "--out", str(tmp_path / "ref"), "--config", "tiny", "--methods", "standard",
+            "pgd_at", "--seeds", "0", "1", "--dry-run", "--estimate"]
     assert reference.main(argv) == 0
     text = capsys.readouterr().out
     assert "projected standard" in text and "projected pgd_at" in text and "projected total" in text
@@ -121,19 +125,20 @@ def test_estimate_projects_every_run_to_do(tmp_path, capsys):
     assert set(per_run) == {"standard", "pgd_at"} and 0 < per_run["standard"] < per_run["pgd_at"]
 
 
-# ------------------------------------------------------------------------------------------- statistics
+# --------------------------------------------------------------------------------------- statistics
 def _fake(root: Path, method: str, seed: int, **metrics):
     folder = root / f"{method}-seed{seed}"
     folder.mkdir(parents=True)
     full = {m: 0.5 for m in reference.METRICS} | metrics
     (folder / "metrics.json").write_text(json.dumps(full))
     (folder / "history.json").write_text("[]")
-    (folder / "manifest.json").write_text(json.dumps({"method": method, "seed": seed, "complete": True,
-                                                      "checkpoint": None}))
+    (folder / "manifest.json").write_text(json.dumps({"method": method, "seed": seed,
+                                                      "complete": True, "checkpoint": None}))
 
 
 def test_t_quantile_matches_tables():
-    for df, expected in ((1, 12.706205), (2, 4.302653), (4, 2.776445), (10, 2.228139), (29, 2.045230)):
+    for df, expected in ((1, 12.706205), (2, 4.302653), (4, 2.776445), (10, 2.228139),
+                         (29, 2.045230)):
         assert reference.t_quantile(0.975, df) == pytest.approx(expected, abs=1e-5)
     with pytest.raises(ValueError, match="df"):
         reference.t_quantile(0.975, 0)
@@ -145,15 +150,17 @@ def test_load_summary_paired_by_hand(tmp_path):
         _fake(tmp_path, "pgd_at", seed, autoattack=p, clean=0.6)
     _fake(tmp_path, "trades", 0, autoattack=0.25)
     runs = reference.load(tmp_path)
-    assert [(r["method"], r["seed"]) for r in runs] == [("d2r", 0), ("d2r", 1), ("d2r", 2), ("pgd_at", 0),
-                                                        ("pgd_at", 1), ("pgd_at", 2), ("trades", 0)]
+    assert [(r["method"], r["seed"]) for r in runs] == [("d2r", 0), ("d2r", 1), ("d2r", 2),
+                                                        ("pgd_at", 0), ("pgd_at", 1), ("pgd_at", 2),
+                                                        ("trades", 0)]
     table = reference.summary(runs)
     assert list(table) == ["pgd_at", "trades", "d2r"]  # the registry's order
     assert table["d2r"]["n"] == 3 and table["d2r"]["seeds"] == [0, 1, 2]
     mean, sd = table["d2r"]["autoattack"]
     assert mean == pytest.approx(0.32) and sd == pytest.approx(0.02)
     assert table["trades"]["n"] == 1 and math.isnan(table["trades"]["autoattack"][1])
-    rows = {(r["baseline"], r["metric"]): r for r in reference.paired(runs, baselines=("pgd_at", "trades"))}
+    rows = {(r["baseline"], r["metric"]): r
+            for r in reference.paired(runs, baselines=("pgd_at", "trades"))}
     aa = rows[("pgd_at", "autoattack")]
     assert aa["n"] == 3 and aa["differences"] == pytest.approx([0.02, 0.01, 0.04])
     assert aa["mean"] == pytest.approx(0.023333333333333334)
@@ -161,7 +168,8 @@ def test_load_summary_paired_by_hand(tmp_path):
     assert aa["low"] == pytest.approx(-0.014612497002635134, abs=1e-7)
     assert aa["high"] == pytest.approx(0.061279163669301806, abs=1e-7)
     clean = rows[("pgd_at", "clean")]
-    assert clean["mean"] == pytest.approx(0.01) and clean["low"] == pytest.approx(0.01 - 4.302653 * 0.01 / 3 ** .5)
+    assert clean["mean"] == pytest.approx(0.01)
+    assert clean["low"] == pytest.approx(0.01 - 4.302653 * 0.01 / 3 ** .5)
     one = rows[("trades", "autoattack")]
     assert one["n"] == 1 and one["mean"] == pytest.approx(0.05) and math.isnan(one["low"])
 
@@ -172,7 +180,8 @@ def test_preregistered_comparisons_are_fixed():
     assert p["baselines"] == ("pgd_at", "trades", "mart", "lbgat")
     assert p["ablations"] == ("d2r_no_clean", "d2r_no_adv", "d2r_trades_gen")
     rows = reference.paired([], metrics=reference.METRICS)
-    assert len(rows) == 7 * len(reference.METRICS)  # default: every baseline and ablation, every metric
+    # default: every baseline and ablation, every metric
+    assert len(rows) == 7 * len(reference.METRICS)
 
 
 def test_load_refuses_a_half_written_run(tmp_path):
@@ -182,11 +191,12 @@ def test_load_refuses_a_half_written_run(tmp_path):
         reference.load(tmp_path)
 
 
-# ----------------------------------------------------------------------------------------- shipped runs
+# ------------------------------------------------------------------------------------- shipped runs
 def test_shipped_runs_reproduce_their_metrics():
     """Every shipped checkpoint's clean accuracy, and PGD-20 of two robust runs, re-evaluated.
 
-    With nothing shipped, nothing may claim a result: no run folder and no metrics file under book/reference."""
+    With nothing shipped, nothing may claim a result: no run folder and no metrics file under
+    book/reference."""
     folders = sorted(p for p in SHIPPED.iterdir() if p.is_dir()) if SHIPPED.is_dir() else []
     runs = reference.load(SHIPPED)  # raises on any half-written folder
     assert len(runs) == len(folders)
@@ -198,7 +208,8 @@ def test_shipped_runs_reproduce_their_metrics():
     for run in runs:
         n = run["metrics"]["test_images"]
         x, y = test.subset(n).tensors()
-        assert run["checkpoint"] is not None and run["checkpoint"].is_file(), f"{run['folder']} ships no weights"
+        assert run["checkpoint"] is not None and run["checkpoint"].is_file(), (
+            f"{run['folder']} ships no weights")
         model = reference.load_target(run)
         assert abs(evaluate.accuracy(model, x, y) - run["metrics"]["clean"]) <= 1 / n, run["folder"]
         checked += 1
@@ -208,19 +219,22 @@ def test_shipped_runs_reproduce_their_metrics():
     for run in robust:
         n = run["metrics"]["test_images"]
         x, y = test.subset(n).tensors()
-        pgd = evaluate.robust_accuracy(reference.load_target(run), x, y, "pgd20", seed=run["metrics"]["eval_seed"])
+        pgd = evaluate.robust_accuracy(reference.load_target(run), x, y, "pgd20",
+                                       seed=run["metrics"]["eval_seed"])
         assert abs(pgd - run["metrics"]["pgd20"]) <= 2 / n, run["folder"]
 
 
-def test_per_epoch_validation_records_one_value_per_epoch_and_is_cached(tmp_path, cache, monkeypatch):
+def test_per_epoch_validation_records_one_value_per_epoch_and_is_cached(tmp_path, cache,
+                                                                        monkeypatch):
     from d2r_lib import train
-    cfg = train.TrainConfig(method="pgd_at", subset="mini", train_size=32, epochs=2, batch_size=16, held_out=8,
-                            method_params={"steps": 1}, seed=0)
+    cfg = train.TrainConfig(method="pgd_at", subset="mini", train_size=32, epochs=2, batch_size=16,
+                            held_out=8, method_params={"steps": 1}, seed=0)
     val = data.cifar10("train", "mini").subset(positions=list(range(4000, 4008)))
     x_val, y_val = val.tensors()
     result, curve = reference.per_epoch_validation(cfg, x_val, y_val)
     assert len(curve) == len(result.history) == 2 and all(0 <= v <= 1 for v in curve)
-    assert curve[-1] == evaluate.robust_accuracy(result.target, x_val, y_val, "pgd20", seed=reference.EVAL_SEED)
+    assert curve[-1] == evaluate.robust_accuracy(result.target, x_val, y_val, "pgd20",
+                                                 seed=reference.EVAL_SEED)
     calls = []
     monkeypatch.setattr(evaluate, "robust_accuracy", lambda *a, **k: calls.append(a) or 0.0)
     again, curve_again = reference.per_epoch_validation(cfg, x_val, y_val)

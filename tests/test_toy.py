@@ -76,17 +76,19 @@ def test_train_is_deterministic_and_validates():
     with pytest.raises(ValueError, match="method must be one of"):
         toy.train("nope", epochs=1)
     with pytest.raises(ValueError, match="shape \\(n, 2, 1, 1\\)"):
-        toy.train("standard", epochs=1, data=(torch.rand(8, 3, 1, 1), torch.zeros(8, dtype=torch.long)))
+        toy.train("standard", epochs=1,
+                  data=(torch.rand(8, 3, 1, 1), torch.zeros(8, dtype=torch.long)))
 
 
 def test_fgsm_method_without_and_with_random_start():
     x, y = TEST
     model = toy.mlp(8).eval()
-    plain = methods.make_adversarial(toy.fgsm_method(False), model, None, x, y, eps=0.1, step_size=0.1, steps=1)
+    plain = methods.make_adversarial(toy.fgsm_method(False), model, None, x, y, eps=0.1,
+                                     step_size=0.1, steps=1)
     torch.testing.assert_close(plain, attacks.fgsm(model, x, y, eps=0.1))
     torch.manual_seed(0)
-    started = methods.make_adversarial(toy.fgsm_method(True), model, None, x, y, eps=0.1, step_size=0.125,
-                                       steps=1)
+    started = methods.make_adversarial(toy.fgsm_method(True), model, None, x, y, eps=0.1,
+                                       step_size=0.125, steps=1)
     assert not torch.equal(started, plain)
     assert (started - x).abs().max() <= 0.1 + 1e-6
     run = toy.train(toy.fgsm_method(True), seed=0, epochs=1, eps=0.1, step_size=0.125, steps=1)
@@ -107,7 +109,7 @@ def test_exact_below_pgd_below_clean(standard_run):
     pgd = toy.pgd_accuracy(model, x, y, toy.EPS)
     exact = toy.exact_robust_accuracy(model, x, y, toy.EPS, grid=41)
     assert exact <= pgd <= clean
-    assert exact < clean                      # the standard model is not robust at EPS on these points
+    assert exact < clean  # the standard model is not robust at EPS on these points
     assert toy.exact_robust_accuracy(model, x, y, 0.0, grid=5) == pytest.approx(clean)
 
 
@@ -125,7 +127,8 @@ def _brute_force(model, xy, label, eps, grid):
     """One point at a time, two nested loops over a grid × grid lattice of its ball."""
     ticks = torch.linspace(-eps, eps, grid).tolist()
     for dx in ticks:
-        batch = torch.tensor([[min(max(xy[0] + dx, 0.0), 1.0), min(max(xy[1] + dy, 0.0), 1.0)] for dy in ticks])
+        batch = torch.tensor([[min(max(xy[0] + dx, 0.0), 1.0), min(max(xy[1] + dy, 0.0), 1.0)]
+                              for dy in ticks])
         if (model(batch.view(-1, 2, 1, 1)).argmax(1) != label).any():
             return False
     return True
@@ -140,7 +143,8 @@ def test_dense_check_agrees_with_a_finer_brute_force(standard_run):
         margin = model(x).softmax(1).gather(1, y[:, None]).squeeze(1)
     chosen = torch.argsort((margin - 0.9).abs())[:12]
     with torch.no_grad():
-        brute = torch.tensor([_brute_force(model, toy.points(x[i:i + 1])[0].tolist(), y[i].item(), toy.EPS, 121)
+        brute = torch.tensor([_brute_force(model, toy.points(x[i:i + 1])[0].tolist(), y[i].item(),
+                                           toy.EPS, 121)
                               for i in chosen])
     assert brute.any() and not brute.all()
     assert torch.equal(mask[chosen], brute)
@@ -149,7 +153,8 @@ def test_dense_check_agrees_with_a_finer_brute_force(standard_run):
 def test_finer_lattice_only_removes_robust_points(standard_run):
     x, y = TEST
     coarse = toy.robust_mask(standard_run.target, x, y, toy.EPS, grid=11)
-    fine = toy.robust_mask(standard_run.target, x, y, toy.EPS, grid=21)   # contains every coarse point
+    # the fine lattice contains every coarse point
+    fine = toy.robust_mask(standard_run.target, x, y, toy.EPS, grid=21)
     assert not (fine & ~coarse).any()
 
 
@@ -171,7 +176,8 @@ def test_evaluate_terms_matches_compute_terms():
     with attacks.eval_mode(run.target, run.guide):
         x_adv = attacks.cag(run.target, run.guide, x, **run.params)
         with torch.no_grad():
-            expected = methods.compute_terms("d2r", run.target, run.guide, x, x_adv, y, **run.params)
+            expected = methods.compute_terms("d2r", run.target, run.guide, x, x_adv, y,
+                                             **run.params)
     assert terms == {k: v.item() for k, v in expected.items()}
     assert set(terms) >= {"ce", "mse", "clean", "adv", "loss"}
 
@@ -181,7 +187,8 @@ def test_plots_return_figures(standard_run):
     x, y = TEST
     guided = toy.train("lbgat", seed=0, epochs=1)
     figs = [
-        toy.plot_regions({"a": standard_run.target, "b": guided.guide}, x, y, resolution=20, title="t"),
+        toy.plot_regions({"a": standard_run.target, "b": guided.guide}, x, y, resolution=20,
+                         title="t"),
         toy.plot_arrows(standard_run.target, x[:5], y[:5], {"PGD": x[:5].clone(), "other": x[5:10]},
                         eps=toy.EPS, resolution=20, background={"other": guided.guide}),
         toy.plot_target_vs_guide({"lbgat": guided, "standard": standard_run}, x, y, resolution=20),

@@ -4,8 +4,8 @@ Also the wrong-variant attacks that recognise common mistakes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -157,7 +157,7 @@ def run_attack_check(spec: AttackSpec, fn) -> None:
             calls = {r: [] for r in mods}
             hooks = [
                 m.register_forward_pre_hook(
-                    lambda mod, inp, r=r: calls[r].append(torch.is_grad_enabled())
+                    lambda mod, inp, r=r, calls=calls: calls[r].append(torch.is_grad_enabled())
                 )
                 for r, m in mods.items()
             ]

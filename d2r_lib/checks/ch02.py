@@ -106,7 +106,10 @@ def check_robust_accuracy(fn) -> None:
             model, x, y = eval_setup(2100 + i, b)
             torch.manual_seed(2150 + i)
             out = eval_common(
-                task, lambda m: call_learner(task, fn, m, x.clone(), y.clone(), **k), model, mode
+                task,
+                lambda m, x=x, y=y, k=k: call_learner(task, fn, m, x.clone(), y.clone(), **k),
+                model,
+                mode,
             )
             got = as_float(task, out)
             runs = []  # the library's PGD under several random starts: any correct PGD lands here

@@ -126,7 +126,7 @@ def check_guide_reference(fn) -> None:
             modes, bn = mode_flags(mods["guide"]), bn_state(mods["guide"])
             calls = []
             h = mods["guide"].register_forward_pre_hook(
-                lambda m, inp: calls.append(torch.is_grad_enabled())
+                lambda m, inp, calls=calls: calls.append(torch.is_grad_enabled())
             )
             try:
                 out = call_learner(task, fn, mods["guide"], x.clone())

@@ -44,7 +44,7 @@ def check_accuracy(fn) -> None:
             model, x, y = eval_setup(2000 + i, b)
             grad_calls = []
 
-            def call(m):
+            def call(m, x=x, y=y, grad_calls=grad_calls):
                 h = m.register_forward_pre_hook(
                     lambda mod, inp: grad_calls.append(torch.is_grad_enabled())
                 )
@@ -98,7 +98,7 @@ def check_eps_sweep(fn) -> None:
             log = []
             out = eval_common(
                 task,
-                lambda m: call_learner(
+                lambda m, x=x, y=y, log=log, eps_values=eps_values: call_learner(
                     task, fn, m, x.clone(), y.clone(), _recording_attack(log), list(eps_values)
                 ),
                 model,
@@ -130,7 +130,7 @@ def check_eps_sweep(fn) -> None:
                     "values "
                     f"are {[round(e, 5) for e in eps_values]}, in that order",
                 )
-            for j, (m, xx, _) in enumerate(log):
+            for _, xx, _ in log:
                 if not torch.equal(xx, x):
                     fail(
                         task,
@@ -172,7 +172,7 @@ def check_transfer_accuracy(fn) -> None:
             src = copy.deepcopy(source).eval()
             out = eval_common(
                 task,
-                lambda m: call_learner(
+                lambda m, src=src, x=x, y=y, log=log, eps=eps: call_learner(
                     task, fn, src, m, x.clone(), y.clone(), _recording_attack(log), eps
                 ),
                 target,

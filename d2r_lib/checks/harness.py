@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

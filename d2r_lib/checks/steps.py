@@ -286,7 +286,7 @@ def _run_step_check(task: str, method: str, fn) -> None:
                 k["beta"] = beta
             lr = 0.05
 
-            def fresh():
+            def fresh(base_t=base_t, base_g=base_g, junk=junk, lr=lr):
                 t = copy.deepcopy(base_t).train()
                 gg = copy.deepcopy(base_g).train() if base_g is not None else None
                 for p, j in zip(
@@ -335,7 +335,7 @@ def _run_step_check(task: str, method: str, fn) -> None:
                         if close(got, v, 1e-4, 1e-5) and not close(v, want, 1e-4, 1e-5):
                             fail(task, message)
             if same_x_adv and not close(got, want, 1e-4, 1e-5):
-                for message, attack, loss_fn in _step_variants(method):
+                for message, _attack, loss_fn in _step_variants(method):
                     t_v, g_v, _ = fresh()
                     v = _loss_value(t_v, g_v, x, x_ref, y, k, loss_fn)
                     if close(got, v, 1e-4, 1e-5) and not close(v, want, 1e-4, 1e-5):
