@@ -1,17 +1,13 @@
-"""`d2r bench`: how fast training runs on this machine, against the official code, the floor and the peak.
+"""`d2r bench`: how fast training runs here, against the official code, the floor and the peak.
 
-Chapter 9 uses it. For each target:guide pair, in one interleaved run (every candidate timed once per round,
-the fastest of the rounds kept, so that load from other work hits all candidates alike):
-
-- ours: `methods.train_step` for every method of the registry (on the first pair; D2R on the others);
-- official: the official D2R step's cost structure (`official_d2r_step`: the guide's forward pass on x
-  recomputed with a graph inside every attack step, three separate forward passes, fp32);
-- the floor: the summed time of only the passes a step needs (one gradient-free reference pass, K target
-  forward + backward-to-input passes, the training forward/backward, the SGD update), and the machine's
-  peak (`peak_flops`, a large fp32 matmul) with the step's FLOP count from `costmodel`;
-- `train.fit` images/s against the step alone, PGD-20 evaluation images/s, peak memory, the fast paths of
-  `fast` (BatchNorm folding, inference mode), and scaling tables (`scaling_table`: images/s against batch
-  size and against K; `costmodel.fit` reads its `steps` and `seconds_per_image` columns).
+Chapter 9 uses it. Per target:guide pair, in one interleaved run (each candidate timed once per
+round, the fastest round kept, so load from other work hits all candidates alike): ours
+(`methods.train_step`, every method on the first pair, D2R on the others); official
+(`official_d2r_step`); the floor (the summed time of only the passes a step needs: one gradient-free
+reference pass, K target forward + backward-to-input passes, the training forward/backward, the SGD
+update) and the fp32 peak (`peak_flops`) against the step's FLOPs (`step_flops`, from `costmodel`).
+Then `train.fit` against the step alone, PGD-20 evaluation, peak memory, the fast paths of `fast`,
+and scaling tables (`scaling_table`, whose rows `costmodel.fit` reads).
 """
 from __future__ import annotations
 
@@ -30,34 +26,36 @@ import torch.nn.functional as F
 from . import attacks, costmodel, fast, methods, models, validate
 
 __all__ = [
-    "DEFAULTS", "QUICK", "add_arguments", "main", "run", "official_d2r_step", "peak_flops", "step_flops",
-    "scaling_table", "format_report",
+    "DEFAULTS", "QUICK", "add_arguments", "format_report", "main", "official_d2r_step",
+    "peak_flops", "run", "scaling_table", "step_flops",
 ]
 
-DEFAULTS = {"pairs": ["small_cnn:small_cnn:64", "preact_resnet18:resnet18:8", "wrn34_10:resnet18:4"],
-            "repeats": 3, "fit_images": 1280, "eval_models": ["small_cnn", "preact_resnet18"],
-            "eval_batch_size": 128, "scaling_batches": [16, 32, 64, 128], "scaling_steps": [1, 2, 5, 10]}
+DEFAULTS = {
+    "pairs": ["small_cnn:small_cnn:64", "preact_resnet18:resnet18:8", "wrn34_10:resnet18:4"],
+    "repeats": 3, "fit_images": 1280, "eval_models": ["small_cnn", "preact_resnet18"],
+    "eval_batch_size": 128, "scaling_batches": [16, 32, 64, 128], "scaling_steps": [1, 2, 5, 10]}
 """Sizes of a full run (minutes to hours on a CPU: the big pairs dominate)."""
-QUICK = {"pairs": ["small_cnn:small_cnn:32", "preact_resnet18:resnet18:2:3", "wrn34_10:resnet18:1:2"],
+QUICK = {"pairs": ["small_cnn:small_cnn:32", "preact_resnet18:resnet18:2:3",
+                   "wrn34_10:resnet18:1:2"],
          "repeats": 2, "fit_images": 256, "eval_models": ["small_cnn"], "eval_batch_size": 64,
          "scaling_batches": [16, 32, 64], "scaling_steps": [1, 5, 10]}
-"""Sizes of `--quick` (about a minute on an idle 2-core CPU): K = 3 and 2 on the big pairs, batch 2 and 1."""
+"""Sizes of `--quick` (about a minute on an idle 2-core CPU): batch 2 / 1, K = 3 / 2 on big ones."""
 
 _EPS, _STEP = 0.031, 0.007
 
 
-# ------------------------------------------------------------------------------------------- the steps
+# ---------------------------------------------------------------------------------------- the steps
 def _k(log_p, p_ref):
     """The official helper k(a, b) = b·(log(b + 1e-5) − a), elementwise."""
     return p_ref * (torch.log(p_ref + 1e-5) - log_p)
 
 
-def official_d2r_step(target, guide, optimizer, x, y, *, eps=_EPS, step_size=_STEP, steps=10) -> float:
-    """One step with the official D2R code's cost structure (D2R.py), transcribed for timing only. Chapter 9.
+def official_d2r_step(target, guide, optimizer, x, y, *, eps=_EPS, step_size=_STEP,
+                      steps=10) -> float:
+    """The official D2R step (D2R.py) transcribed for timing only, never for training. Chapter 9.
 
-    CAG with both models in eval mode and g(x) recomputed with a graph inside every attack step, then
-    train mode and three separate forward passes f(x′), f(x), g(x), the D2R loss (with its unused KL),
-    backward and SGD, all fp32. The library trains with `methods.train_step`, never with this.
+    CAG in eval mode with g(x) recomputed with a graph inside every attack step, then train mode,
+    three forward passes f(x′), f(x), g(x), the D2R loss (with its unused KL), backward, SGD; fp32.
     """
     target.eval()
     guide.eval()
@@ -92,7 +90,7 @@ def _attack_kind(m) -> str:
 
 
 def _floor_parts(m, f, g, opt, x, y, steps) -> dict:
-    """Closures timing the passes `m` needs, each alone: reference pass, one attack step, train, update."""
+    """Closures of the passes `m` needs, each alone: reference, one attack step, train, update."""
     kind = _attack_kind(m)
     ref_model = {"trades": f, "cag": g}.get(kind)
     params = {"steps": steps} if kind != "none" else {}
@@ -144,9 +142,10 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _interleaved(candidates: dict, *, device, warmup: int, repeats: int, memory: bool = False) -> dict:
-    """{name: fastest seconds} of every candidate closure, timed round-robin `repeats` times after `warmup`
-    rounds; with memory=True on CUDA also {name: peak bytes} under key (name, "memory")."""
+def _interleaved(candidates: dict, *, device, warmup: int, repeats: int,
+                 memory: bool = False) -> dict:
+    """{name: fastest seconds} of every candidate closure, timed round-robin `repeats` times after
+    `warmup` rounds; with memory=True on CUDA also {name: peak bytes} under key (name, "memory")."""
     for _ in range(warmup):
         for run_ in candidates.values():
             run_()
@@ -167,7 +166,7 @@ def _interleaved(candidates: dict, *, device, warmup: int, repeats: int, memory:
 
 
 def peak_flops(device="cpu", *, n: int | None = None, repeats: int = 5) -> float:
-    """The machine's measured fp32 peak: FLOP/s of the fastest of `repeats` n×n matmuls. Chapter 9."""
+    """The measured fp32 peak: FLOP/s of the fastest of `repeats` n×n matmuls. Chapter 9."""
     n = n or (8192 if torch.device(device).type == "cuda" else 1024)
     validate.number("n", n, min=16, integer=True)
     validate.number("repeats", repeats, min=1, integer=True)
@@ -178,8 +177,8 @@ def peak_flops(device="cpu", *, n: int | None = None, repeats: int = 5) -> float
 
 
 def step_flops(method: str, target: str, guide: str, *, steps: int, num_classes: int = 10) -> float:
-    """FLOPs per image of the passes one step of `method` needs, from `costmodel` (2 FLOPs per MAC, an
-    attack step ≈ `costmodel.ATTACK_PASS` forward passes of the target, plus `outer_steps`). Chapter 9."""
+    """FLOPs per image of the passes one step of `method` needs (2 per MAC; `costmodel`: an attack
+    step ≈ `ATTACK_PASS` target forward passes, the rest `outer_steps` attack steps). Chapter 9."""
     tm = costmodel.model_macs(target, num_classes)
     gm = costmodel.model_macs(guide, num_classes)
     k = steps if _attack_kind(methods.get_method(method)) != "none" else 0
@@ -198,11 +197,11 @@ def _setup(target, guide, batch, device, seed, num_classes=10):
 def scaling_table(method: str = "d2r", target: str = "small_cnn", guide: str = "small_cnn", *,
                   batch_sizes=(32,), steps=(10,), device="cpu", warmup: int = 1, repeats: int = 2,
                   seed: int = 0) -> list[dict]:
-    """Images/s of `methods.train_step` at every (batch size, K) of the grid, timed interleaved. Chapter 9.
+    """Images/s of `methods.train_step` at each (batch size, K) of the grid, interleaved. Chapter 9.
 
-    Rows: method, target, guide, batch_size, steps, seconds_per_step, seconds_per_image, images_per_s.
-    Chapter 9's time model reads them: `costmodel.fit([r["steps"] for r in rows],
-    [r["seconds_per_image"] for r in rows], c=costmodel.outer_steps(method, ...))` at one batch size.
+    Rows: method, target, guide, batch_size, steps, seconds_per_step, seconds_per_image,
+    images_per_s. The time model reads them at one batch size: `costmodel.fit([r["steps"] ...],
+    [r["seconds_per_image"] ...], c=costmodel.outer_steps(method, ...))`.
     """
     m = methods.get_method(method)
     validate.choice("target", target, models.MODELS)
@@ -219,7 +218,7 @@ def scaling_table(method: str = "d2r", target: str = "small_cnn", guide: str = "
     attack = _attack_kind(m) != "none"
     f, g, opt, _, _ = _setup(target, guide, 1, device, seed)
     gm = g if m.uses_guide else None
-    candidates, sizes = {}, {}
+    candidates = {}
     for b in batch_sizes:
         xb = torch.rand(b, 3, 32, 32, device=device)
         yb = torch.randint(0, 10, (b,), device=device)
@@ -227,15 +226,15 @@ def scaling_table(method: str = "d2r", target: str = "small_cnn", guide: str = "
             params = {"steps": k} if attack else {}
             candidates[(b, k)] = (lambda xb=xb, yb=yb, params=params:
                                   methods.train_step(m, f, gm, opt, xb, yb, **params))
-            sizes[(b, k)] = b
     best = _interleaved(candidates, device=device, warmup=warmup, repeats=repeats)
     return [{"method": method, "target": target, "guide": guide, "batch_size": b, "steps": k,
              "seconds_per_step": best[(b, k)], "seconds_per_image": best[(b, k)] / b,
              "images_per_s": b / best[(b, k)]} for (b, k) in candidates]
 
 
-# ------------------------------------------------------------------------------------------- the run
-def _bench_pair(spec: dict, method_names: list, *, device, warmup, repeats, peak, seed, say) -> dict:
+# ------------------------------------------------------------------------------------------ the run
+def _bench_pair(spec: dict, method_names: list, *, device, warmup, repeats, peak, seed,
+                say) -> dict:
     target, guide, batch, steps = spec["target"], spec["guide"], spec["batch_size"], spec["steps"]
     f, g, opt, x, y = _setup(target, guide, batch, device, seed)
     candidates, floor_parts = {}, {}
@@ -251,8 +250,8 @@ def _bench_pair(spec: dict, method_names: list, *, device, warmup, repeats, peak
         candidates[("official", "d2r")] = lambda: official_d2r_step(f, g, opt, x, y, steps=steps)
     say(f"  timing {target} + {guide}, batch {batch}, K = {steps}: {len(candidates)} steps and "
         f"{len(floor_parts)} floor passes, interleaved, {warmup} + {repeats} rounds")
-    best = _interleaved({**candidates, **floor_parts}, device=device, warmup=warmup, repeats=repeats,
-                        memory=True)
+    best = _interleaved({**candidates, **floor_parts}, device=device, warmup=warmup,
+                        repeats=repeats, memory=True)
     rows = []
     for name in method_names:
         ours = best[("ours", name)]
@@ -275,9 +274,10 @@ def _bench_pair(spec: dict, method_names: list, *, device, warmup, repeats, peak
     return {**spec, "macs": macs, "rows": rows, "process_peak_rss_bytes": rss}
 
 
-def _bench_fast(spec: dict, eval_models: list, eval_batch: int, *, device, warmup, repeats, seed) -> dict:
+def _bench_fast(spec: dict, eval_models: list, eval_batch: int, *, device, warmup, repeats,
+                seed) -> dict:
     """BatchNorm folding and inference mode against the plain paths, interleaved."""
-    f, g, _, x, y = _setup(spec["target"], spec["guide"], spec["batch_size"], device, seed)
+    f, g, _, x, _ = _setup(spec["target"], spec["guide"], spec["batch_size"], device, seed)
     k = spec["steps"]
 
     def ref(mode):
@@ -292,13 +292,11 @@ def _bench_fast(spec: dict, eval_models: list, eval_batch: int, *, device, warmu
         "reference_no_grad": lambda: ref(torch.no_grad),
         "reference_inference_mode": lambda: ref(torch.inference_mode),
     }
-    evals = {}
     for name in eval_models:
         torch.manual_seed(seed)
         model = models.build_model(name).to(device).eval()
         xe = torch.rand(eval_batch, 3, 32, 32, device=device)
         ye = torch.randint(0, 10, (eval_batch,), device=device)
-        evals[name] = (model, xe, ye)
         candidates[("pgd20", name)] = lambda m=model, xe=xe, ye=ye: attacks.pgd(
             m, xe, ye, eps=8 / 255, step_size=2 / 255, steps=20)
         candidates[("pgd20_folded", name)] = lambda m=model, xe=xe, ye=ye: attacks.pgd(
@@ -309,29 +307,33 @@ def _bench_fast(spec: dict, eval_models: list, eval_batch: int, *, device, warmu
                     m(xe).argmax(1)
             candidates[(f"clean_{mode.__name__}", name)] = clean
     best = _interleaved(candidates, device=device, warmup=warmup, repeats=repeats)
-    out = {"pair": f"{spec['target']}:{spec['guide']}", "batch_size": spec["batch_size"], "steps": k,
-           "cag_seconds": best["cag"], "cag_folded_seconds": best["cag_folded"],
+    out = {"pair": f"{spec['target']}:{spec['guide']}", "batch_size": spec["batch_size"],
+           "steps": k, "cag_seconds": best["cag"], "cag_folded_seconds": best["cag_folded"],
            "cag_fold_speedup": best["cag"] / best["cag_folded"],
-           "reference_inference_mode_speedup": best["reference_no_grad"] / best["reference_inference_mode"],
+           "reference_inference_mode_speedup": (best["reference_no_grad"]
+                                                / best["reference_inference_mode"]),
            "eval": []}
     for name in eval_models:
-        n = evals[name][1].shape[0]
+        n = eval_batch
         out["eval"].append({
             "model": name, "batch_size": n,
             "pgd20_images_per_s": n / best[("pgd20", name)],
             "pgd20_folded_images_per_s": n / best[("pgd20_folded", name)],
             "pgd20_fold_speedup": best[("pgd20", name)] / best[("pgd20_folded", name)],
-            "clean_inference_mode_speedup": best[("clean_no_grad", name)] / best[("clean_inference_mode", name)]})
+            "clean_inference_mode_speedup": (best[("clean_no_grad", name)]
+                                             / best[("clean_inference_mode", name)])})
     return out
 
 
 def _bench_fit(spec: dict, images: int, *, device, seed, data_dir, say) -> dict:
-    """`train.fit` for one epoch of `images` CIFAR-10 mini images against the same steps in a bare loop."""
+    """`train.fit` for one epoch of `images` CIFAR-10 mini images against the same steps in a bare
+    loop."""
     from . import train
     batch, steps = spec["batch_size"], spec["steps"]
     cfg = train.TrainConfig(method="d2r", target_model=spec["target"], guide_model=spec["guide"],
                             dataset="cifar10", subset="mini", train_size=images, epochs=1,
-                            batch_size=batch, lr=0.01, method_params={"steps": steps}, seed=1, eval_size=1)
+                            batch_size=batch, lr=0.01, method_params={"steps": steps}, seed=1,
+                            eval_size=1)
     f, g, opt, x, y = _setup(spec["target"], spec["guide"], batch, device, seed)
     n_steps = -(-images // batch)
 
@@ -344,11 +346,11 @@ def _bench_fit(spec: dict, images: int, *, device, seed, data_dir, say) -> dict:
         return n_steps * batch / (time.perf_counter() - started)
 
     loop()  # warm-up
-    say(f"  train.fit: 1 epoch of {images} CIFAR-10 mini images, bracketed by bare train_step loops")
+    say(f"  train.fit: 1 epoch of {images} CIFAR-10 mini images, between bare train_step loops")
     before = loop()
     try:
-        result = train.fit(cfg, None, device=device, progress=False, data_dir=data_dir, download=False,
-                           log=lambda *a, **k: None)
+        result = train.fit(cfg, None, device=device, progress=False, data_dir=data_dir,
+                           download=False, log=lambda *a, **k: None)
     except FileNotFoundError as err:
         return {"skipped": f"no data: {err}".splitlines()[0]}
     after = loop()
@@ -362,26 +364,27 @@ def run(*, pairs: list[str], methods_: list[str] | None = None, repeats: int = 3
         steps: int = 10, fit_images: int = 0, eval_models=(), eval_batch_size: int = 64,
         scaling_batches=(), scaling_steps=(), device: str = "cpu", seed: int = 0, data_dir=None,
         say=print) -> dict:
-    """Measure everything the module docstring lists and return it as one JSON-ready dict. Chapter 9."""
+    """Measure everything the module docstring lists and return it as one JSON-ready dict. Chapter
+    9."""
     specs = [_parse_pair(p, steps) for p in pairs]
     names = list(methods.METHODS) if methods_ is None else list(methods_)
     started = time.perf_counter()
     peak = peak_flops(device, repeats=max(3, repeats))
     say(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
-    report = {"meta": {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "machine": platform.machine(), "repeats": repeats, "warmup": warmup,
-                       "seed": seed, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                       "timing": "fastest of the rounds, every candidate of a pair timed once per round"},
-              "peak_flops": peak, "pairs": []}
+    meta = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "machine": platform.machine(), "repeats": repeats, "warmup": warmup, "seed": seed,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "timing": "fastest of the rounds, every candidate of a pair timed once per round"}
+    report = {"meta": meta, "peak_flops": peak, "pairs": []}
     for i, spec in enumerate(specs):
         pair_methods = names if i == 0 else [n for n in names if n == "d2r"] or names[:1]
         report["pairs"].append(_bench_pair(spec, pair_methods, device=device, warmup=warmup,
                                            repeats=repeats, peak=peak, seed=seed, say=say))
     first = specs[0]
     say("  fast paths: BatchNorm folding and inference mode")
-    report["fast"] = _bench_fast(first, list(eval_models), eval_batch_size, device=device, warmup=warmup,
-                                 repeats=repeats, seed=seed)
+    report["fast"] = _bench_fast(first, list(eval_models), eval_batch_size, device=device,
+                                 warmup=warmup, repeats=repeats, seed=seed)
     if fit_images:
         report["fit"] = _bench_fit(first, fit_images, device=device, seed=seed,
                                    data_dir=data_dir, say=say)
@@ -389,60 +392,68 @@ def run(*, pairs: list[str], methods_: list[str] | None = None, repeats: int = 3
     if scaling_batches:
         say("  scaling: images/s against batch size")
         report["scaling"]["batch_size"] = scaling_table(
-            "d2r", first["target"], first["guide"], batch_sizes=scaling_batches, steps=[first["steps"]],
-            device=device, warmup=warmup, repeats=repeats, seed=seed)
+            "d2r", first["target"], first["guide"], batch_sizes=scaling_batches,
+            steps=[first["steps"]], device=device, warmup=warmup, repeats=repeats, seed=seed)
     if scaling_steps:
         say("  scaling: images/s against K")
         report["scaling"]["steps"] = scaling_table(
-            "d2r", first["target"], first["guide"], batch_sizes=[first["batch_size"]], steps=scaling_steps,
-            device=device, warmup=warmup, repeats=repeats, seed=seed)
+            "d2r", first["target"], first["guide"], batch_sizes=[first["batch_size"]],
+            steps=scaling_steps, device=device, warmup=warmup, repeats=repeats, seed=seed)
     report["meta"]["seconds"] = round(time.perf_counter() - started, 1)
     return report
 
 
-# ------------------------------------------------------------------------------------------- reporting
+# ---------------------------------------------------------------------------------------- reporting
 def format_report(report: dict) -> str:
     """The tables `d2r bench` prints."""
-    lines = [f"peak (fp32 matmul): {report['peak_flops'] / 1e9:.1f} GFLOP/s; "
-             f"{report['meta']['threads']} threads; fastest of {report['meta']['repeats']} interleaved rounds"]
+    meta = report["meta"]
+    lines = [(f"peak (fp32 matmul): {report['peak_flops'] / 1e9:.1f} GFLOP/s; "
+              f"{meta['threads']} threads; fastest of {meta['repeats']} interleaved rounds")]
     for pair in report["pairs"]:
-        lines.append(f"\n{pair['target']} + {pair['guide']}, batch {pair['batch_size']}, K = {pair['steps']}")
-        lines.append(f"  {'method':<15}{'ours img/s':>11}{'official':>10}{'ours/off':>9}{'floor img/s':>12}"
-                     f"{'floor/ours':>11}{'GFLOP':>8}{'of peak':>9}")
+        lines.append(f"\n{pair['target']} + {pair['guide']}, batch {pair['batch_size']}, "
+                     f"K = {pair['steps']}")
+        lines.append(f"  {'method':<15}{'ours img/s':>11}{'official':>10}{'ours/off':>9}"
+                     f"{'floor img/s':>12}{'floor/ours':>11}{'GFLOP':>8}{'of peak':>9}")
         for r in pair["rows"]:
             off = (f"{r['official_images_per_s']:>10.1f}{r['ours_over_official']:>8.2f}×"
                    if "official_seconds" in r else f"{'':>10}{'':>9}")
             lines.append(f"  {r['method']:<15}{r['images_per_s']:>11.1f}{off}"
-                         f"{pair['batch_size'] / r['floor_seconds']:>12.1f}{r['floor_over_ours']:>11.2f}"
+                         f"{pair['batch_size'] / r['floor_seconds']:>12.1f}"
+                         f"{r['floor_over_ours']:>11.2f}"
                          f"{r['step_gflop']:>8.2f}{100 * r['fraction_of_peak']:>8.1f}%")
-        lines.append(f"  process peak RSS so far: {pair['process_peak_rss_bytes'] / 2 ** 20:.0f} MiB")
+        rss = pair["process_peak_rss_bytes"] / 2 ** 20
+        lines.append(f"  process peak RSS so far: {rss:.0f} MiB")
     fp = report["fast"]
-    lines.append(f"\nfast paths on {fp['pair']}, batch {fp['batch_size']}, K = {fp['steps']}: CAG attack "
+    lines.append(f"\nfast paths on {fp['pair']}, batch {fp['batch_size']}, K = {fp['steps']}: "
+                 "CAG attack "
                  f"BatchNorm-folded {fp['cag_fold_speedup']:.2f}× faster; guide reference with "
                  f"inference_mode {fp['reference_inference_mode_speedup']:.2f}×")
     for e in fp["eval"]:
         lines.append(f"  PGD-20 evaluation {e['model']}, batch {e['batch_size']}: "
-                     f"{e['pgd20_images_per_s']:.1f} images/s, folded {e['pgd20_folded_images_per_s']:.1f} "
+                     f"{e['pgd20_images_per_s']:.1f} images/s, "
+                     f"folded {e['pgd20_folded_images_per_s']:.1f} "
                      f"({e['pgd20_fold_speedup']:.2f}×); clean forward with inference_mode "
                      f"{e['clean_inference_mode_speedup']:.2f}×")
     fit = report.get("fit")
     if fit:
         lines.append("\ntrain.fit: " + (f"skipped ({fit['skipped']})" if "skipped" in fit else
-                     f"{fit['fit_images_per_s']:.1f} images/s, the bare step {fit['step_images_per_s']:.1f}: "
+                     f"{fit['fit_images_per_s']:.1f} images/s, "
+                     f"the bare step {fit['step_images_per_s']:.1f}: "
                      f"{fit['fit_over_step']:.2f}× the step alone"))
     for key, rows in report["scaling"].items():
-        lines.append(f"\nscaling against {key.replace('_', ' ')} (d2r, {rows[0]['target']} + {rows[0]['guide']})")
+        lines.append(f"\nscaling against {key.replace('_', ' ')} "
+                     f"(d2r, {rows[0]['target']} + {rows[0]['guide']})")
         lines.append("  " + "  ".join(f"{r[key]:>6}" for r in rows) + f"   ({key})")
         lines.append("  " + "  ".join(f"{r['images_per_s']:>6.0f}" for r in rows) + "   (images/s)")
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------- command line
+# ------------------------------------------------------------------------------------- command line
 def _parse_pair(text: str, steps: int) -> dict:
     parts = text.split(":")
     if not 2 <= len(parts) <= 4 or not all(p.isdigit() and int(p) > 0 for p in parts[2:]):
-        raise ValueError(f"--pairs entries must be target:guide[:batch[:steps]] with positive integers; "
-                         f"got {text!r}")
+        raise ValueError("--pairs entries must be target:guide[:batch[:steps]] with positive "
+                         f"integers; got {text!r}")
     validate.choice("--pairs target", parts[0], models.MODELS)
     validate.choice("--pairs guide", parts[1], models.MODELS)
     batch = int(parts[2]) if len(parts) > 2 else 32
@@ -456,7 +467,8 @@ def _int_list(text: str) -> list[int]:
     try:
         return [int(t) for t in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers or 'none'; got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers or 'none'; got {text!r}") from None
 
 
 def _name_list(text: str) -> list[str]:
@@ -466,28 +478,38 @@ def _name_list(text: str) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `d2r bench` (the cli module wires them)."""
     parser.add_argument("--quick", action="store_true",
-                        help="about a minute on an idle 2-core CPU: smaller batches, K = 3 / 2 on the big pairs")
+                        help="about a minute on an idle 2-core CPU: smaller batches, K = 3 / 2 on "
+                             "the big pairs")
     parser.add_argument("--pairs", nargs="+", default=None, metavar="TARGET:GUIDE[:BATCH[:K]]",
                         help=f"pairs to time (default {' '.join(DEFAULTS['pairs'])}; --quick: "
-                             f"{' '.join(QUICK['pairs'])}); every method runs on the first, d2r on the others")
+                             f"{' '.join(QUICK['pairs'])}); every method runs on the first, d2r on "
+                             "the others")
     parser.add_argument("--methods", type=_name_list, default=None,
                         help="comma-separated methods of the registry (default: all)")
-    parser.add_argument("--steps", type=int, default=10, help="attack steps K where a pair names none (10)")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="attack steps K where a pair names none (10)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (3; --quick 2)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed rounds first (default %(default)s)")
     parser.add_argument("--fit-images", type=int, default=None,
                         help="images of the train.fit epoch (1280; --quick 256; 0 skips it)")
     parser.add_argument("--eval-models", type=_name_list, default=None,
-                        help="models of the PGD-20 evaluation timing (small_cnn,preact_resnet18; --quick small_cnn)")
-    parser.add_argument("--eval-batch-size", type=int, default=None, help="PGD-20 batch (128; --quick 64)")
+                        help="models of the PGD-20 evaluation timing (small_cnn,preact_resnet18; "
+                             "--quick small_cnn)")
+    parser.add_argument("--eval-batch-size", type=int, default=None,
+                        help="PGD-20 batch (128; --quick 64)")
     parser.add_argument("--scaling-batches", type=_int_list, default=None,
-                        help="batch sizes of the scaling table (16,32,64,128; --quick 16,32,64; none)")
+                        help="batch sizes of the scaling table (16,32,64,128; --quick 16,32,64; "
+                             "none)")
     parser.add_argument("--scaling-steps", type=_int_list, default=None,
                         help="K values of the scaling table (1,2,5,10; --quick 1,5,10; none)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random models and images (0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random models and images (0)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--data-dir", type=Path, default=None, help="data folder for the train.fit timing")
-    parser.add_argument("--json", type=Path, default=None, help="also write the report here (JSON, atomically)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="data folder for the train.fit timing")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the report here (JSON, atomically)")
 
 
 def _resolve(a) -> dict:
@@ -511,7 +533,8 @@ def _resolve(a) -> dict:
     for name in pick["eval_models"]:
         validate.choice("--eval-models", name, models.MODELS)
     validate.number("--eval-batch-size", pick["eval_batch_size"], min=1, integer=True)
-    for flag, key in (("--scaling-batches", "scaling_batches"), ("--scaling-steps", "scaling_steps")):
+    for flag, key in (("--scaling-batches", "scaling_batches"),
+                      ("--scaling-steps", "scaling_steps")):
         for v in pick[key]:
             validate.number(f"{flag} entry", v, min=1, integer=True)
     validate.number("--seed", a.seed, min=0, integer=True)
@@ -523,7 +546,8 @@ def _resolve(a) -> dict:
             raise ValueError(f"--json: the folder {a.json.parent} does not exist")
     if a.data_dir is not None and not a.data_dir.is_dir():
         raise ValueError(f"--data-dir: {a.data_dir} is not a folder")
-    return {"pairs": pick["pairs"], "methods_": names, "repeats": pick["repeats"], "warmup": a.warmup,
+    return {"pairs": pick["pairs"], "methods_": names, "repeats": pick["repeats"],
+            "warmup": a.warmup,
             "steps": a.steps, "fit_images": pick["fit_images"], "eval_models": pick["eval_models"],
             "eval_batch_size": pick["eval_batch_size"], "scaling_batches": pick["scaling_batches"],
             "scaling_steps": pick["scaling_steps"], "device": device, "seed": a.seed,
@@ -531,7 +555,8 @@ def _resolve(a) -> dict:
 
 
 def _write_json(path: Path, report: dict) -> None:
-    """Through `checkpoint.atomic_write` (temporary file, fsync, rename), so a killed run leaves no half file."""
+    """Through `checkpoint.atomic_write` (temporary file, fsync, rename), so a killed run leaves no
+    half file."""
     from . import checkpoint
     text = json.dumps(report, indent=1, default=str) + "\n"
 

@@ -1,13 +1,15 @@
-"""Fast paths that keep the numbers: BatchNorm folding for the attack, and the optional device settings.
+"""Fast paths that keep the numbers: BatchNorm folding for the attack, and the optional device
+settings.
 
-Chapter 9 introduces them. The attack runs its models in eval mode, where a BatchNorm layer is a fixed
-per-channel affine map: `fold_batchnorm` merges it into the convolution (or linear layer) before it, which
-gives the same function with fewer passes over the activations (exact up to float rounding).
-`attack_model(model)` is what an attack calls: the folded copy, refreshed from the model's current
-weights, when folding is switched on (`options(fold_batchnorm=True)` or `configure(...)`), else the model.
+Chapter 9 introduces them. The attack runs its models in eval mode, where a BatchNorm layer is a
+fixed per-channel affine map: `fold_batchnorm` merges it into the convolution (or linear layer)
+before it, which gives the same function with fewer passes over the activations (exact up to float
+rounding). `attack_model(model)` is what an attack calls: the folded copy, refreshed from the
+model's current weights, when folding is switched on (`options(fold_batchnorm=True)` or
+`configure(...)`), else the model.
 
-The other fast paths change only speed and, for bf16, rounding; every one is off by default on a CPU:
-`prepare_model` (channels_last memory format, `torch.compile`), `autocast` (bfloat16 autocast),
+The other fast paths change only speed and, for bf16, rounding; every one is off by default on a
+CPU: `prepare_model` (channels_last memory format, `torch.compile`), `autocast` (bfloat16 autocast),
 `configure_backend` (cudnn.benchmark on a GPU). `FastOptions.for_device("cuda")` switches them on.
 """
 from __future__ import annotations
@@ -21,11 +23,20 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx
-import torch.nn as nn
+from torch import nn
 
 __all__ = [
-    "FastOptions", "current", "configure", "options", "fold_batchnorm", "count_batchnorm",
-    "attack_model", "no_grad", "prepare_model", "autocast", "configure_backend",
+    "FastOptions",
+    "attack_model",
+    "autocast",
+    "configure",
+    "configure_backend",
+    "count_batchnorm",
+    "current",
+    "fold_batchnorm",
+    "no_grad",
+    "options",
+    "prepare_model",
 ]
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -37,9 +48,10 @@ class FastOptions:
     """Which fast paths are on. All off is the library default (bit for bit the reference numbers).
 
     fold_batchnorm: the attack's eval-mode passes use a BatchNorm-folded copy of each model.
-    inference_mode: gradient-free passes (the attack's reference, evaluation) use `torch.inference_mode`.
-    channels_last / compile / bf16: memory format, `torch.compile`, bfloat16 autocast (see `prepare_model`,
-    `autocast`); cudnn_benchmark: let cuDNN pick the fastest convolution algorithm (GPU).
+    inference_mode: gradient-free passes (the attack's reference, evaluation) use
+    `torch.inference_mode`. channels_last / compile / bf16: memory format, `torch.compile`, bfloat16
+    autocast (see `prepare_model`, `autocast`); cudnn_benchmark: let cuDNN pick the fastest
+    convolution algorithm (GPU).
     """
     fold_batchnorm: bool = False
     inference_mode: bool = False
@@ -56,8 +68,8 @@ class FastOptions:
 
     @classmethod
     def for_device(cls, device: str | torch.device) -> FastOptions:
-        """The recommended options: on a GPU every fast path; on a CPU folding and inference mode only
-        (channels_last, compile and bf16 are slower or unsupported on most CPUs)."""
+        """The recommended options: on a GPU every fast path; on a CPU folding and inference mode
+        only (channels_last, compile and bf16 are slower or unsupported on most CPUs)."""
         kind = torch.device(device).type
         if kind == "cuda":
             return cls(True, True, True, True, True, True)
@@ -73,7 +85,8 @@ def current() -> FastOptions:
 
 
 def configure(**changes) -> FastOptions:
-    """Change the options for the rest of the process (names as `FastOptions`); returns the new options."""
+    """Change the options for the rest of the process (names as `FastOptions`); returns the new
+    options."""
     global _current
     allowed = [f.name for f in dataclasses.fields(FastOptions)]
     unknown = sorted(set(changes) - set(allowed))
@@ -94,14 +107,15 @@ def options(**changes):
         _current = saved
 
 
-# ------------------------------------------------------------------------------------ BatchNorm folding
+# ------------------------------------------------------------------------------- BatchNorm folding
 def count_batchnorm(model: nn.Module) -> int:
     """Number of BatchNorm layers in `model`."""
     return sum(isinstance(m, _BATCHNORMS) for m in model.modules())
 
 
 def _folded_weights(layer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of layer followed by bn (eval mode) as one layer: w·s, (b − μ)·s + β, s = γ/√(σ² + ε)."""
+    """Weight and bias of layer followed by bn (eval mode) as one layer: w·s, (b − μ)·s + β, s =
+    γ/√(σ² + ε)."""
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         scale = bn.weight * scale
@@ -115,7 +129,7 @@ def _folded_weights(layer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torc
 def _can_fold(layer: nn.Module, bn: nn.Module) -> bool:
     if not isinstance(layer, _FOLDABLE) or not isinstance(bn, _BATCHNORMS):
         return False
-    if bn.running_mean is None or bn.running_var is None:  # track_running_stats=False: batch statistics
+    if bn.running_mean is None or bn.running_var is None:  # track_running_stats=False: batch stats
         return False
     return layer.weight.shape[0] == bn.num_features
 
@@ -124,8 +138,8 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
     try:
         return torch.fx.symbolic_trace(model)
     except Exception as err:  # fx raises many kinds of errors on untraceable Python control flow
-        raise TypeError(f"fold_batchnorm: model {type(model).__name__} cannot be traced by torch.fx "
-                        f"({type(err).__name__}: {err}); use the model unfolded") from err
+        raise TypeError(f"fold_batchnorm: model {type(model).__name__} cannot be traced by "
+                        f"torch.fx ({type(err).__name__}: {err}); use the model unfolded") from err
 
 
 class _Folded:
@@ -144,13 +158,14 @@ class _Folded:
             if node.op != "call_module" or not isinstance(found.get(node.target), _BATCHNORMS):
                 continue
             prev = node.args[0] if node.args else None
-            if not (isinstance(prev, torch.fx.Node) and prev.op == "call_module" and len(prev.users) == 1
+            if not (isinstance(prev, torch.fx.Node) and prev.op == "call_module"
+                    and len(prev.users) == 1
                     and _can_fold(found.get(prev.target), found[node.target])):
                 continue
             layer = found[prev.target]
             if layer.bias is None:
-                layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype,
-                                                      device=layer.weight.device), requires_grad=False)
+                zeros = layer.weight.new_zeros(layer.weight.shape[0])
+                layer.bias = nn.Parameter(zeros, requires_grad=False)
             node.replace_all_uses_with(prev)
             gm.graph.erase_node(node)
             self.folds.append((prev.target, node.target))
@@ -184,12 +199,13 @@ def _placement(model: nn.Module) -> tuple:
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of `model` with each BatchNorm that directly follows a convolution or linear layer
-    folded into it (a BatchNorm after a sum, as in pre-activation blocks, stays). Chapter 9.
+    """An eval-mode copy of `model` with each BatchNorm that directly follows a convolution or
+    linear layer folded into it (a BatchNorm after a sum, as in pre-activation blocks, stays).
+    Chapter 9.
 
-    The copy computes the eval-mode function of `model` exactly up to float rounding; its parameters do not
-    require gradients (an attack needs gradients to the input only) and it shares no tensor with `model`.
-    Raises TypeError when torch.fx cannot trace the model.
+    The copy computes the eval-mode function of `model` exactly up to float rounding; its parameters
+    do not require gradients (an attack needs gradients to the input only) and it shares no tensor
+    with `model`. Raises TypeError when torch.fx cannot trace the model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -201,10 +217,11 @@ _warned: set = set()
 
 
 def attack_model(model: nn.Module | None, *, enabled: bool | None = None) -> nn.Module | None:
-    """The module an attack should run: with folding on (`enabled`, default `current().fold_batchnorm`),
-    a BatchNorm-folded eval-mode copy refreshed from the model's current weights (built once per model and
-    reused); otherwise, or for a model without BatchNorm, a compiled model or None, the argument itself.
-    A model torch.fx cannot trace is used unfolded, with one warning. Chapter 9.
+    """The module an attack should run: with folding on (`enabled`, default
+    `current().fold_batchnorm`), a BatchNorm-folded eval-mode copy refreshed from the model's
+    current weights (built once per model and reused); otherwise, or for a model without BatchNorm,
+    a compiled model or None, the argument itself. A model torch.fx cannot trace is used unfolded,
+    with one warning. Chapter 9.
     """
     on = current().fold_batchnorm if enabled is None else enabled
     if not isinstance(on, bool):
@@ -213,7 +230,8 @@ def attack_model(model: nn.Module | None, *, enabled: bool | None = None) -> nn.
         return model
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    if isinstance(model, torch.fx.GraphModule) or hasattr(model, "_orig_mod") or not count_batchnorm(model):
+    compiled = hasattr(model, "_orig_mod")
+    if isinstance(model, torch.fx.GraphModule) or compiled or not count_batchnorm(model):
         return model
     folded = _cache.get(model)
     try:
@@ -224,23 +242,24 @@ def attack_model(model: nn.Module | None, *, enabled: bool | None = None) -> nn.
     except TypeError as err:
         if type(model) not in _warned:
             _warned.add(type(model))
-            warnings.warn(f"{err}; the attack runs on the unfolded model", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{err}; the attack runs on the unfolded model", RuntimeWarning,
+                          stacklevel=2)
         return model
     return folded.module
 
 
-# ------------------------------------------------------------------------------------ the other fast paths
+# ---------------------------------------------------------------------------- the other fast paths
 def no_grad():
-    """The context for gradient-free passes: `torch.inference_mode()` when `current().inference_mode`,
-    else `torch.no_grad()`. A tensor made under inference mode cannot be saved for a later backward pass:
-    `.clone()` it outside the block before it enters a graph."""
+    """The context for gradient-free passes: `torch.inference_mode()` when
+    `current().inference_mode`, else `torch.no_grad()`. A tensor made under inference mode cannot be
+    saved for a later backward pass: `.clone()` it outside the block before it enters a graph."""
     return torch.inference_mode() if current().inference_mode else torch.no_grad()
 
 
 def prepare_model(model: nn.Module, *, channels_last: bool | None = None,
                   compile: bool | None = None) -> nn.Module:
-    """`model` in channels_last memory format and/or wrapped by `torch.compile` (defaults: `current()`).
-    Returns the module to call; the parameters stay those of `model`."""
+    """`model` in channels_last memory format and/or wrapped by `torch.compile` (defaults:
+    `current()`). Returns the module to call; the parameters stay those of `model`."""
     fast = current()
     channels_last = fast.channels_last if channels_last is None else channels_last
     compile = fast.compile if compile is None else compile
@@ -253,7 +272,8 @@ def prepare_model(model: nn.Module, *, channels_last: bool | None = None,
 
 
 def autocast(device: str | torch.device, *, enabled: bool | None = None):
-    """bfloat16 autocast on `device` when `enabled` (default `current().bf16`), else a no-op context."""
+    """bfloat16 autocast on `device` when `enabled` (default `current().bf16`), else a no-op
+    context."""
     on = current().bf16 if enabled is None else enabled
     if not isinstance(on, bool):
         raise TypeError(f"enabled must be True, False or None; got {on!r}")
@@ -262,6 +282,7 @@ def autocast(device: str | torch.device, *, enabled: bool | None = None):
 
 
 def configure_backend(device: str | torch.device) -> None:
-    """On a GPU, set cudnn.benchmark as `current().cudnn_benchmark` says; nothing on other devices."""
+    """On a GPU, set cudnn.benchmark as `current().cudnn_benchmark` says; nothing on other
+    devices."""
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.benchmark = current().cudnn_benchmark
