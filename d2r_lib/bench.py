@@ -248,10 +248,14 @@ def _bench_pair(spec: dict, method_names: list, *, device, warmup, repeats, peak
             floor_parts[(name, part)] = closure
     if "d2r" in method_names:
         candidates[("official", "d2r")] = lambda: official_d2r_step(f, g, opt, x, y, steps=steps)
+    a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
+    floor_parts["peak"] = lambda: a @ b  # the peak under this pair's load, interleaved with it
     say(f"  timing {target} + {guide}, batch {batch}, K = {steps}: {len(candidates)} steps and "
         f"{len(floor_parts)} floor passes, interleaved, {warmup} + {repeats} rounds")
     best = _interleaved({**candidates, **floor_parts}, device=device, warmup=warmup,
                         repeats=repeats, memory=True)
+    peak = max(peak, 2 * 1024 ** 3 / best.pop("peak"))
+    del floor_parts["peak"]
     rows = []
     for name in method_names:
         ours = best[("ours", name)]
@@ -271,7 +275,7 @@ def _bench_pair(spec: dict, method_names: list, *, device, warmup, repeats, peak
         rows.append(row)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     macs = {"target": costmodel.model_macs(target), "guide": costmodel.model_macs(guide)}
-    return {**spec, "macs": macs, "rows": rows, "process_peak_rss_bytes": rss}
+    return {**spec, "macs": macs, "peak_flops": peak, "rows": rows, "process_peak_rss_bytes": rss}
 
 
 def _bench_fast(spec: dict, eval_models: list, eval_batch: int, *, device, warmup, repeats,
@@ -415,14 +419,15 @@ def format_report(report: dict) -> str:
         lines.append(f"  {'method':<15}{'ours img/s':>11}{'official':>10}{'ours/off':>9}"
                      f"{'floor img/s':>12}{'floor/ours':>11}{'GFLOP':>8}{'of peak':>9}")
         for r in pair["rows"]:
-            off = (f"{r['official_images_per_s']:>10.1f}{r['ours_over_official']:>8.2f}×"
+            off = (f"{r['official_images_per_s']:>10.3g}{r['ours_over_official']:>8.2f}×"
                    if "official_seconds" in r else f"{'':>10}{'':>9}")
-            lines.append(f"  {r['method']:<15}{r['images_per_s']:>11.1f}{off}"
-                         f"{pair['batch_size'] / r['floor_seconds']:>12.1f}"
+            lines.append(f"  {r['method']:<15}{r['images_per_s']:>11.3g}{off}"
+                         f"{pair['batch_size'] / r['floor_seconds']:>12.3g}"
                          f"{r['floor_over_ours']:>11.2f}"
                          f"{r['step_gflop']:>8.2f}{100 * r['fraction_of_peak']:>8.1f}%")
         rss = pair["process_peak_rss_bytes"] / 2 ** 20
-        lines.append(f"  process peak RSS so far: {rss:.0f} MiB")
+        lines.append(f"  peak {pair['peak_flops'] / 1e9:.1f} GFLOP/s in this pair's rounds; "
+                     f"process peak RSS so far {rss:.0f} MiB")
     fp = report["fast"]
     lines.append(f"\nfast paths on {fp['pair']}, batch {fp['batch_size']}, K = {fp['steps']}: "
                  "CAG attack "
