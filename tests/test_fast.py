@@ -1,4 +1,4 @@
-"""fast: BatchNorm folding is exact up to float rounding; the options refuse bad values; bf16 stays close."""
+"""fast: BatchNorm folding is exact up to rounding; options refuse bad values; bf16 is close."""
 import copy
 
 import pytest
@@ -10,7 +10,7 @@ from d2r_lib import attacks, fast, methods, models
 
 
 def _random_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial statistics and affine parameters (fresh ones are the identity)."""
+    """Give every BatchNorm non-trivial statistics and affine parameters (fresh ones: identity)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
