@@ -12,6 +12,7 @@ and scaling tables (`scaling_table`, whose rows `costmodel.fit` reads).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -280,9 +281,19 @@ def _bench_pair(spec: dict, method_names: list, *, device, warmup, repeats, peak
 
 def _bench_fast(spec: dict, eval_models: list, eval_batch: int, *, device, warmup, repeats,
                 seed) -> dict:
-    """BatchNorm folding and inference mode against the plain paths, interleaved."""
-    f, g, _, x, _ = _setup(spec["target"], spec["guide"], spec["batch_size"], device, seed)
+    """BatchNorm folding, channels_last and inference mode against the plain paths, interleaved.
+    `step_fold` is `train_step` under `fast.options(fold_batchnorm=True)`: it folds only where
+    `methods` calls `fast.attack_model`."""
+    f, g, opt, x, y = _setup(spec["target"], spec["guide"], spec["batch_size"], device, seed)
     k = spec["steps"]
+    f_cl, g_cl = (copy.deepcopy(m).to(memory_format=torch.channels_last) for m in (f, g))
+    opt_cl = methods.make_optimizer(f_cl, g_cl, lr=0.01)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+
+    def step(cl=False, fold=False):
+        with fast.options(fold_batchnorm=fold):
+            methods.train_step("d2r", *((f_cl, g_cl, opt_cl, x_cl) if cl else (f, g, opt, x)), y,
+                               steps=k)
 
     def ref(mode):
         with attacks.eval_mode(g), mode():
@@ -295,6 +306,8 @@ def _bench_fast(spec: dict, eval_models: list, eval_batch: int, *, device, warmu
                                           fast.attack_model(g, enabled=True), x, steps=k),
         "reference_no_grad": lambda: ref(torch.no_grad),
         "reference_inference_mode": lambda: ref(torch.inference_mode),
+        "step": step, "step_fold": lambda: step(fold=True), "step_cl": lambda: step(cl=True),
+        "step_cl_fold": lambda: step(cl=True, fold=True),
     }
     for name in eval_models:
         torch.manual_seed(seed)
@@ -316,6 +329,8 @@ def _bench_fast(spec: dict, eval_models: list, eval_batch: int, *, device, warmu
            "cag_fold_speedup": best["cag"] / best["cag_folded"],
            "reference_inference_mode_speedup": (best["reference_no_grad"]
                                                 / best["reference_inference_mode"]),
+           **{f"{v}_speedup": best["step"] / best[v]
+              for v in ("step_fold", "step_cl", "step_cl_fold")},
            "eval": []}
     for name in eval_models:
         n = eval_batch
@@ -430,9 +445,10 @@ def format_report(report: dict) -> str:
                      f"process peak RSS so far {rss:.0f} MiB")
     fp = report["fast"]
     lines.append(f"\nfast paths on {fp['pair']}, batch {fp['batch_size']}, K = {fp['steps']}: "
-                 "CAG attack "
-                 f"BatchNorm-folded {fp['cag_fold_speedup']:.2f}× faster; guide reference with "
-                 f"inference_mode {fp['reference_inference_mode_speedup']:.2f}×")
+                 f"CAG attack BatchNorm-folded {fp['cag_fold_speedup']:.2f}×; guide reference "
+                 f"with inference_mode {fp['reference_inference_mode_speedup']:.2f}×")
+    lines.append(f"  d2r train_step: channels_last {fp['step_cl_speedup']:.2f}×, fold option "
+                 f"{fp['step_fold_speedup']:.2f}×, both {fp['step_cl_fold_speedup']:.2f}×")
     for e in fp["eval"]:
         lines.append(f"  PGD-20 evaluation {e['model']}, batch {e['batch_size']}: "
                      f"{e['pgd20_images_per_s']:.1f} images/s, "
@@ -482,9 +498,7 @@ def _name_list(text: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `d2r bench` (the cli module wires them)."""
-    parser.add_argument("--quick", action="store_true",
-                        help="about a minute on an idle 2-core CPU: smaller batches, K = 3 / 2 on "
-                             "the big pairs")
+    parser.add_argument("--quick", action="store_true", help="about a minute on an idle 2-core CPU")
     parser.add_argument("--pairs", nargs="+", default=None, metavar="TARGET:GUIDE[:BATCH[:K]]",
                         help=f"pairs to time (default {' '.join(DEFAULTS['pairs'])}; --quick: "
                              f"{' '.join(QUICK['pairs'])}); every method runs on the first, d2r on "
@@ -494,8 +508,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=10,
                         help="attack steps K where a pair names none (10)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (3; --quick 2)")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed rounds first (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (1)")
     parser.add_argument("--fit-images", type=int, default=None,
                         help="images of the train.fit epoch (1280; --quick 256; 0 skips it)")
     parser.add_argument("--eval-models", type=_name_list, default=None,
@@ -508,8 +521,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "none)")
     parser.add_argument("--scaling-steps", type=_int_list, default=None,
                         help="K values of the scaling table (1,2,5,10; --quick 1,5,10; none)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the random models and images (0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of models and images (0)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="data folder for the train.fit timing")
@@ -551,38 +563,20 @@ def _resolve(a) -> dict:
             raise ValueError(f"--json: the folder {a.json.parent} does not exist")
     if a.data_dir is not None and not a.data_dir.is_dir():
         raise ValueError(f"--data-dir: {a.data_dir} is not a folder")
-    return {"pairs": pick["pairs"], "methods_": names, "repeats": pick["repeats"],
-            "warmup": a.warmup,
-            "steps": a.steps, "fit_images": pick["fit_images"], "eval_models": pick["eval_models"],
-            "eval_batch_size": pick["eval_batch_size"], "scaling_batches": pick["scaling_batches"],
-            "scaling_steps": pick["scaling_steps"], "device": device, "seed": a.seed,
-            "data_dir": a.data_dir}
+    return {**pick, "methods_": names, "warmup": a.warmup, "steps": a.steps, "device": device,
+            "seed": a.seed, "data_dir": a.data_dir}
 
 
 def _write_json(path: Path, report: dict) -> None:
-    """Through `checkpoint.atomic_write` (temporary file, fsync, rename), so a killed run leaves no
-    half file."""
+    """Through `checkpoint.atomic_write` (temporary file, fsync, rename): never half a file."""
     from . import checkpoint
     text = json.dumps(report, indent=1, default=str) + "\n"
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write = getattr(checkpoint, "atomic_write", None)
-    if atomic_write is not None:
-        atomic_write(path, write)
-        return
-    # until checkpoint.atomic_write is merged: the same steps here
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+    if hasattr(checkpoint, "atomic_write"):
+        checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    else:  # until checkpoint.atomic_write is merged
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def main(args: argparse.Namespace) -> int:
