@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,8 +43,6 @@ QUICK = {"pairs": ["small_cnn:small_cnn:32", "preact_resnet18:resnet18:2:3",
          "scaling_batches": [16, 32, 64], "scaling_steps": [1, 5, 10]}
 """Sizes of `--quick` (about a minute on an idle 2-core CPU): batch 2 / 1, K = 3 / 2 on big ones."""
 
-_EPS, _STEP = 0.031, 0.007
-
 
 # ---------------------------------------------------------------------------------------- the steps
 def _k(log_p, p_ref):
@@ -51,15 +50,14 @@ def _k(log_p, p_ref):
     return p_ref * (torch.log(p_ref + 1e-5) - log_p)
 
 
-def official_d2r_step(target, guide, optimizer, x, y, *, eps=_EPS, step_size=_STEP,
+def official_d2r_step(target, guide, optimizer, x, y, *, eps=0.031, step_size=0.007,
                       steps=10) -> float:
     """The official D2R step (D2R.py) transcribed for timing only, never for training. Chapter 9.
 
     CAG in eval mode with g(x) recomputed with a graph inside every attack step, then train mode,
     three forward passes f(x′), f(x), g(x), the D2R loss (with its unused KL), backward, SGD; fp32.
     """
-    target.eval()
-    guide.eval()
+    target.eval(), guide.eval()
     x_adv = x.detach() + 0.001 * torch.randn(x.shape, device=x.device).detach()
     for _ in range(steps):
         x_adv.requires_grad_()
@@ -69,8 +67,7 @@ def official_d2r_step(target, guide, optimizer, x, y, *, eps=_EPS, step_size=_ST
         x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
         x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
         x_adv = torch.clamp(x_adv, 0.0, 1.0)
-    target.train()
-    guide.train()
+    target.train(), guide.train()
     x_adv = torch.clamp(x_adv, 0.0, 1.0).detach()
     optimizer.zero_grad()
     out_adv, out_nat, out_g = target(x_adv), target(x), guide(x)
@@ -145,12 +142,14 @@ def _sync(device) -> None:
 
 def _interleaved(candidates: dict, *, device, warmup: int, repeats: int,
                  memory: bool = False) -> dict:
-    """{name: fastest seconds} of every candidate closure, timed round-robin `repeats` times after
-    `warmup` rounds; with memory=True on CUDA also {name: peak bytes} under key (name, "memory")."""
+    """{name: fastest seconds} of each candidate closure, timed round-robin `repeats` times after
+    `warmup` rounds; "rounds": {name: [seconds of each round]}; with memory=True on CUDA also
+    {(name, "memory"): peak bytes}."""
     for _ in range(warmup):
         for run_ in candidates.values():
             run_()
     best: dict = {name: float("inf") for name in candidates}
+    best["rounds"] = {name: [] for name in candidates}
     cuda = torch.device(device).type == "cuda"
     for _ in range(repeats):
         for name, run_ in candidates.items():
@@ -160,10 +159,20 @@ def _interleaved(candidates: dict, *, device, warmup: int, repeats: int,
             started = time.perf_counter()
             run_()
             _sync(device)
-            best[name] = min(best[name], time.perf_counter() - started)
+            best["rounds"][name].append(time.perf_counter() - started)
+            best[name] = min(best[name], best["rounds"][name][-1])
             if cuda and memory:
                 best[(name, "memory")] = torch.cuda.max_memory_allocated()
     return best
+
+
+def _paired(best: dict, numerator, denominator, scale=None) -> float:
+    """Median over rounds of numerator / denominator time (each a key, or a function of the round
+    index), both from the same round: robust to load that changes between rounds."""
+    def at(key, r):
+        return key(r) if callable(key) else best["rounds"][key][r]
+    n = len(best["rounds"][next(iter(best["rounds"]))])
+    return statistics.median(at(numerator, r) / at(denominator, r) for r in range(n))
 
 
 def peak_flops(device="cpu", *, n: int | None = None, repeats: int = 5) -> float:
@@ -210,10 +219,9 @@ def scaling_table(method: str = "d2r", target: str = "small_cnn", guide: str = "
     batch_sizes, steps = list(batch_sizes), list(steps)
     if not batch_sizes or not steps:
         raise ValueError("batch_sizes and steps must each hold at least one value")
-    for b in batch_sizes:
-        validate.number("batch_sizes entry", b, min=1, integer=True)
-    for k in steps:
-        validate.number("steps entry", k, min=1, integer=True)
+    for name, v in [*(("batch_sizes entry", b) for b in batch_sizes),
+                    *(("steps entry", k) for k in steps)]:
+        validate.number(name, v, min=1, integer=True)
     validate.number("warmup", warmup, min=0, integer=True)
     validate.number("repeats", repeats, min=1, integer=True)
     attack = _attack_kind(m) != "none"
@@ -228,6 +236,7 @@ def scaling_table(method: str = "d2r", target: str = "small_cnn", guide: str = "
             candidates[(b, k)] = (lambda xb=xb, yb=yb, params=params:
                                   methods.train_step(m, f, gm, opt, xb, yb, **params))
     best = _interleaved(candidates, device=device, warmup=warmup, repeats=repeats)
+    del best["rounds"]
     return [{"method": method, "target": target, "guide": guide, "batch_size": b, "steps": k,
              "seconds_per_step": best[(b, k)], "seconds_per_image": best[(b, k)] / b,
              "images_per_s": b / best[(b, k)]} for (b, k) in candidates]
@@ -238,40 +247,42 @@ def _bench_pair(spec: dict, method_names: list, *, device, warmup, repeats, peak
                 say) -> dict:
     target, guide, batch, steps = spec["target"], spec["guide"], spec["batch_size"], spec["steps"]
     f, g, opt, x, y = _setup(target, guide, batch, device, seed)
-    candidates, floor_parts = {}, {}
-    for name in method_names:
+    a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
+    candidates, parts_of = {"peak": lambda: a @ b}, {}  # the peak under this pair's load
+    for name in method_names:  # a method's candidates side by side: ratios within one round
         m = methods.get_method(name)
         params = {"steps": steps} if _attack_kind(m) != "none" else {}
         gm = g if m.uses_guide else None
         candidates[("ours", name)] = lambda m=m, gm=gm, params=params: methods.train_step(
             m, f, gm, opt, x, y, **params)
-        for part, closure in _floor_parts(m, f, g, opt, x, y, steps).items():
-            floor_parts[(name, part)] = closure
-    if "d2r" in method_names:
-        candidates[("official", "d2r")] = lambda: official_d2r_step(f, g, opt, x, y, steps=steps)
-    a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
-    floor_parts["peak"] = lambda: a @ b  # the peak under this pair's load, interleaved with it
-    say(f"  timing {target} + {guide}, batch {batch}, K = {steps}: {len(candidates)} steps and "
-        f"{len(floor_parts)} floor passes, interleaved, {warmup} + {repeats} rounds")
-    best = _interleaved({**candidates, **floor_parts}, device=device, warmup=warmup,
-                        repeats=repeats, memory=True)
-    peak = max(peak, 2 * 1024 ** 3 / best.pop("peak"))
-    del floor_parts["peak"]
+        if name == "d2r":
+            candidates[("official", name)] = lambda: official_d2r_step(f, g, opt, x, y, steps=steps)
+        parts_of[name] = _floor_parts(m, f, g, opt, x, y, steps)
+        candidates.update({(name, part): run_ for part, run_ in parts_of[name].items()})
+    say(f"  timing {target} + {guide}, batch {batch}, K = {steps}: {len(candidates)} candidates, "
+        f"interleaved, {warmup} + {repeats} rounds")
+    best = _interleaved(candidates, device=device, warmup=warmup, repeats=repeats, memory=True)
+    rounds = best["rounds"]
+    peak = max(peak, 2 ** 31 / best["peak"])
     rows = []
     for name in method_names:
         ours = best[("ours", name)]
-        parts = {part: best[(n, part)] for (n, part) in floor_parts if n == name}
         k = steps if _attack_kind(methods.get_method(name)) != "none" else 0
-        floor = _floor_seconds(parts, k)
+        parts = {part: best[(name, part)] for part in parts_of[name]}
+        floor_at = (lambda r, name=name, k=k: _floor_seconds(
+            {part: rounds[(name, part)][r] for part in parts_of[name]}, k))
         flops = step_flops(name, target, guide, steps=k or 1) * batch
         row = {"method": name, "seconds": ours, "images_per_s": batch / ours,
-               "floor_seconds": floor, "floor_over_ours": floor / ours, "floor_parts": parts,
-               "step_gflop": flops / 1e9, "fraction_of_peak": flops / ours / peak,
+               "floor_seconds": _floor_seconds(parts, k), "floor_parts": parts,
+               "floor_over_ours": _paired(best, floor_at, ("ours", name)),
+               "step_gflop": flops / 1e9,
+               "fraction_of_peak": _paired(  # FLOP/s of the step / the matmul's, same round
+                   best, lambda r, fl=flops: fl * rounds["peak"][r] / 2 ** 31, ("ours", name)),
                "peak_memory_bytes": best.get((("ours", name), "memory"))}
         if ("official", name) in candidates:
             official = best[("official", name)]
             row.update(official_seconds=official, official_images_per_s=batch / official,
-                       ours_over_official=official / ours,
+                       ours_over_official=_paired(best, ("official", name), ("ours", name)),
                        official_peak_memory_bytes=best.get((("official", name), "memory")))
         rows.append(row)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -326,21 +337,20 @@ def _bench_fast(spec: dict, eval_models: list, eval_batch: int, *, device, warmu
     best = _interleaved(candidates, device=device, warmup=warmup, repeats=repeats)
     out = {"pair": f"{spec['target']}:{spec['guide']}", "batch_size": spec["batch_size"],
            "steps": k, "cag_seconds": best["cag"], "cag_folded_seconds": best["cag_folded"],
-           "cag_fold_speedup": best["cag"] / best["cag_folded"],
-           "reference_inference_mode_speedup": (best["reference_no_grad"]
-                                                / best["reference_inference_mode"]),
-           **{f"{v}_speedup": best["step"] / best[v]
+           "cag_fold_speedup": _paired(best, "cag", "cag_folded"),
+           "reference_inference_mode_speedup": _paired(best, "reference_no_grad",
+                                                       "reference_inference_mode"),
+           **{f"{v}_speedup": _paired(best, "step", v)
               for v in ("step_fold", "step_cl", "step_cl_fold")},
            "eval": []}
     for name in eval_models:
-        n = eval_batch
         out["eval"].append({
-            "model": name, "batch_size": n,
-            "pgd20_images_per_s": n / best[("pgd20", name)],
-            "pgd20_folded_images_per_s": n / best[("pgd20_folded", name)],
-            "pgd20_fold_speedup": best[("pgd20", name)] / best[("pgd20_folded", name)],
-            "clean_inference_mode_speedup": (best[("clean_no_grad", name)]
-                                             / best[("clean_inference_mode", name)])})
+            "model": name, "batch_size": eval_batch,
+            "pgd20_images_per_s": eval_batch / best[("pgd20", name)],
+            "pgd20_folded_images_per_s": eval_batch / best[("pgd20_folded", name)],
+            "pgd20_fold_speedup": _paired(best, ("pgd20", name), ("pgd20_folded", name)),
+            "clean_inference_mode_speedup": _paired(best, ("clean_no_grad", name),
+                                                    ("clean_inference_mode", name))})
     return out
 
 
@@ -394,7 +404,7 @@ def run(*, pairs: list[str], methods_: list[str] | None = None, repeats: int = 3
     meta = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.machine(), "repeats": repeats, "warmup": warmup, "seed": seed,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "timing": "fastest of the rounds, every candidate of a pair timed once per round"}
+            "timing": "images/s: fastest round; ratios: median over rounds of same-round ratios"}
     report = {"meta": meta, "peak_flops": peak, "pairs": []}
     for i, spec in enumerate(specs):
         pair_methods = names if i == 0 else [n for n in names if n == "d2r"] or names[:1]
@@ -500,9 +510,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `d2r bench` (the cli module wires them)."""
     parser.add_argument("--quick", action="store_true", help="about a minute on an idle 2-core CPU")
     parser.add_argument("--pairs", nargs="+", default=None, metavar="TARGET:GUIDE[:BATCH[:K]]",
-                        help=f"pairs to time (default {' '.join(DEFAULTS['pairs'])}; --quick: "
-                             f"{' '.join(QUICK['pairs'])}); every method runs on the first, d2r on "
-                             "the others")
+                        help=f"default {' '.join(DEFAULTS['pairs'])}; --quick "
+                             f"{' '.join(QUICK['pairs'])}; all methods on the first, d2r on others")
     parser.add_argument("--methods", type=_name_list, default=None,
                         help="comma-separated methods of the registry (default: all)")
     parser.add_argument("--steps", type=int, default=10,
@@ -512,13 +521,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fit-images", type=int, default=None,
                         help="images of the train.fit epoch (1280; --quick 256; 0 skips it)")
     parser.add_argument("--eval-models", type=_name_list, default=None,
-                        help="models of the PGD-20 evaluation timing (small_cnn,preact_resnet18; "
-                             "--quick small_cnn)")
+                        help="PGD-20 models (small_cnn,preact_resnet18; --quick small_cnn)")
     parser.add_argument("--eval-batch-size", type=int, default=None,
                         help="PGD-20 batch (128; --quick 64)")
     parser.add_argument("--scaling-batches", type=_int_list, default=None,
-                        help="batch sizes of the scaling table (16,32,64,128; --quick 16,32,64; "
-                             "none)")
+                        help="scaling table batch sizes (16,32,64,128; --quick 16,32,64; none)")
     parser.add_argument("--scaling-steps", type=_int_list, default=None,
                         help="K values of the scaling table (1,2,5,10; --quick 1,5,10; none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of models and images (0)")
@@ -536,7 +543,7 @@ def _resolve(a) -> dict:
     pick = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in sizes.items()}
     validate.number("--steps", a.steps, min=1, integer=True)
     specs = [_parse_pair(p, a.steps) for p in pick["pairs"]]
-    names = a.methods if a.methods is not None else None
+    names = a.methods
     for name in names or []:
         validate.choice("--methods", name, methods.METHODS)
     if names == []:
