@@ -359,10 +359,11 @@ def _bench_fit(spec: dict, images: int, *, device, seed, data_dir, say) -> dict:
     loop."""
     from . import train
     batch, steps = spec["batch_size"], spec["steps"]
+    check = "held_out" if "held_out" in train.TrainConfig.__dataclass_fields__ else "eval_size"
     cfg = train.TrainConfig(method="d2r", target_model=spec["target"], guide_model=spec["guide"],
                             dataset="cifar10", subset="mini", train_size=images, epochs=1,
                             batch_size=batch, lr=0.01, method_params={"steps": steps}, seed=1,
-                            eval_size=1)
+                            **{check: 1})
     f, g, opt, x, y = _setup(spec["target"], spec["guide"], batch, device, seed)
     n_steps = -(-images // batch)
 
