@@ -177,7 +177,7 @@ def _paired(best: dict, numerator, denominator, scale=None) -> float:
 
 def peak_flops(device="cpu", *, n: int | None = None, repeats: int = 5) -> float:
     """The measured fp32 peak: FLOP/s of the fastest of `repeats` n×n matmuls. Chapter 9."""
-    n = n or (8192 if torch.device(device).type == "cuda" else 1024)
+    n = n or (8192 if torch.device(device).type == "cuda" else 2048)
     validate.number("n", n, min=16, integer=True)
     validate.number("repeats", repeats, min=1, integer=True)
     a = torch.randn(n, n, device=device)
@@ -247,7 +247,7 @@ def _bench_pair(spec: dict, method_names: list, *, device, warmup, repeats, peak
                 say) -> dict:
     target, guide, batch, steps = spec["target"], spec["guide"], spec["batch_size"], spec["steps"]
     f, g, opt, x, y = _setup(target, guide, batch, device, seed)
-    a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
     candidates, parts_of = {"peak": lambda: a @ b}, {}  # the peak under this pair's load
     for name in method_names:  # a method's candidates side by side: ratios within one round
         m = methods.get_method(name)
@@ -263,7 +263,7 @@ def _bench_pair(spec: dict, method_names: list, *, device, warmup, repeats, peak
         f"interleaved, {warmup} + {repeats} rounds")
     best = _interleaved(candidates, device=device, warmup=warmup, repeats=repeats, memory=True)
     rounds = best["rounds"]
-    peak = max(peak, 2 ** 31 / best["peak"])
+    peak = max(peak, 2 ** 34 / best["peak"])
     rows = []
     for name in method_names:
         ours = best[("ours", name)]
@@ -277,7 +277,7 @@ def _bench_pair(spec: dict, method_names: list, *, device, warmup, repeats, peak
                "floor_over_ours": _paired(best, floor_at, ("ours", name)),
                "step_gflop": flops / 1e9,
                "fraction_of_peak": _paired(  # FLOP/s of the step / the matmul's, same round
-                   best, lambda r, fl=flops: fl * rounds["peak"][r] / 2 ** 31, ("ours", name)),
+                   best, lambda r, fl=flops: fl * rounds["peak"][r] / 2 ** 34, ("ours", name)),
                "peak_memory_bytes": best.get((("ours", name), "memory"))}
         if ("official", name) in candidates:
             official = best[("official", name)]
