@@ -12,7 +12,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -22,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import atomic_write
+
 __all__ = [
     "BUNDLE_SHA256", "CACHE_ENV", "CACHE_MIN_IMAGES", "CIFAR10_CLASSES", "DATA_ENV",
     "TINY_BUNDLE_PER_CLASS", "TINY_BUNDLE_ZIP", "TINY_FOLDER", "TINY_MD5", "TINY_TRAIN_PER_CLASS",
-    "TINY_URL", "DataCorrupt", "DataError", "DataMissing", "as_dir", "atomic_write", "cache_dir",
+    "TINY_URL", "DataCorrupt", "DataError", "DataMissing", "as_dir", "cache_dir",
     "cached", "candidate_dirs", "check_md5", "decode_jpeg", "download_cifar", "download_root",
     "download_tiny", "find_file", "locate", "read_cifar10_train_jpeg", "read_cifar_folder",
     "read_npz", "read_tiny", "source_key", "verify_file",
@@ -70,26 +71,6 @@ class DataMissing(DataError, FileNotFoundError):
 
 class DataCorrupt(DataError):
     """A data file is truncated, damaged or modified (the message says how to get a good copy)."""
-
-
-def atomic_write(path, write: Callable[[str], object]) -> Path:
-    """``write(tmp)`` fills a temporary file beside ``path``; it is fsync'ed and renamed onto it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 # --------------------------------------------------------------------------------------------

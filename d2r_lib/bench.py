@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import resource
 import statistics
@@ -359,11 +358,10 @@ def _bench_fit(spec: dict, images: int, *, device, seed, data_dir, say) -> dict:
     loop."""
     from . import train
     batch, steps = spec["batch_size"], spec["steps"]
-    check = "held_out" if "held_out" in train.TrainConfig.__dataclass_fields__ else "eval_size"
     cfg = train.TrainConfig(method="d2r", target_model=spec["target"], guide_model=spec["guide"],
                             dataset="cifar10", subset="mini", train_size=images, epochs=1,
                             batch_size=batch, lr=0.01, method_params={"steps": steps}, seed=1,
-                            **{check: 1})
+                            held_out=1)
     f, g, opt, x, y = _setup(spec["target"], spec["guide"], batch, device, seed)
     n_steps = -(-images // batch)
 
@@ -579,12 +577,7 @@ def _write_json(path: Path, report: dict) -> None:
     """Through `checkpoint.atomic_write` (temporary file, fsync, rename): never half a file."""
     from . import checkpoint
     text = json.dumps(report, indent=1, default=str) + "\n"
-    if hasattr(checkpoint, "atomic_write"):
-        checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-    else:  # until checkpoint.atomic_write is merged
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def main(args: argparse.Namespace) -> int:

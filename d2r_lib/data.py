@@ -455,7 +455,7 @@ def _warn_jpeg(what: str) -> None:
             f"{what} comes from JPEG copies (quality 75), not the lossless originals: the mean "
             "pixel error (~6/255) is comparable to the usual eps = 8/255, so robust accuracy on "
             "it is not comparable to published numbers. Report robust numbers on the lossless "
-            "'mini' subsets (cifar10(subset='mini')).", UserWarning, stacklevel=3)
+            "'mini' subsets (cifar10(subset='mini')).", validate.D2RWarning, stacklevel=3)
 
 
 def cifar10(split="train", subset="mini", *, data_dir=None, download=False,

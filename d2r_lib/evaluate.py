@@ -61,7 +61,7 @@ LARGE_EPS = 0.5
 LARGE_EPS_MAX_ACCURACY = 0.05
 
 
-class RobustnessWarning(UserWarning):
+class RobustnessWarning(validate.D2RWarning):
     """A robustness evaluation looks unreliable (see `sanity_checks`)."""
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import attacks, losses, validate
+from . import attacks, fast, losses, validate
 
 __all__ = [
     "ATTACK_KINDS", "PASS_MODELS", "PASS_INPUTS", "BUDGET", "REFERENCE_PASSES", "Pass", "Method",
@@ -122,11 +122,11 @@ class Method:
         loss_doc = " ".join((self.loss.__doc__ or self.loss.__name__).split("\n\n")[0].split())
         others = ", ".join(f"{k}={v!r}" for k, v in params.items() if k not in BUDGET) or "none"
         trained = "target and guide" if self.uses_guide else "the target"
-        fast = (" (official_passes=False skips the passes the loss value does not need)"
+        skip = (" (official_passes=False skips the passes the loss value does not need)"
                 if self.fast_passes is not None else "")
         return (f"{self.name}: {self.description}. One step: {attack}; then "
                 f"{len(self.passes)} train-mode forward pass{'es' if len(self.passes) > 1 else ''} "
-                f"{', '.join(map(str, self.passes))}{fast}; loss: {loss_doc}; one SGD step on "
+                f"{', '.join(map(str, self.passes))}{skip}; loss: {loss_doc}; one SGD step on "
                 f"{trained}. Loss parameters: {others}.")
 
 
@@ -359,8 +359,10 @@ def _check_guide(method: Method, guide) -> None:
 
 
 def _plain(model):
-    """The module inside a DistributedDataParallel wrapper (the attack needs no all-reduce)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    """The module an attack runs: the one inside a DistributedDataParallel wrapper (the attack
+    needs no all-reduce), BatchNorm-folded when `fast.configure(fold_batchnorm=True)` (off by
+    default: the official step, bit for bit)."""
+    return fast.attack_model(model.module if isinstance(model, DistributedDataParallel) else model)
 
 
 def _attack(m: Method, target, guide, x, y, params: dict):

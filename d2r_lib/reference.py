@@ -23,11 +23,9 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,22 +157,8 @@ CONFIGS = {
 
 # ------------------------------------------------------------------------------------------ writing
 def _write(path: Path, write) -> None:
-    """Atomic file write through checkpoint.atomic_write when the library has it."""
-    atomic = getattr(checkpoint, "atomic_write", None)
-    if atomic is not None:
-        atomic(path, write)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Atomic file write (checkpoint.atomic_write): a reader never sees half a file."""
+    checkpoint.atomic_write(path, write)
 
 
 def _write_json(path: Path, value) -> None:

@@ -207,7 +207,7 @@ def held_out_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: 
             "predicted_classes": int(predicted.unique().numel())}
 
 
-class TrainingCollapsed(RuntimeWarning):
+class TrainingCollapsed(validate.D2RWarning, RuntimeWarning):
     """The target predicts a single class on the whole held-out subset."""
 
 

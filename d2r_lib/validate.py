@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 __all__ = [
+    "D2RWarning",
     "FLOAT32_MAX",
     "SEED_MAX",
     "checkpoint_file",
@@ -39,6 +41,23 @@ __all__ = [
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit; torch and random accept these too
+
+
+class D2RWarning(UserWarning):
+    """A warning of d2r_lib. It is shown as `Name: message`, without the file and line that raised
+    it: the rendered book never shows a path of the machine that built it. Chapter 1."""
+
+
+_format_warning = warnings.formatwarning
+
+
+def _format_d2r_warning(message, category, filename, lineno, line=None):
+    if isinstance(category, type) and issubclass(category, D2RWarning):
+        return f"{category.__name__}: {message}\n"
+    return _format_warning(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _format_d2r_warning
 
 
 def choice(name: str, value, allowed: Iterable[str]) -> str:

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import d2r_lib
 from d2r_lib import (
     attacks,
     checkpoint,
@@ -33,26 +32,6 @@ from d2r_lib import (
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-
-# Features that other branches of this round bring; their cases run once those are merged.
-PACKAGE = Path(d2r_lib.__file__).parent  # (find_spec could see another checkout's editable install)
-NEEDS_CORE = pytest.mark.skipif(
-    not hasattr(checkpoint, "atomic_write"),
-    reason="needs the core branch (issue 11.1: non-finite tensors are never saved or loaded)")
-NEEDS_CORE_EPS = pytest.mark.skipif(
-    not hasattr(checkpoint, "atomic_write"),
-    reason="needs the core branch to check L∞ radii: validate.eps(eps, norm='linf') in "
-           "evaluate and Method.resolve (issue 11.4)")
-NEEDS_DATA = pytest.mark.skipif(
-    not (PACKAGE / "_storage.py").exists(),
-    reason="needs the data branch (issue 11.2: missing data is one error, nothing created)")
-NEEDS_BENCH = pytest.mark.skipif(
-    not (PACKAGE / "bench.py").exists(),
-    reason="needs the bench branch (d2r_lib.bench provides the bench command)")
-NEEDS_RUNNER = pytest.mark.skipif(
-    not (PACKAGE / "runner.py").exists(),
-    reason="needs the runner branch (d2r_lib.runner provides the run command)")
-
 
 def _unwritable() -> str | None:
     """A folder this process cannot write in, or None (root writes nearly everywhere)."""
@@ -258,8 +237,7 @@ CASES = [
     ("range", [*Q, "--lr", "1e300"], 2, "--lr must fit a 32-bit float"),
     ("range", [*Q, "--seed", "-3"], 2, "--seed must be >= 0; got -3"),
     ("range", [*Q, "--eval-eps", "8"], 2, "--eval-eps must be <= 1"),
-    pytest.param("range", ["bench", "--eval-batch-size", "0"], 2, "--eval-batch-size",
-                 marks=NEEDS_BENCH),
+    pytest.param("range", ["bench", "--eval-batch-size", "0"], 2, "--eval-batch-size"),
     # types
     ("type", [*T, "--epochs", "1.5"], 2, "argument --epochs: invalid int value: '1.5'"),
     ("type", [*T, "--lr", "fast"], 2,
@@ -297,7 +275,7 @@ CASES = [
     pytest.param("path", ["quickstart", "--out", "{unwritable}/q"], 2, "cannot write in",
                  marks=NEEDS_UNWRITABLE),
     ("path", ["demo", "--data-dir", "afile"], 2, "--data-dir afile is a file; give a folder"),
-    pytest.param("path", ["run", "--out", "afile"], 2, "afile", marks=NEEDS_RUNNER),
+    pytest.param("path", ["run", "--out", "afile"], 2, "afile"),
     # checkpoints given to evaluate, or found in train's --out
     *[("checkpoint", ["evaluate", "--checkpoint", f"corrupt{seed}.pt"], 2, f"corrupt{seed}.pt")
       for seed in CORRUPT_SEEDS],
@@ -311,7 +289,7 @@ CASES = [
     ("checkpoint", ["evaluate", "--checkpoint", "wrongkeys.pt"], 2,
      "target: checkpoint keys do not match the model"),
     pytest.param("checkpoint", ["evaluate", "--checkpoint", "nan", "--attacks", "clean"], 2,
-                 "finite", marks=NEEDS_CORE),
+                 "finite"),
 ]
 # a bad checkpoint in --out: refused before the data is read
 CASES += [
@@ -336,7 +314,6 @@ def test_refused_before_any_work(kind, argv, code, message, sandbox, capsys):
     assert_refused(*run_cli(argv, capsys, sandbox), code, message)
 
 
-@NEEDS_DATA
 def test_missing_data_is_one_error_and_creates_nothing(sandbox, capsys):
     code, out, err = run_cli(["evaluate", "--checkpoint", "ckpt", "--data-dir", "emptydir",
                               "--attacks", "clean"], capsys, sandbox)
@@ -344,7 +321,6 @@ def test_missing_data_is_one_error_and_creates_nothing(sandbox, capsys):
     assert "emptydir" in err and out == ""
 
 
-@NEEDS_CORE
 @pytest.mark.data
 def test_diverged_training_exits_1_and_saves_nothing(sandbox, capsys, shared_data):
     """`--lr 1e6` with one batch per epoch: the weights turn non-finite after the last step."""
@@ -394,11 +370,11 @@ API_CASES = [
     ("api", lambda: validate.output_file("path", Path(tempfile.gettempdir())), IsADirectoryError,
      "is a folder; give a file name"),
     pytest.param("api", lambda: evaluate.robust_accuracy(_model(), _x(), Y, "pgd20", eps=1e9),
-                 ValueError, "eps must be <= 1", marks=NEEDS_CORE_EPS),
+                 ValueError, "eps must be <= 1"),
     pytest.param("api", lambda: methods.get_method("pgd_at").resolve(eps=1e9), ValueError,
-                 "eps must be <= 1", marks=NEEDS_CORE_EPS),
+                 "eps must be <= 1"),
     pytest.param("api", lambda: experiments.resolve("smoke", epoch=3, verbose=False), ValueError,
-                 "epoch", marks=NEEDS_RUNNER),
+                 "epoch"),
 ]
 
 
