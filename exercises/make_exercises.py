@@ -6,7 +6,7 @@
 The nbgrader convention:
 
 * In a code cell, the lines from ``### BEGIN SOLUTION`` to ``### END SOLUTION`` (markers included)
-  become ``raise NotImplementedError("Task N: write the body of `name` (replace this line)")`` at
+  become ``raise NotImplementedError("Task N: write the body of `name`")`` at
   the indentation of the BEGIN marker. N counts the solution cells of the notebook in order; `name`
   is the function the region sits in.
 * In a markdown cell, the lines from ``<!-- BEGIN SOLUTION -->`` to ``<!-- END SOLUTION -->`` are
@@ -74,7 +74,7 @@ def stub_source(source: str, task: int) -> str:
             indent = line[: len(line) - len(line.lstrip())]
             name = _task_name(source, i)
             what = f"the body of `{name}`" if name else "your code"
-            message = f"Task {task}: write {what} (replace this line)"
+            message = f"Task {task}: write {what}"
             out.append(f"{indent}raise NotImplementedError({message!r})")
         elif stripped == END:
             if not inside:

@@ -150,7 +150,7 @@ def test_library_implementation_passes(name, capsys):
 
 def test_not_implemented_passes_through():
     def stub(*args, **kwargs):
-        raise NotImplementedError("Task 1: write the body of `fgsm` (replace this line)")
+        raise NotImplementedError("Task 1: write the body of `fgsm`")
 
     for name in (
         "fgsm",

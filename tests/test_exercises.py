@@ -143,7 +143,7 @@ def test_generator_stubs_keep_indentation_and_number_tasks():
     stub = GEN.stub_source(source, 3)
     assert stub == (
         'def f(x):\n    """Doc."""\n'
-        "    raise NotImplementedError('Task 3: write the body of `f` (replace this line)')"
+        "    raise NotImplementedError('Task 3: write the body of `f`')"
     )
     compile(stub, "<stub>", "exec")
     with pytest.raises(ValueError, match="without"):
