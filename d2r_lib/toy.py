@@ -28,7 +28,9 @@ __all__ = [
     "MLP",
     "STEPS",
     "ToyRun",
+    "METRICS",
     "attack_params",
+    "compare",
     "evaluate_terms",
     "exact_robust_accuracy",
     "fgsm_method",
@@ -299,6 +301,33 @@ def evaluate_terms(run: ToyRun, x: torch.Tensor, y: torch.Tensor, *,
     finally:
         torch.random.set_rng_state(state)
     return {k: v.item() for k, v in terms.items()}
+
+
+METRICS = ("clean", "pgd20", "exact")
+"""What `compare` measures on each run: clean, PGD-20 and exact robust accuracy at EPS."""
+
+
+def compare(method_names, seeds, *, n_test: int = 500, grid: int = 21, **train_kw) -> list[dict]:
+    """Train every method once per seed and measure `METRICS` on that seed's test set. Chapter 7.
+
+    Returns one dict per run, {"method", "seed", "metrics"}, the shape `reference.summary` and
+    `reference.paired` take: runs with the same seed share the training data, the initialisation
+    seed, the batch order and the test points, so differences can be paired by seed.
+    """
+    names = [methods.get_method(name).name for name in method_names]
+    seeds = [validate.number("seeds entry", s, min=0, integer=True) for s in seeds]
+    if not names or not seeds:
+        raise ValueError("compare needs at least one method and one seed")
+    runs = []
+    for seed in seeds:
+        x, y = test_set(seed=seed, n=n_test)
+        for name in names:
+            run = train(name, seed=seed, **train_kw)
+            runs.append({"method": name, "seed": seed, "metrics": {
+                "clean": evaluate.accuracy(run.target, x, y),
+                "pgd20": pgd_accuracy(run.target, x, y, EPS, seed=seed),
+                "exact": exact_robust_accuracy(run.target, x, y, EPS, grid=grid)}})
+    return runs
 
 
 # ----------------------------------------------------------------------------------------- plotting
