@@ -477,28 +477,16 @@ def cmd_demo(a) -> int:
 
 
 # --------------------------------------------------------------------------------------- profiles
+def _experiments():
+    from . import experiments
+
+    return experiments
+
+
 def _add_profiles(sub) -> None:
     p = sub.add_parser("profiles", help="print the profiles as a table",
                        description="Every profile of experiments.PROFILES, one column each.")
-    p.set_defaults(run=lambda a: print(profiles_table()))
-
-
-def profiles_table() -> str:
-    """experiments.PROFILES as a text table: one row per field, one column per profile."""
-    from . import experiments
-
-    names = list(experiments.PROFILES)
-    rows = {}
-    for name in names:
-        for key, value in _profile(name).items():
-            rows.setdefault(key, {})[name] = "—" if value is None else str(value)
-    header = ["field", *names]
-    lines = [header] + [[key, *(cells.get(n, "") for n in names)] for key, cells in rows.items()]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    text.append("— : the whole split (sizes) or the method's own value (eps, step_size, steps)")
-    return "\n".join(text)
+    p.set_defaults(run=lambda a: print(_experiments().profiles_table()))
 
 
 # ----------------------------------------------------------------------- run and bench: delegated

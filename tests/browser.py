@@ -54,11 +54,11 @@ _INSPECT = """async () => {
     images: imgs.length,
     broken_images: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src),
     images_without_alt: imgs.filter(i => !i.alt).map(i => i.src).slice(0, 5),
-    error_outputs: document.querySelectorAll('.output.traceback, .output.error,
-    .output_error').length,
+    error_outputs: document.querySelectorAll(
+      '.output.traceback, .output.error, .output_error').length,
     widgets: document.querySelectorAll('.jupyter-widgets, .widget-slider, .lm-Widget').length,
-    colab: Array.from(document.querySelectorAll('a[href*="colab.research.google.com"]')).map(a =>
-    a.href),
+    colab: Array.from(document.querySelectorAll('a[href*="colab.research.google.com"]'))
+      .map(a => a.href),
   };
 }"""
 

@@ -144,7 +144,11 @@ def test_train_config_carries_held_out_and_the_profile_budget():
 def test_chapter_runs_declares_chapter_7s_methods():
     cfg = experiments.resolve("smoke", device="cpu", verbose=False)
     runs = experiments.chapter_runs("07_d2r_end_to_end", cfg)
-    assert [r.method for r in runs][:2] == ["standard", "pgd_at"] and len(runs) == 9
+    assert [r.method for r in runs][:2] == ["standard", "pgd_at"] and len(runs) == 9 + 3
+    variants = [("trades", {"official_passes": False}), ("lbgat", {"official_passes": False}),
+                ("mart", {"eps": 8 / 255, "step_size": 2 / 255})]
+    for run, (method, params) in zip(runs[9:], variants):
+        assert run.method == method and params.items() <= run.method_params.items()
     assert experiments.chapter_runs("01_adversarial_examples", cfg) == []
 
 
