@@ -116,7 +116,8 @@ def _inspect_one(browser, base_url, path, screenshots, *, move_slider):
     report.update(page.evaluate(_INSPECT))
     if move_slider:
         report["slider"] = _move_slider(page)
-    page.screenshot(path=str(screenshots / (Path(path).stem + ".png")), full_page=False)
+    shot = screenshots / path.replace("/", "__").replace(".html", ".png")  # book__01_....png
+    page.screenshot(path=str(shot), full_page=False)
     context.close()
     return report
 
