@@ -156,13 +156,10 @@ CONFIGS = {
 
 
 # ------------------------------------------------------------------------------------------ writing
-def _write(path: Path, write) -> None:
-    """Atomic file write (checkpoint.atomic_write): a reader never sees half a file."""
-    checkpoint.atomic_write(path, write)
-
-
 def _write_json(path: Path, value) -> None:
-    _write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=1) + "\n"))
+    """Atomically (checkpoint.atomic_write): a reader never sees half a file."""
+    text = json.dumps(value, indent=1) + "\n"
+    checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _git_commit() -> str:

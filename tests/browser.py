@@ -70,26 +70,42 @@ _VISIBLE_FRAME = """() => {
 }"""
 
 
+def _local(url: str) -> bool:
+    """A request the page may make: to 127.0.0.1, or data it carries itself."""
+    return url.startswith(("data:", "blob:")) or urlparse(url).hostname == "127.0.0.1"
+
+
+@contextmanager
+def chromium():
+    """Debian's Chromium, headless, driven by Playwright; closed when the block ends."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def _local_page(browser):
+    """A new page whose requests to anywhere but 127.0.0.1 are aborted."""
+    page = browser.new_page()
+    page.route("**/*", lambda r: r.continue_() if _local(r.request.url) else r.abort())
+    return page
+
+
 class PageReport(dict):
     """The inspection of one page plus what the browser reported while loading it."""
 
 
-def inspect_pages(base_url: str, paths: list[str], screenshots: Path, *,
+def inspect_pages(browser, base_url: str, paths: list[str], screenshots: Path, *,
                   slider_page: str | None = None):
-    """Load every page; return {path: PageReport}. Screenshots go to `screenshots/<stem>.png`."""
-    from playwright.sync_api import sync_playwright
-
+    """Load every page; return {path: PageReport}. Screenshots go to
+    `screenshots/<folder>__<page>.png`."""
     screenshots.mkdir(parents=True, exist_ok=True)
-    reports = {}
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
-        try:
-            for path in paths:
-                reports[path] = _inspect_one(browser, base_url, path, screenshots,
-                                             move_slider=(path == slider_page))
-        finally:
-            browser.close()
-    return reports
+    return {path: _inspect_one(browser, base_url, path, screenshots,
+                               move_slider=(path == slider_page)) for path in paths}
 
 
 def _inspect_one(browser, base_url, path, screenshots, *, move_slider):
@@ -98,8 +114,7 @@ def _inspect_one(browser, base_url, path, screenshots, *, move_slider):
     report = PageReport(blocked=[], console_errors=[], failed=[])
 
     def route(r):
-        host = urlparse(r.request.url).hostname
-        if r.request.url.startswith(("data:", "blob:")) or host == "127.0.0.1":
+        if _local(r.request.url):
             r.continue_()
         else:
             report["blocked"].append(r.request.url)
@@ -138,38 +153,19 @@ def _move_slider(page) -> dict:
     return {"handles": found, "before": before, "after": after}
 
 
-def search_results(base_url: str, word: str) -> list[str]:
+def search_results(browser, base_url: str, word: str) -> list[str]:
     """The pages the book's own search page lists for `word` (Sphinx's client-side search)."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page()
-            page.route("**/*", lambda r: r.continue_() if urlparse(r.request.url).hostname
-                       == "127.0.0.1" else r.abort())
-            page.goto(f"{base_url}/search.html?q={word}", wait_until="networkidle")
-            page.wait_for_selector("#search-results ul.search li, #search-results p",
-                                   timeout=20_000)
-            page.wait_for_timeout(1000)
-            return page.eval_on_selector_all("#search-results ul.search li a",
-                                             "els => els.map(a => a.getAttribute('href'))")
-        finally:
-            browser.close()
+    page = _local_page(browser)
+    page.goto(f"{base_url}/search.html?q={word}", wait_until="networkidle")
+    page.wait_for_selector("#search-results ul.search li, #search-results p", timeout=20_000)
+    page.wait_for_timeout(1000)
+    return page.eval_on_selector_all("#search-results ul.search li a",
+                                     "els => els.map(a => a.getAttribute('href'))")
 
 
-def navigation(base_url: str, path: str) -> list[str]:
+def navigation(browser, base_url: str, path: str) -> list[str]:
     """The links of the left navigation bar of one page, in the order shown."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page()
-            page.route("**/*", lambda r: r.continue_() if urlparse(r.request.url).hostname
-                       == "127.0.0.1" else r.abort())
-            page.goto(f"{base_url}/{path}", wait_until="networkidle")
-            return page.eval_on_selector_all(".bd-sidebar-primary nav a.reference",
-                                             "els => els.map(a => a.getAttribute('href'))")
-        finally:
-            browser.close()
+    page = _local_page(browser)
+    page.goto(f"{base_url}/{path}", wait_until="networkidle")
+    return page.eval_on_selector_all(".bd-sidebar-primary nav a.reference",
+                                     "els => els.map(a => a.getAttribute('href'))")

@@ -129,7 +129,7 @@ SCREENSHOTS = ROOT / "_build" / "screenshots"
 
 @pytest.fixture(scope="module")
 def browser_reports(built_book):
-    from browser import chromium_path, inspect_pages, navigation, search_results, serve
+    from browser import chromium, chromium_path, inspect_pages, navigation, search_results, serve
     if chromium_path() is None:
         pytest.skip("no Chromium found: `.ci/run` installs Debian's chromium package "
                     "(apt-get install chromium)")
@@ -139,11 +139,11 @@ def browser_reports(built_book):
     pages += sorted(f"{folder}/{p.name}" for folder in ("exercises", "solutions")
                     for p in (built_book / folder).glob("*.html"))
     started = time.perf_counter()
-    with serve(built_book) as base:
-        reports = inspect_pages(base, pages, SCREENSHOTS,
+    with serve(built_book) as base, chromium() as browser:
+        reports = inspect_pages(browser, base, pages, SCREENSHOTS,
                                 slider_page="book/01_adversarial_examples.html")
-        reports["search:Danskin"] = search_results(base, "Danskin")
-        reports["navigation"] = navigation(base, "book/03_trades.html")
+        reports["search:Danskin"] = search_results(browser, base, "Danskin")
+        reports["navigation"] = navigation(browser, base, "book/03_trades.html")
     print(f"browser check of {len(pages)} pages: {time.perf_counter() - started:.0f} s; "
           f"screenshots in {SCREENSHOTS}")
     return reports
