@@ -39,6 +39,7 @@ __all__ = [
     "trained",
     "cached",
     "chapter_runs",
+    "run_config",
     "save_results",
     "load_results",
     "collect_results",
@@ -436,11 +437,32 @@ _CH7_VARIANTS = (("trades", {"official_passes": False}), ("lbgat", {"official_pa
                  ("mart", {"eps": 8 / 255, "step_size": 2 / 255}))
 """Variants of the corrected baselines that chapter 7 trains to show how far they moved."""
 
+def _ch3(cfg, params):
+    betas = sorted({float(b) for b in str(params.get("betas", "1, 6")).split(",")})
+    return [("standard", {}), ("trades", {}), ("pgd_at", {})] + [
+        ("trades", {"beta": b}) for b in betas if b != 6.0]
+
+
 CHAPTER_RUNS = {
+    "01": lambda cfg, params: [("standard", {})],
+    "02": lambda cfg, params: [("standard", {}), ("pgd_at", {})],
+    "03": _ch3,
+    "04": lambda cfg, params: [("lbgat", {}), ("pgd_at", {}), ("trades", {}), ("standard", {})],
+    "05": lambda cfg, params: [("d2r", {})],
+    "06": lambda cfg, params: [("d2r", {})],
     "07": lambda cfg, params: [(name, {}) for name in _CH7_METHODS] + list(_CH7_VARIANTS),
     "08": lambda cfg, params: [(name, {}) for name in str(params.get("method_names", "")).split()],
+    "09": lambda cfg, params: [("d2r", {})],
     "d2r_budget": lambda cfg, params: [("d2r", {"w_clean": params.get("w_clean", 20.0)})],
 }
+
+
+def run_config(profile: str, parameters: dict, device: str = "auto") -> Config:
+    """The Config a chapter resolves from its parameters (`d2r run`: --nproc-per-node and
+    --estimate), without printing."""
+    fields = {k: v for k, v in parameters.items() if k in PROFILE_FIELDS}
+    return resolve(profile, seed=parameters.get("seed", 0), device=device, verbose=False,
+                   **fields)
 
 
 def chapter_runs(chapter: str, cfg: Config, params: dict | None = None) -> list:

@@ -153,14 +153,7 @@ def _source_cell(nb, index: int) -> int:
 
 def _pretrain(r, env: dict, log) -> None:
     """Train the runs the chapter declares (experiments.CHAPTER_RUNS) under torchrun."""
-    fields = {k: v for k, v in r.parameters.items() if k in experiments.PROFILE_FIELDS}
-    cfg = experiments.resolve(
-        r.profile,
-        seed=r.parameters.get("seed", 0),
-        device=r.passed["device"],
-        verbose=False,
-        **fields,
-    )
+    cfg = experiments.run_config(r.profile, r.parameters, r.passed["device"])
     configs = experiments.chapter_runs(r.chapter, cfg, r.parameters)
     if not configs:
         log(

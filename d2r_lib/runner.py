@@ -503,6 +503,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--max-parallel", type=int, default=None, help="Slurm: jobs of the array at once"
     )
     parser.add_argument("--kernel", default=None, help="Jupyter kernel (default: the notebook's)")
+    parser.add_argument(
+        "--estimate",
+        action="store_true",
+        help="run nothing: time a few training steps here and print the projected training "
+        "hours of every run the chapters declare (d2r_lib.projection)",
+    )
     return parser
 
 
@@ -527,6 +533,8 @@ def main(args: argparse.Namespace) -> int:
         "cpus": args.cpus_per_job,
         "parallel": args.max_parallel,
     }
+    if args.estimate:
+        return _estimate(args)
     try:
         manifests = run(
             args.profile,
@@ -552,3 +560,24 @@ def main(args: argparse.Namespace) -> int:
         where = f", cell {m['error']['cell']}" if m.get("error", {}).get("cell") else ""
         print(f"FAILED {m['run']}{where}: {m['error']['ename']}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    """`d2r run --estimate`: check the request as a run would, then project; writes nothing."""
+    from . import projection
+
+    try:
+        runs = plan(
+            args.profile,
+            out=args.out,
+            chapters=args.chapters,
+            params=_parse_cli(args.param),
+            device=args.device,
+        )
+    except RunnerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    device = experiments.pick_device(args.device)
+    base = projection.fit_here(device)
+    print(projection.table(projection.project(runs, base), base))
+    return 0

@@ -149,7 +149,9 @@ def test_chapter_runs_declares_chapter_7s_methods():
                 ("mart", {"eps": 8 / 255, "step_size": 2 / 255})]
     for run, (method, params) in zip(runs[9:], variants):
         assert run.method == method and params.items() <= run.method_params.items()
-    assert experiments.chapter_runs("01_adversarial_examples", cfg) == []
+    assert [r.method for r in experiments.chapter_runs("01_adversarial_examples", cfg)] == [
+        "standard"]
+    assert experiments.chapter_runs("no_such_chapter", cfg) == []
 
 
 def test_cache_label_hides_the_cache_folder(monkeypatch, tmp_path):
