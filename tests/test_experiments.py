@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from d2r_lib import evaluate, experiments, train
+from d2r_lib import evaluate, experiments, runner, train
 
 
 @pytest.fixture(autouse=True)
@@ -143,12 +143,14 @@ def test_train_config_carries_held_out_and_the_profile_budget():
 
 def test_chapter_runs_declares_chapter_7s_methods():
     cfg = experiments.resolve("smoke", device="cpu", verbose=False)
-    runs = experiments.chapter_runs("07_d2r_end_to_end", cfg)
-    assert [r.method for r in runs][:2] == ["standard", "pgd_at"] and len(runs) == 9 + 3
-    variants = [("trades", {"official_passes": False}), ("lbgat", {"official_passes": False}),
-                ("mart", {"eps": 8 / 255, "step_size": 2 / 255})]
-    for run, (method, params) in zip(runs[9:], variants):
-        assert run.method == method and params.items() <= run.method_params.items()
+    default = runner.notebook_parameters(runner.CHAPTER_DIR / "07_d2r_end_to_end.ipynb")
+    runs = experiments.chapter_runs("07_d2r_end_to_end", cfg, default)
+    assert [r.method for r in runs] == default["live_methods"].split()
+    assert [r.method for r in runs] == [r.method for r in
+                                        experiments.chapter_runs("07_d2r_end_to_end", cfg)]
+    more = experiments.chapter_runs("07_d2r_end_to_end", cfg,
+                                    {"live_methods": "standard d2r d2r_no_adv"})
+    assert [r.method for r in more] == ["standard", "d2r", "d2r_no_adv"]
     assert [r.method for r in experiments.chapter_runs("01_adversarial_examples", cfg)] == [
         "standard"]
     assert experiments.chapter_runs("no_such_chapter", cfg) == []
