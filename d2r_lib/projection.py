@@ -38,10 +38,11 @@ def _images(tc) -> int:
     return FULL_TRAIN_IMAGES[tc.dataset]
 
 
-def project(runs, base: costmodel.CostModel) -> list[dict]:
+def project(runs, base: costmodel.CostModel, *, measured: str = "small_cnn") -> list[dict]:
     """One row per distinct training run of the planned `runs` (runner.Run), with the projected
-    seconds; the first chapter that needs a run carries it."""
-    measured = costmodel.model_macs("small_cnn")
+    seconds; the first chapter that needs a run carries it. `base`: a PGD-AT cost model timed on
+    the model `measured` at 32×32 (`fit_here`, or chapter 9's fit)."""
+    measured = costmodel.model_macs(measured)
     rows, seen = [], set()
     for r in runs:
         cfg = experiments.run_config(r.profile, r.parameters, "cpu")
