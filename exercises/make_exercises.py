@@ -15,6 +15,9 @@ The nbgrader convention:
 
 Both notebooks are normalised so that the comparison is exact: nbformat 4.5, no outputs, no
 execution counts, deterministic cell ids, minimal metadata (kernel ``python3``), cell tags sorted.
+A code cell's ``mystnb`` metadata (figure caption and name, image alt text) is kept; in the
+exercise the figure name's ``fig-sol`` prefix becomes ``fig-ex`` (a name is a label, unique in the
+whole book).
 Solution cells get the tag ``hide-input`` in the solution notebook (the book folds them away) and
 lose it in the exercise.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import re
 import sys
 from pathlib import Path
@@ -100,14 +104,27 @@ def exercise_markdown(source: str) -> str:
     return "\n".join(out).strip("\n")
 
 
-def _cell(kind: str, source: str, tags: list[str], index: int, stem: str):
+def _cell(kind: str, source: str, tags: list[str], index: int, stem: str, mystnb=None):
     make = nbformat.v4.new_code_cell if kind == "code" else nbformat.v4.new_markdown_cell
     cell = make(source=source)
     cell.id = f"{stem.replace('_', '-')}-{index:02d}"
     cell.metadata = nbformat.NotebookNode({"tags": sorted(set(tags))} if tags else {})
     if kind == "code":
         cell.outputs, cell.execution_count = [], None
+        if mystnb:  # the figure caption and image alt text of the book page
+            cell.metadata["mystnb"] = copy.deepcopy(mystnb)
     return cell
+
+
+def _exercise_mystnb(mystnb):
+    """The solution cell's `mystnb` metadata for the exercise: its figure name made unique."""
+    if not mystnb or "name" not in mystnb.get("figure", {}):
+        return mystnb
+    out = copy.deepcopy(mystnb)
+    name = out["figure"]["name"]
+    out["figure"]["name"] = ("fig-ex" + name[len("fig-sol"):] if name.startswith("fig-sol")
+                             else name + "-exercise")
+    return out
 
 
 def _notebook(cells):
@@ -130,7 +147,8 @@ def normalise_solution(nb, stem: str):
         tags = [t for t in cell.metadata.get("tags", []) if t != HIDE]
         if is_solution_cell(cell):
             tags.append(HIDE)
-        cells.append(_cell(cell.cell_type, cell.source.strip("\n"), tags, i, stem))
+        cells.append(_cell(cell.cell_type, cell.source.strip("\n"), tags, i, stem,
+                           cell.metadata.get("mystnb")))
     return _notebook(cells)
 
 
@@ -146,7 +164,8 @@ def make_exercise(nb, stem: str):
             source = exercise_markdown(cell.source)
         else:
             source = cell.source
-        cells.append(_cell(cell.cell_type, source, tags, i, stem))
+        cells.append(_cell(cell.cell_type, source, tags, i, stem,
+                           _exercise_mystnb(cell.metadata.get("mystnb"))))
     if task == 0:
         raise ValueError(f"{stem}: no `{BEGIN}` region found; every solution notebook has tasks")
     return _notebook(cells)
