@@ -59,7 +59,7 @@ def test_lint_catches_problems(tmp_path):
 FIGURE_NOTEBOOKS = (CHAPTERS + sorted((ROOT / "book" / "experiments").glob("*.ipynb"))
                     + sorted((ROOT / "exercises").glob("[0-9][0-9]_*.ipynb"))
                     + sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb")))
-CAPTIONS_PENDING = {"book/07_d2r_end_to_end.ipynb"}
+CAPTIONS_PENDING: set[str] = set()
 # A code cell draws a figure when its source calls matplotlib's plt.subplots/figure/plot/imshow/
 # hist/scatter/bar, a function of d2r_lib.plot (except to_hwc), toy.plot_* or a
 # widgets.*_explorer (which returns a static figure). A simple textual detector: a figure drawn
@@ -67,7 +67,8 @@ CAPTIONS_PENDING = {"book/07_d2r_end_to_end.ipynb"}
 PLOTTING_CALL = re.compile(r"\bplt\.(subplots|figure|plot|imshow|hist|scatter|bar)\(|"
                            r"\bplot\.(?!to_hwc\b)[a-z_]+\(|\btoy\.plot_\w+\(|"
                            r"\bwidgets\.\w+_explorer\(")
-# A cell that also displays a table or a widget: MyST-NB would put the figure name on each of its
+# A cell that also displays a table or a widget, or calls more than one plotting function (two
+# figures): MyST-NB would put the figure name on each of its
 # outputs (a duplicate label fails the -W build), so such a cell has a caption and no name; the
 # book's output_figures extension keeps the caption on the image alone.
 OTHER_DISPLAY = re.compile(r"\bdisplay\(|_explorer\(")
@@ -96,10 +97,10 @@ def caption_problems(path: Path) -> list[str]:
         if not str(image.get("alt", "")).strip():
             problems.append(f"cell {i}: no mystnb.image.alt")
         name = figure.get("name")
-        if OTHER_DISPLAY.search(cell.source):
+        if OTHER_DISPLAY.search(cell.source) or len(PLOTTING_CALL.findall(cell.source)) > 1:
             if name is not None:
-                problems.append(f"cell {i} also displays a table or widget: no mystnb.figure.name "
-                                "(it would label every output)")
+                problems.append(f"cell {i} also displays a table or widget, or may draw two "
+                                "figures: no mystnb.figure.name (it would label every output)")
         elif not (isinstance(name, str) and FIGURE_NAME.fullmatch(name)):
             problems.append(f"cell {i}: mystnb.figure.name must be fig-<chapter>-<slug>, "
                             f"got {name!r}")
