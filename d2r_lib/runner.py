@@ -533,9 +533,13 @@ def main(args: argparse.Namespace) -> int:
         "cpus": args.cpus_per_job,
         "parallel": args.max_parallel,
     }
-    if args.estimate:
-        return _estimate(args)
     try:
+        if args.estimate:
+            return _estimate(
+                plan(args.profile, out=args.out, chapters=args.chapters,
+                     params=_parse_cli(args.param), device=args.device),
+                args.device,
+            )
         manifests = run(
             args.profile,
             out=args.out,
@@ -562,22 +566,10 @@ def main(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _estimate(args: argparse.Namespace) -> int:
-    """`d2r run --estimate`: check the request as a run would, then project; writes nothing."""
+def _estimate(runs: list[Run], device: str) -> int:
+    """`d2r run --estimate`: the checked plan's projected training hours; writes nothing."""
     from . import projection
 
-    try:
-        runs = plan(
-            args.profile,
-            out=args.out,
-            chapters=args.chapters,
-            params=_parse_cli(args.param),
-            device=args.device,
-        )
-    except RunnerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    device = experiments.pick_device(args.device)
-    base = projection.fit_here(device)
+    base = projection.fit_here(experiments.pick_device(device))
     print(projection.table(projection.project(runs, base), base))
     return 0
