@@ -272,6 +272,7 @@ def resolve(
     device: str = "auto",
     verbose: bool = True,
     extras: dict | None = None,
+    from_env: bool = True,
     **overrides,
 ) -> Config:
     """Fill every None override from the profile, validate all values, pick and print the device.
@@ -280,7 +281,9 @@ def resolve(
     overrides: profile settings (`PROFILE_FIELDS`); any other name raises, listing the allowed ones.
     extras: a chapter's own parameters (e.g. `{"beta_values": [1.0, 6.0]}` in chapter 3), kept in
     `cfg.extra`. The environment variable D2R_PROFILE, when set, replaces `profile` and says so in
-    one printed line (the test suite runs the whole book at the smoke profile this way). Nothing
+    one printed line (the test suite runs the whole book at the smoke profile this way;
+    from_env=False ignores it, as the runner does, which removes it from its kernels' environment).
+    Nothing
     global changes: see `flush_denormals` for the one CPU setting chapters switch on explicitly.
     """
     unknown = sorted(set(overrides) - set(PROFILE_FIELDS))
@@ -293,7 +296,7 @@ def resolve(
         raise TypeError(
             f"extras must be a dict of a chapter's own parameters; got {type(extras).__name__}"
         )
-    env = os.environ.get(PROFILE_ENV)
+    env = os.environ.get(PROFILE_ENV) if from_env else None
     if env:
         validate.choice(PROFILE_ENV, env, PROFILES)
         if env != profile and verbose:
@@ -460,11 +463,11 @@ CHAPTER_RUNS = {
 
 
 def run_config(profile: str, parameters: dict, device: str = "auto") -> Config:
-    """The Config a chapter resolves from its parameters (`d2r run`: --nproc-per-node and
-    --estimate), without printing."""
+    """The Config a chapter resolves from its parameters under `d2r run` (--nproc-per-node and
+    --estimate), without printing; the runner's profile wins over D2R_PROFILE, as in its kernels."""
     fields = {k: v for k, v in parameters.items() if k in PROFILE_FIELDS}
     return resolve(profile, seed=parameters.get("seed", 0), device=device, verbose=False,
-                   **fields)
+                   from_env=False, **fields)
 
 
 def chapter_runs(chapter: str, cfg: Config, params: dict | None = None) -> list:
