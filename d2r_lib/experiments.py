@@ -283,8 +283,8 @@ def resolve(
     `cfg.extra`. The environment variable D2R_PROFILE, when set, replaces `profile` and says so in
     one printed line (the test suite runs the whole book at the smoke profile this way;
     from_env=False ignores it, as the runner does, which removes it from its kernels' environment).
-    Nothing
-    global changes: see `flush_denormals` for the one CPU setting chapters switch on explicitly.
+    Nothing global changes: see `flush_denormals` for the one CPU setting chapters switch on
+    explicitly.
     """
     unknown = sorted(set(overrides) - set(PROFILE_FIELDS))
     if unknown:
@@ -442,9 +442,12 @@ reference runs; a user adds them to `live_methods` to train them live)."""
 
 
 def _ch3(cfg, params):
-    betas = sorted({float(b) for b in str(params.get("betas", "1, 6")).split(",")})
+    from . import methods
+
+    default = methods.get_method("trades").defaults["beta"]
+    betas = sorted({float(b) for b in str(params.get("betas", default)).split(",")})
     return [("standard", {}), ("trades", {}), ("pgd_at", {})] + [
-        ("trades", {"beta": b}) for b in betas if b != 6.0]
+        ("trades", {"beta": b}) for b in betas if b != default]
 
 
 CHAPTER_RUNS = {
