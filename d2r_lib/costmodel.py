@@ -27,12 +27,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
 
-from . import attacks, methods, models, validate
+from . import attacks, fast, methods, models, validate
 
 __all__ = [
     "TRAIN_PASS", "ATTACK_PASS", "count_macs", "model_macs", "outer_steps", "measure_step",
@@ -128,15 +129,16 @@ def _sync(device: torch.device) -> None:
 def measure_step(method: str = "d2r", target: str = "small_cnn", guide: str = "small_cnn", *,
                  steps: int | None = 10, batch_size: int = 32, image_size: int = 32,
                  num_classes: int = 10, device: str = "cpu", warmup: int = 1, repeats: int = 3,
-                 amp: bool = False, channels_last: bool = False, seed: int = 0,
-                 method_params: dict | None = None) -> float:
+                 amp: bool = False, channels_last: bool = False, fold_batchnorm: bool = False,
+                 seed: int = 0, method_params: dict | None = None) -> float:
     """Seconds per image of one training step of `method` (K = `steps` attack steps, loss, SGD).
 
     Builds fresh `target` / `guide` models on `device`, runs `warmup` untimed steps, then `repeats`
     timed steps of `methods.train_step` on one batch of random images, and returns the fastest step
     time (the one least disturbed by other work on a shared machine) divided by `batch_size`.
     `steps`=None keeps the method's own K; `standard` has no attack (steps must be None or 0). amp:
-    bfloat16 autocast as `train --amp`; channels_last as `--channels-last`. The global RNG is
+    bfloat16 autocast as `train --amp`; channels_last as `--channels-last`; fold_batchnorm: the
+    attack on BatchNorm-folded copies (`TrainConfig.fold_batchnorm`). The global RNG is
     untouched. method_params: other method parameters (e.g. {"official_passes": False}), checked
     before timing. Chapter 9.
     """
@@ -156,7 +158,8 @@ def measure_step(method: str = "d2r", target: str = "small_cnn", guide: str = "s
                              ("num_classes", num_classes, 2), ("warmup", warmup, 0),
                              ("repeats", repeats, 1), ("seed", seed, 0)):
         validate.number(name, value, min=low, integer=True)
-    for name, value in (("amp", amp), ("channels_last", channels_last)):
+    for name, value in (("amp", amp), ("channels_last", channels_last),
+                        ("fold_batchnorm", fold_batchnorm)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False; got {value!r}")
     if not isinstance(device, (str, torch.device)):
@@ -185,6 +188,10 @@ def measure_step(method: str = "d2r", target: str = "small_cnn", guide: str = "s
         optimizer = methods.make_optimizer(f, g)
 
         def one_step():
+            with fast.options(fold_batchnorm=True) if fold_batchnorm else nullcontext():
+                plain_or_amp_step()
+
+        def plain_or_amp_step():
             if amp:
                 with torch.autocast(dev.type, dtype=torch.bfloat16):
                     methods.train_step(m, f, g, optimizer, x, y, **params)

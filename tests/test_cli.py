@@ -310,3 +310,14 @@ def test_data_errors_are_one_line(monkeypatch, capsys):
     assert cli.main(["demo", "--device", "cpu"]) == 2
     assert capsys.readouterr().err == (
         "error: cifar10_test_1000.npz: SHA256 mismatch expected abc, got def\n")
+
+
+def test_fold_batchnorm_flag_and_the_profiles_fast_paths(tmp_path):
+    plain = cli.train_config(_parse("train", "--out", str(tmp_path)))
+    assert (plain.fold_batchnorm, plain.channels_last) == (False, False)
+    flagged = cli.train_config(_parse("train", "--fold-batchnorm", "--out", str(tmp_path)))
+    assert (flagged.fold_batchnorm, flagged.channels_last) == (True, False)
+    cpu = cli.train_config(_parse("train", "--profile", "cpu", "--out", str(tmp_path)))
+    assert (cpu.fold_batchnorm, cpu.channels_last) == (True, True)
+    full = cli.train_config(_parse("train", "--profile", "full", "--out", str(tmp_path)))
+    assert (full.fold_batchnorm, full.channels_last) == (False, False)

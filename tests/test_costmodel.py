@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from d2r_lib import costmodel, models
+from d2r_lib import costmodel, fast, models
 
 
 def synthetic_timings(a, b, c, ks, noise=0.0, seed=0):
@@ -147,6 +147,9 @@ def test_measure_step_runs_and_leaves_rng_alone():
     assert t > 0
     assert costmodel.measure_step("standard", steps=None, batch_size=4, image_size=16, warmup=0,
                                   repeats=1) > 0
+    t = costmodel.measure_step("d2r", steps=1, batch_size=4, image_size=16, warmup=0, repeats=1,
+                               channels_last=True, fold_batchnorm=True)
+    assert t > 0 and fast.current() == fast.FastOptions()  # the option is restored after timing
 
 
 @pytest.mark.parametrize("kwargs, name", [
@@ -160,6 +163,7 @@ def test_measure_step_runs_and_leaves_rng_alone():
     (dict(warmup=-1), "warmup"),
     (dict(image_size=4), "image_size"),
     (dict(amp="yes"), "amp"),
+    (dict(fold_batchnorm=1), "fold_batchnorm"),
 ])
 def test_measure_step_rejects_bad_inputs(kwargs, name):
     with pytest.raises((ValueError, TypeError), match=name):

@@ -212,3 +212,21 @@ def test_trained_names_the_callers_line_in_warnings_and_the_cache_as_a_label(
     printed = capsys.readouterr().out
     assert printed.startswith("loaded the finished run <cache>/d2r-small_cnn-")
     assert str(tmp_path) not in printed
+
+
+@pytest.mark.parametrize("name,on", [("smoke", True), ("cpu", True), ("gpu-short", False),
+                                     ("full", False), ("full-tiny", False), ("reference", False)])
+def test_the_book_profiles_train_on_the_fast_paths_and_the_paper_profiles_do_not(
+        name, on, monkeypatch):
+    monkeypatch.delenv("D2R_PROFILE", raising=False)
+    cfg = experiments.resolve(name, device="cpu", verbose=False)
+    run = experiments.train_config(cfg, "d2r")
+    assert (cfg.fast, run.channels_last, run.fold_batchnorm) == (on, on, on)
+    assert ("fast-paths" in cfg.describe()) is on
+    assert "| `fast` |" in experiments.profiles_table([name])
+
+
+def test_fast_must_be_a_boolean(monkeypatch):
+    monkeypatch.delenv("D2R_PROFILE", raising=False)
+    with pytest.raises(TypeError, match="fast must be True or False; got 'yes'"):
+        experiments.resolve("cpu", device="cpu", verbose=False, fast="yes")

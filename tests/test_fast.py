@@ -191,3 +191,39 @@ def test_bf16_loss_within_1e_2_of_fp32():
         losses.append(terms["loss"].float().item())
     assert losses[0] != losses[1]  # bf16 really ran
     assert abs(losses[1] - losses[0]) <= 1e-2 * abs(losses[0])
+
+
+def _fit_quietly(cfg):
+    from d2r_lib import train
+    return train.fit(cfg, None, progress=False, log=lambda *a, **k: None)
+
+
+def test_fit_with_fold_batchnorm_attacks_folded_copies_and_restores_the_options(monkeypatch):
+    from d2r_lib import train
+    seen = []
+    real = fast.attack_model
+
+    def spy(model, *args, **kwargs):
+        seen.append(fast.current().fold_batchnorm)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(fast, "attack_model", spy)
+    fields = dict(method="d2r", dataset="synthetic", subset="default", train_size=64, epochs=1,
+                  batch_size=32, held_out=16, method_params={"steps": 2})
+    folded = _fit_quietly(train.TrainConfig(**fields, fold_batchnorm=True, channels_last=True))
+    assert seen and all(seen)  # every attack of the run saw folding on
+    assert fast.current() == fast.FastOptions()  # and it is off again after the run
+    seen.clear()
+    plain = _fit_quietly(train.TrainConfig(**fields))
+    assert seen and not any(seen)
+    # the same functions up to float rounding: two steps later the losses still agree closely
+    a, b = folded.history[0]["train_loss"], plain.history[0]["train_loss"]
+    assert abs(a - b) <= 1e-3 * abs(b), (a, b)
+
+
+def test_train_config_refuses_a_non_boolean_fast_path():
+    from d2r_lib import train
+    with pytest.raises(TypeError, match="fold_batchnorm must be True or False; got 'yes'"):
+        train.TrainConfig(fold_batchnorm="yes").validate()
+    with pytest.raises(TypeError, match="channels_last must be True or False; got 1"):
+        train.TrainConfig(channels_last=1).validate()
