@@ -518,7 +518,7 @@ def test_datasets_table():
     (lambda: data.BatchLoader(data.synthetic(8), 2, rank=2, world=2), ValueError,
      r"rank must be <= 1"),
     (lambda: data.BatchLoader(data.synthetic(8), 2, prefetch="yes"), TypeError,
-     r"prefetch must be True or False"),
+     r"prefetch must be True, False or None \(None: on CUDA only\); got 'yes'"),
     (lambda: data.BatchLoader(data.synthetic(8), 2).set_epoch(-1), ValueError,
      r"epoch must be >= 0"),
     (lambda: data.random_crop_flip(torch.zeros(3, 8, 8)), ValueError,

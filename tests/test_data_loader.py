@@ -194,3 +194,11 @@ def test_make_loader_chooses_batch_loader():
     assert isinstance(dl, torch.utils.data.DataLoader) and len(dl) == 3
     assert isinstance(data.make_loader(ds, 8, shuffle=True, num_workers=1),
                       torch.utils.data.DataLoader)
+
+
+def test_batch_loader_prefetches_on_cuda_only_by_default():
+    ds = _numbered(64)
+    assert data.BatchLoader(ds, 16).prefetch is False  # on a CPU the thread takes the step's cores
+    assert data.BatchLoader(ds, 16, device="cuda").prefetch is True  # nothing is moved yet
+    assert data.BatchLoader(ds, 16, prefetch=True).prefetch is True
+    assert data.BatchLoader(ds, 16, device="cuda", prefetch=False).prefetch is False
