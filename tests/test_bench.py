@@ -38,7 +38,8 @@ def test_quick_path_prints_the_table_and_writes_the_json(tmp_path, capsys):
     assert bench.main(_args(*TINY, *fit, "--json", str(out))) == 0
     printed = capsys.readouterr().out
     for text in ("ours img/s", "official", "ours/off", "floor/ours", "of peak", "PGD-20 evaluation",
-                 "scaling against batch size", "scaling against steps", f"report: {out}"):
+                 "scaling against batch size", "scaling against steps", f"report: {out}",
+                 "with both (the cpu profile's fast paths) the d2r step runs at about"):
         assert text in printed
     report = json.loads(out.read_text())
     assert set(report) >= {"meta", "peak_flops", "pairs", "fast", "scaling"}
