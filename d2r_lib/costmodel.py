@@ -160,8 +160,7 @@ def measure_step(method: str = "d2r", target: str = "small_cnn", guide: str = "s
         validate.number(name, value, min=low, integer=True)
     for name, value in (("amp", amp), ("channels_last", channels_last),
                         ("fold_batchnorm", fold_batchnorm)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False; got {value!r}")
+        validate.flag(name, value)
     if not isinstance(device, (str, torch.device)):
         raise TypeError("device must be a string such as 'cpu' or 'cuda'; got "
                         f"{type(device).__name__}")
@@ -188,14 +187,8 @@ def measure_step(method: str = "d2r", target: str = "small_cnn", guide: str = "s
         optimizer = methods.make_optimizer(f, g)
 
         def one_step():
-            with fast.options(fold_batchnorm=True) if fold_batchnorm else nullcontext():
-                plain_or_amp_step()
-
-        def plain_or_amp_step():
-            if amp:
-                with torch.autocast(dev.type, dtype=torch.bfloat16):
-                    methods.train_step(m, f, g, optimizer, x, y, **params)
-            else:
+            autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if amp else nullcontext()
+            with fast.folding(fold_batchnorm), autocast:
                 methods.train_step(m, f, g, optimizer, x, y, **params)
 
         return _fastest(one_step, dev, warmup, repeats) / batch_size

@@ -62,12 +62,6 @@ DATASETS = {
 _JPEG_WARNED = False
 
 
-def _flag(name, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False; got {value!r}")
-    return value
-
-
 # --------------------------------------------------------------------------------------------
 # The dataset
 # --------------------------------------------------------------------------------------------
@@ -146,7 +140,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if len(given) > 1:
             raise ValueError(f"give only one of n, positions, per_class; got {', '.join(given)}")
         validate.number("seed", seed, integer=True)
-        _flag("random", random)
+        validate.flag("random", random)
         size = len(self)
         gen = torch.Generator().manual_seed(seed)
         if n is not None:
@@ -192,7 +186,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def with_augmentation(self, enabled=True) -> ImageDataset:
         """The same images (shared tensors) with the paper's augmentation on (or off)."""
-        _flag("enabled", enabled)
+        validate.flag("enabled", enabled)
         aug = paper_augmentation(self.image_size) if enabled else None
         return self._with(None, self.name, transform=aug)
 
@@ -300,7 +294,8 @@ class BatchLoader:
             raise TypeError("dataset.transform must be None or the paper's augmentation; for "
                             "another transform use make_loader(..., num_workers=1) (a DataLoader)")
         validate.number("batch_size", batch_size, min=1, integer=True)
-        self.shuffle, self.drop_last = _flag("shuffle", shuffle), _flag("drop_last", drop_last)
+        self.shuffle = validate.flag("shuffle", shuffle)
+        self.drop_last = validate.flag("drop_last", drop_last)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if prefetch is not None and not isinstance(prefetch, bool):
             raise TypeError(f"prefetch must be True, False or None (None: on CUDA only); got "
@@ -397,8 +392,8 @@ def make_loader(dataset, batch_size, *, shuffle, seed=0, drop_last=False, num_wo
         raise TypeError("dataset must be a torch Dataset (e.g. an ImageDataset); got "
                         f"{type(dataset).__name__}")
     validate.number("batch_size", batch_size, min=1, integer=True)
-    _flag("shuffle", shuffle)
-    _flag("drop_last", drop_last)
+    validate.flag("shuffle", shuffle)
+    validate.flag("drop_last", drop_last)
     validate.number("seed", seed, integer=True)
     validate.number("num_workers", num_workers, min=0, integer=True)
     if isinstance(dataset, ImageDataset) and num_workers == 0 and (
@@ -433,8 +428,8 @@ def _check(name, split, subset, download, augment, data_dir) -> None:
     spec = DATASETS[name]
     validate.choice("split", split, spec["splits"])
     validate.choice("subset", subset, spec["subsets"])
-    _flag("download", download)
-    _flag("augment", augment)
+    validate.flag("download", download)
+    validate.flag("augment", augment)
     if data_dir is not None:
         _storage.as_dir(data_dir)
 
@@ -562,7 +557,7 @@ def synthetic(n=256, *, num_classes=10, image_size=32, seed=0, augment=False) ->
     validate.number("num_classes", num_classes, min=2, integer=True)
     validate.number("image_size", image_size, min=4, integer=True)
     validate.number("seed", seed, integer=True)
-    _flag("augment", augment)
+    validate.flag("augment", augment)
     proto = torch.Generator().manual_seed(1_000_003 * num_classes + image_size)
     colours = torch.rand(num_classes, 3, generator=proto)
     angle = torch.rand(num_classes, generator=proto) * torch.pi

@@ -269,8 +269,7 @@ def _check_values(values: dict) -> None:
     validate.choice("guide_model", values["guide_model"], models.MODELS)
     validate.number("lr", values["lr"], min=0, min_open=True)
     validate.choice("autoattack", values["autoattack"], [*evaluate.AUTOATTACK_VERSIONS, "off"])
-    if not isinstance(values["fast"], bool):
-        raise TypeError(f"fast must be True or False; got {values['fast']!r}")
+    validate.flag("fast", values["fast"])
 
 
 def resolve(

@@ -25,6 +25,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from . import validate
+
 __all__ = [
     "FastOptions",
     "attack_model",
@@ -34,6 +36,7 @@ __all__ = [
     "count_batchnorm",
     "current",
     "fold_batchnorm",
+    "folding",
     "no_grad",
     "options",
     "prepare_model",
@@ -62,9 +65,7 @@ class FastOptions:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, bool):
-                raise TypeError(f"{f.name} must be True or False; got {value!r}")
+            validate.flag(f.name, getattr(self, f.name))
 
     @classmethod
     def for_device(cls, device: str | torch.device) -> FastOptions:
@@ -105,6 +106,13 @@ def options(**changes):
         yield configure(**changes)
     finally:
         _current = saved
+
+
+def folding(enabled: bool):
+    """A block with BatchNorm folding switched on when `enabled`; otherwise the options stay as
+    they are (`TrainConfig.fold_batchnorm`, `costmodel.measure_step(fold_batchnorm=)`)."""
+    validate.flag("enabled", enabled)
+    return options(fold_batchnorm=True) if enabled else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------- BatchNorm folding

@@ -142,8 +142,7 @@ def _check_param(key: str, value, default) -> None:
     elif key == "kl_reduction":
         validate.choice("kl_reduction", value, losses.KL_REDUCTIONS)
     elif isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise TypeError(f"{key} must be True or False; got {value!r}")
+        validate.flag(key, value)
     elif isinstance(default, (int, float)):
         validate.number(key, value)
 

@@ -156,8 +156,7 @@ def fgsm_method(random_start: bool) -> methods.Method:
     (train it with step_size = 1.25 eps). Train with steps=1; `methods.train_step` runs it like any
     registry method.
     """
-    if not isinstance(random_start, bool):
-        raise TypeError(f"random_start must be True or False; got {random_start!r}")
+    validate.flag("random_start", random_start)
     start = "uniform" if random_start else "clean"
     name = "fgsm_rs_at" if random_start else "fgsm_at"
     text = ("FGSM training: CE on one signed-gradient step from "

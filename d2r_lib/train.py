@@ -108,8 +108,7 @@ class TrainConfig:
         validate.number("weight_decay", self.weight_decay, min=0)
         validate.choice("schedule", self.schedule, SCHEDULES)
         for key in ("augment", "amp", "channels_last", "compile", "fold_batchnorm"):
-            if not isinstance(getattr(self, key), bool):
-                raise TypeError(f"{key} must be True or False; got {getattr(self, key)!r}")
+            validate.flag(key, getattr(self, key))
         method.resolve(**self.method_params)
         return self
 
@@ -352,13 +351,14 @@ def _held_out(target, x_eval, y_eval, cfg: TrainConfig, epoch: int, path, histor
 
 
 def _train_one(cfg: TrainConfig, method, step_models, optimizer, x, y, device) -> dict[str, float]:
-    """One batch through `methods.train_step` (bfloat16 autocast with cfg.amp)."""
+    """One batch through `methods.train_step` (bfloat16 autocast with cfg.amp, the attack on
+    BatchNorm-folded copies with cfg.fold_batchnorm)."""
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if cfg.amp
                 else contextlib.nullcontext())
-    with autocast:
+    with fast.folding(cfg.fold_batchnorm), autocast:  # the attack on folded copies (chapter 9)
         return methods.train_step(method, *step_models, optimizer, x, y, **cfg.method_params)
 
 
@@ -398,40 +398,36 @@ def fit(cfg: TrainConfig, out_dir: str | Path | None = None, *, device: str = "c
     loader = data.BatchLoader(train_set, cfg.batch_size, seed=cfg.seed, rank=rank, world=world,
                               device=device)
     from tqdm.auto import tqdm
-    # cfg.fold_batchnorm: the attack runs on BatchNorm-folded copies (fast.py, chapter 9)
-    folding = fast.options(fold_batchnorm=True) if cfg.fold_batchnorm else contextlib.nullcontext()
-    with folding:
-        for epoch in range(first, last + 1):
-            lr = _set_lr(optimizer, cfg, epoch)
-            sums: dict[str, float] = {}
-            seen, batch, started = 0, 0, time.perf_counter()
-            loader.set_epoch(epoch)
-            batches = tqdm(loader, total=len(loader), leave=False,
-                           desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}",
-                           disable=not (progress and rank == 0))
-            for batch, (x, y) in enumerate(batches, start=1):
-                terms = _train_one(cfg, method, step_models, optimizer, x, y, device)
-                _check_loss(terms, epoch, batch, path, history)
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(y)
-                seen += len(y)
-                batches.set_postfix(loss=f"{terms['loss']:.3f}")
-            check_finite(epoch, batch, target, guide, optimizer, path, history)
-            elapsed = time.perf_counter() - started
-            record = {"epoch": epoch, "lr": lr, "time_s": round(elapsed, 2),
-                      "images_per_s": round(seen * world / max(elapsed, 1e-9), 1),
-                      **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()}}
-            if rank == 0:
-                record.update(_held_out(target, x_eval, y_eval, cfg, epoch, path, history))
-            history.append(record)
-            say(_format_record(record))
-            if rank == 0:
-                warn_if_collapsed(record, len(y_eval), cfg.lr)
-                if path is not None:
-                    save_run(path, cfg, target, guide, optimizer, epoch, history,
-                             train_set.num_classes)
-            if world > 1:
-                dist.barrier()
+    for epoch in range(first, last + 1):
+        lr = _set_lr(optimizer, cfg, epoch)
+        sums: dict[str, float] = {}
+        seen, batch, started = 0, 0, time.perf_counter()
+        loader.set_epoch(epoch)
+        batches = tqdm(loader, total=len(loader), leave=False,
+                       desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}",
+                       disable=not (progress and rank == 0))
+        for batch, (x, y) in enumerate(batches, start=1):
+            terms = _train_one(cfg, method, step_models, optimizer, x, y, device)
+            _check_loss(terms, epoch, batch, path, history)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v * len(y)
+            seen += len(y)
+            batches.set_postfix(loss=f"{terms['loss']:.3f}")
+        check_finite(epoch, batch, target, guide, optimizer, path, history)
+        elapsed = time.perf_counter() - started
+        record = {"epoch": epoch, "lr": lr, "time_s": round(elapsed, 2),
+                  "images_per_s": round(seen * world / max(elapsed, 1e-9), 1),
+                  **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()}}
+        if rank == 0:
+            record.update(_held_out(target, x_eval, y_eval, cfg, epoch, path, history))
+        history.append(record)
+        say(_format_record(record))
+        if rank == 0:
+            warn_if_collapsed(record, len(y_eval), cfg.lr)
+            if path is not None:
+                save_run(path, cfg, target, guide, optimizer, epoch, history, train_set.num_classes)
+        if world > 1:
+            dist.barrier()
     for model in (target, guide):
         if model is not None:
             model.eval()

@@ -119,6 +119,13 @@ def seed(value, name: str = "seed") -> int:
     return number(name, value, min=0, max=SEED_MAX, integer=True)
 
 
+def flag(name: str, value) -> bool:
+    """A yes/no setting: exactly True or False (not 1, "yes" or None)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+    return value
+
+
 def images(x, name: str = "x") -> torch.Tensor:
     """x must be a float tensor (N, C, H, W) with every value finite and in [0, 1]."""
     if not isinstance(x, torch.Tensor):

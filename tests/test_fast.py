@@ -227,3 +227,13 @@ def test_train_config_refuses_a_non_boolean_fast_path():
         train.TrainConfig(fold_batchnorm="yes").validate()
     with pytest.raises(TypeError, match="channels_last must be True or False; got 1"):
         train.TrainConfig(channels_last=1).validate()
+
+
+def test_folding_switches_on_when_asked_and_otherwise_leaves_the_options_alone():
+    with fast.folding(True):
+        assert fast.current().fold_batchnorm
+    assert fast.current() == fast.FastOptions()
+    with fast.options(fold_batchnorm=True), fast.folding(False):
+        assert fast.current().fold_batchnorm  # False does not switch a caller's choice off
+    with pytest.raises(TypeError, match="enabled must be True or False; got 'yes'"):
+        fast.folding("yes")
