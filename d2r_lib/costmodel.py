@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -187,8 +186,7 @@ def measure_step(method: str = "d2r", target: str = "small_cnn", guide: str = "s
         optimizer = methods.make_optimizer(f, g)
 
         def one_step():
-            autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if amp else nullcontext()
-            with fast.folding(fold_batchnorm), autocast:
+            with fast.folding(fold_batchnorm), fast.autocast(dev, enabled=amp):
                 methods.train_step(m, f, g, optimizer, x, y, **params)
 
         return _fastest(one_step, dev, warmup, repeats) / batch_size

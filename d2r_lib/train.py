@@ -10,7 +10,6 @@ stopped.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -356,9 +355,7 @@ def _train_one(cfg: TrainConfig, method, step_models, optimizer, x, y, device) -
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if cfg.amp
-                else contextlib.nullcontext())
-    with fast.folding(cfg.fold_batchnorm), autocast:  # the attack on folded copies (chapter 9)
+    with fast.folding(cfg.fold_batchnorm), fast.autocast(device, enabled=cfg.amp):
         return methods.train_step(method, *step_models, optimizer, x, y, **cfg.method_params)
 
 

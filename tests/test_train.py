@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2r_lib import checkpoint, losses, methods, models, train
+from d2r_lib import checkpoint, fast, losses, methods, models, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -320,3 +320,20 @@ def test_atomic_write_replaces_whole_files_or_nothing(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["out.txt"]  # no temporary file left
     with pytest.raises(IsADirectoryError, match="is a directory"):
         checkpoint.atomic_write(tmp_path, lambda tmp: None)
+
+
+@pytest.mark.parametrize("amp, fold", [(True, True), (False, False)])
+def test_each_step_runs_under_the_configs_autocast_and_folding(tmp_path, monkeypatch, amp, fold):
+    seen = []
+    real = methods.train_step
+
+    def recording(*args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                     fast.current().fold_batchnorm))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(methods, "train_step", recording)
+    train.fit(tiny(epochs=1, amp=amp, fold_batchnorm=fold), tmp_path, progress=False,
+              log=lambda *a: None)
+    assert seen and all(s[0] == amp and s[2] == fold for s in seen)
+    assert all(s[1] == torch.bfloat16 for s in seen if s[0])
+    assert fast.current().fold_batchnorm is False  # restored after every step
