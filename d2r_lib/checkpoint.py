@@ -9,19 +9,20 @@ evaluated or resumed).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pickle
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 __all__ = [
-    "FORMAT_VERSION", "CheckpointError", "atomic_write", "first_non_finite", "save", "load",
-    "strip_prefix",
-    "load_state_strict", "check_meta",
+    "FORMAT_VERSION", "CheckpointError", "Busy", "atomic_write", "exclusive", "first_non_finite",
+    "save", "load", "strip_prefix", "load_state_strict", "check_meta",
 ]
 
 FORMAT_VERSION = 1
@@ -30,6 +31,32 @@ FORMAT_VERSION = 1
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used as asked: unsafe, corrupt, non-finite, or of another model /
     class count / method."""
+
+
+class Busy(RuntimeError):
+    """Another process holds the lock of a run folder (`exclusive`)."""
+
+
+@contextlib.contextmanager
+def exclusive(lock: str | Path) -> Iterator[Path]:
+    """Hold an advisory lock (`flock`) on the file `lock` for the block: one writer per run. The
+    lock dies with its process, so a killed run never leaves a stale one. Raises `Busy` naming the
+    holder's pid when another process holds it."""
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise Busy(f"{lock.parent} is in use by another process (pid {holder}); wait for it "
+                       "to finish or stop it, or use another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield lock
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:

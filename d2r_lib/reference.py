@@ -106,9 +106,12 @@ class ReferenceConfig:
     autoattack_version: str = "standard"
     subset: str = "full"
 
-    def train_config(self, method: str, seed: int) -> train.TrainConfig:
+    def train_config(self, method: str, seed: int, params: dict | None = None) -> train.TrainConfig:
+        """The training run of `method` at `seed`; `params` adds method parameters (a registered
+        follow-up's dose, e.g. {"w_adv": 10.0})."""
         m = methods.get_method(method)
-        params = {"steps": self.steps} if self.steps is not None and "steps" in m.defaults else {}
+        params = {**({"steps": self.steps} if self.steps is not None and "steps" in m.defaults
+                     else {}), **(params or {})}
         return train.TrainConfig(method=method, target_model=self.target_model,
                                  guide_model=self.guide_model, dataset="cifar10",
                                  subset=self.subset, train_size=self.train_size,
@@ -148,6 +151,9 @@ CONFIGS = {
     # official step size (K·step ≥ ε). Measured: standard reaches 60.0 % clean (seed 1), below the
     # 65 % aim. `--dry-run --estimate` re-measures on your machine.
     "reference": ReferenceConfig("reference", train_size=20000, epochs=5, steps=5),
+    # the registered budget follow-ups (followups.FOLLOWUPS["budget"]): the same setting, longer
+    "reference_e10": ReferenceConfig("reference_e10", train_size=20000, epochs=10, steps=5),
+    "reference_e20": ReferenceConfig("reference_e20", train_size=20000, epochs=20, steps=5),
     # the pipeline in seconds (tests): a few batches, a few images
     "tiny": ReferenceConfig("tiny", train_size=64, epochs=1, steps=2, batch_size=32, held_out=16,
                             test_images=24, autoattack_images=8, autoattack_version="apgd-ce",
@@ -245,15 +251,30 @@ def _evaluate(target, config: ReferenceConfig, partial_path: Path, log) -> tuple
 
 def run_one(out: str | Path, method: str, seed: int,
             config: ReferenceConfig = CONFIGS["reference"], *,
-            device: str = "cpu", log=print) -> Path:
-    """Train (or resume) and evaluate one reference run; write its folder. A complete folder is
-    skipped."""
-    folder = run_dir(Path(out), method, seed)
+            device: str = "cpu", log=print, params: dict | None = None,
+            name: str | None = None) -> Path | None:
+    """Train (or resume) and evaluate one reference run; write its folder `<name>-seed<k>` (name:
+    the method's, or a follow-up's name for `method` with `params`). A complete folder is skipped,
+    and so is one another process is running now (returns None)."""
+    name = name or method
+    folder = run_dir(Path(out), name, seed)
     if is_complete(folder):
         log(f"{folder.name}: complete, skipped")
         return folder
-    cfg = config.train_config(method, seed)
+    cfg = config.train_config(method, seed, params)
     cache = train.cache_path(cfg)
+    try:
+        with checkpoint.exclusive(cache / "run.lock"):
+            return _train_and_write(folder, name, method, seed, config, cfg, cache, device, log)
+    except checkpoint.Busy:
+        log(f"{folder.name}: another process is running it, skipped")
+        return None
+
+
+def _train_and_write(folder: Path, name: str, method: str, seed: int, config: ReferenceConfig,
+                     cfg: train.TrainConfig, cache: Path, device: str, log) -> Path:
+    if is_complete(folder):  # another process finished it while we waited
+        return folder
     log(f"{folder.name}: training ({cfg.epochs} epochs, cache {cache})")
     started = time.perf_counter()
     result = train.fit(cfg, cache, device=device, progress=False, log=log)
@@ -276,7 +297,8 @@ def run_one(out: str | Path, method: str, seed: int,
                "test_set": "cifar10/test/mini (lossless test images 0-999)"}
     _write_json(folder / "metrics.json", metrics)
     manifest = {
-        "method": method, "seed": seed, "config": dataclasses.asdict(config),
+        "method": method, "seed": seed, **({"run": name} if name != method else {}),
+        "config": dataclasses.asdict(config),
         "train_config": cfg.as_dict(),
         "method_params": methods.get_method(method).resolve(**cfg.method_params),
         "deviations": config.deviations(method), "commit": _git_commit(), "versions": _versions(),
@@ -376,7 +398,8 @@ def load(folder: str | Path) -> list[dict]:
                              f"`python -m d2r_lib.reference run` or remove it")
         manifest = json.loads((sub / "manifest.json").read_text())
         ckpt = sub / manifest["checkpoint"] if manifest.get("checkpoint") else None
-        runs.append({"folder": sub, "method": manifest["method"], "seed": manifest["seed"],
+        runs.append({"folder": sub, "method": manifest.get("run", manifest["method"]),
+                     "trained_method": manifest["method"], "seed": manifest["seed"],
                      "manifest": manifest,
                      "metrics": json.loads((sub / "metrics.json").read_text()),
                      "history": json.loads((sub / "history.json").read_text()),
@@ -390,7 +413,8 @@ def load_target(run_record: dict, device: str = "cpu"):
         raise ValueError(f"run {run_record['folder']} ships no checkpoint")
     payload = checkpoint.load(run_record["checkpoint"], map_location=device)
     checkpoint.check_meta(payload, run_record["checkpoint"], kind="d2r_lib.reference",
-                          method=run_record["method"], seed=run_record["seed"])
+                          method=run_record.get("trained_method", run_record["method"]),
+                          seed=run_record["seed"])
     model = models.build_model(payload["target_model"], payload["num_classes"]).to(device)
     checkpoint.load_state_strict(model, payload["target"], "target")
     return model.eval()

@@ -175,7 +175,7 @@ def fgsm_method(random_start: bool) -> methods.Method:
 def train(method: str | methods.Method, *, seed: int = 0, epochs: int = 20, data=None,
           width: int = 32, depth: int = 2, batch_size: int = 500, lr: float = 0.02,
           eps: float = EPS, steps: int = STEPS, step_size: float | None = None,
-          **params) -> ToyRun:
+          guide_width: int | None = None, **params) -> ToyRun:
     """Train any registry method on the toy with `methods.train_step`, cosine learning rate.
     Chapter 1 onwards.
 
@@ -183,12 +183,15 @@ def train(method: str | methods.Method, *, seed: int = 0, epochs: int = 20, data
     step_size = eps / 4, steps) replaces the method's CIFAR defaults; other method parameters (beta,
     w_clean, ...) pass through `params`. SGD with the official momentum 0.9 and weight decay 2e-4,
     but lr 0.02: at the official 0.1 the D2R loss diverges on the toy. A non-finite loss raises.
+    guide_width: the guide's hidden width (default: `width`, a guide as large as the target).
     Models come back in eval mode.
     """
     m = method if isinstance(method, methods.Method) else methods.get_method(method)
     validate.number("seed", seed, min=0, integer=True)
     validate.number("epochs", epochs, min=1, integer=True)
     validate.number("batch_size", batch_size, min=2, integer=True)
+    if guide_width is not None:
+        validate.number("guide_width", guide_width, min=1, integer=True)
     budget = attack_params(m, eps, steps, step_size)
     all_params = {**budget, **params}
     m.resolve(**all_params)  # unknown or invalid parameters fail before any work
@@ -196,7 +199,7 @@ def train(method: str | methods.Method, *, seed: int = 0, epochs: int = 20, data
     _check_model_data(x, y)
     torch.manual_seed(seed)
     target = mlp(width, depth)
-    guide = mlp(width, depth) if m.uses_guide else None
+    guide = mlp(guide_width or width, depth) if m.uses_guide else None
     optimizer = methods.make_optimizer(target, guide, lr=lr)
     order_gen = torch.Generator().manual_seed(seed)
     history = []

@@ -31,7 +31,8 @@ from . import checkpoint, data, fast, methods, models, validate
 __all__ = [
     "SCHEDULES", "RESUME", "CHECKPOINT_NAME", "TrainingDiverged", "TrainingCollapsed", "paper_lr",
     "cosine_lr", "TrainConfig", "TrainResult", "code_fingerprint", "seed_everything",
-    "setup_distributed", "held_out_check", "warn_if_collapsed", "build_models", "check_finite",
+    "setup_distributed", "confidence", "held_out_check", "warn_if_collapsed", "build_models",
+    "check_finite",
     "fit", "save_run", "load_run", "cache_dir", "cache_path", "load_or_train", "load_cached",
 ]
 
@@ -194,19 +195,43 @@ def setup_distributed(device: str) -> tuple[int, int, str]:
     return rank, world, device
 
 
-def held_out_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int = 0) -> dict:
+def confidence(logits: torch.Tensor, y: torch.Tensor) -> dict:
+    """How sure a model is on its own clean images: accuracy, the mean probability of the true class
+    and the mean entropy of its soft labels (nats; ln C for a uniform prediction). Chapter 7 reads
+    it for the target and for the guide, whose soft labels D2R's loss makes the target match."""
+    probs = torch.softmax(logits.float(), dim=1)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(1)
+    return {"acc": (logits.argmax(1) == y).sum().item() / len(y),
+            "true_prob": probs.gather(1, y[:, None]).mean().item(),
+            "entropy": entropy.mean().item()}
+
+
+def held_out_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int = 0,
+                   guide: nn.Module | None = None) -> dict:
     """Clean and PGD-20 accuracy (ε 8/255, the evaluation protocol) on a fixed subset, and how many
-    distinct classes the model predicts there (1 = collapsed to a constant); RNG state untouched."""
+    distinct classes the model predicts there (1 = collapsed to a constant); the target's mean
+    true-class probability and soft-label entropy there (`confidence`), and with `guide` the guide's
+    clean accuracy, true-class probability and entropy. Eval mode, modes restored, RNG state
+    untouched."""
     from . import attacks, evaluate
-    with attacks.eval_mode(model), torch.no_grad():
-        logits = torch.cat([model(x[i:i + 256]) for i in range(0, len(x), 256)])
+
+    def clean_logits(net):
+        with attacks.eval_mode(net), torch.no_grad():
+            return torch.cat([net(x[i:i + 256]) for i in range(0, len(x), 256)])
+
+    logits = clean_logits(model)
     if not bool(torch.isfinite(logits).all()):
         raise TrainingDiverged("the target's clean logits on the held-out images are NaN or "
                                "infinite (its weights are finite but too large)")
     predicted = logits.argmax(1)
-    return {"clean_acc": (predicted == y).sum().item() / len(y),
-            "pgd_acc": evaluate.robust_accuracy(model, x, y, "pgd20", seed=seed),
-            "predicted_classes": int(predicted.unique().numel())}
+    target = confidence(logits, y)
+    record = {"clean_acc": target["acc"],
+              "pgd_acc": evaluate.robust_accuracy(model, x, y, "pgd20", seed=seed),
+              "predicted_classes": int(predicted.unique().numel()),
+              "target_true_prob": target["true_prob"], "target_entropy": target["entropy"]}
+    if guide is not None:
+        record.update({f"guide_{k}": v for k, v in confidence(clean_logits(guide), y).items()})
+    return record
 
 
 class TrainingCollapsed(validate.D2RWarning, RuntimeWarning):
@@ -340,9 +365,9 @@ def check_finite(epoch: int, batch: int, target, guide, optimizer, path=None, hi
             f"intact: {_last_good(path, list(history))}. Try a lower learning rate")
 
 
-def _held_out(target, x_eval, y_eval, cfg: TrainConfig, epoch: int, path, history) -> dict:
+def _held_out(target, guide, x_eval, y_eval, cfg: TrainConfig, epoch: int, path, history) -> dict:
     try:
-        return held_out_check(target, x_eval, y_eval, seed=cfg.seed)
+        return held_out_check(target, x_eval, y_eval, seed=cfg.seed, guide=guide)
     except TrainingDiverged as err:
         raise TrainingDiverged(f"training diverged in epoch {epoch}: {err}. Nothing was saved; the "
                                f"last good checkpoint is intact: {_last_good(path, history)}. Try "
@@ -416,7 +441,7 @@ def fit(cfg: TrainConfig, out_dir: str | Path | None = None, *, device: str = "c
                   "images_per_s": round(seen * world / max(elapsed, 1e-9), 1),
                   **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()}}
         if rank == 0:
-            record.update(_held_out(target, x_eval, y_eval, cfg, epoch, path, history))
+            record.update(_held_out(target, guide, x_eval, y_eval, cfg, epoch, path, history))
         history.append(record)
         say(_format_record(record))
         if rank == 0:
