@@ -43,6 +43,7 @@ __all__ = [
     "SEEDS",
     "ReferenceConfig",
     "estimate",
+    "interval",
     "load",
     "load_target",
     "main",
@@ -463,6 +464,20 @@ def t_quantile(p: float, df: int) -> float:
     return (lo + hi) / 2
 
 
+def interval(values: list[float], level: float = PREREGISTERED["level"]) -> dict:
+    """Mean, sample sd and the two-sided Student t-interval of the mean of `values` (n − 1 df):
+    {"n", "mean", "sd", "low", "high"}; with fewer than 2 values the sd and the interval are NaN.
+    Chapter 7."""
+    values = list(values)
+    nan = float("nan")
+    if len(values) < 2:
+        return {"n": len(values), "mean": values[0] if values else nan, "sd": nan, "low": nan,
+                "high": nan}
+    mean, sd = _mean_sd(values)
+    half = t_quantile(0.5 + level / 2, len(values) - 1) * sd / math.sqrt(len(values))
+    return {"n": len(values), "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
+
+
 def paired(runs: list[dict], method: str = PREREGISTERED["method"],
            baselines=PREREGISTERED["baselines"] + PREREGISTERED["ablations"], metrics=METRICS,
            level: float = PREREGISTERED["level"]) -> list[dict]:
@@ -476,16 +491,8 @@ def paired(runs: list[dict], method: str = PREREGISTERED["method"],
         seeds = sorted(s for (m, s) in by if m == method and (base, s) in by)
         for metric in metrics:
             diffs = [by[(method, s)][metric] - by[(base, s)][metric] for s in seeds]
-            row = {"method": method, "baseline": base, "metric": metric, "n": len(seeds),
-                   "seeds": seeds, "differences": diffs, "level": level}
-            if len(diffs) >= 2:
-                mean, sd = _mean_sd(diffs)
-                half = t_quantile(0.5 + level / 2, len(diffs) - 1) * sd / math.sqrt(len(diffs))
-                row.update(mean=mean, sd=sd, low=mean - half, high=mean + half)
-            else:
-                row.update(mean=diffs[0] if diffs else float("nan"), sd=float("nan"),
-                           low=float("nan"), high=float("nan"))
-            rows.append(row)
+            rows.append({"method": method, "baseline": base, "metric": metric, "seeds": seeds,
+                         "differences": diffs, "level": level, **interval(diffs, level)})
     return rows
 
 
