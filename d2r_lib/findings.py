@@ -15,7 +15,8 @@ from . import followups, reference, validate
 
 __all__ = [
     "load", "by_budget", "budget_gaps", "gap_change", "dose_runs", "dose_slope", "last_epoch",
-    "guide_gap", "load_toy", "toy_select", "toy_mean", "toy_gap_change", "toy_slope", "toy_paired",
+    "guide_gap", "first_decay_epoch", "late_change", "load_toy", "toy_select", "toy_diverged",
+    "toy_mean", "toy_gap_change", "toy_slope", "toy_paired",
     "plot_pareto", "plot_trend", "plot_dose", "plot_confidence",
 ]
 
@@ -129,6 +130,31 @@ def guide_gap(runs: list[dict], key: str = "guide_true_prob", other: str = "lbga
                          followups.FOLLOWUPS["guide"]["predicted_sign"], other=other, key=key)
 
 
+def first_decay_epoch(epochs: int) -> int:
+    """The first epoch of the official schedule's first learning-rate drop (`train.paper_lr`
+    scaled to `epochs`): where Rice et al. see robust accuracy peak before robust overfitting."""
+    from .train import paper_lr
+    validate.number("epochs", epochs, min=2, integer=True)
+    return next(e for e in range(2, epochs + 1) if paper_lr(e, epochs) < paper_lr(2, epochs))
+
+
+def late_change(runs: list[dict], method: str, key: str = "pgd_acc") -> dict:
+    """Robust overfitting without selection bias (chapter 8): per seed, `key` at the last epoch
+    minus `key` at the first epoch after the first learning-rate drop (an epoch fixed by the
+    schedule, never picked by looking at the curve), with its t-interval. A drop shows as an
+    interval below 0; the best-of-many-epochs comparison would show one even without any."""
+    mine = sorted((r for r in runs if r["method"] == method and r["history"]),
+                  key=lambda r: r["seed"])
+    diffs, seeds, at = [], [], None
+    for run in mine:
+        hist = run["history"]
+        at = first_decay_epoch(len(hist))
+        diffs.append(hist[-1][key] - hist[at - 1][key])
+        seeds.append(run["seed"])
+    return _interval_row(diffs, seeds, method=method, key=key, from_epoch=at,
+                         to_epoch=len(mine[0]["history"]) if mine else None)
+
+
 # ---------------------------------------------------------------------------------------- 2-D world
 def load_toy(path: str | Path) -> list[dict]:
     """The records of a 2-D study file ([] when it is not shipped yet)."""
@@ -137,9 +163,16 @@ def load_toy(path: str | Path) -> list[dict]:
 
 
 def toy_select(records: list[dict], **setting) -> dict[int, dict]:
-    """{seed: metrics} of the records whose setting has every given key = value."""
-    return {r["seed"]: r["metrics"] for r in records
-            if all(r["setting"].get(k) == v for k, v in setting.items())}
+    """{seed: metrics} of the finished records whose setting has every given key = value (a
+    diverged run has no metrics: `toy_diverged` counts those)."""
+    return {r["seed"]: r["metrics"] for r in records if r["metrics"] is not None
+            and all(r["setting"].get(k) == v for k, v in setting.items())}
+
+
+def toy_diverged(records: list[dict], **setting) -> list[int]:
+    """The seeds whose run of this setting diverged (non-finite loss)."""
+    return sorted(r["seed"] for r in records if r["metrics"] is None
+                  and all(r["setting"].get(k) == v for k, v in setting.items()))
 
 
 def toy_mean(records: list[dict], metric: str, **setting) -> dict:
@@ -178,7 +211,7 @@ def toy_slope(records: list[dict], vary: str, metric: str = "exact", *,
     takes each of its values with the others `fixed`; its t-interval and verdict."""
     validate.choice("vary", vary, ("w_adv", "w_clean"))
     rows = [{**r, vary: r["setting"][vary]} for r in records
-            if r["setting"].get(vary) is not None
+            if r["metrics"] is not None and r["setting"].get(vary) is not None
             and all(r["setting"].get(k) == v for k, v in fixed.items())]
     other = "w_clean" if vary == "w_adv" else "w_adv"
     official = {"w_adv": 30.0, "w_clean": 20.0}[other]

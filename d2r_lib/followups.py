@@ -32,8 +32,8 @@ from . import checkpoint, evaluate, reference, toy, train, validate
 
 __all__ = [
     "REGISTERED_ON", "FOLLOWUPS", "BUDGETS", "DOSE_W_ADV", "TOY_SEEDS", "TOY_BUDGETS",
-    "TOY_STUDIES", "Planned", "cifar_plan", "run_cifar", "toy_settings", "run_toy", "verdict",
-    "main",
+    "TOY_STUDIES", "DIVERGENCE", "Planned", "cifar_plan", "run_cifar", "toy_settings", "run_toy",
+    "verdict", "main",
 ]
 
 REGISTERED_ON = "2026-12-07"
@@ -150,6 +150,12 @@ FOLLOWUPS = {
 }
 """The registered follow-ups (2026-12-07), before any of their runs existed. Verdicts follow `rule`;
 every comparison listed is reported, none is picked after the fact."""
+DIVERGENCE = ("amended 2026-12-07 18:25, after a toy_dose run diverged and before any toy result "
+              "was read: a 2-D run whose loss becomes non-finite is recorded as diverged and "
+              "counted beside each table; a comparison uses the seeds whose runs all finished")
+for _study in ("toy_budget", "toy_dose", "toy_guide"):
+    FOLLOWUPS[_study]["divergence"] = DIVERGENCE
+
 
 
 # ------------------------------------------------------------------------------------- CIFAR runs
@@ -241,7 +247,8 @@ def _key(setting: dict, seed: int) -> str:
 def run_toy(study: str, path: str | Path, seeds=TOY_SEEDS, *, log=print) -> list[dict]:
     """Train and measure every (setting, seed) of a 2-D study into the JSON file `path`, seed by
     seed; finished ones are kept (the file is rewritten atomically after each), so a rerun resumes.
-    Returns the records: {"setting", "seed", "metrics"}."""
+    Returns the records: {"setting", "seed", "metrics"}; a run whose loss became non-finite is
+    recorded with metrics None and its error under "diverged" (`DIVERGENCE`)."""
     settings = toy_settings(study)
     path = Path(path)
     records = json.loads(path.read_text())["records"] if path.is_file() else []
@@ -252,9 +259,14 @@ def run_toy(study: str, path: str | Path, seeds=TOY_SEEDS, *, log=print) -> list
                 if _key(setting, seed) in have:
                     continue
                 kw = {k: v for k, v in setting.items() if k != "method"}
-                run = toy.train(setting["method"], seed=seed, **kw)
-                records.append({"setting": setting, "seed": seed,
-                                "metrics": _toy_metrics(run, seed)})
+                try:
+                    run = toy.train(setting["method"], seed=seed, **kw)
+                except FloatingPointError as err:  # a result too: this setting diverges
+                    records.append({"setting": setting, "seed": seed, "metrics": None,
+                                    "diverged": str(err)})
+                else:
+                    records.append({"setting": setting, "seed": seed,
+                                    "metrics": _toy_metrics(run, seed)})
                 have.add(_key(setting, seed))
             text = json.dumps({"study": study, "registered": FOLLOWUPS[study],
                                "records": records}, indent=0) + "\n"

@@ -159,6 +159,27 @@ def test_run_toy_writes_every_record_and_resumes(tmp_path, monkeypatch):
     assert calls == []  # every record was already there
 
 
+def test_run_toy_records_a_diverged_run_and_the_analysis_leaves_it_out(tmp_path, monkeypatch):
+    settings = [{"method": "pgd_at", "epochs": 1}, {"method": "pgd_at", "epochs": 2}]
+    monkeypatch.setattr(followups, "toy_settings", lambda study: settings)
+    real = toy.train
+
+    def diverging(method, *, seed, epochs, **kw):
+        if epochs == 2 and seed == 1:
+            raise FloatingPointError("toy.train('pgd_at'): non-finite loss at epoch 2")
+        return real(method, seed=seed, epochs=epochs, **kw)
+
+    monkeypatch.setattr(toy, "train", diverging)
+    records = followups.run_toy("toy_budget", tmp_path / "b.json", seeds=[0, 1],
+                                log=lambda *a: None)
+    bad = [r for r in records if r["metrics"] is None]
+    assert len(bad) == 1 and "non-finite" in bad[0]["diverged"] and bad[0]["seed"] == 1
+    assert findings.toy_diverged(records, epochs=2) == [1]
+    assert sorted(findings.toy_select(records, epochs=2)) == [0]
+    pair = findings.toy_paired(records, {"epochs": 2}, {"epochs": 1})
+    assert pair["seeds"] == [0]
+
+
 def test_bad_arguments_name_the_flag_and_write_nothing(tmp_path, capsys):
     out = tmp_path / "fu"
     with pytest.raises(SystemExit) as err:
@@ -226,4 +247,7 @@ def test_shipped_toy_studies_match_their_registration():
         assert set(per_seed.values()) == {len(allowed)}
         for r in records:
             m = r["metrics"]
+            if m is None:  # a diverged run says why
+                assert "non-finite loss" in r["diverged"]
+                continue
             assert 0 <= m["exact"] <= m["clean"] <= 1 and 0 <= m["pgd20"] <= 1
