@@ -33,8 +33,8 @@ from . import checkpoint, validate
 __all__ = [
     "ATTACKS", "DEFAULT_ATTACKS", "DISPLAY_NAMES", "AUTOATTACK_ATTACKS", "AUTOATTACK_VERSIONS",
     "PGD_STEPS", "LARGE_EPS", "LARGE_EPS_MAX_ACCURACY", "RobustnessWarning", "accuracy",
-    "robust_accuracy", "evaluate", "sanity_checks", "TransferResult", "transfer_check", "eps_sweep",
-    "ResultsTable", "evaluate_many",
+    "robust_accuracy", "correct", "evaluate", "sanity_checks", "TransferResult", "transfer_check",
+    "eps_sweep", "ResultsTable", "evaluate_many",
 ]
 
 ATTACKS = ("clean", "fgsm", "pgd20", "cw20", "autoattack")
@@ -281,11 +281,33 @@ def _robust_accuracy(model, x, y, attack, eps, batch_size, seed, autoattack_vers
         if attack == "autoattack":
             return _autoattack_accuracy(model, x, y, eps, batch_size, seed, autoattack_version,
                                         num_classes)
-        correct = 0
+    return int(_correct(model, x, y, attack, eps, batch_size, seed).sum().item()) / x.shape[0]
+
+
+def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str = "clean", *,
+            eps: float = 8 / 255, batch_size: int = 256, seed: int = 0) -> torch.Tensor:
+    """Per-image correctness (a bool tensor, one entry per image) under "clean", "fgsm", "pgd20" or
+    "cw20", with the seeding and batches of `robust_accuracy`: its mean is that accuracy. Two
+    models' masks on the same images give a paired comparison (`report.paired`). Chapter 2."""
+    validate.choice("attack", attack, ("clean", "fgsm", "pgd20", "cw20"))
+    _check_attack_args(model, x, y, (attack,), eps, batch_size, seed, "standard")
+    return _correct(model, x.detach(), y.detach(), attack, eps, batch_size, seed)
+
+
+def _correct(model, x, y, attack, eps, batch_size, seed) -> torch.Tensor:
+    clean = attack == "clean" or eps == 0
+    parts = []
+    with _seeded(seed), _attacks.eval_mode(model):
         for i in range(0, x.shape[0], batch_size):
             xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            correct += _count_correct(model, _craft(attack, model, xb, yb, eps), yb)
-    return correct / x.shape[0]
+            if not clean:
+                xb = _craft(attack, model, xb, yb, eps)
+            with torch.no_grad():
+                logits = model(xb)
+            if clean:
+                _check_finite_logits(logits)
+            parts.append(logits.argmax(1) == yb)
+    return torch.cat(parts)
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,

@@ -302,3 +302,15 @@ def test_evaluate_validates_once_at_the_entry(trained_cnn, xy):
     finally:
         handle.remove()
     assert calls == [1] + [8] * (N // 8)
+
+
+@pytest.mark.parametrize("attack", ["clean", "fgsm", "pgd20"])
+def test_correct_is_per_image_and_its_mean_is_the_accuracy(trained_cnn, synthetic_xy, attack):
+    x, y = synthetic_xy
+    x, y = x[:96], y[:96]
+    mask = ev.correct(trained_cnn, x, y, attack, eps=8 / 255, batch_size=40, seed=3)
+    assert mask.dtype == torch.bool and mask.shape == (96,)
+    expected = ev.robust_accuracy(trained_cnn, x, y, attack, batch_size=40, seed=3)
+    assert int(mask.sum()) / 96 == expected
+    with pytest.raises(ValueError, match="attack"):
+        ev.correct(trained_cnn, x, y, "autoattack")
