@@ -214,8 +214,7 @@ def toy_slope(records: list[dict], vary: str, metric: str = "exact", *,
             if r["metrics"] is not None and r["setting"].get(vary) is not None
             and all(r["setting"].get(k) == v for k, v in fixed.items())]
     other = "w_clean" if vary == "w_adv" else "w_adv"
-    official = {"w_adv": 30.0, "w_clean": 20.0}[other]
-    rows = [r for r in rows if r["setting"].get(other) == official]
+    rows = [r for r in rows if r["setting"].get(other) == OFFICIAL[other]]
     return dose_slope(rows, metric, key=vary, predicted_sign=predicted_sign)
 
 
@@ -368,3 +367,95 @@ def plot_confidence(runs: list[dict], methods: tuple[str, ...] = ("d2r", "lbgat"
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+# -------------------------------------------------------------------------- every registered row
+def toy_budget_gaps(records: list[dict], other: str, metric: str = "exact") -> list[dict]:
+    """D2R − `other` on the 2-D world at each registered budget, paired by seed (one row per
+    budget)."""
+    return [{**toy_paired(records, {"method": D2R, "epochs": e}, {"method": other, "epochs": e},
+                          metric), "epochs": e} for e in followups.TOY_BUDGETS]
+
+
+OFFICIAL = {"w_adv": 30.0, "w_clean": 20.0}
+
+
+def _across_dose(row: dict, top: float = 30.0) -> dict:
+    """A slope against log(1 + w) as the fitted change from w = 0 to w = `top`."""
+    k = math.log1p(top)
+    return {**row, **{key: row[key] * k for key in ("mean", "low", "high")},
+            "differences": [d * k for d in row["differences"]]}
+
+
+def registered(reference_runs: list[dict], shipped: dict[str, list[dict]],
+               toys: dict[str, list[dict]]) -> list[dict]:
+    """Every registered comparison of `followups.FOLLOWUPS` on what is shipped now: one dict per
+    comparison with "study", "what" (in words), "metric", "n", "mean", "low", "high", "verdict"
+    (differences in accuracy points are fractions; slopes are shown as the fitted change across
+    the registered dose, w = 0 to 30). Rows whose runs are not shipped yet have n = 0 and say
+    "undecided"."""
+    budgets = by_budget(reference_runs, shipped)
+    rows = []
+
+    def add(study, what, row, metric):
+        rows.append({"study": study, "what": what, "metric": metric, **row})
+
+    for other in ("pgd_at", "trades", "lbgat"):
+        for end in (10, 20):
+            add("budget", f"(D2R − {other}) at {end} epochs minus at 5",
+                gap_change(budgets, other, "autoattack", 5, end), "autoattack")
+    toy_budget, toy_dose, toy_guide = (toys.get(k, []) for k in followups.TOY_STUDIES)
+    for other in ("pgd_at", "trades", "lbgat"):
+        add("toy_budget", f"(D2R − {other}) at 2000 epochs minus at 20",
+            toy_gap_change(toy_budget, other, "exact", 20, 2000), "exact")
+    dose = dose_runs(reference_runs, shipped.get("dose", []))
+    for metric in ("clean", "autoattack"):
+        add("dose", "D2R's change from w_adv 0 to 30 (fitted slope)",
+            _across_dose(dose_slope(dose, metric)), metric)
+    for epochs in (20, 200):
+        for reduction in ("mean", "batchmean"):
+            for vary in ("w_adv", "w_clean"):
+                row = toy_slope(toy_dose, vary, "exact", epochs=epochs, kl_reduction=reduction,
+                                predicted_sign=-1 if vary == "w_adv" else None)
+                top = OFFICIAL[vary]
+                add("toy_dose", f"{vary} 0 to {top:g} (fitted), KL {reduction}, {epochs} epochs",
+                    _across_dose(row, top), "exact")
+        official = {"method": D2R, "epochs": epochs, "w_adv": 30.0, "w_clean": 20.0}
+        add("toy_dose", f"batchmean − mean at the official weights, {epochs} epochs",
+            toy_paired(toy_dose, {**official, "kl_reduction": "batchmean"},
+                       {**official, "kl_reduction": "mean"}, "exact", -1), "exact")
+        add("toy_dose", f"the guide's confidence, w_adv 0 to 30 (fitted), {epochs} epochs",
+            _across_dose(toy_slope(toy_dose, "w_adv", "guide_true_prob", epochs=epochs,
+                                   kl_reduction="mean")), "guide_true_prob")
+    for epochs, runs in ((10, shipped.get("e10", [])), (20, shipped.get("e20", []))):
+        add("guide", f"D2R − LBGAT guide at {epochs} epochs", guide_gap(runs), "guide_true_prob")
+    for epochs in followups.TOY_BUDGETS:
+        add("guide", f"D2R − LBGAT guide on the 2-D world, {epochs} epochs",
+            toy_paired(toy_budget, {"method": D2R, "epochs": epochs},
+                       {"method": "lbgat", "epochs": epochs}, "guide_true_prob", -1),
+            "guide_true_prob")
+    for epochs in (20, 200):
+        for wide, narrow in ((128, 32), (32, 8)):
+            add("toy_guide", f"D2R, guide width {wide} − {narrow}, {epochs} epochs",
+                toy_paired(toy_guide, {"method": D2R, "epochs": epochs, "guide_width": wide},
+                           {"method": D2R, "epochs": epochs, "guide_width": narrow}, "exact",
+                           followups.FOLLOWUPS["toy_guide"]["predicted_sign"]), "exact")
+    for row in rows:
+        row.setdefault("verdict", "reported")
+    return rows
+
+
+def describe(row: dict, unit: str = "points") -> str:
+    """A registered row in words: "+1.2 points (95 % interval −0.3 to +2.7, 3 seeds): undecided"."""
+    if row["n"] == 0:
+        return "not shipped yet"
+    scale = 1 if row["metric"].endswith("prob") else 100
+    unit = "" if scale == 1 else f" {unit}"
+
+    def num(v):
+        return "n/a" if math.isnan(v) else f"{scale * v:+.{3 if scale == 1 else 1}f}".replace(
+            "-", "−")
+
+    seeds = f"{row['n']} seed{'s' if row['n'] != 1 else ''}"
+    return (f"{num(row['mean'])}{unit} (95 % interval {num(row['low'])} to {num(row['high'])}, "
+            f"{seeds}): {row['verdict']}")
