@@ -15,9 +15,9 @@ from . import followups, reference, validate
 
 __all__ = [
     "load", "by_budget", "budget_gaps", "gap_change", "dose_runs", "dose_slope", "last_epoch",
-    "guide_gap", "first_decay_epoch", "late_change", "load_toy", "toy_select", "toy_diverged",
-    "toy_mean", "toy_gap_change", "toy_slope", "toy_paired",
-    "plot_pareto", "plot_trend", "plot_dose", "plot_confidence",
+    "guide_gap", "first_decay_epoch", "late_change", "load_toy", "load_toys", "toy_select",
+    "toy_diverged", "toy_mean", "toy_gap_change", "toy_budget_gaps", "toy_slope", "toy_paired",
+    "registered", "describe", "plot_pareto", "plot_trend", "plot_dose", "plot_confidence",
 ]
 
 D2R = "d2r"
@@ -162,6 +162,12 @@ def load_toy(path: str | Path) -> list[dict]:
     return json.loads(path.read_text())["records"] if path.is_file() else []
 
 
+def load_toys(root: str | Path) -> dict[str, list[dict]]:
+    """Every 2-D study shipped under `root` (book/followups): {study: records}."""
+    return {study: load_toy(Path(root) / "toy" / f"{study}.json")
+            for study in followups.TOY_STUDIES}
+
+
 def toy_select(records: list[dict], **setting) -> dict[int, dict]:
     """{seed: metrics} of the finished records whose setting has every given key = value (a
     diverged run has no metrics: `toy_diverged` counts those)."""
@@ -231,8 +237,8 @@ def plot_pareto(budgets: dict[int, list[dict]], methods: list[str] | None = None
     both). Returns the figure."""
     plt = _plt()
     shown = [(e, runs) for e, runs in sorted(budgets.items()) if runs]
-    fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(4.2 * max(1, len(shown)), 4.0),
-                             sharex=True, sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(3.3 * max(1, len(shown)) + 2.2, 3.6),
+                             sharex=True, sharey=True, squeeze=False, layout="constrained")
     names = methods or [m for m in reference.METHODS
                         if any(r["method"] == m for _, runs in shown for r in runs)]
     colours = {m: f"C{i}" for i, m in enumerate(names)}
@@ -246,21 +252,25 @@ def plot_pareto(budgets: dict[int, list[dict]], methods: list[str] | None = None
             err = [[0 if math.isnan(v["high"]) else 100 * (v["high"] - v["mean"])]
                    for v in (xs, ys)]
             ax.errorbar(100 * xs["mean"], 100 * ys["mean"], xerr=err[0], yerr=err[1], fmt="o",
-                        color=colours[name], capsize=3, label=f"{name} ({xs['n']} seeds)")
+                        color=colours[name], capsize=3, label=name)
             points.append((xs["mean"], ys["mean"]))
         front = sorted(p for p in points
                        if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points))
         if front:
             ax.plot([100 * p[0] for p in front], [100 * p[1] for p in front], "k--", lw=0.8,
                     label="Pareto front")
-        ax.set_title(f"{epochs} epochs")
+        seeds = sorted({sum(r["method"] == m for r in runs) for m in names} - {0})
+        ax.set_title(f"{epochs} epochs ({'/'.join(map(str, seeds))} seeds)")
         ax.set_xlabel(f"{_label(x)} accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"{_label(y)} accuracy (%)")
     axes[0][0].set_xlim(left=0)
     axes[0][0].set_ylim(bottom=0)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles = {}
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="outside right center", fontsize=8)
     return fig
 
 
