@@ -194,6 +194,7 @@ def _terms_figure(histories, term):
         if any(v is not None for v in values):
             ax.plot([r["epoch"] for r in hist], values, marker="o", label=name)
     ax.set_xlabel("epoch"), ax.set_ylabel(TERM_LABELS.get(term, term))
+    ax.xaxis.get_major_locator().set_params(integer=True)  # whole epochs
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
