@@ -303,7 +303,10 @@ def plot_trend(cifar_rows: dict[str, list[dict]], toy_rows: dict[str, list[dict]
         ax.set_title(title)
         ax.set_xlabel("training epochs")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no runs shipped yet", transform=ax.transAxes, ha="center")
     axes[0].set_ylabel("paired gap (points)")
     axes[1].set_xscale("log")
     fig.tight_layout()
