@@ -162,7 +162,9 @@ if __name__ == "__main__":
         for nb_path in notebooks:
             if fix_tags(nb_path):
                 print(f"tagged the shim of {nb_path.relative_to(ROOT)}")
-        for nb_path in notebooks + sorted((ROOT / "exercises").glob("[0-9][0-9]_*.ipynb")):
+        others = sorted((ROOT / "exercises").glob("[0-9][0-9]_*.ipynb")) + sorted(
+            (ROOT / "book" / "experiments").glob("*.ipynb"))
+        for nb_path in notebooks + others:
             if fix_install(nb_path):
                 print(f"wrote the install lines of {nb_path.relative_to(ROOT)}")
     for nb_path in CHAPTERS:
