@@ -83,6 +83,12 @@ def _run(cmd, *, env, cwd, timeout=900) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """The wheel, built from a clean copy of the tree with the installed setuptools (offline)."""
+    ask = "import setuptools; print(setuptools.__version__)"
+    found = subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True).stdout
+    found = found.strip()
+    if int((found or "0").split(".")[0]) < 77:
+        pytest.fail(f"building the wheel needs setuptools >= 77 (pyproject.toml), found {found!r}: "
+                    "pip install 'setuptools>=77' (requirements.txt lists it)")
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     for name in _files_of_the_tree():
