@@ -6,12 +6,14 @@ what was expected and the fix."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
 import os
 import pickle
 import re
 import shutil
+import urllib.error
 import warnings
 import zipfile
 import zlib
@@ -24,7 +26,7 @@ import numpy as np
 from .checkpoint import atomic_write
 
 __all__ = [
-    "BUNDLE_SHA256", "CACHE_ENV", "CACHE_MIN_IMAGES", "CIFAR10_CLASSES", "DATA_ENV",
+    "BUNDLE_SHA256", "CACHE_ENV", "CACHE_MIN_IMAGES", "CIFAR10_CLASSES", "DATA_ENV", "MIRROR_ENV",
     "TINY_BUNDLE_PER_CLASS", "TINY_BUNDLE_ZIP", "TINY_FOLDER", "TINY_MD5", "TINY_TRAIN_PER_CLASS",
     "TINY_URL", "DataCorrupt", "DataError", "DataMissing", "as_dir", "cache_dir",
     "cached", "candidate_dirs", "check_md5", "decode_jpeg", "download_cifar", "download_root",
@@ -34,6 +36,7 @@ __all__ = [
 
 DATA_ENV = "D2R_DATA_DIR"
 CACHE_ENV = "D2R_CACHE_DIR"
+MIRROR_ENV = "D2R_DOWNLOAD_MIRROR"  # a base URL serving the CIFAR archives (tests: a local server)
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 TINY_BUNDLE_ZIP = "tiny-imagenet-200_val10000_train50pc.zip"
@@ -541,25 +544,54 @@ def read_tiny(path: Path, split: str, subset: str) -> dict:
 # --------------------------------------------------------------------------------------------
 # Downloads (only with download=True; torchvision checks each file's md5)
 # --------------------------------------------------------------------------------------------
-def _download(what: str, url_hint: str, data_dir, fetch: Callable[[Path], Path]) -> Path:
-    """Run ``fetch(root)``; on failure remove every folder this call created, raise DataMissing."""
+def _why(e: Exception) -> str:
+    """A download failure in words."""
+    if isinstance(e, urllib.error.HTTPError):
+        return f"the server answered HTTP {e.code} {e.reason}"
+    if isinstance(e, urllib.error.URLError):
+        return f"no connection to the server ({e.reason})"
+    if isinstance(e, http.client.IncompleteRead):
+        return "the connection closed before the whole file arrived (truncated download)"
+    if isinstance(e, RuntimeError) and "corrupted" in str(e):  # torchvision's md5 check
+        return "the downloaded file failed its md5 check (truncated or corrupt)"
+    return f"{type(e).__name__}: {e}"
+
+
+def _download(what: str, url: str, data_dir, fetch: Callable[[Path], Path]) -> Path:
+    """Run ``fetch(root)``; on failure remove every file and folder this call created (in ``root``
+    and ``root`` itself, with any parent it made), then raise DataMissing naming the URL and the
+    fix."""
     root = download_root(data_dir)
     created = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)
+    before = set(root.iterdir()) if root.is_dir() else set()
     try:
         root.mkdir(parents=True, exist_ok=True)
         return fetch(root)
     except Exception as e:  # noqa: BLE001 (URLError, full disk, torchvision's md5 check)
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
-        raise DataMissing(f"Could not download {what} from {url_hint} into {root}: "
-                          f"{type(e).__name__}: {e}. Check the internet connection, or use the "
+        elif root.is_dir():
+            for path in set(root.iterdir()) - before:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        mirror = f" (check ${MIRROR_ENV})" if os.environ.get(MIRROR_ENV) else ""
+        raise DataMissing(f"Could not download {what} from {url}{mirror} into {root}: {_why(e)}. "
+                          "Nothing was kept. Check the internet connection and try again, or "
+                          f"download {url} yourself and extract it into {root}, or use the "
                           "offline bundle (set D2R_DATA_DIR to its folder).") from None
 
 
 def download_cifar(which: str, split: str, data_dir) -> Path:
+    """torchvision's download of CIFAR-10/100 (its md5 checks included) into download_root, from
+    ``$D2R_DOWNLOAD_MIRROR/<archive name>`` instead of the original URL when that is set."""
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if which == "cifar10" else datasets.CIFAR100
+    mirror = os.environ.get(MIRROR_ENV)
+    if mirror:
+        cls = type(cls.__name__, (cls,), {"url": f"{mirror.rstrip('/')}/{cls.filename}"})
 
     def fetch(root):
         cls(str(root), train=(split == "train"), download=True)

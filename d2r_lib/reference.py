@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, evaluate, methods, models, train, validate
+from . import checkpoint, data, evaluate, methods, models, shipped, train, validate
 
 __all__ = [
     "AUTOATTACK_STEPS_PER_IMAGE",
@@ -387,8 +387,9 @@ def load(folder: str | Path) -> list[dict]:
     """Every complete run under `folder`: dicts with method, seed, metrics, history, manifest,
     checkpoint.
 
-    A run folder with missing files raises (a half-written run is never read as a result)."""
-    folder = Path(folder)
+    A run folder with missing files raises (a half-written run is never read as a result). A
+    relative `folder` missing here is looked up in the shipped copies (`shipped.find`)."""
+    folder = shipped.find(folder)
     runs = []
     if not folder.is_dir():
         return runs

@@ -49,7 +49,11 @@ def test_fit_records_history_and_saves_target_and_guide(tmp_path):
     for key in ("train_loss", "train_ce", "train_mse", "train_clean", "train_adv", "clean_acc",
                 "pgd_acc", "lr"):
         assert key in result.history[0]
-    assert all(0 <= r["pgd_acc"] <= r["clean_acc"] + 1e-9 for r in result.history)
+    # counts over the 16 held-out images (not robust <= clean: PGD's random start can turn a wrong
+    # prediction of this barely trained model right, depending on the CPU's rounding)
+    for r in result.history:
+        for key in ("clean_acc", "pgd_acc"):
+            assert 0 <= r[key] <= 1 and (r[key] * 16) == round(r[key] * 16), (key, r[key])
     target, guide, payload = train.load_run(tmp_path)
     assert guide is not None and payload["epoch"] == 2 and payload["method"] == "d2r"
     assert states_equal(target.state_dict(), result.target.state_dict())
