@@ -10,6 +10,7 @@ stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,8 +30,8 @@ import torch.nn as nn
 from . import checkpoint, data, fast, methods, models, validate
 
 __all__ = [
-    "SCHEDULES", "RESUME", "CHECKPOINT_NAME", "TrainingDiverged", "TrainingCollapsed", "paper_lr",
-    "cosine_lr", "TrainConfig", "TrainResult", "code_fingerprint", "seed_everything",
+    "SCHEDULES", "RESUME", "CHECKPOINT_NAME", "LOCK_NAME", "TrainingDiverged", "TrainingCollapsed",
+    "paper_lr", "cosine_lr", "TrainConfig", "TrainResult", "code_fingerprint", "seed_everything",
     "setup_distributed", "confidence", "held_out_check", "warn_if_collapsed", "build_models",
     "check_finite",
     "fit", "save_run", "load_run", "cache_dir", "cache_path", "load_or_train", "load_cached",
@@ -39,6 +40,7 @@ __all__ = [
 SCHEDULES = ("paper", "cosine")
 RESUME = ("auto", "always", "never")
 CHECKPOINT_NAME = "last.pt"
+LOCK_NAME = ".lock"  # held by the run writing a folder (checkpoint.exclusive)
 
 
 class TrainingDiverged(RuntimeError):
@@ -271,6 +273,11 @@ def _checkpoint_path(out_dir, resume: str) -> Path | None:
         raise NotADirectoryError(f"out_dir {out_dir} exists and is a file; give a directory for "
                                  "checkpoints")
     path = out_dir / CHECKPOINT_NAME
+    if (out_dir / "history.json").exists() and not path.exists():
+        raise checkpoint.CheckpointError(
+            f"out_dir {out_dir} holds a history.json but no {CHECKPOINT_NAME}: the files of "
+            "another run or tool (a shipped reference run, say). Nothing was overwritten: use "
+            "another folder")
     if resume == "always" and not path.exists():
         raise FileNotFoundError(f"resume='always' but there is no checkpoint at {path}; "
                                 f"start the run first, or use resume='auto'")
@@ -304,6 +311,7 @@ def _resume(path: Path | None, resume: str, cfg: TrainConfig, target, guide, opt
         raise checkpoint.CheckpointError(
             f"{path} belongs to a run with other settings ({'; '.join(diff)}). Nothing was "
             "overwritten: use another out_dir, or resume='never' to start this one afresh there")
+    _check_payload(payload, path, cfg, optimizer)
     checkpoint.load_state_strict(target, payload["target"], "target")
     if guide is not None:
         checkpoint.load_state_strict(guide, payload["guide"], "guide")
@@ -314,6 +322,42 @@ def _resume(path: Path | None, resume: str, cfg: TrainConfig, target, guide, opt
     say(f"loaded the finished run {run} (epoch {done}/{cfg.epochs})" if done >= cfg.epochs
         else f"resumed the run {run} after epoch {done}/{cfg.epochs}")
     return payload["history"], done + 1
+
+
+_RUN_FIELDS = {"kind": str, "config": dict, "epoch": int, "epochs": int, "method": str,
+               "target_model": str, "num_classes": int, "dataset": str, "target": dict,
+               "guide": (dict, type(None)), "optimizer": dict, "rng": dict, "history": list}
+_RNG_FIELDS = {"torch": torch.Tensor, "python": list, "python_pos": int, "numpy": torch.Tensor,
+               "numpy_pos": int}
+
+
+def _check_payload(payload: dict, path: Path, cfg: TrainConfig, optimizer) -> None:
+    """Every field `_resume` uses, checked before use: one CheckpointError listing the faults."""
+    checkpoint.check_fields(payload, path, _RUN_FIELDS)
+    checkpoint.check_fields(payload["rng"], f"{path} (rng)", _RNG_FIELDS)
+    faults = []
+    if not 1 <= payload["epoch"] <= cfg.epochs:
+        faults.append(f"epoch {payload['epoch']} is not in [1, {cfg.epochs}]")
+    if cfg.uses_guide and payload["guide"] is None:
+        faults.append("the guide's weights are missing")
+    if not all(isinstance(r, dict) for r in payload["history"]):
+        faults.append("history is not a list of records")
+    state = payload["optimizer"].get("state")
+    groups = payload["optimizer"].get("param_groups")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not isinstance(state, dict) or not isinstance(groups, list):
+        faults.append("the optimizer has no 'state' dict and 'param_groups' list")
+    else:
+        for i, p in enumerate(params):
+            buf = state.get(i, {}).get("momentum_buffer") if isinstance(state.get(i), dict) else 0
+            if buf is not None and not (isinstance(buf, torch.Tensor) and buf.shape == p.shape):
+                faults.append(f"the optimizer's momentum of parameter {i} is "
+                              f"{tuple(getattr(buf, 'shape', ()))}, not {tuple(p.shape)}")
+                break
+    if payload["rng"]["torch"].shape != torch.get_rng_state().shape:
+        faults.append("the torch random state has the wrong size")
+    if faults:
+        raise checkpoint.CheckpointError(f"{path} is damaged: " + "; ".join(faults))
 
 
 def _step_models(cfg: TrainConfig, target, guide, world: int):
@@ -393,7 +437,7 @@ def _set_lr(optimizer, cfg: TrainConfig, epoch: int) -> float:
 
 def fit(cfg: TrainConfig, out_dir: str | Path | None = None, *, device: str = "cpu",
         resume: str = "auto", progress: bool = True, data_dir=None, download: bool = True,
-        log=print, max_epochs: int | None = None) -> TrainResult:
+        log=print, max_epochs: int | None = None, wait: bool = False) -> TrainResult:
     """Train (or resume, or just load a finished run) as `cfg` says; returns models and history.
     Chapter 2.
 
@@ -401,11 +445,21 @@ def fit(cfg: TrainConfig, out_dir: str | Path | None = None, *, device: str = "c
     keep nothing on disk). resume: "auto" continues a matching run in out_dir; "always" requires
     one; "never" starts afresh. max_epochs: stop after this many epochs in this call (the run stays
     resumable). A non-finite loss, or non-finite weights before a checkpoint write, raise
-    TrainingDiverged and leave the last checkpoint as it was.
+    TrainingDiverged and leave the last checkpoint as it was. One process writes out_dir at a time:
+    another one there raises checkpoint.Busy, or with `wait` is waited for.
     """
     cfg.validate()
     path = _checkpoint_path(out_dir, resume)
     rank, world, device = setup_distributed(device)
+    lock = (checkpoint.exclusive(path.parent / LOCK_NAME, wait=wait)
+            if path is not None and rank == 0 else contextlib.nullcontext())
+    with lock:  # one writer per out_dir: a second run there is refused (checkpoint.Busy)
+        return _fit(cfg, path, rank, world, device, resume, progress, data_dir, download, log,
+                    max_epochs)
+
+
+def _fit(cfg: TrainConfig, path: Path | None, rank: int, world: int, device, resume: str,
+         progress: bool, data_dir, download: bool, log, max_epochs: int | None) -> TrainResult:
     say = log if rank == 0 else (lambda *a, **k: None)
     seed_everything(cfg.seed)
     train_set, (x_eval, y_eval) = _datasets(cfg, device, data_dir, download)
@@ -495,6 +549,18 @@ def load_run(path: str | Path, *, target_model: str | None = None, num_classes: 
     if payload.get("kind") != "d2r_lib.train":
         raise checkpoint.CheckpointError(f"{path} is not a d2r_lib training checkpoint (no "
                                          "kind='d2r_lib.train')")
+    checkpoint.check_fields(payload, path, {k: _RUN_FIELDS[k] for k in (
+        "config", "epoch", "epochs", "method", "target_model", "num_classes", "dataset", "target",
+        "guide")})
+    faults = [f"{key} {payload[key]!r} is not one of d2r_lib's models" for key in
+              ("target_model", "guide_model") if payload.get(key) is not None
+              and payload[key] not in models.MODELS]
+    if payload["num_classes"] < 2:
+        faults.append(f"num_classes {payload['num_classes']} is below 2")
+    if not isinstance(payload["config"].get("subset"), str):
+        faults.append("its config has no subset")
+    if faults:
+        raise checkpoint.CheckpointError(f"{path} is damaged: " + "; ".join(faults))
     checkpoint.check_meta(payload, path, target_model=target_model, num_classes=num_classes,
                           method=method)
     target = models.build_model(payload["target_model"], payload["num_classes"]).to(device)
@@ -522,8 +588,8 @@ def cache_path(cfg: TrainConfig) -> Path:
 
 def load_or_train(cfg: TrainConfig, **fit_kwargs) -> TrainResult:
     """The chapters' checkpoint cache: a finished run keyed by every setting is loaded, otherwise
-    trained (or resumed). Chapter 2."""
-    return fit(cfg, cache_path(cfg), **fit_kwargs)
+    trained (or resumed); a run another process is training is waited for. Chapter 2."""
+    return fit(cfg, cache_path(cfg), **{"wait": True, **fit_kwargs})
 
 
 def load_cached(cfg: TrainConfig, device: str = "cpu") -> TrainResult | None:
