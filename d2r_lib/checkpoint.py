@@ -29,7 +29,7 @@ import torch.nn as nn
 __all__ = [
     "FORMAT_VERSION", "CheckpointError", "Busy", "WriteError", "DISK_ERRNOS", "atomic_write",
     "exclusive", "first_non_finite", "regular_file", "save", "load", "strip_prefix",
-    "load_state_strict", "check_meta", "check_fields",
+    "load_state_strict", "check_meta", "check_fields", "RUN_FIELDS", "check_run", "check_momentum",
 ]
 
 FORMAT_VERSION = 1
@@ -47,6 +47,9 @@ class Busy(RuntimeError):
 class WriteError(OSError):
     """A write that failed (disk full, file size limit, I/O error); the message names the file and
     says what was left intact."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 # errno values that mean the disk (not the request) failed: full, over quota, too large, I/O
@@ -81,6 +84,12 @@ def regular_file(path: str | Path, name: str = "path") -> Path:
         raise ValueError(f"{name} {path} is {_kind(mode)}; only a regular file is written (or "
                          "created) there. Give a file name instead")
     return path
+
+
+def _program() -> str:
+    """How this process was started, for a Busy message: `d2r`, `python -m d2r_lib`, a script."""
+    first = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+    return f"python -m {first.parent.name}" if first.name == "__main__.py" else first.name
 
 
 @contextlib.contextmanager
@@ -120,7 +129,7 @@ def exclusive(lock: str | Path, *, wait: bool = False) -> Iterator[Path]:
             if not same:
                 os.close(fd)
                 fd = None
-        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
+        command = " ".join([_program(), *sys.argv[1:]])
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {command}"[:500].encode(), 0)
         _HELD[key] = 1
@@ -169,9 +178,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
             os.unlink(tmp)
         if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
             kept = ("the previous version is intact" if existed else "nothing was written there")
-            failed = WriteError(f"could not write {path}: {err.strerror or err}; {kept}")
-            failed.errno, failed.filename = err.errno, str(path)
-            raise failed from None
+            raise WriteError(err.errno, f"could not write {path}: {err.strerror or err}; {kept}",
+                             str(path)) from None
         raise
     return path
 
@@ -314,3 +322,47 @@ def check_meta(payload: dict, path, **expected) -> None:
     if wrong:
         raise CheckpointError(f"checkpoint {path} does not match what was asked: "
                               "" + "; ".join(wrong))
+
+
+# ------------------------------------------------------------------------------------ training runs
+RUN_FIELDS = {"kind": str, "config": dict, "epoch": int, "epochs": int, "method": str,
+              "target_model": str, "num_classes": int, "dataset": str, "target": dict,
+              "guide": (dict, type(None)), "optimizer": dict, "rng": dict, "history": list}
+RNG_FIELDS = {"torch": torch.Tensor, "python": list, "python_pos": int, "numpy": torch.Tensor,
+              "numpy_pos": int}
+
+
+def check_run(payload: dict, path, *, epochs: int, uses_guide: bool) -> None:
+    """Every field that resuming a `train.fit` run uses, checked before use: one CheckpointError
+    listing the faults. Chapter 9."""
+    check_fields(payload, path, RUN_FIELDS)
+    rng = payload["rng"]
+    check_fields(rng, f"{path} (rng)", RNG_FIELDS)
+    faults = []
+    if not 1 <= payload["epoch"] <= epochs:
+        faults.append(f"epoch {payload['epoch']} is not in [1, {epochs}]")
+    if uses_guide and payload["guide"] is None:
+        faults.append("the guide's weights are missing")
+    if not all(isinstance(r, dict) for r in payload["history"]):
+        faults.append("history is not a list of records")
+    if not (isinstance(payload["optimizer"].get("state"), dict)
+            and isinstance(payload["optimizer"].get("param_groups"), list)):
+        faults.append("the optimizer has no 'state' dict and 'param_groups' list")
+    if (rng["torch"].shape != torch.get_rng_state().shape or rng["torch"].dtype != torch.uint8
+            or len(rng["python"]) != 625 or rng["numpy"].shape != (624,)):
+        faults.append("a random-number state has the wrong size")
+    if faults:
+        raise CheckpointError(f"{path} is damaged: " + "; ".join(faults))
+
+
+def check_momentum(payload: dict, path, optimizer) -> None:
+    """Each stored momentum has its parameter's shape (checked once the models are built)."""
+    state = payload["optimizer"]["state"]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        entry = state.get(i)
+        buf = entry.get("momentum_buffer") if isinstance(entry, dict) else None
+        if entry is not None and not (isinstance(buf, torch.Tensor) and buf.shape == p.shape):
+            raise CheckpointError(
+                f"{path} is damaged: the optimizer's momentum of parameter {i} has shape "
+                f"{tuple(getattr(buf, 'shape', ()))}, not {tuple(p.shape)}")

@@ -297,12 +297,11 @@ def _datasets(cfg: TrainConfig, device, data_dir, download: bool):
     return train_set, held_out.subset(min(cfg.held_out, len(held_out))).tensors(device)
 
 
-def _resume(path: Path | None, resume: str, cfg: TrainConfig, target, guide, optimizer, device,
-            say) -> tuple[list[dict], int]:
-    """Load a matching run from `path` into the models and optimizer: (history, first epoch to
-    run)."""
+def _read_run(path: Path | None, resume: str, cfg: TrainConfig, device) -> dict | None:
+    """The checkpoint of this run in `path` to resume, every field checked before the data is read;
+    None when there is none (or resume="never")."""
     if path is None or not path.exists() or resume == "never":
-        return [], 1
+        return None
     payload = checkpoint.load(path, map_location=device)
     if payload.get("config") != cfg.as_dict():
         stored = payload.get("config") or {}
@@ -311,7 +310,17 @@ def _resume(path: Path | None, resume: str, cfg: TrainConfig, target, guide, opt
         raise checkpoint.CheckpointError(
             f"{path} belongs to a run with other settings ({'; '.join(diff)}). Nothing was "
             "overwritten: use another out_dir, or resume='never' to start this one afresh there")
-    _check_payload(payload, path, cfg, optimizer)
+    checkpoint.check_run(payload, path, epochs=cfg.epochs, uses_guide=cfg.uses_guide)
+    return payload
+
+
+def _resume(payload: dict | None, path: Path | None, cfg: TrainConfig, target, guide, optimizer,
+            say) -> tuple[list[dict], int]:
+    """Load the run `_read_run` found into the models and optimizer: (history, first epoch to
+    run)."""
+    if payload is None:
+        return [], 1
+    checkpoint.check_momentum(payload, path, optimizer)
     checkpoint.load_state_strict(target, payload["target"], "target")
     if guide is not None:
         checkpoint.load_state_strict(guide, payload["guide"], "guide")
@@ -322,42 +331,6 @@ def _resume(path: Path | None, resume: str, cfg: TrainConfig, target, guide, opt
     say(f"loaded the finished run {run} (epoch {done}/{cfg.epochs})" if done >= cfg.epochs
         else f"resumed the run {run} after epoch {done}/{cfg.epochs}")
     return payload["history"], done + 1
-
-
-_RUN_FIELDS = {"kind": str, "config": dict, "epoch": int, "epochs": int, "method": str,
-               "target_model": str, "num_classes": int, "dataset": str, "target": dict,
-               "guide": (dict, type(None)), "optimizer": dict, "rng": dict, "history": list}
-_RNG_FIELDS = {"torch": torch.Tensor, "python": list, "python_pos": int, "numpy": torch.Tensor,
-               "numpy_pos": int}
-
-
-def _check_payload(payload: dict, path: Path, cfg: TrainConfig, optimizer) -> None:
-    """Every field `_resume` uses, checked before use: one CheckpointError listing the faults."""
-    checkpoint.check_fields(payload, path, _RUN_FIELDS)
-    checkpoint.check_fields(payload["rng"], f"{path} (rng)", _RNG_FIELDS)
-    faults = []
-    if not 1 <= payload["epoch"] <= cfg.epochs:
-        faults.append(f"epoch {payload['epoch']} is not in [1, {cfg.epochs}]")
-    if cfg.uses_guide and payload["guide"] is None:
-        faults.append("the guide's weights are missing")
-    if not all(isinstance(r, dict) for r in payload["history"]):
-        faults.append("history is not a list of records")
-    state = payload["optimizer"].get("state")
-    groups = payload["optimizer"].get("param_groups")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if not isinstance(state, dict) or not isinstance(groups, list):
-        faults.append("the optimizer has no 'state' dict and 'param_groups' list")
-    else:
-        for i, p in enumerate(params):
-            buf = state.get(i, {}).get("momentum_buffer") if isinstance(state.get(i), dict) else 0
-            if buf is not None and not (isinstance(buf, torch.Tensor) and buf.shape == p.shape):
-                faults.append(f"the optimizer's momentum of parameter {i} is "
-                              f"{tuple(getattr(buf, 'shape', ()))}, not {tuple(p.shape)}")
-                break
-    if payload["rng"]["torch"].shape != torch.get_rng_state().shape:
-        faults.append("the torch random state has the wrong size")
-    if faults:
-        raise checkpoint.CheckpointError(f"{path} is damaged: " + "; ".join(faults))
 
 
 def _step_models(cfg: TrainConfig, target, guide, world: int):
@@ -461,12 +434,13 @@ def fit(cfg: TrainConfig, out_dir: str | Path | None = None, *, device: str = "c
 def _fit(cfg: TrainConfig, path: Path | None, rank: int, world: int, device, resume: str,
          progress: bool, data_dir, download: bool, log, max_epochs: int | None) -> TrainResult:
     say = log if rank == 0 else (lambda *a, **k: None)
+    payload = _read_run(path, resume, cfg, device)  # a damaged checkpoint: refused before the data
     seed_everything(cfg.seed)
     train_set, (x_eval, y_eval) = _datasets(cfg, device, data_dir, download)
     target, guide = build_models(cfg, train_set.num_classes, device)
     optimizer = methods.make_optimizer(target, guide, lr=cfg.lr, momentum=cfg.momentum,
                                        weight_decay=cfg.weight_decay)
-    history, first = _resume(path, resume, cfg, target, guide, optimizer, device, say)
+    history, first = _resume(payload, path, cfg, target, guide, optimizer, say)
     step_models = _step_models(cfg, target, guide, world)
     method = methods.get_method(cfg.method)
     last = cfg.epochs if max_epochs is None else min(cfg.epochs, first - 1 + max_epochs)
@@ -549,7 +523,7 @@ def load_run(path: str | Path, *, target_model: str | None = None, num_classes: 
     if payload.get("kind") != "d2r_lib.train":
         raise checkpoint.CheckpointError(f"{path} is not a d2r_lib training checkpoint (no "
                                          "kind='d2r_lib.train')")
-    checkpoint.check_fields(payload, path, {k: _RUN_FIELDS[k] for k in (
+    checkpoint.check_fields(payload, path, {k: checkpoint.RUN_FIELDS[k] for k in (
         "config", "epoch", "epochs", "method", "target_model", "num_classes", "dataset", "target",
         "guide")})
     faults = [f"{key} {payload[key]!r} is not one of d2r_lib's models" for key in
