@@ -315,6 +315,20 @@ CASES = [
      "kind (manifest.json without last.pt"),
     ("path", ["train", "--out", str(ROOT / "book" / "reference" / "d2r-seed0")], 2,
      "holds the files of another run or kind"),
+    # the runner: every check before a kernel starts
+    ("path", ["run", "--out", "foreign"], 2, "holds the files of another run or kind "
+     "(history.json;"),
+    ("path", ["run", "--out", "refcopy"], 2, "holds the files of another run or kind "
+     "(manifest.json;"),
+    ("path", ["run", "--out", str(ROOT / "book" / "reference")], 2,
+     "holds the files of another run or kind"),
+    ("name", ["run", "--profile", "smoke", "--chapters", "0", "--out", "r"], 2,
+     "--chapters 0: no chapter matches"),
+    ("range", ["run", "--profile", "smoke", "--chapters", "01", "-p", "seed=4294967296", "--out",
+               "r"], 2, "allows an integer >= 0 and <= 4294967295"),
+    pytest.param("range", ["run", "--profile", "smoke", "--device", "cuda", "--out", "r"], 2,
+                 "--device cuda: no CUDA device here; use auto or cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
     # checkpoints given to evaluate, or found in train's --out
     *[("checkpoint", ["evaluate", "--checkpoint", f"corrupt{seed}.pt"], 2, f"corrupt{seed}.pt")
       for seed in CORRUPT_SEEDS],
@@ -740,3 +754,55 @@ def test_help_documents_every_exit_code(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for code, meaning in cli.EXIT_CODES.items():
         assert f"{code} {' '.join(meaning.split())}" in text
+
+
+# ------------------------------------------------------------------------------------ the runner
+def test_the_runner_matches_chapters_exactly_and_runs_a_sweep_value_once(tmp_path):
+    from d2r_lib import runner
+
+    five = [p.stem for p in runner._select(["5"])]
+    assert five == [p.stem for p in runner._select(["05"])] == ["05_d2r_loss"]
+    assert [p.stem for p in runner._select(["05_d2r_loss"])] == ["05_d2r_loss"]
+    runs = runner.plan("smoke", out=tmp_path / "r", chapters=["01"], params={"seed": [0, 0, 1]})
+    assert [r.overrides for r in runs] == [{"seed": 0}, {"seed": 1}]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_results_file_is_skipped_with_a_warning(tmp_path):
+    import json
+
+    from d2r_lib import notebook_run
+
+    run = tmp_path / "01_x" / "smoke"
+    (run / "results").mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps(
+        {"chapter": "01_x", "profile": "smoke", "status": "ok", "overrides": {}}))
+    table = evaluate.ResultsTable({"m": {"clean": 0.5}})
+    (run / "results" / "good.json").write_text(json.dumps(
+        {"name": "good", "config": {"seed": 0}, "table": table.to_dict()}))
+    (run / "results" / "bad.json").write_text("{not json")
+    (tmp_path / "02_y" / "smoke").mkdir(parents=True)
+    (tmp_path / "02_y" / "smoke" / "manifest.json").write_text("[1, 2]")
+    with pytest.warns(UserWarning) as seen:
+        paths = notebook_run.write_results(tmp_path)
+    messages = sorted(str(w.message) for w in seen)
+    assert messages[0].startswith(f"skipped the damaged manifest {tmp_path / '02_y'}")
+    bad = run / "results" / "bad.json"
+    assert messages[1].startswith(f"skipped the damaged results file {bad}")
+    assert "good" in paths[1].read_text() and "bad" not in paths[1].read_text()
+
+
+def test_an_interrupted_run_says_so_in_its_manifest(tmp_path, monkeypatch):
+    import json
+
+    from d2r_lib import notebook_run, runner
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(notebook_run, "_execute_notebook", interrupted)
+    (run,) = runner.plan("smoke", out=tmp_path / "r", chapters=["01"])
+    with pytest.raises(KeyboardInterrupt):
+        notebook_run.execute(run, log=lambda *a: None)
+    manifest = json.loads((run.folder / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and "ended" in manifest
