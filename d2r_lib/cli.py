@@ -2,7 +2,8 @@
 
 Commands: train, evaluate, run (d2r_lib.runner), bench (d2r_lib.bench), quickstart, demo, profiles.
 Each checks all its arguments, output paths and data before it trains or evaluates anything; an
-error prints one line `error: ...` to stderr and exits with 2 (1 when training diverged).
+error prints one line `error: ...` to stderr and exits with a code that says what happened
+(`EXIT_CODES`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import argparse
 import dataclasses
 import importlib
 import importlib.util
+import os
+import signal
 import sys
 import time
 import urllib.error
@@ -19,7 +22,19 @@ from pathlib import Path
 
 from . import validate
 
-__all__ = ["UsageError", "build_parser", "main", "train_config"]
+__all__ = ["EXIT_CODES", "UsageError", "build_parser", "main", "train_config"]
+
+# every exit code of `d2r`, and what it means (documented in `d2r --help`)
+EXIT_CODES = {
+    0: "done",
+    1: "training diverged (d2r run: a run failed); the last good checkpoint is intact",
+    2: "bad input, refused before any work (nothing written); also: --out is in use by another "
+       "run",
+    3: "out of disk space or an I/O error; the message names the file and what was left intact",
+    4: "internal error (a bug in d2r_lib: please report it; D2R_TRACEBACK=1 shows where)",
+    130: "interrupted (Ctrl-C or SIGTERM); every file written so far is complete, so the same "
+         "command resumes",
+}
 
 CHECKPOINT_NAME = "last.pt"
 # the method parameters the command line sets, with their flags
@@ -41,6 +56,10 @@ class UsageError(Exception):
     """A bad command line (unknown option or choice, unparsable value): exit code 2."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: exit code 130."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + message, still exit code 2
         raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
@@ -53,6 +72,13 @@ def _number(text: str) -> float:
     except (ValueError, ZeroDivisionError):
         message = f"expected a number such as 0.031 or 8/255; got {text!r}"
         raise argparse.ArgumentTypeError(message) from None
+
+
+def _path(text: str) -> Path:
+    """A path argument; an empty one would mean the current folder, so it is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder name")
+    return Path(text)
 
 
 def _pick_device(value: str) -> str:
@@ -172,12 +198,12 @@ def _add_train(sub) -> None:
                    "rounding; faster; on with --profile cpu or smoke, as --channels-last)")
     p.add_argument("--device", default="auto", choices=experiments.DEVICES,
                    help="default %(default)s")
-    p.add_argument("--out", required=True, type=Path,
+    p.add_argument("--out", required=True, type=_path,
                    help="output folder (checkpoint last.pt, history.json)")
     p.add_argument("--resume", default="auto", choices=["auto", "always", "never"],
                    help="auto: continue a matching run in --out (default); always: fail if "
                    "there is none; never: start afresh")
-    p.add_argument("--data-dir", type=Path, default=None,
+    p.add_argument("--data-dir", type=_path, default=None,
                    help="data folder (else $D2R_DATA_DIR, then known folders)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_train)
@@ -247,21 +273,34 @@ def train_config(a):
                              fold_batchnorm=a.fold_batchnorm or fast).validate()
 
 
+def _check_run_folder(flag: str, out: Path) -> None:
+    """A folder `train` writes must hold nothing of another run or kind: a history.json without
+    last.pt, or a manifest.json (a shipped reference run, a `d2r run` folder)."""
+    if (out / "manifest.json").exists() or ((out / "history.json").exists()
+                                            and not (out / CHECKPOINT_NAME).exists()):
+        found = "manifest.json" if (out / "manifest.json").exists() else "history.json"
+        raise FileExistsError(f"{flag} {out} holds the files of another run or kind ({found} "
+                              f"without {CHECKPOINT_NAME} of `d2r train`); nothing was "
+                              "overwritten: give another folder")
+
+
 def cmd_train(a) -> int:
-    from . import train
+    from . import checkpoint, train
 
     cfg = train_config(a)
     validate.output_dir("--out", a.out, files=(CHECKPOINT_NAME, "history.json"))
+    _check_run_folder("--out", a.out)
     if a.resume == "always" and not (a.out / CHECKPOINT_NAME).is_file():
         raise FileNotFoundError(f"--resume always: there is no checkpoint {a.out / 'last.pt'}; "
                                 "start the run first, or use --resume auto")
     _data_dir(a)
     device = _pick_device(a.device)
-    if a.resume != "never":  # a checkpoint there must be this run's, checked before the data
-        validate.same_run("--out", a.out / CHECKPOINT_NAME, cfg.as_dict(), "use another --out, "
-                          "or --resume never to start this run afresh there")
-    result = train.fit(cfg, a.out, device=device, resume=a.resume, progress=not a.no_progress,
-                       data_dir=a.data_dir)
+    with checkpoint.exclusive(a.out / train.LOCK_NAME):  # one run per --out, held to the end
+        if a.resume != "never":  # a checkpoint there must be this run's, checked before the data
+            validate.same_run("--out", a.out / CHECKPOINT_NAME, cfg.as_dict(), "use another "
+                              "--out, or --resume never to start this run afresh there")
+        result = train.fit(cfg, a.out, device=device, resume=a.resume,
+                           progress=not a.no_progress, data_dir=a.data_dir)
     if result.checkpoint is not None:
         print(f"checkpoint: {result.checkpoint}")
     return 0
@@ -272,7 +311,7 @@ def _add_eval_options(p, *, checkpoint: bool) -> None:
     from . import evaluate, experiments
 
     if checkpoint:
-        p.add_argument("--checkpoint", required=True, type=Path,
+        p.add_argument("--checkpoint", required=True, type=_path,
                        help="a last.pt written by `train` (or its folder)")
     p.add_argument("--attacks", default="clean,fgsm,pgd20,cw20,autoattack",
                    help=f"comma-separated, from {', '.join(evaluate.ATTACKS)} "
@@ -289,7 +328,7 @@ def _add_eval_options(p, *, checkpoint: bool) -> None:
     p.add_argument("--eval-batch-size", type=int, default=256, help="default %(default)s")
     p.add_argument("--device", default="auto", choices=experiments.DEVICES,
                    help="default %(default)s")
-    p.add_argument("--data-dir", type=Path, default=None, help="data folder")
+    p.add_argument("--data-dir", type=_path, default=None, help="data folder")
 
 
 def _check_eval_options(a) -> list[str]:
@@ -319,7 +358,7 @@ def _add_evaluate(sub) -> None:
                        description="Clean, FGSM, PGD-20, CW-20 and AutoAttack accuracy of a "
                                    "trained target.")
     _add_eval_options(p, checkpoint=True)
-    p.add_argument("--json", type=Path, default=None, help="also write the results here (JSON)")
+    p.add_argument("--json", type=_path, default=None, help="also write the results here (JSON)")
     p.set_defaults(run=cmd_evaluate)
 
 
@@ -375,7 +414,7 @@ def _add_quickstart(sub) -> None:
                    help="base learning rate (default %(default)s: with the paper's 0.1 small_cnn "
                    "collapsed to a constant output under D2R for 1 of 4 seeds in 5 epochs)")
     p.add_argument("--seed", type=int, default=1, help="in [0, 2**32 - 1] (default %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("runs/quickstart"),
+    p.add_argument("--out", type=_path, default=Path("runs/quickstart"),
                    help="folder for both runs and results.json (default %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     _add_eval_options(p, checkpoint=False)
@@ -394,6 +433,7 @@ def cmd_quickstart(a) -> int:
     validate.output_dir("--out", a.out, files=("results.json",))
     for method in ("standard", "d2r"):
         validate.output_dir("--out", a.out / method, files=(CHECKPOINT_NAME, "history.json"))
+        _check_run_folder("--out", a.out / method)
     configs = {
         method: train.TrainConfig(
             method=method, target_model=a.target, guide_model=a.guide, dataset="cifar10",
@@ -441,7 +481,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--seed", type=int, default=1, help="in [0, 2**32 - 1] (default %(default)s)")
     p.add_argument("--device", default="auto", choices=experiments.DEVICES,
                    help="default %(default)s")
-    p.add_argument("--data-dir", type=Path, default=None, help="data folder")
+    p.add_argument("--data-dir", type=_path, default=None, help="data folder")
     p.set_defaults(run=cmd_demo)
 
 
@@ -521,11 +561,12 @@ def _add_delegated(sub, command: str, module: str, help: str) -> None:
 
 # ------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
+    codes = "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items())
     parser = _Parser(prog="d2r", description="The course's one command line (also: python -m "
                      "d2r_lib). `d2r <command> --help` lists a command's options.",
                      epilog="Every command checks all its arguments, output paths and data "
-                     "before it trains or evaluates anything. An error prints one line "
-                     "`error: ...` and exits with 2 (1 when training diverged).")
+                     "before it trains or evaluates anything; one run writes a folder at a time. "
+                     f"An error prints one line `error: ...`. Exit codes: {codes}.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     _add_train(sub)
     _add_evaluate(sub)
@@ -542,8 +583,29 @@ def _fail(err, code: int) -> int:
     return code
 
 
+def _interrupt(signum, frame):
+    raise Interrupted("SIGTERM")
+
+
 def main(argv=None) -> int:
-    """Run one command; returns the exit code (0 done, 1 training diverged, 2 refused input)."""
+    """Run one command; returns the exit code (`EXIT_CODES`). Ctrl-C and SIGTERM stop it with one
+    line and code 130, at any moment."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = None
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as err:
+        how = "SIGTERM" if isinstance(err, Interrupted) else "Ctrl-C"
+        return _fail(f"interrupted ({how}); every file written so far is complete (writes are "
+                     "atomic): run the same command again to resume", 130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -559,7 +621,7 @@ def main(argv=None) -> int:
 
     from . import checkpoint, data, train
 
-    refused = (ValueError, TypeError, OSError, checkpoint.CheckpointError,
+    refused = (ValueError, TypeError, OSError, checkpoint.CheckpointError, checkpoint.Busy,
                getattr(data, "DataError", ValueError))  # missing, corrupt or tampered data
     torch.set_flush_denormal(True)  # this process: barely trained models have slow denormal floats
     try:
@@ -572,8 +634,17 @@ def main(argv=None) -> int:
         where = f"in --data-dir {args.data_dir}" if getattr(args, "data_dir", None) else "here"
         return _fail(f"the data is not {where} and downloading it failed ({err.reason}); give "
                      "--data-dir with the offline bundle, or set $D2R_DATA_DIR", 2)
+    except OSError as err:
+        if isinstance(err, checkpoint.WriteError):
+            return _fail(err, 3)
+        if err.errno in checkpoint.DISK_ERRNOS:
+            return _fail(f"{err.strerror}: {err.filename or 'a file'}; every file written before "
+                         "is complete (writes are atomic)", 3)
+        return _fail(err, 2)
     except refused as err:
         return _fail(err, 2)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130)
-
+    except Exception as err:  # noqa: BLE001 - a bug: one line, the traceback on request
+        if os.environ.get("D2R_TRACEBACK"):
+            raise
+        return _fail(f"internal error ({type(err).__name__}: {err}); this is a bug in d2r_lib: "
+                     "please report it with the command (D2R_TRACEBACK=1 shows where)", 4)

@@ -514,14 +514,15 @@ def load_results(folder: str | Path) -> list[dict]:
 
     out = []
     for path in sorted(Path(folder).glob("*.json")):
-        blob = json.loads(path.read_text())
-        out.append(
-            {
-                "name": blob.get("name", path.stem),
-                "config": blob["config"],
-                "table": ResultsTable.from_dict(blob["table"]),
-            }
-        )
+        try:
+            blob = json.loads(path.read_text())
+            item = {"name": blob.get("name", path.stem), "config": dict(blob["config"]),
+                    "table": ResultsTable.from_dict(blob["table"])}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            warnings.warn(f"skipped the damaged results file {path} ({type(err).__name__}: "
+                          f"{err})", validate.D2RWarning, stacklevel=2)
+            continue
+        out.append(item)
     return out
 
 

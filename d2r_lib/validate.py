@@ -13,8 +13,10 @@ import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a check needs it: `d2r` starts without it
+    import torch
 
 __all__ = [
     "D2RWarning",
@@ -39,7 +41,7 @@ __all__ = [
     "steps",
 ]
 
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_MAX = 3.4028234663852886e38  # float(torch.finfo(torch.float32).max)
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit; torch and random accept these too
 
 
@@ -128,6 +130,8 @@ def flag(name: str, value) -> bool:
 
 def images(x, name: str = "x") -> torch.Tensor:
     """x must be a float tensor (N, C, H, W) with every value finite and in [0, 1]."""
+    import torch
+
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of images; got {type(x).__name__}")
     if x.dim() != 4:
@@ -153,6 +157,8 @@ def images(x, name: str = "x") -> torch.Tensor:
 
 def labels(y, num_classes: int, batch: int, name: str = "y") -> torch.Tensor:
     """y must be an integer tensor of shape (batch,) with values in [0, num_classes)."""
+    import torch
+
     int_types = (torch.int64, torch.int32, torch.int16, torch.uint8)
     if not isinstance(y, torch.Tensor) or y.dtype not in int_types:
         raise TypeError(
@@ -171,6 +177,8 @@ def labels(y, num_classes: int, batch: int, name: str = "y") -> torch.Tensor:
 
 
 def logits(z, name: str) -> torch.Tensor:
+    import torch
+
     if not isinstance(z, torch.Tensor) or z.dim() != 2:
         shape = getattr(z, "shape", type(z))
         raise ValueError(f"{name} must be a (batch, classes) tensor of logits; got {shape}")
@@ -219,7 +227,12 @@ def _creatable(name: str, path: Path, start: Path) -> None:
 
 def output_dir(name: str, path, files: Iterable[str] = ()) -> Path:
     """`path` is, or can become, a writable folder where each of `files` can be written."""
+    from .checkpoint import regular_file
+
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise NotADirectoryError(f"{name} {path} is a symbolic link to nothing (or a loop); give "
+                                 "a folder")
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{name} {path} is a file; give a folder")
     _creatable(name, path, path)
@@ -228,16 +241,20 @@ def output_dir(name: str, path, files: Iterable[str] = ()) -> Path:
             raise IsADirectoryError(
                 f"{name} {path}: {path / file} is a folder, but a file is written there"
             )
+        regular_file(path / file, name)
     return path
 
 
 def output_file(name: str, path) -> Path:
     """`path` can be written as a file: not a folder, and its folder exists or can be created."""
+    from .checkpoint import regular_file
+
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{name} {path} is a folder; give a file name such as "
                                 f"{path / 'out.json'}")
     _creatable(name, path, path.parent)
+    regular_file(path, name)
     return path
 
 
