@@ -24,7 +24,7 @@ from . import attacks, fast, losses, validate
 
 __all__ = [
     "ATTACK_KINDS", "PASS_MODELS", "PASS_INPUTS", "BUDGET", "REFERENCE_PASSES", "Pass", "Param",
-    "PARAMS", "Method",
+    "PARAMS", "SETTING_NAMES", "Method",
     "METHODS", "register", "unregister", "get_method", "make_adversarial", "compute_terms",
     "make_optimizer", "check_step", "step", "train_step",
 ]
@@ -130,6 +130,15 @@ PARAMS: dict[str, Param] = {
 """The parameters the built-in methods share. A method's plain default for one of these names takes
 this declaration with that default; any other plain default gets a declaration from its type (see
 `Method`)."""
+
+
+SETTING_NAMES = frozenset({
+    "method", "target_model", "guide_model", "target", "guide", "dataset", "subset", "train_size",
+    "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "method_params", "seed",
+    "held_out", "augment", "no_augment", "amp", "channels_last", "compile", "fold_batchnorm",
+    "profile", "device", "out", "resume", "data_dir", "no_progress", "help"})
+"""Names a method parameter cannot take: the settings of `train.TrainConfig` and the options of
+`d2r train` (a parameter's flag is `--name`)."""
 
 
 def _declare(name: str, default) -> Param:
@@ -394,6 +403,10 @@ def register(method: Method) -> Method:
     if method.attack_kind == "none" and any(p.input == "x_adv" for p in method.passes):
         raise ValueError(f"method {name!r}: a pass on x_adv needs an attack (attack_kind is "
                          "'none')")
+    taken = sorted(SETTING_NAMES & set(method.params))
+    if taken:
+        raise ValueError(f"method {name!r}: parameter name {', '.join(map(repr, taken))} is a "
+                         "training setting (TrainConfig / `d2r train`); choose another name")
     missing = [k for k in BUDGET if method.attack_kind != "none" and k not in method.defaults]
     if missing:
         raise ValueError(f"method {name!r}: defaults must give the attack's {', '.join(missing)}")
