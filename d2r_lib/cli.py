@@ -37,19 +37,6 @@ EXIT_CODES = {
 }
 
 CHECKPOINT_NAME = "last.pt"
-# the method parameters the command line sets, with their flags
-PARAM_FLAGS = {
-    "eps": "--eps", "step_size": "--step-size", "steps": "--steps", "beta": "--beta",
-    "w_clean": "--w-clean", "w_adv": "--w-adv", "kl_reduction": "--kl-reduction",
-    "official_passes": "--no-official-passes"
-}
-# profile field -> `train` option it fills
-PROFILE_TO_TRAIN = {
-    "dataset": "dataset", "subset": "subset", "train_size": "train_size", "epochs": "epochs",
-    "batch_size": "batch_size", "lr": "lr", "target_model": "target", "guide_model": "guide",
-    "held_out": "held_out", "eps": "eps", "step_size": "step_size", "steps": "steps",
-    "target": "target", "guide": "guide",
-}
 
 
 class UsageError(Exception):
@@ -95,11 +82,10 @@ def _pick_device(value: str) -> str:
 
 
 def _profile(name: str) -> dict:
-    """A profile of experiments.PROFILES as a plain dict (a dataclass or a mapping)."""
+    """A profile of experiments.PROFILES as a plain dict."""
     from . import experiments
 
-    profile = experiments.PROFILES[name]
-    return dataclasses.asdict(profile) if dataclasses.is_dataclass(profile) else dict(profile)
+    return dataclasses.asdict(experiments.PROFILES[name])
 
 
 def _defaults() -> dict:
@@ -169,21 +155,7 @@ def _add_train(sub) -> None:
                    help=f"base learning rate (default {_default('lr')})")
     p.add_argument("--schedule", default=_default("schedule"), choices=["paper", "cosine"],
                    help="paper (default): epoch 1 at 0.2·lr, ×0.1 from 76%%, ×0.01 from 91%%")
-    p.add_argument("--eps", type=_number, default=None,
-                   help="ε of the training attack, in [0, 1] (default: the method's)")
-    p.add_argument("--steps", type=int, default=None, help="attack steps K (default: the method's)")
-    p.add_argument("--step-size", type=_number, default=None,
-                   help="attack step α (default: the method's)")
-    p.add_argument("--beta", type=_number, default=None, help="β of trades / mart / lbgat")
-    p.add_argument("--w-clean", type=_number, default=None,
-                   help="D2R clean-term weight (default 20)")
-    p.add_argument("--w-adv", type=_number, default=None,
-                   help="D2R adversarial-term weight (default 30)")
-    p.add_argument("--kl-reduction", default=None, choices=["mean", "batchmean"],
-                   help="D2R KL: mean over batch×classes (official, default) or batchmean")
-    p.add_argument("--no-official-passes", action="store_true",
-                   help="skip the forward pass the official step makes without needing it "
-                   "(TRADES, LBGAT0): faster, BatchNorm statistics differ")
+    _add_param_flags(p)
     p.add_argument("--seed", type=int, default=_default("seed"),
                    help="in [0, 2**32 - 1] (default %(default)s, the official effective seed)")
     p.add_argument("--held-out", type=int, default=None,
@@ -209,68 +181,89 @@ def _add_train(sub) -> None:
     p.set_defaults(run=cmd_train)
 
 
+def _param_flags() -> dict:
+    """The flag of every parameter the registered methods declare: {name: (flag, Param, [method
+    names])}; the declaration is the first method's (each method checks its own)."""
+    from . import methods
+
+    out = {}
+    for m in methods.METHODS.values():
+        for name, param in m.params.items():
+            if param.kind is not object:
+                out.setdefault(name, ("--" + name.replace("_", "-"), param, []))[2].append(m.name)
+    return out
+
+
+def _add_param_flags(p) -> None:
+    """One flag per method parameter, derived from its declaration (`methods.Param`): a method
+    registered from outside gets its flags too."""
+    for name, (flag, param, users) in _param_flags().items():
+        used = f"; methods: {', '.join(users)}"
+        if param.kind is bool:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{param.help} (default: the method's{used})")
+            continue
+        kind = {int: int, float: _number}.get(param.kind, str)
+        p.add_argument(flag, dest=name, type=kind, default=None, choices=param.choices,
+                       help=f"{param.help}: {param.allowed()} (default: the method's{used})")
+
+
+def _flag(name: str, value) -> str:
+    flag = "--" + name.replace("_", "-")
+    return flag.replace("--", "--no-", 1) if value is False else flag
+
+
 def _method_params(a, method) -> dict:
-    """The method parameters given on the command line, each checked under its flag."""
-    given = {k: getattr(a, k) for k in PARAM_FLAGS
-             if k != "official_passes" and getattr(a, k) is not None}
-    if a.no_official_passes:
-        given["official_passes"] = False
-    allowed = getattr(method, "defaults", None)
-    if allowed is not None:
-        unknown = [PARAM_FLAGS[k] for k in given if k not in allowed]
-        if unknown:
-            own = ", ".join(PARAM_FLAGS.get(k, k) for k in allowed) or "none"
-            raise ValueError(f"{', '.join(unknown)} does not apply to method {method.name!r}; "
-                             f"its options: {own}")
+    """The method parameters given on the command line, each checked under its flag against the
+    method's own declaration."""
+    given = {k: getattr(a, k) for k in _param_flags() if getattr(a, k, None) is not None}
+    unknown = [_flag(k, v) for k, v in given.items() if k not in method.params]
+    if unknown:
+        own = ", ".join(_flag(k, None) for k in method.params) or "none"
+        raise ValueError(f"{', '.join(unknown)} does not apply to method {method.name!r}; "
+                         f"its options: {own}")
     for key, value in given.items():
-        flag = PARAM_FLAGS[key]
-        if key == "eps":
-            validate.eps(value, flag, norm="linf")
-        elif key in ("step_size", "steps"):
-            getattr(validate, key)(value, flag)
-        elif key in ("beta", "w_clean", "w_adv"):
-            validate.number(flag, value, min=0)
+        method.params[key].check(_flag(key, value), value)
     return given
 
 
 def train_config(a):
-    """The TrainConfig of parsed `train` arguments: flags, else the profile, else TrainConfig's
+    """The TrainConfig of parsed `train` arguments: flags, else the profile (mapped by
+    `experiments.train_config`, the one profile → TrainConfig mapping), else TrainConfig's
     defaults. Each value is checked under its flag before the config's own (API-named) checks."""
-    from . import data, methods, train
+    from . import data, experiments, methods, train
 
     method = methods.get_method(a.method)
-    attack_params = getattr(method, "defaults", {})
-    if a.profile is not None:  # the profile fills every option the command line left unset
-        for key, value in _profile(a.profile).items():
-            option = PROFILE_TO_TRAIN.get(key)
-            if option is None or value is None or getattr(a, option) is not None:
-                continue
-            if option in ("eps", "step_size", "steps") and option not in attack_params:
-                continue  # the profile's attack budget is for methods that attack
-            setattr(a, option, value)
     params = _method_params(a, method)
     for flag in ("--train-size", "--epochs", "--batch-size", "--held-out"):
         _positive(flag, getattr(a, flag[2:].replace("-", "_")))
     if a.lr is not None:
         validate.lr(a.lr, "--lr")
     validate.seed(a.seed, "--seed")
+    profile = _profile(a.profile) if a.profile is not None else {}
     try:
-        subsets = data.DATASETS[a.dataset or _default("dataset")]["subsets"]
+        subsets = data.DATASETS[a.dataset or profile.get("dataset") or _default("dataset")]
     except (KeyError, TypeError):  # argparse refuses unknown datasets; the config checks the rest
         subsets = None
     if subsets is not None:
-        validate.choice("--subset", a.subset or _default("subset"), subsets)
+        subset = a.subset or (profile.get("subset") if a.dataset is None else None)
+        validate.choice("--subset", subset or _default("subset"), subsets["subsets"])
 
-    names = {"target": "target_model", "guide": "guide_model", "held_out": "held_out"}
+    names = {"target": "target_model", "guide": "guide_model"}
     options = ("target", "guide", "dataset", "subset", "train_size", "epochs", "batch_size", "lr",
                "held_out")
-    kwargs = {names.get(k, k): getattr(a, k) for k in options if getattr(a, k) is not None}
+    given = {names.get(k, k): getattr(a, k) for k in options if getattr(a, k) is not None}
+    settings = dict(schedule=a.schedule, augment=not a.no_augment, amp=a.amp,
+                    compile=a.compile)
+    if a.profile is None:
+        return train.TrainConfig(**given, method=a.method, method_params=params, seed=a.seed,
+                                 channels_last=a.channels_last,
+                                 fold_batchnorm=a.fold_batchnorm, **settings).validate()
+    cfg = experiments.run_config(a.profile, {**given, "seed": a.seed}, device="cpu")
+    tc = experiments.train_config(cfg, a.method, **params)
     # a profile with fast=True (cpu, smoke) switches both fast paths on, as its chapters train
-    fast = a.profile is not None and _profile(a.profile).get("fast", False)
-    return train.TrainConfig(**kwargs, method=a.method, schedule=a.schedule, method_params=params,
-                             seed=a.seed, augment=not a.no_augment, amp=a.amp,
-                             channels_last=a.channels_last or fast, compile=a.compile,
-                             fold_batchnorm=a.fold_batchnorm or fast).validate()
+    return dataclasses.replace(tc, channels_last=a.channels_last or cfg.fast,
+                               fold_batchnorm=a.fold_batchnorm or cfg.fast, **settings).validate()
 
 
 def _check_run_folder(flag: str, out: Path) -> None:

@@ -87,24 +87,34 @@ class Range:
         return None
 
 
+def _method_range(name: str) -> Range | None:
+    """The range of a method parameter from its declaration (`methods.Param`), the first registered
+    method's that declares `name` with a number type; None for other names."""
+    from . import methods
+
+    for m in methods.METHODS.values():
+        p = m.params.get(name)
+        if p is not None and p.kind in (int, float):
+            return Range(p.kind, p.min, p.max, p.min_open)
+    return None
+
+
 RANGES = {
     "seed": Range(int, 0, 2**32 - 1),  # validate.SEED_MAX: the seed rule of training
     "epochs": Range(int, 1),
-    "steps": Range(int, 1),
     "batch_size": Range(int, 1),
     "train_size": Range(int, 1),
     "test_size": Range(int, 1),
     "attacked": Range(int, 1),
     "held_out": Range(int, 1),
-    "eps": Range(float, 0, 1, min_open=True),
-    "step_size": Range(float, 0, 1, min_open=True),
     "lr": Range(float, 0, min_open=True),
-    "beta": Range(float, 0),
-    "w_clean": Range(float, 0),
-    "w_adv": Range(float, 0),
     "w_mse": Range(float, 0),
+    **{name: _method_range(name) for name in ("eps", "step_size", "steps", "beta", "w_clean",
+                                              "w_adv")},
 }
-"""Declared ranges of the common parameters (None is allowed where the default is None)."""
+"""Declared ranges of the common parameters (None is allowed where the default is None); the method
+parameters' ranges come from their declarations (`methods.PARAMS`), also for a method registered
+later (`_method_range`)."""
 
 
 @dataclass
@@ -224,7 +234,7 @@ def _parse_cli(items) -> dict:
 
 
 def _check_value(name: str, value, default, chapter: str) -> object:
-    declared = RANGES.get(name)
+    declared = RANGES.get(name) or _method_range(name)
     if value is None and (default is None or declared is None):
         return value
     if isinstance(default, bool) or (default is not None and not isinstance(default, (int, float))):

@@ -41,6 +41,8 @@ SCHEDULES = ("paper", "cosine")
 RESUME = ("auto", "always", "never")
 CHECKPOINT_NAME = "last.pt"
 LOCK_NAME = ".lock"  # held by the run writing a folder (checkpoint.exclusive)
+SHOW_LOSS_EVERY = 20
+"""The progress bar shows the loss every this many batches: reading it waits for the device."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -391,14 +393,33 @@ def _held_out(target, guide, x_eval, y_eval, cfg: TrainConfig, epoch: int, path,
                                f"a lower learning rate") from None
 
 
-def _train_one(cfg: TrainConfig, method, step_models, optimizer, x, y, device) -> dict[str, float]:
-    """One batch through `methods.train_step` (bfloat16 autocast with cfg.amp, the attack on
-    BatchNorm-folded copies with cfg.fold_batchnorm)."""
+def _train_one(cfg: TrainConfig, method, params, step_models, optimizer, x, y,
+               device) -> dict[str, torch.Tensor]:
+    """One batch through `methods.step` (bfloat16 autocast with cfg.amp, the attack on
+    BatchNorm-folded copies with cfg.fold_batchnorm): the terms stay on the device."""
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with fast.folding(cfg.fold_batchnorm), fast.autocast(device, enabled=cfg.amp):
-        return methods.train_step(method, *step_models, optimizer, x, y, **cfg.method_params)
+        return methods.step(method, *step_models, optimizer, x, y, params)
+
+
+def _epoch_sums(steps: list, epoch: int, path, history) -> tuple[dict[str, float], int]:
+    """The batch-weighted sums of every loss term over one epoch's `steps` [(terms, batch size)],
+    read from the device once; the first batch with a non-finite term raises TrainingDiverged."""
+    if not steps:
+        return {}, 0
+    keys = list(steps[0][0])
+    rows = torch.stack([torch.stack([t[k] for k in keys]) for t, _ in steps]).tolist()
+    sums: dict[str, float] = {}
+    seen = 0
+    for batch, (row, (_, n)) in enumerate(zip(rows, steps), start=1):
+        terms = dict(zip(keys, row))
+        _check_loss(terms, epoch, batch, path, history)
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v * n
+        seen += n
+    return sums, seen
 
 
 def _set_lr(optimizer, cfg: TrainConfig, epoch: int) -> float:
@@ -414,12 +435,13 @@ def fit(cfg: TrainConfig, out_dir: str | Path | None = None, *, device: str = "c
     """Train (or resume, or just load a finished run) as `cfg` says; returns models and history.
     Chapter 2.
 
-    Every batch is one `methods.train_step`. out_dir: where `last.pt` and `history.json` go (None:
-    keep nothing on disk). resume: "auto" continues a matching run in out_dir; "always" requires
-    one; "never" starts afresh. max_epochs: stop after this many epochs in this call (the run stays
-    resumable). A non-finite loss, or non-finite weights before a checkpoint write, raise
-    TrainingDiverged and leave the last checkpoint as it was. One process writes out_dir at a time:
-    another one there raises checkpoint.Busy, or with `wait` is waited for.
+    Every batch is one `methods.step` (the body of `methods.train_step`): `cfg` is checked once
+    here, and the loss terms are read from the device once per epoch. out_dir: where `last.pt` and
+    `history.json` go (None: keep nothing on disk). resume: "auto" continues a matching run in
+    out_dir; "always" requires one; "never" starts afresh. max_epochs: stop after this many epochs
+    in this call (the run stays resumable). A non-finite loss, or non-finite weights before a
+    checkpoint write, raise TrainingDiverged and leave the last checkpoint as it was. One process
+    writes out_dir at a time: another one there raises checkpoint.Busy (with `wait`, it waits).
     """
     cfg.validate()
     path = _checkpoint_path(out_dir, resume)
@@ -443,6 +465,7 @@ def _fit(cfg: TrainConfig, path: Path | None, rank: int, world: int, device, res
     history, first = _resume(payload, path, cfg, target, guide, optimizer, say)
     step_models = _step_models(cfg, target, guide, world)
     method = methods.get_method(cfg.method)
+    params = method.resolve(**cfg.method_params)  # checked once, here at the door
     last = cfg.epochs if max_epochs is None else min(cfg.epochs, first - 1 + max_epochs)
 
     loader = data.BatchLoader(train_set, cfg.batch_size, seed=cfg.seed, rank=rank, world=world,
@@ -450,19 +473,17 @@ def _fit(cfg: TrainConfig, path: Path | None, rank: int, world: int, device, res
     from tqdm.auto import tqdm
     for epoch in range(first, last + 1):
         lr = _set_lr(optimizer, cfg, epoch)
-        sums: dict[str, float] = {}
-        seen, batch, started = 0, 0, time.perf_counter()
+        steps, batch, started = [], 0, time.perf_counter()
         loader.set_epoch(epoch)
         batches = tqdm(loader, total=len(loader), leave=False,
                        desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}",
                        disable=not (progress and rank == 0))
         for batch, (x, y) in enumerate(batches, start=1):
-            terms = _train_one(cfg, method, step_models, optimizer, x, y, device)
-            _check_loss(terms, epoch, batch, path, history)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v * len(y)
-            seen += len(y)
-            batches.set_postfix(loss=f"{terms['loss']:.3f}")
+            terms = _train_one(cfg, method, params, step_models, optimizer, x, y, device)
+            steps.append((terms, len(y)))
+            if not batches.disable and batch % SHOW_LOSS_EVERY == 0:  # one read per 20 batches
+                batches.set_postfix(loss=f"{terms['loss'].item():.3f}")
+        sums, seen = _epoch_sums(steps, epoch, path, history)
         check_finite(epoch, batch, target, guide, optimizer, path, history)
         elapsed = time.perf_counter() - started
         record = {"epoch": epoch, "lr": lr, "time_s": round(elapsed, 2),

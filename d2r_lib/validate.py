@@ -7,6 +7,8 @@ create a file or folder.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 import tempfile
@@ -39,6 +41,7 @@ __all__ = [
     "seed",
     "step_size",
     "steps",
+    "values_checked",
 ]
 
 FLOAT32_MAX = 3.4028234663852886e38  # float(torch.finfo(torch.float32).max)
@@ -128,8 +131,24 @@ def flag(name: str, value) -> bool:
     return value
 
 
+_VALUES_CHECKED = contextvars.ContextVar("values_checked", default=False)
+
+
+@contextlib.contextmanager
+def values_checked():
+    """Inside, `images` and `labels` check only types and shapes: the caller checked the values at
+    its door, and reading them back to the host (a synchronisation that stalls a GPU) is skipped.
+    `methods.step` runs in it. Chapter 9."""
+    token = _VALUES_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _VALUES_CHECKED.reset(token)
+
+
 def images(x, name: str = "x") -> torch.Tensor:
-    """x must be a float tensor (N, C, H, W) with every value finite and in [0, 1]."""
+    """x must be a float tensor (N, C, H, W) with every value finite and in [0, 1] (the values are
+    not read inside `values_checked`)."""
     import torch
 
     if not isinstance(x, torch.Tensor):
@@ -140,7 +159,7 @@ def images(x, name: str = "x") -> torch.Tensor:
         )
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a float tensor with pixels in [0, 1]; got dtype {x.dtype}")
-    if x.numel():
+    if x.numel() and not _VALUES_CHECKED.get():
         finite = torch.isfinite(x)
         if not finite.all():
             bad = int((~finite).sum())
@@ -156,7 +175,8 @@ def images(x, name: str = "x") -> torch.Tensor:
 
 
 def labels(y, num_classes: int, batch: int, name: str = "y") -> torch.Tensor:
-    """y must be an integer tensor of shape (batch,) with values in [0, num_classes)."""
+    """y must be an integer tensor of shape (batch,) with values in [0, num_classes) (the values are
+    not read inside `values_checked`)."""
     import torch
 
     int_types = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -168,7 +188,7 @@ def labels(y, num_classes: int, batch: int, name: str = "y") -> torch.Tensor:
     if y.shape != (batch,):
         raise ValueError(f"{name} must have shape ({batch},) to match the batch; got "
                          f"{tuple(y.shape)}")
-    if y.numel() and (y.min() < 0 or y.max() >= num_classes):
+    if y.numel() and not _VALUES_CHECKED.get() and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(
             f"{name} must hold class indices in [0, {num_classes - 1}]; "
             f"got values in [{y.min().item()}, {y.max().item()}]"

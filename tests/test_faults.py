@@ -232,7 +232,7 @@ CASES = [
     ("range", [*T, "--lr", "1e300"], 2, "--lr must fit a 32-bit float"),
     ("range", [*T, "--eps", "2"], 2, "--eps must be <= 1: an L∞ radius on pixels in [0, 1]"),
     ("range", [*T, "--eps", "1e9"], 2, "--eps must be <= 1: an L∞ radius"),
-    ("range", [*T, "--eps", "-1"], 2, "--eps must be >= 0; got -1.0"),
+    ("range", [*T, "--eps", "-1"], 2, "--eps must be > 0; got -1.0"),
     ("range", [*T, "--step-size", "0"], 2, "--step-size must be > 0; got 0.0"),
     ("range", [*T, "--steps", "0"], 2, "--steps must be >= 1; got 0"),
     ("range", [*T, "--w-clean", "-1"], 2, "--w-clean must be >= 0; got -1.0"),
