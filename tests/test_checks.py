@@ -29,6 +29,20 @@ def _norm(t):
     return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
 
 
+class Args(tuple):
+    """Several arguments for one check (a reading with the scores it reads, a prediction with its
+    run)."""
+
+
+def _check(name, answer):
+    fn = getattr(checks, f"check_{name}")
+    return fn(*answer) if isinstance(answer, Args) else fn(answer)
+
+
+_BASE, _ABL = [0.70, 0.66, 0.71, 0.68], [0.74, 0.69, 0.75, 0.72]  # ablation higher, paired
+_NOISE = [0.70, 0.75, 0.66, 0.72]  # ablation − baseline straddles 0
+
+
 # ================================================================================ correct
 # implementations
 def _accuracy(model, x, y):
@@ -104,6 +118,7 @@ LIBRARY = {
     "beta_prediction": "falls",
     "paired_t": lambda a, b: _paired_t(a, b),
     "decision": lambda a, b, *, t_crit, min_effect: _decide(a, b, t_crit, min_effect),
+    "reading": Args(("ablation higher", _BASE, _ABL)),
     "preregistration": {
         "baseline": "d2r",
         "ablation": "d2r_no_clean",
@@ -143,7 +158,7 @@ def test_every_check_has_a_library_implementation():
 
 @pytest.mark.parametrize("name", sorted(LIBRARY))
 def test_library_implementation_passes(name, capsys):
-    getattr(checks, f"check_{name}")(LIBRARY[name])
+    _check(name, LIBRARY[name])
     out = capsys.readouterr().out
     assert out.startswith("✓ "), out
 
@@ -948,9 +963,16 @@ def _welch_t(a, b):
 
 def _decide(a, b, t_crit, min_effect, test=_paired_t):
     mean, t = test(a, b)
-    if abs(t) < t_crit or abs(mean) < min_effect:
-        return "no difference"
+    if abs(t) < t_crit:
+        return "undecided"
+    if abs(mean) < min_effect:
+        return "too small"
     return "ablation better" if mean > 0 else "baseline better"
+
+
+def _decide_no_difference(a, b, t_crit, min_effect):
+    verdict = _decide(a, b, t_crit, min_effect)
+    return "no difference" if verdict in ("undecided", "too small") else verdict
 
 
 def _decide_unpaired(a, b, t_crit, min_effect):
@@ -959,12 +981,10 @@ def _decide_unpaired(a, b, t_crit, min_effect):
 
 def _decide_stdlib(a, b, t_crit, min_effect):
     mean, t = _paired_t_stdlib(a, b)
-    significant, relevant = abs(t) >= t_crit, abs(mean) >= min_effect
-    return (
-        ("ablation better" if mean > 0 else "baseline better")
-        if significant and relevant
-        else "no difference"
-    )
+    if abs(t) < t_crit:
+        return "undecided"
+    return ("ablation better" if mean > 0 else "baseline better") if abs(mean) >= min_effect \
+        else "too small"
 
 
 def _project_l2_renorm(xa, x, eps):
@@ -1396,8 +1416,17 @@ WRONG = [
     (
         "decision",
         lambda a, b, *, t_crit, min_effect: _decide(a, b, t_crit, 0.0),
-        r"below min_effect = 0.05 is not worth reporting",
+        r"below min_effect = 0.05: 'too small' to report",
     ),
+    (
+        "decision",
+        lambda a, b, *, t_crit, min_effect: _decide_no_difference(a, b, t_crit, min_effect),
+        r"has not shown that there is none; say 'undecided'",
+    ),
+    ("reading", Args(("undecided", _BASE, _ABL)), r"lies entirely on one side of 0"),
+    ("reading", Args(("ablation higher", _BASE, _NOISE)), r"contains 0: these seeds cannot tell"),
+    ("reading", Args(("ablation lower", _BASE, _ABL)), r"mind the sign"),
+    ("reading", Args(("no difference", _BASE, _NOISE)), r"set reading to one of"),
     (
         "decision",
         lambda a, b, *, t_crit, min_effect: _decide(b, a, t_crit, min_effect),
@@ -1497,7 +1526,7 @@ def _bpda_logprob(m, x, y, eps, a, k):
 )
 def test_wrong_implementation_rejected_with_specific_message(name, wrong, pattern):
     with pytest.raises(checks.CheckFailed, match=pattern):
-        getattr(checks, f"check_{name}")(wrong)
+        _check(name, wrong)
 
 
 def test_every_check_rejects_at_least_two_mistakes():
@@ -1659,6 +1688,7 @@ CORRECT = [
     ("beta_prediction", "falls"),
     ("paired_t", lambda a, b: _paired_t_stdlib(a, b)),
     ("decision", lambda a, b, *, t_crit, min_effect: _decide_stdlib(a, b, t_crit, min_effect)),
+    ("reading", Args(("undecided", _BASE, _NOISE))),
     (
         "preregistration",
         {
@@ -1750,7 +1780,7 @@ CORRECT = [
     "name,answer", CORRECT, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CORRECT)]
 )
 def test_correct_but_differently_written_answer_passes(name, answer, capsys):
-    getattr(checks, f"check_{name}")(answer)
+    _check(name, answer)
     assert capsys.readouterr().out.startswith("✓ ")
 
 

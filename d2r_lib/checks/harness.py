@@ -53,6 +53,7 @@ __all__ = [
     "eval_common",
     "fraction_verdict",
     "prediction_verdict",
+    "interval_verdict",
 ]
 
 
@@ -307,3 +308,25 @@ def prediction_verdict(task: str, predicted, allowed: tuple, measured, why: str)
     if predicted != measured:
         fail(task, f"you predicted {predicted!r}; the run gives {measured!r}: {why}")
     passed(task, f"you predicted {predicted!r}: right — {why}")
+
+
+def interval_verdict(task: str, predicted, allowed: tuple, diffs: list[float], labels: tuple,
+                     why: str) -> str:
+    """Grade a predicted sign against per-seed differences: labels = (name if the 95 % interval is
+    above 0, name if below). An interval containing 0 is "undecided": it grades nothing."""
+    from .. import reference
+
+    if isinstance(predicted, bool) or predicted not in allowed:
+        fail(task, f"set your prediction to one of {', '.join(map(repr, allowed))} before "
+                   f"running; got {predicted!r}")
+    row = reference.interval(diffs)
+    if len(diffs) < 2:
+        fail(task, f"the run has {len(diffs)} paired seed(s); an interval needs at least 2")
+    span = f"mean {row['mean']:+.3f}, 95 % interval [{row['low']:+.3f}, {row['high']:+.3f}]"
+    measured = labels[0] if row["low"] > 0 else labels[1] if row["high"] < 0 else "undecided"
+    if measured == "undecided":
+        passed(task, f"undecided: {span} contains 0, so these seeds neither confirm nor refute "
+                     f"{predicted!r}; run more seeds to decide ({why})")
+    else:
+        prediction_verdict(task, predicted, allowed, measured, f"{span}; {why}")
+    return measured
