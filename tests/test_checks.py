@@ -43,6 +43,30 @@ _BASE, _ABL = [0.70, 0.66, 0.71, 0.68], [0.74, 0.69, 0.75, 0.72]  # ablation hig
 _NOISE = [0.70, 0.75, 0.66, 0.72]  # ablation − baseline straddles 0
 
 
+def _toy_runs(d2r, other):
+    """Runs shaped like toy.compare's: D2R and d2r_trades_gen, one exact accuracy per seed."""
+    return [{"method": m, "seed": s, "metrics": {"clean": 0.9, "exact": v}}
+            for m, values in (("d2r", d2r), ("d2r_trades_gen", other))
+            for s, v in enumerate(values)]
+
+
+_CAG_LOWER = _toy_runs([0.60, 0.62, 0.61, 0.63], [0.75, 0.78, 0.74, 0.77])
+_CAG_NOISE = _toy_runs([0.60, 0.80, 0.61, 0.75], [0.75, 0.62, 0.74, 0.70])
+
+
+def _sweep(exact_high, prob_high):
+    """A w_adv sweep over 3 seeds: at w_adv 30 the given values, at 0 fixed ones."""
+    rows = [{"w_adv": 0.0, "seed": s, "exact": e, "guide_true_prob": p}
+            for s, (e, p) in enumerate(zip([0.80, 0.77, 0.79], [0.80, 0.82, 0.79]))]
+    return rows + [{"w_adv": 30.0, "seed": s, "exact": e, "guide_true_prob": p}
+                   for s, (e, p) in enumerate(zip(exact_high, prob_high))]
+
+
+_SWEEP_FALLS = _sweep([0.62, 0.60, 0.61], [0.59, 0.64, 0.58])
+_SWEEP_MIXED = _sweep([0.62, 0.90, 0.70], [0.59, 0.64, 0.58])  # robustness undecided
+_BOTH_FALL = {"robustness": "falls", "guide_confidence": "falls"}
+
+
 # ================================================================================ correct
 # implementations
 def _accuracy(model, x, y):
@@ -119,6 +143,8 @@ LIBRARY = {
     "paired_t": lambda a, b: _paired_t(a, b),
     "decision": lambda a, b, *, t_crit, min_effect: _decide(a, b, t_crit, min_effect),
     "reading": Args(("ablation higher", _BASE, _ABL)),
+    "trades_gen_prediction": Args(("lower", _CAG_LOWER)),
+    "w_adv_prediction": Args((_BOTH_FALL, _SWEEP_FALLS)),
     "preregistration": {
         "baseline": "d2r",
         "ablation": "d2r_no_clean",
@@ -1427,6 +1453,18 @@ WRONG = [
     ("reading", Args(("ablation higher", _BASE, _NOISE)), r"contains 0: these seeds cannot tell"),
     ("reading", Args(("ablation lower", _BASE, _ABL)), r"mind the sign"),
     ("reading", Args(("no difference", _BASE, _NOISE)), r"set reading to one of"),
+    ("trades_gen_prediction", Args(("higher", _CAG_LOWER)),
+     r"you predicted 'higher'; the run gives 'lower'"),
+    ("trades_gen_prediction", Args(("worse", _CAG_LOWER)), r"set your prediction to one of"),
+    ("trades_gen_prediction", Args(("lower", {"d2r": 0.6})), r"pass the list that toy.compare"),
+    ("trades_gen_prediction", Args(("lower", _CAG_LOWER[:1] + _CAG_LOWER[4:5])),
+     r"hold 1 seed\(s\) with both 'd2r' and 'd2r_trades_gen'; run at least 2"),
+    ("w_adv_prediction", Args(({"robustness": "rises", "guide_confidence": "falls"}, _SWEEP_FALLS)),
+     r"\(robustness\): you predicted 'rises'; the run gives 'falls'"),
+    ("w_adv_prediction", Args(({"robustness": "falls", "guide_confidence": "rises"}, _SWEEP_FALLS)),
+     r"\(guide_confidence\): you predicted 'rises'; the run gives 'falls'"),
+    ("w_adv_prediction", Args(("falls", _SWEEP_FALLS)), r"prediction must be a dict with the keys"),
+    ("w_adv_prediction", Args((_BOTH_FALL, _SWEEP_FALLS[:3])), r"at least two w_adv values"),
     (
         "decision",
         lambda a, b, *, t_crit, min_effect: _decide(b, a, t_crit, min_effect),
@@ -1689,6 +1727,9 @@ CORRECT = [
     ("paired_t", lambda a, b: _paired_t_stdlib(a, b)),
     ("decision", lambda a, b, *, t_crit, min_effect: _decide_stdlib(a, b, t_crit, min_effect)),
     ("reading", Args(("undecided", _BASE, _NOISE))),
+    ("trades_gen_prediction", Args(("higher", _CAG_NOISE))),
+    ("w_adv_prediction", Args(({"robustness": "rises", "guide_confidence": "falls"},
+                               _SWEEP_MIXED))),
     (
         "preregistration",
         {
@@ -1863,3 +1904,12 @@ def test_cost_prediction_right_and_wrong(capsys):
     assert "within a factor of 3" in capsys.readouterr().out
     with pytest.raises(checks.CheckFailed, match=r"off by more than a factor of 3"):
         checks.check_cost_prediction(0.5, measured_seconds=2.0)
+
+
+def test_an_undecided_run_grades_no_prediction(capsys):
+    """An interval that contains 0 neither confirms nor refutes: either prediction passes, said
+    undecided."""
+    for guess in ("higher", "lower"):
+        checks.check_trades_gen_prediction(guess, _CAG_NOISE)
+        out = capsys.readouterr().out
+        assert out.startswith("✓ ") and "undecided" in out and "right" not in out

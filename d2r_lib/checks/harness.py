@@ -54,6 +54,7 @@ __all__ = [
     "fraction_verdict",
     "prediction_verdict",
     "interval_verdict",
+    "paired_diffs",
 ]
 
 
@@ -330,3 +331,19 @@ def interval_verdict(task: str, predicted, allowed: tuple, diffs: list[float], l
     else:
         prediction_verdict(task, predicted, allowed, measured, f"{span}; {why}")
     return measured
+
+
+def paired_diffs(task: str, runs, a: str, b: str, metric: str) -> list[float]:
+    """Per-seed differences a − b of `metric` in `runs` (the list `toy.compare` returns)."""
+    ok = isinstance(runs, (list, tuple)) and all(
+        isinstance(r, dict) and {"method", "seed", "metrics"} <= set(r) for r in runs)
+    if not ok:
+        fail(task, f"pass the list that toy.compare([{a!r}, {b!r}], seeds) returned; got "
+                   f"{type(runs).__name__}")
+    by = {(r["method"], r["seed"]): r["metrics"] for r in runs}
+    seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
+    if len(seeds) < 2:
+        fail(task, f"the runs hold {len(seeds)} seed(s) with both {a!r} and {b!r}; run at least 2")
+    if metric not in by[(a, seeds[0])]:
+        fail(task, f"the runs have no {metric!r} metric; use toy.compare")
+    return [by[(a, s)][metric] - by[(b, s)][metric] for s in seeds]
