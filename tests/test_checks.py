@@ -67,6 +67,37 @@ _SWEEP_MIXED = _sweep([0.62, 0.90, 0.70], [0.59, 0.64, 0.58])  # robustness unde
 _BOTH_FALL = {"robustness": "falls", "guide_confidence": "falls"}
 
 
+def _diagnose(probs, y, confidence_of=lambda p, y: p.max(1).values, against=None, flip=False):
+    conf = confidence_of(probs, y).mean().item()
+    ref = (probs.argmax(1) == y).float().mean().item() if against is None else against(probs)
+    gap = (conf - ref) if flip else (ref - conf)
+    return "under-confident" if gap > 0.05 else "over-confident" if gap < -0.05 else "calibrated"
+
+
+def _diagnose_no_tolerance(probs, y):
+    conf = probs.max(1).values.mean().item()
+    acc = (probs.argmax(1) == y).float().mean().item()
+    return "under-confident" if conf < acc else "over-confident" if conf > acc else "calibrated"
+
+
+def _diagnose_stdlib(probs, y):
+    rows = probs.tolist()
+    top = [max(r) for r in rows]
+    right = [r.index(max(r)) == int(t) for r, t in zip(rows, y)]
+    gap = statistics.mean(right) - statistics.mean(top)
+    return "calibrated" if abs(gap) <= 0.05 else "under-confident" if gap > 0 else "over-confident"
+
+
+def _guide_rows(d2r, lbgat):
+    return [{"method": m, "seed": s, "diagnosis": v}
+            for m, values in (("d2r", d2r), ("lbgat", lbgat)) for s, v in enumerate(values)]
+
+
+_UNDER = {"d2r": "under-confident", "lbgat": "under-confident"}
+_ROWS_UNDER = _guide_rows(["under-confident"] * 3, ["under-confident"] * 3)
+_ROWS_MIXED = _guide_rows(["under-confident"] * 3, ["calibrated", "under-confident", "calibrated"])
+
+
 # ================================================================================ correct
 # implementations
 def _accuracy(model, x, y):
@@ -144,6 +175,9 @@ LIBRARY = {
     "decision": lambda a, b, *, t_crit, min_effect: _decide(a, b, t_crit, min_effect),
     "reading": Args(("ablation higher", _BASE, _ABL)),
     "trades_gen_prediction": Args(("lower", _CAG_LOWER)),
+    "diagnose_guide": _diagnose,
+    "guide_diagnosis_prediction": Args((_UNDER, _ROWS_UNDER)),
+    "mse_guide_gradient": lambda za, zg: 2 * (zg - za) / zg.numel(),
     "w_adv_prediction": Args((_BOTH_FALL, _SWEEP_FALLS)),
     "preregistration": {
         "baseline": "d2r",
@@ -1456,6 +1490,22 @@ WRONG = [
     ("trades_gen_prediction", Args(("higher", _CAG_LOWER)),
      r"you predicted 'higher'; the run gives 'lower'"),
     ("trades_gen_prediction", Args(("worse", _CAG_LOWER)), r"set your prediction to one of"),
+    ("diagnose_guide", lambda p, y: _diagnose(p, y, confidence_of=lambda p, y: p.gather(
+        1, y[:, None])), r"the probability of the predicted class \(the largest one\), not of"),
+    ("diagnose_guide", lambda p, y: _diagnose(p, y, flip=True), r"mind the sign"),
+    ("diagnose_guide", lambda p, y: _diagnose_no_tolerance(p, y), r"within the 0.05 tolerance"),
+    ("diagnose_guide", lambda p, y: "under", r"return one of 'under-confident'"),
+    ("guide_diagnosis_prediction", Args(({"d2r": "under-confident", "lbgat": "calibrated"},
+                                         _ROWS_UNDER)),
+     r"you predicted lbgat's guide 'calibrated'; every seed says 'under-confident'"),
+    ("guide_diagnosis_prediction", Args(({"d2r": "unsure"}, _ROWS_UNDER)),
+     r"prediction must be a dict"),
+    ("guide_diagnosis_prediction", Args((_UNDER, _ROWS_UNDER[:1] + _ROWS_UNDER[3:])),
+     r"rows hold 1 run\(s\) of 'd2r'; run at least 2 seeds"),
+    ("mse_guide_gradient", lambda za, zg: 2 * (zg - za), r"sums over the elements"),
+    ("mse_guide_gradient", lambda za, zg: (zg - za) / zg.numel(), r"misses the 2"),
+    ("mse_guide_gradient", lambda za, zg: 2 * (za - zg) / zg.numel(), r"the sign is flipped"),
+    ("mse_guide_gradient", lambda za, zg: 2 * (zg - za) / len(zg), r"divides by B only"),
     ("trades_gen_prediction", Args(("lower", {"d2r": 0.6})), r"pass the list that toy.compare"),
     ("trades_gen_prediction", Args(("lower", _CAG_LOWER[:1] + _CAG_LOWER[4:5])),
      r"hold 1 seed\(s\) with both 'd2r' and 'd2r_trades_gen'; run at least 2"),
@@ -1728,6 +1778,11 @@ CORRECT = [
     ("decision", lambda a, b, *, t_crit, min_effect: _decide_stdlib(a, b, t_crit, min_effect)),
     ("reading", Args(("undecided", _BASE, _NOISE))),
     ("trades_gen_prediction", Args(("higher", _CAG_NOISE))),
+    ("diagnose_guide", _diagnose_stdlib),
+    ("guide_diagnosis_prediction", Args(({"d2r": "under-confident", "lbgat": "over-confident"},
+                                         _ROWS_MIXED))),
+    ("mse_guide_gradient", lambda za, zg: torch.func.grad(
+        lambda g: F.mse_loss(za, g))(zg)),
     ("w_adv_prediction", Args(({"robustness": "rises", "guide_confidence": "falls"},
                                _SWEEP_MIXED))),
     (
