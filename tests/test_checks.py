@@ -93,6 +93,38 @@ def _guide_rows(d2r, lbgat):
             for m, values in (("d2r", d2r), ("lbgat", lbgat)) for s, v in enumerate(values)]
 
 
+def _std_runs(pgd_at, standard):
+    return [{"method": m, "seed": s, "metrics": {"clean": v}}
+            for m, values in (("pgd_at", pgd_at), ("standard", standard))
+            for s, v in enumerate(values)]
+
+
+_AT_LOWER = _std_runs([0.84, 0.86, 0.83], [0.97, 0.98, 0.96])
+_AT_NOISE = _std_runs([0.90, 0.99, 0.93], [0.97, 0.91, 0.96])
+_PER_SEED_FALLS = [{"seed": s, "mean": m, "batchmean": b}
+                   for s, (m, b) in enumerate([(0.80, 0.70), (0.78, 0.69), (0.81, 0.72)])]
+_FLAT_WEAKER = [{"seed": s, "cag": c, "trades": t}
+                for s, (c, t) in enumerate([(0.95, 0.60), (0.97, 0.62), (0.96, 0.58)])]
+_PGD_ABOVE = [{"seed": s, "pgd": p, "exact": e}
+              for s, (p, e) in enumerate([(0.30, 0.20), (0.35, 0.22), (0.28, 0.19)])]
+_PGD_EQUAL = [{"seed": s, "pgd": 0.3, "exact": 0.3} for s in range(3)]
+_IMAGES_PGD = [{"fgsm": 1.0 if i % 2 else 0.0, "pgd": 0.0} for i in range(40)]
+_CORRECT_A, _CORRECT_B = [1] * 80 + [0] * 20, [1] * 40 + [0] * 60  # a − b = +40 points
+_CORRECT_C = [1] * 50 + [0] * 50  # vs _CORRECT_D: 3 images lost, 4 won: undecided
+_CORRECT_D = [0] * 3 + [1] * 47 + [1] * 4 + [0] * 46
+_BETA_RISES = [{"seed": s, "beta0": a, "beta6": b}
+               for s, (a, b) in enumerate([(0.70, 0.81), (0.64, 0.77), (0.68, 0.79)])]
+
+
+def _kl_grad(z_nat, z_adv):
+    return (F.softmax(z_adv, 1) - F.softmax(z_nat, 1)) / len(z_adv)
+
+
+def _l2_max(grad, eps):
+    norm = grad.norm(dim=1, keepdim=True)
+    return eps * grad / norm, eps * norm.squeeze(1)
+
+
 _UNDER = {"d2r": "under-confident", "lbgat": "under-confident"}
 _ROWS_UNDER = _guide_rows(["under-confident"] * 3, ["under-confident"] * 3)
 _ROWS_MIXED = _guide_rows(["under-confident"] * 3, ["calibrated", "under-confident", "calibrated"])
@@ -175,6 +207,15 @@ LIBRARY = {
     "decision": lambda a, b, *, t_crit, min_effect: _decide(a, b, t_crit, min_effect),
     "reading": Args(("ablation higher", _BASE, _ABL)),
     "trades_gen_prediction": Args(("lower", _CAG_LOWER)),
+    "pgd_at_clean_prediction": Args(("lower", _AT_LOWER)),
+    "beta_robust_prediction": Args(("rises", _BETA_RISES)),
+    "kl_adv_gradient": _kl_grad,
+    "gap_reading": Args(("higher", _CORRECT_A, _CORRECT_B)),
+    "reduction_prediction": Args(("falls", _PER_SEED_FALLS)),
+    "flat_guide_prediction": Args(("weaker", _FLAT_WEAKER)),
+    "linearised_max_l2": _l2_max,
+    "pgd_vs_exact_prediction": Args(("higher", _PGD_ABOVE)),
+    "fgsm_vs_pgd_prediction": Args(("pgd stronger", _IMAGES_PGD)),
     "diagnose_guide": _diagnose,
     "guide_diagnosis_prediction": Args((_UNDER, _ROWS_UNDER)),
     "mse_guide_gradient": lambda za, zg: 2 * (zg - za) / zg.numel(),
@@ -1490,6 +1531,37 @@ WRONG = [
     ("trades_gen_prediction", Args(("higher", _CAG_LOWER)),
      r"you predicted 'higher'; the run gives 'lower'"),
     ("trades_gen_prediction", Args(("worse", _CAG_LOWER)), r"set your prediction to one of"),
+    ("pgd_at_clean_prediction", Args(("higher", _AT_LOWER)),
+     r"you predicted 'higher'; the run gives 'lower'"),
+    ("pgd_at_clean_prediction", Args(("lower", [1, 2])), r"pass the list that toy.compare"),
+    ("beta_robust_prediction", Args(("falls", _BETA_RISES)),
+     r"you predicted 'falls'; the run gives 'rises'"),
+    ("beta_robust_prediction", Args(("up", _BETA_RISES)), r"set your prediction to one of"),
+    ("kl_adv_gradient", lambda zn, za: -_kl_grad(zn, za), r"the sign is flipped"),
+    ("kl_adv_gradient", lambda zn, za: _kl_grad(zn, za) * len(za), r"misses the 1/B"),
+    ("kl_adv_gradient", lambda zn, za: (F.log_softmax(za, 1) - F.log_softmax(zn, 1)) / len(za),
+     r"difference of log-probabilities"),
+    ("gap_reading", Args(("undecided", _CORRECT_A, _CORRECT_B)), r"lies on one side of 0"),
+    ("gap_reading", Args(("lower", _CORRECT_C, _CORRECT_D)), r"the gap is 'undecided', not"),
+    ("gap_reading", Args(("lower", _CORRECT_A, _CORRECT_B)), r"mind the sign"),
+    ("reduction_prediction", Args(("rises", _PER_SEED_FALLS)),
+     r"you predicted 'rises'; the run gives 'falls'"),
+    ("reduction_prediction", Args(("falls", [{"seed": 0}])), r"rows must be the list of dicts"),
+    ("flat_guide_prediction", Args(("stronger", _FLAT_WEAKER)),
+     r"you predicted 'stronger'; the run gives 'weaker'"),
+    ("flat_guide_prediction", Args(("same", _FLAT_WEAKER)), r"set your prediction to one of"),
+    ("linearised_max_l2", lambda g, eps: (eps * g.sign(), eps * g.abs().sum(1)),
+     r"ε·sign\(g\) is the L∞ answer"),
+    ("linearised_max_l2", lambda g, eps: (_l2_max(g, eps)[0], eps * g.abs().sum(1)),
+     r"ε·‖g‖₁ is the L∞ maximum"),
+    ("linearised_max_l2", lambda g, eps: (g / g.norm(dim=1, keepdim=True), g.norm(dim=1)),
+     r"δ\* is wrong"),
+    ("pgd_vs_exact_prediction", Args(("lower", _PGD_ABOVE)),
+     r"you predicted 'lower'; the run gives 'higher'"),
+    ("pgd_vs_exact_prediction", Args(("higher", [{"pgd": 0.3}])), r"rows must be the list"),
+    ("fgsm_vs_pgd_prediction", Args(("fgsm stronger", _IMAGES_PGD)),
+     r"you predicted 'fgsm stronger'; the run gives 'pgd stronger'"),
+    ("fgsm_vs_pgd_prediction", Args(("pgd", _IMAGES_PGD)), r"set your prediction to one of"),
     ("diagnose_guide", lambda p, y: _diagnose(p, y, confidence_of=lambda p, y: p.gather(
         1, y[:, None])), r"the probability of the predicted class \(the largest one\), not of"),
     ("diagnose_guide", lambda p, y: _diagnose(p, y, flip=True), r"mind the sign"),
@@ -1778,6 +1850,18 @@ CORRECT = [
     ("decision", lambda a, b, *, t_crit, min_effect: _decide_stdlib(a, b, t_crit, min_effect)),
     ("reading", Args(("undecided", _BASE, _NOISE))),
     ("trades_gen_prediction", Args(("higher", _CAG_NOISE))),
+    ("pgd_at_clean_prediction", Args(("higher", _AT_NOISE))),
+    ("beta_robust_prediction", Args(("falls", _BETA_RISES[:1] + [
+        {"seed": 1, "beta0": 0.9, "beta6": 0.6}, {"seed": 2, "beta0": 0.7, "beta6": 0.8}]))),
+    ("kl_adv_gradient", lambda zn, za: torch.func.grad(lambda z: F.kl_div(
+        F.log_softmax(z, 1), F.softmax(zn, 1), reduction="batchmean"))(za)),
+    ("gap_reading", Args(("undecided", _CORRECT_C, _CORRECT_D))),
+    ("reduction_prediction", Args(("falls", _PER_SEED_FALLS))),
+    ("flat_guide_prediction", Args(("weaker", _FLAT_WEAKER))),
+    ("linearised_max_l2", lambda g, eps: (eps * F.normalize(g, dim=1),
+                                          eps * torch.linalg.vector_norm(g, dim=1))),
+    ("pgd_vs_exact_prediction", Args(("lower", _PGD_EQUAL))),
+    ("fgsm_vs_pgd_prediction", Args(("fgsm stronger", [{"fgsm": 0, "pgd": 0}] * 3))),
     ("diagnose_guide", _diagnose_stdlib),
     ("guide_diagnosis_prediction", Args(({"d2r": "under-confident", "lbgat": "over-confident"},
                                          _ROWS_MIXED))),

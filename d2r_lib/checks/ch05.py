@@ -30,6 +30,7 @@ from .losscheck import (
 )
 
 __all__ = [
+    "check_reduction_prediction",
     "check_w_adv_prediction",
     "check_kl_mean_ratio",
     "check_clean_term_leading_order",
@@ -554,3 +555,15 @@ def check_w_adv_prediction(prediction, rows) -> None:
                f"flatten, and a target that copies flat soft labels learns a softer boundary")
         interval_verdict(f"{task} ({key})", prediction[key], ("rises", "falls"), diffs,
                          ("rises", "falls"), why)
+
+
+def check_reduction_prediction(predicted_trend, rows) -> None:
+    """Task (predict, then run): exact robust accuracy of D2R with every KL 'batchmean' minus with
+    the official 'mean', per seed, on the 2-D world."""
+    from .harness import row_diffs
+
+    task = "predict: the KL reduction"
+    diffs = row_diffs(task, rows, "batchmean", "mean")
+    why = (f"'batchmean' − 'mean' over {len(diffs)} seeds, exact robust accuracy. 'batchmean' "
+           f"multiplies both KL weights by C (2 on this world): the same dose as a larger w_adv")
+    interval_verdict(task, predicted_trend, ("rises", "falls"), diffs, ("rises", "falls"), why)

@@ -42,6 +42,7 @@ from .losscheck import (
 )
 
 __all__ = [
+    "check_flat_guide_prediction",
     "check_trades_gen_prediction",
     "check_cag_objective",
     "check_guide_reference",
@@ -380,3 +381,16 @@ def check_trades_gen_prediction(predicted_sign, runs) -> None:
         f"world and asks, in Part 3, why CAG costs robustness there"
     )
     interval_verdict(task, predicted_sign, ("higher", "lower"), diffs, ("higher", "lower"), why)
+
+
+def check_flat_guide_prediction(predicted, rows) -> None:
+    """Task (predict, then run): with a uniform guide, is CAG a weaker or a stronger attack than
+    TRADES generation (accuracy under CAG − under TRADES generation, per seed)?"""
+    from .harness import row_diffs
+
+    task = "predict: CAG with a flat guide"
+    diffs = row_diffs(task, rows, "cag", "trades")
+    why = (f"accuracy under CAG − under TRADES generation, {len(diffs)} seeds. Against a uniform "
+           f"guide, CAG maximises −(1/C)·Σ_c log p_f(x′)_c, which grows when any class becomes "
+           f"unlikely: it makes the target more sure of its own answer instead of changing it")
+    interval_verdict(task, predicted, ("weaker", "stronger"), diffs, ("weaker", "stronger"), why)

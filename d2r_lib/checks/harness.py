@@ -55,6 +55,7 @@ __all__ = [
     "prediction_verdict",
     "interval_verdict",
     "paired_diffs",
+    "row_diffs",
 ]
 
 
@@ -347,3 +348,12 @@ def paired_diffs(task: str, runs, a: str, b: str, metric: str) -> list[float]:
     if metric not in by[(a, seeds[0])]:
         fail(task, f"the runs have no {metric!r} metric; use toy.compare")
     return [by[(a, s)][metric] - by[(b, s)][metric] for s in seeds]
+
+
+def row_diffs(task: str, rows, a: str, b: str) -> list[float]:
+    """Per-row differences rows[i][a] − rows[i][b] (one row per seed, or per image)."""
+    try:
+        return [float(r[a]) - float(r[b]) for r in rows]
+    except (TypeError, KeyError, ValueError):
+        fail(task, f"rows must be the list of dicts with the keys {a!r} and {b!r} that the cell "
+                   f"above builds")
