@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 __all__ = ["TERM_LABELS", "to_hwc", "image_grid", "training_curves", "compare_histories",
-           "accuracy_vs_eps", "results_bars"]
+           "accuracy_vs_eps", "results_bars", "integer_epochs", "sweep_over_seeds"]
 
 TERM_LABELS = {
     "loss": "total loss", "ce": "cross-entropy", "mse": "MSE(f(x′), g(x))",
@@ -58,6 +58,37 @@ def image_grid(x: torch.Tensor, x_adv: torch.Tensor, *, labels=None, preds_clean
     return fig
 
 
+def integer_epochs(ax) -> None:
+    """Epoch axis with whole-number ticks only. Chapter 2."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def sweep_over_seeds(rows: Sequence[Mapping], x: str, metrics: Mapping[str, str], *,
+                     title: str | None = None, xlabel: str | None = None):
+    """One panel per metric: its mean over seeds against `x` (line) and the band from the lowest to
+    the highest seed. rows: dicts holding `x`, "seed" and each metric (fractions, drawn in %, axis
+    from 0). metrics: {key: panel title}. Chapter 5."""
+    xs = sorted({r[x] for r in rows})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], metrics.items()):
+        per_x = [[100 * r[key] for r in rows if r[x] == v] for v in xs]
+        mean = [float(np.mean(v)) for v in per_x]
+        line, = ax.plot(xs, mean, marker="o", label="mean over seeds")
+        ax.fill_between(xs, [min(v) for v in per_x], [max(v) for v in per_x], alpha=0.25,
+                        color=line.get_color(), label="lowest to highest seed")
+        ax.set_ylim(0, 100)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel(xlabel or x), ax.set_ylabel("%")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def training_curves(history: Sequence[Mapping], *, terms: Sequence[str] | None = None,
                     title: str | None = None, labels: Mapping[str, str] | None = None):
     """Left: every training loss term per epoch (log scale); right: held-out clean and PGD accuracy.
@@ -76,11 +107,14 @@ def training_curves(history: Sequence[Mapping], *, terms: Sequence[str] | None =
             ax1.plot(epochs, values, marker="o", label=names.get(k, k))
     ax1.set_yscale("log")
     ax1.set_xlabel("epoch"), ax1.set_ylabel("training loss term (epoch mean)")
+    integer_epochs(ax1)
     ax1.legend(fontsize=7)
     if "clean_acc" in history[0]:
         ax2.plot(epochs, [100 * r["clean_acc"] for r in history], marker="o", label="clean")
         ax2.plot(epochs, [100 * r["pgd_acc"] for r in history], marker="s", label="PGD-20")
         ax2.set_xlabel("epoch"), ax2.set_ylabel("held-out accuracy (%)")
+        ax2.set_ylim(0, 100)
+        integer_epochs(ax2)
         ax2.legend()
     if title:
         fig.suptitle(title)
@@ -97,6 +131,8 @@ def compare_histories(histories: Mapping[str, Sequence[Mapping]], *, keys=("clea
             ax.plot([r["epoch"] for r in hist], [100 * r[key] for r in hist], marker="o",
                     label=name)
         ax.set_xlabel("epoch"), ax.set_ylabel(f"{key.replace('_acc', '')} accuracy (%)")
+        ax.set_ylim(0, 100)
+        integer_epochs(ax)
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
@@ -134,6 +170,7 @@ def results_bars(table: Mapping[str, Mapping[str, float]], *, title: str | None 
                [100 * table[n].get(attack, np.nan) for n in names], width, label=attack)
     ax.set_xticks(np.arange(len(names)) + width * (len(attacks) - 1) / 2, names, rotation=20)
     ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)

@@ -368,6 +368,13 @@ def _draw(ax, model, x, y, *, title=None, resolution=200, boundary_of=None, show
         ax.set_title(title, fontsize=9)
 
 
+def _colour_bar(fig, axes) -> None:
+    """The scale of the region colour: p(class 1), from 0 (blue) to 1 (red)."""
+    import matplotlib as mpl
+    scale = mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(0, 1), cmap="RdBu_r")
+    fig.colorbar(scale, ax=axes, shrink=0.8, label="p(class 1)")
+
+
 def _figure(n, size=3.2):
     import matplotlib.pyplot as plt
     cols = min(n, 4)
@@ -394,6 +401,7 @@ def plot_regions(models: dict[str, nn.Module] | nn.Module, x=None, y=None, *,
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    _colour_bar(fig, axes)
     return fig
 
 
@@ -428,6 +436,7 @@ def plot_arrows(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    _colour_bar(fig, axes)
     return fig
 
 
@@ -449,4 +458,5 @@ def plot_target_vs_guide(runs: dict[str, ToyRun], x=None, y=None, *, resolution:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    _colour_bar(fig, axes)
     return fig

@@ -59,6 +59,16 @@ _INSPECT = """async () => {
     widgets: document.querySelectorAll('.jupyter-widgets, .widget-slider, .lm-Widget').length,
     colab: Array.from(document.querySelectorAll('a[href*="colab.research.google.com"]'))
       .map(a => a.href),
+    // the measure of the page: its rendered height, the code lines a reader sees unfolded, and
+    // display equations wider than the text column (cut off, or scrolled sideways)
+    height: document.documentElement.scrollHeight,
+    visible_code_lines: Array.from(document.querySelectorAll('div.cell_input pre, .cell_input pre'))
+      .filter(p => p.offsetParent !== null && p.getBoundingClientRect().height > 0)
+      .reduce((n, p) => n + p.innerText.replace(/\n+$/, '').split('\n').length, 0),
+    wide_equations: Array.from(document.querySelectorAll('mjx-container[display="true"]'))
+      .filter(m => m.getBoundingClientRect().width > (m.parentElement.getBoundingClientRect().width
+                                                      + 1))
+      .map(m => (m.getAttribute('aria-label') || m.textContent || '').slice(0, 60)),
   };
 }"""
 
@@ -109,7 +119,7 @@ def inspect_pages(browser, base_url: str, paths: list[str], screenshots: Path, *
 
 
 def _inspect_one(browser, base_url, path, screenshots, *, move_slider):
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
     page = context.new_page()
     report = PageReport(blocked=[], console_errors=[], failed=[])
 
@@ -151,6 +161,17 @@ def _move_slider(page) -> dict:
     page.wait_for_timeout(300)
     after = page.evaluate(_VISIBLE_FRAME)
     return {"handles": found, "before": before, "after": after}
+
+
+def page_measure(reports: dict) -> str:
+    """A summary table of the book pages' rendered height at 1280 × 800 (in screens of 800 px) and
+    their visible code lines."""
+    lines = [f"{'page':<36}{'height px':>10}{'screens':>9}{'visible code lines':>20}"]
+    for path, r in reports.items():
+        if path.startswith("book/") and "height" in r:
+            lines.append(f"{path[5:]:<36}{r['height']:>10}{r['height'] / 800:>9.1f}"
+                         f"{r['visible_code_lines']:>20}")
+    return "\n".join(lines)
 
 
 def search_results(browser, base_url: str, word: str) -> list[str]:

@@ -14,6 +14,7 @@ import d2r_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
+BOOK_PAGES = CHAPTERS + sorted((ROOT / "book").glob("appendix_*.ipynb"))  # every page of the book
 
 
 def repository_url() -> str:
@@ -158,7 +159,7 @@ def lint(path: Path) -> list[str]:
 if __name__ == "__main__":
     import sys
     if sys.argv[1:] == ["--fix"]:
-        notebooks = CHAPTERS + sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
+        notebooks = BOOK_PAGES + sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
         for nb_path in notebooks:
             if fix_tags(nb_path):
                 print(f"tagged the shim of {nb_path.relative_to(ROOT)}")
@@ -167,6 +168,6 @@ if __name__ == "__main__":
         for nb_path in notebooks + others:
             if fix_install(nb_path):
                 print(f"wrote the install lines of {nb_path.relative_to(ROOT)}")
-    for nb_path in CHAPTERS:
+    for nb_path in BOOK_PAGES:
         for problem in lint(nb_path):
             print(f"{nb_path.relative_to(ROOT)}: {problem}")

@@ -29,6 +29,107 @@ def _norm(t):
     return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
 
 
+class Args(tuple):
+    """Several arguments for one check (a reading with the scores it reads, a prediction with its
+    run)."""
+
+
+def _check(name, answer):
+    fn = getattr(checks, f"check_{name}")
+    return fn(*answer) if isinstance(answer, Args) else fn(answer)
+
+
+_BASE, _ABL = [0.70, 0.66, 0.71, 0.68], [0.74, 0.69, 0.75, 0.72]  # ablation higher, paired
+_NOISE = [0.70, 0.75, 0.66, 0.72]  # ablation − baseline straddles 0
+
+
+def _toy_runs(d2r, other):
+    """Runs shaped like toy.compare's: D2R and d2r_trades_gen, one exact accuracy per seed."""
+    return [{"method": m, "seed": s, "metrics": {"clean": 0.9, "exact": v}}
+            for m, values in (("d2r", d2r), ("d2r_trades_gen", other))
+            for s, v in enumerate(values)]
+
+
+_CAG_LOWER = _toy_runs([0.60, 0.62, 0.61, 0.63], [0.75, 0.78, 0.74, 0.77])
+_CAG_NOISE = _toy_runs([0.60, 0.80, 0.61, 0.75], [0.75, 0.62, 0.74, 0.70])
+
+
+def _sweep(exact_high, prob_high):
+    """A w_adv sweep over 3 seeds: at w_adv 30 the given values, at 0 fixed ones."""
+    rows = [{"w_adv": 0.0, "seed": s, "exact": e, "guide_true_prob": p}
+            for s, (e, p) in enumerate(zip([0.80, 0.77, 0.79], [0.80, 0.82, 0.79]))]
+    return rows + [{"w_adv": 30.0, "seed": s, "exact": e, "guide_true_prob": p}
+                   for s, (e, p) in enumerate(zip(exact_high, prob_high))]
+
+
+_SWEEP_FALLS = _sweep([0.62, 0.60, 0.61], [0.59, 0.64, 0.58])
+_SWEEP_MIXED = _sweep([0.62, 0.90, 0.70], [0.59, 0.64, 0.58])  # robustness undecided
+_BOTH_FALL = {"robustness": "falls", "guide_confidence": "falls"}
+
+
+def _diagnose(probs, y, confidence_of=lambda p, y: p.max(1).values, against=None, flip=False):
+    conf = confidence_of(probs, y).mean().item()
+    ref = (probs.argmax(1) == y).float().mean().item() if against is None else against(probs)
+    gap = (conf - ref) if flip else (ref - conf)
+    return "under-confident" if gap > 0.05 else "over-confident" if gap < -0.05 else "calibrated"
+
+
+def _diagnose_no_tolerance(probs, y):
+    conf = probs.max(1).values.mean().item()
+    acc = (probs.argmax(1) == y).float().mean().item()
+    return "under-confident" if conf < acc else "over-confident" if conf > acc else "calibrated"
+
+
+def _diagnose_stdlib(probs, y):
+    rows = probs.tolist()
+    top = [max(r) for r in rows]
+    right = [r.index(max(r)) == int(t) for r, t in zip(rows, y)]
+    gap = statistics.mean(right) - statistics.mean(top)
+    return "calibrated" if abs(gap) <= 0.05 else "under-confident" if gap > 0 else "over-confident"
+
+
+def _guide_rows(d2r, lbgat):
+    return [{"method": m, "seed": s, "diagnosis": v}
+            for m, values in (("d2r", d2r), ("lbgat", lbgat)) for s, v in enumerate(values)]
+
+
+def _std_runs(pgd_at, standard):
+    return [{"method": m, "seed": s, "metrics": {"clean": v}}
+            for m, values in (("pgd_at", pgd_at), ("standard", standard))
+            for s, v in enumerate(values)]
+
+
+_AT_LOWER = _std_runs([0.84, 0.86, 0.83], [0.97, 0.98, 0.96])
+_AT_NOISE = _std_runs([0.90, 0.99, 0.93], [0.97, 0.91, 0.96])
+_PER_SEED_FALLS = [{"seed": s, "mean": m, "batchmean": b}
+                   for s, (m, b) in enumerate([(0.80, 0.70), (0.78, 0.69), (0.81, 0.72)])]
+_FLAT_WEAKER = [{"seed": s, "cag": c, "trades": t}
+                for s, (c, t) in enumerate([(0.95, 0.60), (0.97, 0.62), (0.96, 0.58)])]
+_PGD_ABOVE = [{"seed": s, "pgd": p, "exact": e}
+              for s, (p, e) in enumerate([(0.30, 0.20), (0.35, 0.22), (0.28, 0.19)])]
+_PGD_EQUAL = [{"seed": s, "pgd": 0.3, "exact": 0.3} for s in range(3)]
+_IMAGES_PGD = [{"fgsm": 1.0 if i % 2 else 0.0, "pgd": 0.0} for i in range(40)]
+_CORRECT_A, _CORRECT_B = [1] * 80 + [0] * 20, [1] * 40 + [0] * 60  # a − b = +40 points
+_CORRECT_C = [1] * 50 + [0] * 50  # vs _CORRECT_D: 3 images lost, 4 won: undecided
+_CORRECT_D = [0] * 3 + [1] * 47 + [1] * 4 + [0] * 46
+_BETA_RISES = [{"seed": s, "beta0": a, "beta6": b}
+               for s, (a, b) in enumerate([(0.70, 0.81), (0.64, 0.77), (0.68, 0.79)])]
+
+
+def _kl_grad(z_nat, z_adv):
+    return (F.softmax(z_adv, 1) - F.softmax(z_nat, 1)) / len(z_adv)
+
+
+def _l2_max(grad, eps):
+    norm = grad.norm(dim=1, keepdim=True)
+    return eps * grad / norm, eps * norm.squeeze(1)
+
+
+_UNDER = {"d2r": "under-confident", "lbgat": "under-confident"}
+_ROWS_UNDER = _guide_rows(["under-confident"] * 3, ["under-confident"] * 3)
+_ROWS_MIXED = _guide_rows(["under-confident"] * 3, ["calibrated", "under-confident", "calibrated"])
+
+
 # ================================================================================ correct
 # implementations
 def _accuracy(model, x, y):
@@ -104,6 +205,21 @@ LIBRARY = {
     "beta_prediction": "falls",
     "paired_t": lambda a, b: _paired_t(a, b),
     "decision": lambda a, b, *, t_crit, min_effect: _decide(a, b, t_crit, min_effect),
+    "reading": Args(("ablation higher", _BASE, _ABL)),
+    "trades_gen_prediction": Args(("lower", _CAG_LOWER)),
+    "pgd_at_clean_prediction": Args(("lower", _AT_LOWER)),
+    "beta_robust_prediction": Args(("rises", _BETA_RISES)),
+    "kl_adv_gradient": _kl_grad,
+    "gap_reading": Args(("higher", _CORRECT_A, _CORRECT_B)),
+    "reduction_prediction": Args(("falls", _PER_SEED_FALLS)),
+    "flat_guide_prediction": Args(("weaker", _FLAT_WEAKER)),
+    "linearised_max_l2": _l2_max,
+    "pgd_vs_exact_prediction": Args(("higher", _PGD_ABOVE)),
+    "fgsm_vs_pgd_prediction": Args(("pgd stronger", _IMAGES_PGD)),
+    "diagnose_guide": _diagnose,
+    "guide_diagnosis_prediction": Args((_UNDER, _ROWS_UNDER)),
+    "mse_guide_gradient": lambda za, zg: 2 * (zg - za) / zg.numel(),
+    "w_adv_prediction": Args((_BOTH_FALL, _SWEEP_FALLS)),
     "preregistration": {
         "baseline": "d2r",
         "ablation": "d2r_no_clean",
@@ -143,7 +259,7 @@ def test_every_check_has_a_library_implementation():
 
 @pytest.mark.parametrize("name", sorted(LIBRARY))
 def test_library_implementation_passes(name, capsys):
-    getattr(checks, f"check_{name}")(LIBRARY[name])
+    _check(name, LIBRARY[name])
     out = capsys.readouterr().out
     assert out.startswith("✓ "), out
 
@@ -948,9 +1064,16 @@ def _welch_t(a, b):
 
 def _decide(a, b, t_crit, min_effect, test=_paired_t):
     mean, t = test(a, b)
-    if abs(t) < t_crit or abs(mean) < min_effect:
-        return "no difference"
+    if abs(t) < t_crit:
+        return "undecided"
+    if abs(mean) < min_effect:
+        return "too small"
     return "ablation better" if mean > 0 else "baseline better"
+
+
+def _decide_no_difference(a, b, t_crit, min_effect):
+    verdict = _decide(a, b, t_crit, min_effect)
+    return "no difference" if verdict in ("undecided", "too small") else verdict
 
 
 def _decide_unpaired(a, b, t_crit, min_effect):
@@ -959,12 +1082,10 @@ def _decide_unpaired(a, b, t_crit, min_effect):
 
 def _decide_stdlib(a, b, t_crit, min_effect):
     mean, t = _paired_t_stdlib(a, b)
-    significant, relevant = abs(t) >= t_crit, abs(mean) >= min_effect
-    return (
-        ("ablation better" if mean > 0 else "baseline better")
-        if significant and relevant
-        else "no difference"
-    )
+    if abs(t) < t_crit:
+        return "undecided"
+    return ("ablation better" if mean > 0 else "baseline better") if abs(mean) >= min_effect \
+        else "too small"
 
 
 def _project_l2_renorm(xa, x, eps):
@@ -1396,8 +1517,76 @@ WRONG = [
     (
         "decision",
         lambda a, b, *, t_crit, min_effect: _decide(a, b, t_crit, 0.0),
-        r"below min_effect = 0.05 is not worth reporting",
+        r"below min_effect = 0.05: 'too small' to report",
     ),
+    (
+        "decision",
+        lambda a, b, *, t_crit, min_effect: _decide_no_difference(a, b, t_crit, min_effect),
+        r"has not shown that there is none; say 'undecided'",
+    ),
+    ("reading", Args(("undecided", _BASE, _ABL)), r"lies entirely on one side of 0"),
+    ("reading", Args(("ablation higher", _BASE, _NOISE)), r"contains 0: these seeds cannot tell"),
+    ("reading", Args(("ablation lower", _BASE, _ABL)), r"mind the sign"),
+    ("reading", Args(("no difference", _BASE, _NOISE)), r"set reading to one of"),
+    ("trades_gen_prediction", Args(("higher", _CAG_LOWER)),
+     r"you predicted 'higher'; the run gives 'lower'"),
+    ("trades_gen_prediction", Args(("worse", _CAG_LOWER)), r"set your prediction to one of"),
+    ("pgd_at_clean_prediction", Args(("higher", _AT_LOWER)),
+     r"you predicted 'higher'; the run gives 'lower'"),
+    ("pgd_at_clean_prediction", Args(("lower", [1, 2])), r"pass the list that toy.compare"),
+    ("beta_robust_prediction", Args(("falls", _BETA_RISES)),
+     r"you predicted 'falls'; the run gives 'rises'"),
+    ("beta_robust_prediction", Args(("up", _BETA_RISES)), r"set your prediction to one of"),
+    ("kl_adv_gradient", lambda zn, za: -_kl_grad(zn, za), r"the sign is flipped"),
+    ("kl_adv_gradient", lambda zn, za: _kl_grad(zn, za) * len(za), r"misses the 1/B"),
+    ("kl_adv_gradient", lambda zn, za: (F.log_softmax(za, 1) - F.log_softmax(zn, 1)) / len(za),
+     r"difference of log-probabilities"),
+    ("gap_reading", Args(("undecided", _CORRECT_A, _CORRECT_B)), r"lies on one side of 0"),
+    ("gap_reading", Args(("lower", _CORRECT_C, _CORRECT_D)), r"the gap is 'undecided', not"),
+    ("gap_reading", Args(("lower", _CORRECT_A, _CORRECT_B)), r"mind the sign"),
+    ("reduction_prediction", Args(("rises", _PER_SEED_FALLS)),
+     r"you predicted 'rises'; the run gives 'falls'"),
+    ("reduction_prediction", Args(("falls", [{"seed": 0}])), r"rows must be the list of dicts"),
+    ("flat_guide_prediction", Args(("stronger", _FLAT_WEAKER)),
+     r"you predicted 'stronger'; the run gives 'weaker'"),
+    ("flat_guide_prediction", Args(("same", _FLAT_WEAKER)), r"set your prediction to one of"),
+    ("linearised_max_l2", lambda g, eps: (eps * g.sign(), eps * g.abs().sum(1)),
+     r"ε·sign\(g\) is the L∞ answer"),
+    ("linearised_max_l2", lambda g, eps: (_l2_max(g, eps)[0], eps * g.abs().sum(1)),
+     r"ε·‖g‖₁ is the L∞ maximum"),
+    ("linearised_max_l2", lambda g, eps: (g / g.norm(dim=1, keepdim=True), g.norm(dim=1)),
+     r"δ\* is wrong"),
+    ("pgd_vs_exact_prediction", Args(("lower", _PGD_ABOVE)),
+     r"you predicted 'lower'; the run gives 'higher'"),
+    ("pgd_vs_exact_prediction", Args(("higher", [{"pgd": 0.3}])), r"rows must be the list"),
+    ("fgsm_vs_pgd_prediction", Args(("fgsm stronger", _IMAGES_PGD)),
+     r"you predicted 'fgsm stronger'; the run gives 'pgd stronger'"),
+    ("fgsm_vs_pgd_prediction", Args(("pgd", _IMAGES_PGD)), r"set your prediction to one of"),
+    ("diagnose_guide", lambda p, y: _diagnose(p, y, confidence_of=lambda p, y: p.gather(
+        1, y[:, None])), r"the probability of the predicted class \(the largest one\), not of"),
+    ("diagnose_guide", lambda p, y: _diagnose(p, y, flip=True), r"mind the sign"),
+    ("diagnose_guide", lambda p, y: _diagnose_no_tolerance(p, y), r"within the 0.05 tolerance"),
+    ("diagnose_guide", lambda p, y: "under", r"return one of 'under-confident'"),
+    ("guide_diagnosis_prediction", Args(({"d2r": "under-confident", "lbgat": "calibrated"},
+                                         _ROWS_UNDER)),
+     r"you predicted lbgat's guide 'calibrated'; every seed says 'under-confident'"),
+    ("guide_diagnosis_prediction", Args(({"d2r": "unsure"}, _ROWS_UNDER)),
+     r"prediction must be a dict"),
+    ("guide_diagnosis_prediction", Args((_UNDER, _ROWS_UNDER[:1] + _ROWS_UNDER[3:])),
+     r"rows hold 1 run\(s\) of 'd2r'; run at least 2 seeds"),
+    ("mse_guide_gradient", lambda za, zg: 2 * (zg - za), r"sums over the elements"),
+    ("mse_guide_gradient", lambda za, zg: (zg - za) / zg.numel(), r"misses the 2"),
+    ("mse_guide_gradient", lambda za, zg: 2 * (za - zg) / zg.numel(), r"the sign is flipped"),
+    ("mse_guide_gradient", lambda za, zg: 2 * (zg - za) / len(zg), r"divides by B only"),
+    ("trades_gen_prediction", Args(("lower", {"d2r": 0.6})), r"pass the list that toy.compare"),
+    ("trades_gen_prediction", Args(("lower", _CAG_LOWER[:1] + _CAG_LOWER[4:5])),
+     r"hold 1 seed\(s\) with both 'd2r' and 'd2r_trades_gen'; run at least 2"),
+    ("w_adv_prediction", Args(({"robustness": "rises", "guide_confidence": "falls"}, _SWEEP_FALLS)),
+     r"\(robustness\): you predicted 'rises'; the run gives 'falls'"),
+    ("w_adv_prediction", Args(({"robustness": "falls", "guide_confidence": "rises"}, _SWEEP_FALLS)),
+     r"\(guide_confidence\): you predicted 'rises'; the run gives 'falls'"),
+    ("w_adv_prediction", Args(("falls", _SWEEP_FALLS)), r"prediction must be a dict with the keys"),
+    ("w_adv_prediction", Args((_BOTH_FALL, _SWEEP_FALLS[:3])), r"at least two w_adv values"),
     (
         "decision",
         lambda a, b, *, t_crit, min_effect: _decide(b, a, t_crit, min_effect),
@@ -1497,7 +1686,7 @@ def _bpda_logprob(m, x, y, eps, a, k):
 )
 def test_wrong_implementation_rejected_with_specific_message(name, wrong, pattern):
     with pytest.raises(checks.CheckFailed, match=pattern):
-        getattr(checks, f"check_{name}")(wrong)
+        _check(name, wrong)
 
 
 def test_every_check_rejects_at_least_two_mistakes():
@@ -1659,6 +1848,27 @@ CORRECT = [
     ("beta_prediction", "falls"),
     ("paired_t", lambda a, b: _paired_t_stdlib(a, b)),
     ("decision", lambda a, b, *, t_crit, min_effect: _decide_stdlib(a, b, t_crit, min_effect)),
+    ("reading", Args(("undecided", _BASE, _NOISE))),
+    ("trades_gen_prediction", Args(("higher", _CAG_NOISE))),
+    ("pgd_at_clean_prediction", Args(("higher", _AT_NOISE))),
+    ("beta_robust_prediction", Args(("falls", _BETA_RISES[:1] + [
+        {"seed": 1, "beta0": 0.9, "beta6": 0.6}, {"seed": 2, "beta0": 0.7, "beta6": 0.8}]))),
+    ("kl_adv_gradient", lambda zn, za: torch.func.grad(lambda z: F.kl_div(
+        F.log_softmax(z, 1), F.softmax(zn, 1), reduction="batchmean"))(za)),
+    ("gap_reading", Args(("undecided", _CORRECT_C, _CORRECT_D))),
+    ("reduction_prediction", Args(("falls", _PER_SEED_FALLS))),
+    ("flat_guide_prediction", Args(("weaker", _FLAT_WEAKER))),
+    ("linearised_max_l2", lambda g, eps: (eps * F.normalize(g, dim=1),
+                                          eps * torch.linalg.vector_norm(g, dim=1))),
+    ("pgd_vs_exact_prediction", Args(("lower", _PGD_EQUAL))),
+    ("fgsm_vs_pgd_prediction", Args(("fgsm stronger", [{"fgsm": 0, "pgd": 0}] * 3))),
+    ("diagnose_guide", _diagnose_stdlib),
+    ("guide_diagnosis_prediction", Args(({"d2r": "under-confident", "lbgat": "over-confident"},
+                                         _ROWS_MIXED))),
+    ("mse_guide_gradient", lambda za, zg: torch.func.grad(
+        lambda g: F.mse_loss(za, g))(zg)),
+    ("w_adv_prediction", Args(({"robustness": "rises", "guide_confidence": "falls"},
+                               _SWEEP_MIXED))),
     (
         "preregistration",
         {
@@ -1750,7 +1960,7 @@ CORRECT = [
     "name,answer", CORRECT, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CORRECT)]
 )
 def test_correct_but_differently_written_answer_passes(name, answer, capsys):
-    getattr(checks, f"check_{name}")(answer)
+    _check(name, answer)
     assert capsys.readouterr().out.startswith("✓ ")
 
 
@@ -1833,3 +2043,12 @@ def test_cost_prediction_right_and_wrong(capsys):
     assert "within a factor of 3" in capsys.readouterr().out
     with pytest.raises(checks.CheckFailed, match=r"off by more than a factor of 3"):
         checks.check_cost_prediction(0.5, measured_seconds=2.0)
+
+
+def test_an_undecided_run_grades_no_prediction(capsys):
+    """An interval that contains 0 neither confirms nor refutes: either prediction passes, said
+    undecided."""
+    for guess in ("higher", "lower"):
+        checks.check_trades_gen_prediction(guess, _CAG_NOISE)
+        out = capsys.readouterr().out
+        assert out.startswith("✓ ") and "undecided" in out and "right" not in out

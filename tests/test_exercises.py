@@ -123,12 +123,33 @@ def test_every_check_is_used_by_a_notebook_and_every_task_states_its_kind():
     for stem in STEMS:
         nb = _read(SOLUTIONS / f"{stem}.ipynb")
         for sol, _ in _tasks(nb):
-            found = re.findall(r"\*Kind: ([a-z ,]+?)\.\*", nb.cells[sol - 1].source)
-            kinds |= set(found)
+            kinds |= {_kind(nb, sol)}
     # the new kinds of task are spread over the notebooks (transcription tasks state no kind)
     assert {"derive and check", "predict, then run", "break it", "experiment design"} <= kinds, (
         kinds
     )
+
+
+# the kinds of task that ask for more than transcribing what a chapter showed
+THINKING = {"derive and check", "predict, then run", "break it", "experiment design", "diagnose",
+            "read the result"}
+
+
+def _kind(nb, sol: int) -> str:
+    """The kind a task states (`*Kind: ….*` in the nearest markdown cell above its solution)."""
+    md = next(nb.cells[k] for k in range(sol - 1, -1, -1) if nb.cells[k].cell_type == "markdown")
+    found = re.findall(r"\*Kind: ([a-z ,]+?)\.\*", md.source)
+    return found[0] if found else "transcribe"
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_thinking_tasks_are_at_least_half(stem):
+    """Each notebook has at least as many predict / break / derive / design / diagnose / read tasks
+    as transcriptions."""
+    nb = _read(SOLUTIONS / f"{stem}.ipynb")
+    kinds = [_kind(nb, sol) for sol, _ in _tasks(nb)]
+    thinking = sum(k in THINKING for k in kinds)
+    assert thinking >= len(kinds) - thinking, (stem, kinds)
 
 
 def test_committed_exercises_are_what_the_generator_makes():
@@ -201,16 +222,17 @@ def test_notebook_structure(stem, kind):
     # ... pinned to the library's version tag, so a notebook and the library it runs always match
     assert f"@ git+{_repository_url()}@v{d2r_lib.__version__}" in shim
     assert "\n".join(install_lines()) in shim
-    # tasks: 3–6, each a solution (or stub) cell followed by a check cell
+    # tasks: 3–9, each a solution (or stub) cell followed by a cell that ends with its check (a
+    # predict-then-run task runs the experiment first, in the same cell); the statement is the
+    # nearest markdown cell above the solution
     tasks = _tasks(nb)
-    assert 3 <= len(tasks) <= 6
+    assert 3 <= len(tasks) <= 9
     for n, (sol, chk) in enumerate(tasks, start=1):
-        assert re.fullmatch(r"checks\.check_\w+\(\w+\)", nb.cells[chk].source.strip()), nb.cells[
-            chk
-        ].source
-        assert (
-            nb.cells[sol - 1].cell_type == "markdown" and f"Task {n} ·" in nb.cells[sol - 1].source
-        )
+        last = nb.cells[chk].source.strip().splitlines()[-1]
+        assert re.fullmatch(r"checks\.check_\w+\([\w, \[\]\.]+\)", last), nb.cells[chk].source
+        statement = next(nb.cells[k] for k in range(sol - 1, -1, -1)
+                         if nb.cells[k].cell_type == "markdown")
+        assert f"Task {n} ·" in statement.source
         tags = nb.cells[sol].metadata.get("tags", [])
         if kind == "solutions":
             assert "hide-input" in tags
@@ -266,8 +288,9 @@ def test_removing_one_solution_fails_at_that_task(stem, task):
     assert index in (sol_cell, check_cell), (
         f"failed in cell {index}, task {task} is cells {sol_cell}-{check_cell}"
     )
-    for _, earlier_check in tasks[: task - 1]:
-        assert outputs[earlier_check].startswith("✓"), outputs[earlier_check]
+    for _, earlier_check in tasks[: task - 1]:  # a run prints its table first, then the ✓ lines
+        lines = outputs[earlier_check].splitlines()
+        assert any(line.startswith("✓") for line in lines), outputs[earlier_check]
 
 
 # ======================================== kernel execution

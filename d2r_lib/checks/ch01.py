@@ -27,6 +27,9 @@ from .harness import (
 )
 
 __all__ = [
+    "check_linearised_max_l2",
+    "check_pgd_vs_exact_prediction",
+    "check_fgsm_vs_pgd_prediction",
     "check_linearised_max",
     "check_fgsm",
     "check_project_linf",
@@ -430,3 +433,56 @@ def check_linearised_max(fn) -> None:
             "FGSM "
             "is its exact maximiser (3 trials, zero gradients included)",
         )
+
+
+def check_linearised_max_l2(fn) -> None:
+    """Task (derive): the maximiser of ⟨g, δ⟩ over ‖δ‖₂ ≤ ε and the maximum, per row."""
+    task = "linearised_max_l2"
+    with sandbox(task, fn):
+        for b, d in ((3, 5), (8, 64)):
+            grad = torch.randn(b, d, generator=generator(b * 10 + d))
+            grad[0, 1:] = 0  # one row along a single axis
+            eps = 0.5
+            norm = grad.norm(dim=1, keepdim=True)
+            want_delta, want_max = eps * grad / norm, eps * norm.squeeze(1)
+            out = call_learner(task, fn, grad.clone(), eps)
+            if not (isinstance(out, tuple) and len(out) == 2):
+                fail(task, "return the pair (δ*, maximum per row)")
+            delta, value = out
+            if torch.allclose(delta, eps * grad.sign(), atol=1e-6):
+                fail(task, "ε·sign(g) is the L∞ answer (task 6): it leaves the L2 ball when more "
+                           "than one coordinate is non-zero")
+            if not torch.allclose(delta, want_delta, atol=1e-5):
+                fail(task, "δ* is wrong: over the L2 ball the best direction is g itself, scaled "
+                           "to length ε")
+            if torch.allclose(torch.as_tensor(value).float(), eps * grad.abs().sum(1), atol=1e-5):
+                fail(task, "ε·‖g‖₁ is the L∞ maximum; the L2 ball's dual norm is L2 itself")
+            if not torch.allclose(torch.as_tensor(value).float(), want_max, atol=1e-5):
+                fail(task, "the maximum is ⟨g, δ*⟩ per row")
+        passed(task, "δ* = ε·g/‖g‖₂ and the maximum ε·‖g‖₂: L2 is its own dual norm")
+
+
+def check_pgd_vs_exact_prediction(predicted_sign, rows) -> None:
+    """Task (predict, then run): PGD accuracy − exact robust accuracy per seed on the 2-D world."""
+    from .harness import interval_verdict, row_diffs
+
+    task = "predict: PGD against the exact answer"
+    diffs = row_diffs(task, rows, "pgd", "exact")
+    why = (f"PGD − exact over {len(diffs)} seeds. PGD searches the ball from one start and can "
+           f"miss its worst point; the lattice checks the whole ball, so PGD's estimate is an "
+           f"over-estimate of robustness")
+    interval_verdict(task, predicted_sign, ("higher", "lower"), diffs, ("higher", "lower"), why)
+
+
+def check_fgsm_vs_pgd_prediction(predicted, rows) -> None:
+    """Task (predict, then run): which attack leaves the trained model less accurate, paired by
+    image (rows: dicts with 'fgsm' and 'pgd' correctness, 0 or 1)."""
+    from .harness import interval_verdict, row_diffs
+
+    task = "predict: FGSM or PGD"
+    diffs = row_diffs(task, rows, "fgsm", "pgd")
+    why = (f"correct under FGSM − correct under PGD-10, over {len(diffs)} images. FGSM takes one "
+           f"step along the sign of the gradient at x; PGD re-reads the gradient after every step, "
+           f"so it follows the loss where it curves")
+    interval_verdict(task, predicted, ("pgd stronger", "fgsm stronger"), diffs,
+                     ("pgd stronger", "fgsm stronger"), why)

@@ -33,6 +33,7 @@ from .losscheck import (
 )
 
 __all__ = [
+    "check_pgd_at_clean_prediction",
     "check_k_prediction",
     "check_fgsm_overfitting",
     "check_pgd_at_loss",
@@ -237,3 +238,16 @@ def check_k_prediction(predicted_more_robust_k) -> None:
         f"train on, so the model resists the stronger test attack better, at some clean accuracy"
     )
     prediction_verdict(task, predicted_more_robust_k, allowed, measured, why)
+
+
+def check_pgd_at_clean_prediction(predicted_sign, runs) -> None:
+    """Task (predict, then run): the sign of PGD-AT − standard in clean accuracy on the 2-D world,
+    graded against the learner's `toy.compare` runs."""
+    from .harness import interval_verdict, paired_diffs
+
+    task = "predict: what PGD-AT costs"
+    diffs = paired_diffs(task, runs, "pgd_at", "standard", "clean")
+    why = (f"PGD-AT − standard over {len(diffs)} seeds, clean accuracy on held-out points. PGD-AT "
+           f"fits the worst point of each ε-ball, not the point itself: near the boundary the two "
+           f"disagree, and the clean points pay for it")
+    interval_verdict(task, predicted_sign, ("higher", "lower"), diffs, ("higher", "lower"), why)

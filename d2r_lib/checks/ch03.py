@@ -30,7 +30,15 @@ from .losscheck import (
     run_loss_check,
 )
 
-__all__ = ["check_beta_prediction", "check_trades_kl", "check_trades_loss", "check_trades_attack"]
+__all__ = [
+    "check_beta_robust_prediction",
+    "check_kl_adv_gradient",
+    "check_gap_reading",
+    "check_beta_prediction",
+    "check_trades_kl",
+    "check_trades_loss",
+    "check_trades_attack",
+]
 
 
 # ------------------------------------------------------------------------------------------ ch. 3
@@ -315,3 +323,78 @@ def check_beta_prediction(predicted_clean_trend) -> None:
         f"data, at the price of clean accuracy (the trade-off TRADES is named after)"
     )
     prediction_verdict(task, predicted_clean_trend, allowed, measured, why)
+
+
+def check_beta_robust_prediction(predicted_robust_trend, rows) -> None:
+    """Task (predict, then run): exact robust accuracy of TRADES at β = 6 minus at β = 0, per seed,
+    on the 2-D world (rows: dicts with 'beta0' and 'beta6')."""
+    from .harness import interval_verdict, row_diffs
+
+    task = "predict: TRADES β, robustness"
+    diffs = row_diffs(task, rows, "beta6", "beta0")
+    why = (f"β = 6 − β = 0 over {len(diffs)} seeds, exact robust accuracy. At β = 0 TRADES is "
+           f"plain training on clean points (x′ plays no role); the KL term is what makes the "
+           f"boundary keep its distance from the data")
+    interval_verdict(task, predicted_robust_trend, ("rises", "falls"), diffs, ("rises", "falls"),
+                     why)
+
+
+def check_kl_adv_gradient(fn) -> None:
+    """Task (derive): ``kl_adv_gradient(logits_nat, logits_adv)`` = ∂ KL(p(x) ‖ p(x′)) / ∂ f(x′)
+    (batchmean)."""
+    from .harness import call_learner, fail, passed, sandbox
+
+    task = "kl_adv_gradient"
+    with sandbox(task, fn):
+        for b, c in ((4, 10), (7, 3), (16, 100)):
+            g = generator(b * 100 + c)
+            z_nat, z_adv = torch.randn(b, c, generator=g), torch.randn(b, c, generator=g)
+            leaf = z_adv.clone().requires_grad_(True)
+            losses.trades_kl(z_nat, leaf).backward()
+            want = leaf.grad
+            got = call_learner(task, fn, z_nat.clone(), z_adv.clone())
+            if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+                fail(task, f"return a tensor shaped like logits_adv {tuple(want.shape)}; got "
+                           f"{getattr(got, 'shape', type(got).__name__)}")
+            if torch.allclose(got, want, atol=1e-6):
+                continue
+            if torch.allclose(got, -want, atol=1e-6):
+                fail(task, "the sign is flipped: which softmax enters with a minus sign?")
+            if torch.allclose(got, b * want, rtol=1e-4, atol=1e-6):
+                fail(task, f"your gradient misses the 1/B of the batch mean (B = {b})")
+            logs = (F.log_softmax(z_adv, 1) - F.log_softmax(z_nat, 1)) / b
+            if torch.allclose(got, logs, atol=1e-5):
+                fail(task, "that is a difference of log-probabilities; differentiate through the "
+                           "softmax: ∂ log p_c(x′) / ∂ z_k = 1[c = k] − p_k(x′)")
+            fail(task, f"at B = {b}, C = {c} your gradient differs from autograd's by up to "
+                       f"{(got - want).abs().max().item():.3g}")
+        passed(task, "(p(x′) − p(x)) / B, as autograd: zero at x′ = x, which is why TRADES' attack "
+                     "starts from x plus a little noise")
+
+
+_GAP_READINGS = ("higher", "lower", "undecided")
+
+
+def check_gap_reading(reading, correct_a, correct_b) -> None:
+    """Task (read the result): model a − model b in clean accuracy on the same points, read from
+    the paired interval."""
+    from .. import report
+    from .harness import fail, passed
+
+    task = "read the gap"
+    if reading not in _GAP_READINGS:
+        fail(task, f"set reading to one of {', '.join(map(repr, _GAP_READINGS))}; got {reading!r}")
+    try:
+        d = report.paired(correct_a, correct_b)
+    except (TypeError, ValueError) as e:
+        fail(task, f"pass the two per-point correctness vectors of the cell above ({e})")
+    want = d.verdict()
+    if reading == want:
+        passed(task, f"{reading}: {d}")
+        return
+    if want == "undecided":
+        fail(task, f"{d}: the interval contains 0, so the gap is 'undecided', not {reading!r}; a "
+                   f"gap of a few points is what two models on these points differ by anyway")
+    if reading == "undecided":
+        fail(task, f"{d}: the interval lies on one side of 0, so the points decide it ({want!r})")
+    fail(task, f"{d}: mind the sign; the difference is a − b, so it reads {want!r}")

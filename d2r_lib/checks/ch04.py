@@ -29,6 +29,9 @@ from .losscheck import (
 )
 
 __all__ = [
+    "check_diagnose_guide",
+    "check_guide_diagnosis_prediction",
+    "check_mse_guide_gradient",
     "check_guide_width_prediction",
     "check_lbgat0_loss",
     "check_lbgat_loss",
@@ -273,3 +276,117 @@ def check_guide_width_prediction(predicted_better_width) -> None:
         f"only by matching the guide's logits (MSE), so it inherits the guide's accuracy"
     )
     prediction_verdict(task, predicted_better_width, allowed, measured, why)
+
+
+# ------------------------------------------------------------------------------------ diagnose
+_DIAGNOSES = ("under-confident", "over-confident", "calibrated")
+
+
+def _soft_labels(n: int, c: int, right: float, confidence: float) -> tuple:
+    """n soft labels over c classes, each putting `confidence` on its argmax; the argmax is the
+    label for the first `right` fraction, another class for the rest."""
+    y = torch.arange(n) % c
+    top = torch.where(torch.arange(n) < round(right * n), y, (y + 1) % c)
+    probs = torch.full((n, c), (1 - confidence) / (c - 1))
+    probs[torch.arange(n), top] = confidence
+    return probs, y
+
+
+def check_diagnose_guide(fn) -> None:
+    """Task (diagnose): ``diagnose_guide(probs, y)`` compares the mean top probability with the
+    accuracy: 'under-confident' / 'over-confident' when it is below / above by more than 0.05."""
+    task = "diagnose_guide"
+    cases = [  # (probs, y, verdict, what, {wrong answer: why it is wrong})
+        (*_soft_labels(200, 10, 1.0, 0.3), "under-confident",
+         "a guide with flat soft labels that is always right",
+         {"over-confident": "mind the sign: under-confident means the confidence (0.3) is below "
+                            "the accuracy (100 %)",
+          "calibrated": "a confidence of 0.3 with 100 % accuracy is not calibrated"}),
+        (*_soft_labels(200, 10, 0.5, 0.9), "over-confident",
+         "a guide 90 % sure and right half the time",
+         {"calibrated": "the confidence is the probability of the predicted class (the largest "
+                        "one), not of the true class: here 0.9, against 50 % accuracy",
+          "under-confident": "mind the sign: over-confident means the confidence is above the "
+                             "accuracy"}),
+        (*_soft_labels(200, 10, 0.8, 0.8), "calibrated",
+         "a guide 80 % sure and right 80 % of the time",
+         {"under-confident": "the confidence is the probability of the predicted class, not of "
+                             "the true class: 0.8 here, exactly the accuracy"}),
+        (*_soft_labels(200, 10, 0.15, 0.15), "calibrated", "a near-uniform guide at chance",
+         {"under-confident": "compare the confidence with the accuracy, not with 1/C: a guide at "
+                             "chance that says so is calibrated"}),
+        (*_soft_labels(200, 10, 0.72, 0.7), "calibrated",
+         "a guide 70 % sure and right 72 % of the time",
+         {"under-confident": "a gap of 2 points is within the 0.05 tolerance: calibrated"}),
+    ]
+    with sandbox(task, fn):
+        for probs, y, want, what, why in cases:
+            got = call_learner(task, fn, probs.clone(), y.clone())
+            if got not in _DIAGNOSES:
+                fail(task, f"return one of {', '.join(map(repr, _DIAGNOSES))}; got {got!r}")
+            if got != want:
+                fail(task, f"for {what} you said {got!r}, not {want!r}: "
+                           f"{why.get(got, 'compare the mean top probability with the accuracy')}")
+        passed(task, "flat-but-right, sure-but-wrong, calibrated and chance-level guides all "
+                     "diagnosed")
+
+
+def check_guide_diagnosis_prediction(prediction, rows) -> None:
+    """Task (predict, then run): the diagnosis of D2R's and LBGAT's guides on the 2-D world, graded
+    against the learner's rows (dicts with method, seed, diagnosis)."""
+    task = "predict: whose guide is under-confident"
+    names = ("d2r", "lbgat")
+    if not isinstance(prediction, dict) or set(prediction) != set(names) or any(
+            v not in _DIAGNOSES for v in prediction.values()):
+        fail(task, f"prediction must be a dict {{'d2r': ..., 'lbgat': ...}}, each one of "
+                   f"{', '.join(map(repr, _DIAGNOSES))}; got {prediction!r}")
+    try:
+        seen = {m: [r["diagnosis"] for r in rows if r["method"] == m] for m in names}
+    except (TypeError, KeyError):
+        fail(task, "rows must be the list of dicts with 'method', 'seed' and 'diagnosis' that the "
+                   "cell above builds")
+    for m in names:
+        if len(seen[m]) < 2:
+            fail(task, f"rows hold {len(seen[m])} run(s) of {m!r}; run at least 2 seeds")
+        if len(set(seen[m])) > 1:
+            passed(task, f"{m}: the seeds disagree ({', '.join(seen[m])}): undecided, so your "
+                         f"{prediction[m]!r} is neither confirmed nor refuted")
+            continue
+        measured = seen[m][0]
+        if prediction[m] != measured:
+            fail(task, f"you predicted {m}'s guide {prediction[m]!r}; every seed says "
+                       f"{measured!r}. CE is the only term that pulls a guide towards the labels; "
+                       f"the MSE (and in D2R the KL terms) pull it towards the target's uncertain "
+                       f"prediction on x′")
+        passed(task, f"{m}'s guide is {measured} at every seed, as you predicted")
+
+
+# ------------------------------------------------------------------------------------- derive
+def check_mse_guide_gradient(fn) -> None:
+    """Task (derive): ``mse_guide_gradient(z_adv, z_guide)`` = ∂ MSE(f(x′), g(x)) / ∂ g(x)."""
+    task = "mse_guide_gradient"
+    with sandbox(task, fn):
+        for b, c in ((4, 10), (7, 3), (16, 100)):
+            g = generator(b * 1000 + c)
+            z_adv, z_guide = torch.randn(b, c, generator=g), torch.randn(b, c, generator=g)
+            leaf = z_guide.clone().requires_grad_(True)
+            F.mse_loss(z_adv, leaf).backward()
+            want = leaf.grad
+            got = call_learner(task, fn, z_adv.clone(), z_guide.clone())
+            if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+                fail(task, f"return a tensor shaped like z_guide {tuple(want.shape)}; got "
+                           f"{getattr(got, 'shape', type(got).__name__)}")
+            if torch.allclose(got, want, atol=1e-6):
+                continue
+            if torch.allclose(got, -want, atol=1e-6):
+                fail(task, "the sign is flipped: the MSE grows when g(x) moves away from f(x′)")
+            for factor, why in ((b * c, "sums over the elements: the MSE averages over B × C"),
+                                (0.5, "misses the 2 of the derivative of a square"),
+                                (c, "divides by B only: the MSE averages over B × C"),
+                                (b, "divides by C only: the MSE averages over B × C")):
+                if torch.allclose(got, factor * want, rtol=1e-4, atol=1e-7):
+                    fail(task, f"your gradient {why} (B = {b}, C = {c})")
+            fail(task, f"at B = {b}, C = {c} your gradient differs from autograd's by up to "
+                       f"{(got - want).abs().max().item():.3g}")
+        passed(task, "∂MSE/∂g(x) = 2 (g(x) − f(x′)) / (B·C), as autograd: the guide is pulled "
+                     "towards the target's adversarial logits as much as the target towards it")

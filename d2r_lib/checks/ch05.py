@@ -14,6 +14,7 @@ from .harness import (
     close,
     fail,
     generator,
+    interval_verdict,
     passed,
     rand_labels,
     sandbox,
@@ -29,6 +30,8 @@ from .losscheck import (
 )
 
 __all__ = [
+    "check_reduction_prediction",
+    "check_w_adv_prediction",
     "check_kl_mean_ratio",
     "check_clean_term_leading_order",
     "check_official_kl",
@@ -519,3 +522,48 @@ def check_clean_term_leading_order(fn) -> None:
             "the "
             f"term shrinks like δ^{order:.2f}: third order, where each KL alone is second order",
         )
+
+
+_W_ADV_KEYS = ("robustness", "guide_confidence")
+
+
+def check_w_adv_prediction(prediction, rows) -> None:
+    """Task (predict, then run): how the 2-D world's exact robust accuracy and the guide's
+    true-class probability move from the smallest to the largest w_adv, graded against the
+    learner's sweep (`rows`: dicts with w_adv, seed, exact, guide_true_prob)."""
+    task = "predict: the w_adv sweep"
+    if not isinstance(prediction, dict) or set(prediction) != set(_W_ADV_KEYS):
+        fail(task, f"prediction must be a dict with the keys {', '.join(map(repr, _W_ADV_KEYS))}, "
+                   f"each 'rises' or 'falls'; got {prediction!r}")
+    try:
+        by = {(float(r["w_adv"]), int(r["seed"])): r for r in rows}
+    except (TypeError, KeyError, ValueError):
+        fail(task, "rows must be the sweep's list of dicts with the keys 'w_adv', 'seed', 'exact' "
+                   "and 'guide_true_prob'")
+    doses = sorted({w for w, _ in by})
+    low, high = doses[0], doses[-1]
+    seeds = sorted(s for w, s in by if w == low and (high, s) in by)
+    if low == high or len(seeds) < 2:
+        fail(task, "the sweep needs at least two w_adv values and two seeds run at both ends")
+    for key, metric, what in (("robustness", "exact", "exact robust accuracy"),
+                              ("guide_confidence", "guide_true_prob",
+                               "the guide's mean probability of the true class")):
+        diffs = [by[(high, s)][metric] - by[(low, s)][metric] for s in seeds]
+        why = (f"{what} at w_adv = {high:g} minus at w_adv = {low:g}, {len(seeds)} seeds. The "
+               f"adversarial term pulls the guide's clean prediction towards the target's "
+               f"uncertain prediction on x′ (nothing is detached), so the guide's soft labels "
+               f"flatten, and a target that copies flat soft labels learns a softer boundary")
+        interval_verdict(f"{task} ({key})", prediction[key], ("rises", "falls"), diffs,
+                         ("rises", "falls"), why)
+
+
+def check_reduction_prediction(predicted_trend, rows) -> None:
+    """Task (predict, then run): exact robust accuracy of D2R with every KL 'batchmean' minus with
+    the official 'mean', per seed, on the 2-D world."""
+    from .harness import row_diffs
+
+    task = "predict: the KL reduction"
+    diffs = row_diffs(task, rows, "batchmean", "mean")
+    why = (f"'batchmean' − 'mean' over {len(diffs)} seeds, exact robust accuracy. 'batchmean' "
+           f"multiplies both KL weights by C (2 on this world): the same dose as a larger w_adv")
+    interval_verdict(task, predicted_trend, ("rises", "falls"), diffs, ("rises", "falls"), why)

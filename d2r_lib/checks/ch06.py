@@ -25,7 +25,9 @@ from .harness import (
     copies,
     fail,
     generator,
+    interval_verdict,
     mode_flags,
+    paired_diffs,
     passed,
     rand_images,
     sandbox,
@@ -40,6 +42,8 @@ from .losscheck import (
 )
 
 __all__ = [
+    "check_flat_guide_prediction",
+    "check_trades_gen_prediction",
     "check_cag_objective",
     "check_guide_reference",
     "check_cag",
@@ -363,3 +367,30 @@ def check_cag_copy_prediction(predicted_agreement) -> None:
     if abs(predicted_agreement - measured) > 0.05:
         fail(task, f"you predicted {predicted_agreement:.0%}; the run gives {measured:.1%}: {why}")
     passed(task, f"you predicted {predicted_agreement:.0%}: right — {why}")
+
+
+def check_trades_gen_prediction(predicted_sign, runs) -> None:
+    """Task (predict, then run): the sign of D2R − d2r_trades_gen in exact robust accuracy on the
+    2-D world, graded against the learner's own `toy.compare` runs."""
+    task = "predict: CAG or TRADES generation"
+    diffs = paired_diffs(task, runs, "d2r", "d2r_trades_gen", "exact")
+    why = (
+        f"D2R − d2r_trades_gen over {len(diffs)} seeds, exact robust accuracy. The two differ only "
+        f"in x′: CAG pushes the target away from the guide's soft labels, TRADES generation away "
+        f"from the target's own prediction. Chapter 7 found the same sign over 20 seeds on this "
+        f"world and asks, in Part 3, why CAG costs robustness there"
+    )
+    interval_verdict(task, predicted_sign, ("higher", "lower"), diffs, ("higher", "lower"), why)
+
+
+def check_flat_guide_prediction(predicted, rows) -> None:
+    """Task (predict, then run): with a uniform guide, is CAG a weaker or a stronger attack than
+    TRADES generation (accuracy under CAG − under TRADES generation, per seed)?"""
+    from .harness import row_diffs
+
+    task = "predict: CAG with a flat guide"
+    diffs = row_diffs(task, rows, "cag", "trades")
+    why = (f"accuracy under CAG − under TRADES generation, {len(diffs)} seeds. Against a uniform "
+           f"guide, CAG maximises −(1/C)·Σ_c log p_f(x′)_c, which grows when any class becomes "
+           f"unlikely: it makes the target more sure of its own answer instead of changing it")
+    interval_verdict(task, predicted, ("weaker", "stronger"), diffs, ("weaker", "stronger"), why)

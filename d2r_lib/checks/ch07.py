@@ -35,12 +35,14 @@ __all__ = [
     "check_decision",
     "check_preregistration",
     "run_registered_plan",
+    "check_reading",
     "T_CRIT_5PCT",
 ]
 
 # two-sided 5 % critical values of Student's t with n − 1 degrees of freedom, by n
 T_CRIT_5PCT = {3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 _REGISTERED: dict = {}
+_VERDICTS = ("ablation better", "baseline better", "too small", "undecided")
 
 
 def _paired(a, b):
@@ -147,33 +149,34 @@ def check_decision(fn) -> None:
             "baseline better",
             "a consistent loss",
         ),
-        (*_SCORES[0], 2.776, 0.05, "no difference", "a significant gain below the minimum effect"),
-        (*_SCORES[2], 2.571, 0.005, "no difference", "noise"),
-        (*_SCORES[1], 4.303, 0.005, "no difference", "three seeds, noise"),
+        (*_SCORES[0], 2.776, 0.05, "too small", "a significant gain below the minimum effect"),
+        (*_SCORES[2], 2.571, 0.005, "undecided", "noise"),
+        (*_SCORES[1], 4.303, 0.005, "undecided", "three seeds, noise"),
     ]
     with sandbox(task, fn):
         for a, b, t_crit, min_effect, want, what in cases:
             got = call_learner(task, fn, list(a), list(b), t_crit=t_crit, min_effect=min_effect)
-            if got not in ("ablation better", "baseline better", "no difference"):
-                fail(
-                    task,
-                    f"return 'ablation better', 'baseline better' or 'no difference'; got {got!r}",
-                )
+            if got == "no difference":
+                fail(task, f"for {what} you said 'no difference': a test that fails to find a "
+                           f"difference has not shown that there is none; say 'undecided' (or "
+                           f"'too small' for a significant difference below min_effect)")
+            if got not in _VERDICTS:
+                fail(task, f"return one of {', '.join(map(repr, _VERDICTS))}; got {got!r}")
             if got == want:
                 continue
             mean, t = _paired(a, b)
-            if want == "no difference" and abs(t) >= t_crit:
+            if want == "too small":
                 fail(
                     task,
-                    f"for {what} (mean difference {mean:+.3g}, t = {t:.3g}) you said {got!r}: a "
-                    f"difference below min_effect = {min_effect} is not worth reporting even "
-                    f"when significant",
+                    f"for {what} (mean difference {mean:+.3g}, t = {t:.3g}) you said {got!r}: it "
+                    f"is significant (|t| ≥ {t_crit}) but below min_effect = {min_effect}: "
+                    f"'too small' to report",
                 )
-            if want == "no difference":
+            if want == "undecided":
                 fail(
                     task,
                     f"for {what} (t = {t:.3g} < t_crit = {t_crit}) you said {got!r}: the data "
-                    f"cannot tell the arms apart",
+                    f"cannot tell the arms apart, so the verdict is 'undecided'",
                 )
             if {got, want} == {"ablation better", "baseline better"}:
                 fail(task, f"for {what} you said {got!r}: mind the sign of ablation − baseline")
@@ -183,7 +186,8 @@ def check_decision(fn) -> None:
                 f"{got!r}: a paired test sees it (an unpaired one would not: seed effects are "
                 f"shared by both arms)",
             )
-        passed(task, "gain, loss, significant-but-negligible and noise all decided as planned")
+        passed(task, "gain, loss, significant-but-too-small and noise (undecided) all decided as "
+                     "planned")
 
 
 def check_preregistration(plan) -> None:
@@ -355,3 +359,31 @@ def check_mart_loss(fn) -> None:
         ),
         fn,
     )
+
+
+_READINGS = ("ablation higher", "ablation lower", "undecided")
+
+
+def check_reading(reading, baseline_scores, ablation_scores) -> None:
+    """Task (read the interval): the 95 % interval of ablation − baseline, read in words."""
+    from .. import report
+
+    task = "read the interval"
+    if reading not in _READINGS:
+        fail(task, f"set reading to one of {', '.join(map(repr, _READINGS))}; got {reading!r}")
+    if len(baseline_scores) != len(ablation_scores) or len(baseline_scores) < 2:
+        fail(task, "pass the two lists of scores that run_registered_plan returned (one per "
+                   "seed, at least 2 seeds)")
+    d = report.over_seeds(ablation_scores, baseline_scores)
+    want = d.verdict(higher="ablation higher", lower="ablation lower")
+    span = f"mean {d.mean:+.4f}, 95 % interval [{d.low:+.4f}, {d.high:+.4f}]"
+    if reading == want:
+        passed(task, f"{reading}: {span}")
+        return
+    if want == "undecided":
+        fail(task, f"{span} contains 0: these seeds cannot tell the arms apart, so the reading is "
+                   f"'undecided', not {reading!r}")
+    if reading == "undecided":
+        fail(task, f"{span} lies entirely on one side of 0: the seeds decide it ({want!r})")
+    fail(task, f"{span}: mind the sign; the differences are ablation − baseline, so it reads "
+               f"{want!r}")

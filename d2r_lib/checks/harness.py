@@ -53,6 +53,9 @@ __all__ = [
     "eval_common",
     "fraction_verdict",
     "prediction_verdict",
+    "interval_verdict",
+    "paired_diffs",
+    "row_diffs",
 ]
 
 
@@ -307,3 +310,50 @@ def prediction_verdict(task: str, predicted, allowed: tuple, measured, why: str)
     if predicted != measured:
         fail(task, f"you predicted {predicted!r}; the run gives {measured!r}: {why}")
     passed(task, f"you predicted {predicted!r}: right — {why}")
+
+
+def interval_verdict(task: str, predicted, allowed: tuple, diffs: list[float], labels: tuple,
+                     why: str) -> str:
+    """Grade a predicted sign against per-seed differences: labels = (name if the 95 % interval is
+    above 0, name if below). An interval containing 0 is "undecided": it grades nothing."""
+    from .. import reference
+
+    if isinstance(predicted, bool) or predicted not in allowed:
+        fail(task, f"set your prediction to one of {', '.join(map(repr, allowed))} before "
+                   f"running; got {predicted!r}")
+    row = reference.interval(diffs)
+    if len(diffs) < 2:
+        fail(task, f"the run has {len(diffs)} paired seed(s); an interval needs at least 2")
+    span = f"mean {row['mean']:+.3f}, 95 % interval [{row['low']:+.3f}, {row['high']:+.3f}]"
+    measured = labels[0] if row["low"] > 0 else labels[1] if row["high"] < 0 else "undecided"
+    if measured == "undecided":
+        passed(task, f"undecided: {span} contains 0, so these seeds neither confirm nor refute "
+                     f"{predicted!r}; run more seeds to decide ({why})")
+    else:
+        prediction_verdict(task, predicted, allowed, measured, f"{span}; {why}")
+    return measured
+
+
+def paired_diffs(task: str, runs, a: str, b: str, metric: str) -> list[float]:
+    """Per-seed differences a − b of `metric` in `runs` (the list `toy.compare` returns)."""
+    ok = isinstance(runs, (list, tuple)) and all(
+        isinstance(r, dict) and {"method", "seed", "metrics"} <= set(r) for r in runs)
+    if not ok:
+        fail(task, f"pass the list that toy.compare([{a!r}, {b!r}], seeds) returned; got "
+                   f"{type(runs).__name__}")
+    by = {(r["method"], r["seed"]): r["metrics"] for r in runs}
+    seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
+    if len(seeds) < 2:
+        fail(task, f"the runs hold {len(seeds)} seed(s) with both {a!r} and {b!r}; run at least 2")
+    if metric not in by[(a, seeds[0])]:
+        fail(task, f"the runs have no {metric!r} metric; use toy.compare")
+    return [by[(a, s)][metric] - by[(b, s)][metric] for s in seeds]
+
+
+def row_diffs(task: str, rows, a: str, b: str) -> list[float]:
+    """Per-row differences rows[i][a] − rows[i][b] (one row per seed, or per image)."""
+    try:
+        return [float(r[a]) - float(r[b]) for r in rows]
+    except (TypeError, KeyError, ValueError):
+        fail(task, f"rows must be the list of dicts with the keys {a!r} and {b!r} that the cell "
+                   f"above builds")
