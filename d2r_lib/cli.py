@@ -28,12 +28,10 @@ __all__ = ["EXIT_CODES", "UsageError", "build_parser", "main", "train_config"]
 EXIT_CODES = {
     0: "done",
     1: "training diverged (d2r run: a run failed); the last good checkpoint is intact",
-    2: "bad input, refused before any work (nothing written); also: --out is in use by another "
-       "run",
-    3: "out of disk space or an I/O error; the message names the file and what was left intact",
-    4: "internal error (a bug in d2r_lib: please report it; D2R_TRACEBACK=1 shows where)",
-    130: "interrupted (Ctrl-C or SIGTERM); every file written so far is complete, so the same "
-         "command resumes",
+    2: "bad input, refused before any work, nothing written (also: --out in use by another run)",
+    3: "out of disk space or an I/O error; the message names the file and what is left intact",
+    4: "internal error, a bug in d2r_lib: please report it (D2R_TRACEBACK=1 shows where)",
+    130: "interrupted (Ctrl-C or SIGTERM); files written so far are complete: rerun to resume",
 }
 
 CHECKPOINT_NAME = "last.pt"
@@ -554,12 +552,13 @@ def _add_delegated(sub, command: str, module: str, help: str) -> None:
 
 # ------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    codes = "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items())
+    codes = "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES.items())
     parser = _Parser(prog="d2r", description="The course's one command line (also: python -m "
                      "d2r_lib). `d2r <command> --help` lists a command's options.",
-                     epilog="Every command checks all its arguments, output paths and data "
-                     "before it trains or evaluates anything; one run writes a folder at a time. "
-                     f"An error prints one line `error: ...`. Exit codes: {codes}.")
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="Every command checks all its arguments, output paths and data before "
+                     "it trains or evaluates anything;\none run writes a folder at a time. An "
+                     f"error prints one line `error: ...`.\n\nExit codes:\n{codes}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     _add_train(sub)
     _add_evaluate(sub)
