@@ -171,9 +171,10 @@ PROFILES: dict[str, Profile] = {
         dataset="tinyimagenet",
         **{**_PAPER, "target_model": "preact_resnet18", "guide_model": "resnet18_standard"},
     ),
-    # the settings of reference.CONFIGS["reference"] (the runs shipped in book/reference): 20,000
-    # of the full (JPEG) CIFAR-10 training images, 5 epochs, K = 5. reference.py evaluates on the
-    # lossless test images, which one subset per profile cannot say: keep the two in step.
+    # the runs shipped in book/reference: 20,000 of the full (JPEG) CIFAR-10 training images, 5
+    # epochs, K = 5. reference.ReferenceConfig.train_config maps through this profile (its
+    # configurations override only sizes), and tests/test_reference.py checks that the shipped
+    # configuration is this profile exactly; reference.py evaluates on the lossless test images.
     "reference": Profile(
         "the shipped reference runs: several seeds with AutoAttack, hours of CPU once",
         dataset="cifar10",
