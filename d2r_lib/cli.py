@@ -202,8 +202,9 @@ def _add_param_flags(p) -> None:
                            help=f"{param.help} (default: the method's{used})")
             continue
         kind = {int: int, float: _number}.get(param.kind, str)
+        allowed = f": {param.allowed()}" if param.choices is None else ""  # argparse lists choices
         p.add_argument(flag, dest=name, type=kind, default=None, choices=param.choices,
-                       help=f"{param.help}: {param.allowed()} (default: the method's{used})")
+                       help=f"{param.help}{allowed} (default: the method's{used})")
 
 
 def _flag(name: str, value) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ __all__ = [
     "DEVICES",
     "PROFILE_ENV",
     "RESULTS_ENV",
-    "CHAPTER_RUNS",
+    "RUNS_TAG",
     "PROFILE_FIELDS",
     "pick_device",
     "resolve",
@@ -39,6 +40,7 @@ __all__ = [
     "trained",
     "cached",
     "chapter_runs",
+    "declare_runs",
     "run_config",
     "save_results",
     "load_results",
@@ -169,9 +171,10 @@ PROFILES: dict[str, Profile] = {
         dataset="tinyimagenet",
         **{**_PAPER, "target_model": "preact_resnet18", "guide_model": "resnet18_standard"},
     ),
-    # the settings of reference.CONFIGS["reference"] (the runs shipped in book/reference): 20,000
-    # of the full (JPEG) CIFAR-10 training images, 5 epochs, K = 5. reference.py evaluates on the
-    # lossless test images, which one subset per profile cannot say: keep the two in step.
+    # the runs shipped in book/reference: 20,000 of the full (JPEG) CIFAR-10 training images, 5
+    # epochs, K = 5. reference.ReferenceConfig.train_config maps through this profile (its
+    # configurations override only sizes), and tests/test_reference.py checks that the shipped
+    # configuration is this profile exactly; reference.py evaluates on the lossless test images.
     "reference": Profile(
         "the shipped reference runs: several seeds with AutoAttack, hours of CPU once",
         dataset="cifar10",
@@ -421,6 +424,7 @@ def trained(cfg: Config, method: str, *, progress: bool = True, **method_params)
             _relative_log(message, *args, **kwargs)
 
     tc = train_config(cfg, method, **method_params)
+    _check_declared(cfg, tc)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = train.load_or_train(
@@ -441,36 +445,41 @@ def cached(cfg: Config, method: str, **method_params):
     return train.load_cached(train_config(cfg, method, **method_params), device=cfg.device)
 
 
-# The training runs each chapter needs, declared so that `d2r run --nproc-per-node N` can train them
-# first under torchrun: chapter prefix → function of (cfg, the chapter's parameters) → [(method,
-# method_params)].
-_CH7_LIVE = "standard pgd_at trades mart lbgat d2r"
-"""Chapter 7's default `live_methods` (the ablations are compared on the 2-D world and in the
-reference runs; a user adds them to `live_methods` to train them live)."""
+# ------------------------------------------------------------------------------- declared runs
+RUNS_TAG = "runs"
+"""The tag of a chapter's cell that declares its training runs (`declare_runs`)."""
+_DECLARED: dict[str, list] = {}
 
 
-def _ch3(cfg, params):
-    from . import methods
-
-    default = methods.get_method("trades").defaults["beta"]
-    betas = sorted({float(b) for b in str(params.get("betas", default)).split(",")})
-    return [("standard", {}), ("trades", {}), ("pgd_at", {})] + [
-        ("trades", {"beta": b}) for b in betas if b != default]
+def _key(cfg: Config) -> str:
+    return json.dumps(cfg.as_dict(), sort_keys=True, default=str)
 
 
-CHAPTER_RUNS = {
-    "01": lambda cfg, params: [("standard", {})],
-    "02": lambda cfg, params: [("standard", {}), ("pgd_at", {})],
-    "03": _ch3,
-    "04": lambda cfg, params: [("lbgat", {}), ("pgd_at", {}), ("trades", {}), ("standard", {})],
-    "05": lambda cfg, params: [("d2r", {})],
-    "06": lambda cfg, params: [("d2r", {})],
-    "07": lambda cfg, params: [(name, {}) for name in str(params.get("live_methods",
-                                                                     _CH7_LIVE)).split()],
-    "08": lambda cfg, params: [(name, {}) for name in str(params.get("method_names", "")).split()],
-    "09": lambda cfg, params: [("d2r", {})],
-    "d2r_budget": lambda cfg, params: [("d2r", {"w_clean": params.get("w_clean", 20.0)})],
-}
+def declare_runs(cfg: Config, runs) -> list:
+    """The TrainConfigs of the training runs a chapter makes at `cfg`, given as [(method,
+    {method parameters}), ...]. Chapter 9.
+
+    A chapter calls it in its cell tagged `runs`; from then on `trained(cfg, ...)` refuses a run
+    the chapter did not declare, and `d2r run --nproc-per-node` / `--estimate` read that same cell
+    (`chapter_runs`), so the runner's list and the chapter cannot drift apart."""
+    configs = []
+    for item in runs:
+        if (not isinstance(item, tuple) or len(item) != 2 or not isinstance(item[0], str)
+                or not isinstance(item[1], dict)):
+            raise TypeError(f"runs must be (method, {{parameters}}) pairs; got {item!r}")
+        tc = train_config(cfg, item[0], **item[1])
+        if tc.as_dict() not in [c.as_dict() for c in configs]:
+            configs.append(tc)
+    _DECLARED[_key(cfg)] = configs
+    return configs
+
+
+def _check_declared(cfg: Config, tc) -> None:
+    declared = _DECLARED.get(_key(cfg))
+    if declared is not None and tc.as_dict() not in [c.as_dict() for c in declared]:
+        raise ValueError(f"this chapter trains {tc.method} with {tc.method_params} but its cell "
+                         f"tagged {RUNS_TAG!r} does not declare it; add ({tc.method!r}, "
+                         "{its parameters}) to declare_runs there")
 
 
 def run_config(profile: str, parameters: dict, device: str = "auto") -> Config:
@@ -481,13 +490,32 @@ def run_config(profile: str, parameters: dict, device: str = "auto") -> Config:
                    from_env=False, **fields)
 
 
-def chapter_runs(chapter: str, cfg: Config, params: dict | None = None) -> list:
-    """The TrainConfigs chapter `chapter` (a file stem such as "07_d2r_end_to_end") trains at
-    `cfg`."""
-    for prefix, runs in CHAPTER_RUNS.items():
-        if chapter.startswith(prefix):
-            return [train_config(cfg, method, **mp) for method, mp in runs(cfg, dict(params or {}))]
-    return []
+def chapter_runs(chapter, cfg: Config, params: dict | None = None) -> list:
+    """The TrainConfigs a chapter declares in its cell tagged `runs` (`declare_runs`), at `cfg`
+    with the chapter's parameters `params`: what `d2r run --nproc-per-node` trains first and
+    `--estimate` projects. `chapter`: a notebook's path, or the start of a file name in book/
+    ("07"); [] for a notebook without that cell or a name that matches none."""
+    from . import methods
+
+    path = Path(chapter)
+    if not path.is_file():
+        book = Path(__file__).resolve().parents[1] / "book"
+        path = next(iter(sorted(book.glob(f"{chapter}*.ipynb"))), None)
+        if path is None:
+            return []
+    cells = [c for c in json.loads(path.read_text())["cells"]
+             if RUNS_TAG in c.get("metadata", {}).get("tags", [])]
+    if not cells:
+        return []
+    namespace = {**(params or {}), "cfg": cfg, "experiments": sys.modules[__name__],
+                 "methods": methods}
+    before = dict(_DECLARED)  # reading a chapter declares nothing in this process
+    try:
+        exec("".join(cells[0]["source"]), namespace)  # the cell, as the chapter runs it
+    finally:
+        _DECLARED.clear()
+        _DECLARED.update(before)
+    return namespace["declared_runs"]
 
 
 # ------------------------------------------------------------------------------------------ results

@@ -119,7 +119,7 @@ PARAMS: dict[str, Param] = {
                  note="an L∞ radius on pixels in [0, 1] lies in [0, 1] (e.g. 8/255 ≈ 0.0314)"),
     "step_size": Param(float, 2 / 255, "step α of the training attack", min=0, min_open=True),
     "steps": Param(int, 10, "steps K of the training attack", min=1),
-    "beta": Param(float, 6.0, "β, the weight of the KL term (trades, mart, lbgat)", min=0),
+    "beta": Param(float, 6.0, "β, the weight of the KL term", min=0),
     "w_clean": Param(float, 20.0, "D2R's clean-distribution term weight", min=0),
     "w_adv": Param(float, 30.0, "D2R's adversarial-distribution term weight", min=0),
     "kl_reduction": Param(str, "mean", "D2R's KL: mean over batch×classes (official) or "

@@ -25,6 +25,8 @@ __all__ = [
     "MANIFEST",
     "execute",
     "git_commit",
+    "commit_label",
+    "versions",
     "is_complete",
     "train_declared",
     "write_json",
@@ -59,16 +61,26 @@ def git_commit() -> tuple[str | None, str | None, bool | None]:
     return commit, None, bool(status.stdout.strip())
 
 
-def _versions() -> dict:
+def versions() -> dict:
+    """Python's version and those of the packages a run depends on (None: not installed); every
+    manifest (runner runs and the reference runs) records them."""
     import importlib.metadata as md
 
     found = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "d2r_lib", "papermill"):
+    for key, name in (("torch", "torch"), ("torchvision", "torchvision"), ("d2r_lib", "d2r_lib"),
+                      ("papermill", "papermill"), ("autoattack", "pyautoattack")):
         try:
-            found[name] = md.version(name)
+            found[key] = md.version(name)
         except md.PackageNotFoundError:
-            found[name] = None
+            found[key] = None
     return found
+
+
+def commit_label() -> str:
+    """The checkout's commit as one string: "<sha>", "<sha>+dirty" or "unknown" (the reference
+    runs' manifests)."""
+    commit, _, dirty = git_commit()
+    return "unknown" if commit is None else commit + ("+dirty" if dirty else "")
 
 
 def _now() -> str:
@@ -154,9 +166,9 @@ def _source_cell(nb, index: int) -> int:
 
 
 def _pretrain(r, env: dict, log) -> None:
-    """Train the runs the chapter declares (experiments.CHAPTER_RUNS) under torchrun."""
+    """Train the runs the chapter declares (its cell tagged `runs`) under torchrun."""
     cfg = experiments.run_config(r.profile, r.parameters, r.passed["device"])
-    configs = experiments.chapter_runs(r.chapter, cfg, r.parameters)
+    configs = experiments.chapter_runs(r.notebook, cfg, r.parameters)
     if not configs:
         log(
             f"{r.name}: the chapter declares no training runs; --nproc-per-node has nothing "
@@ -209,7 +221,7 @@ def execute(r, *, kernel: str | None = None, one_thread: bool = False, log=print
         "parameters": r.parameters,
         "git_commit": commit,
         "git_dirty": dirty,
-        "versions": _versions(),
+        "versions": versions(),
         "status": "running",
         "started": _now(),
         "host_threads": os.cpu_count(),
@@ -392,6 +404,8 @@ def write_results(out) -> tuple[Path, Path, Path] | None:
         "seconds",
         "peak_rss_mb",
         "git_commit",
+    "commit_label",
+    "versions",
     ]
     rows = _rows(runs, out)
     metrics = list(

@@ -2,7 +2,7 @@
 
 The chapter cost model (`costmodel`: t(K) = a + b·(K + c) seconds per training image) is fitted to
 training steps timed here and now (PGD-AT on `small_cnn`, a few K, a few seconds), then carried to
-every training run the planned chapters declare (`experiments.CHAPTER_RUNS`) through the models'
+every training run the planned chapters declare (their cells tagged `runs`) through the models'
 multiply-accumulate counts at the data set's image size. Runs that several chapters share (the same
 checkpoint-cache key) are counted once, as the cache trains them once. The projection covers
 training only (evaluation adds a few per cent at the paper's settings: PGD-20 and CW-20 are 40
@@ -46,7 +46,7 @@ def project(runs, base: costmodel.CostModel, *, measured: str = "small_cnn") -> 
     rows, seen = [], set()
     for r in runs:
         cfg = experiments.run_config(r.profile, r.parameters, "cpu")
-        for tc in experiments.chapter_runs(r.chapter, cfg, r.parameters):
+        for tc in experiments.chapter_runs(r.notebook, cfg, r.parameters):
             key = tc.key()
             if key in seen:
                 continue

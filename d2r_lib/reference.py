@@ -24,7 +24,6 @@ import dataclasses
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -32,7 +31,18 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, evaluate, experiments, methods, models, shipped, train, validate
+from . import (
+    checkpoint,
+    data,
+    evaluate,
+    experiments,
+    methods,
+    models,
+    notebook_run,
+    shipped,
+    train,
+    validate,
+)
 
 __all__ = [
     "AUTOATTACK_STEPS_PER_IMAGE",
@@ -169,28 +179,6 @@ def _write_json(path: Path, value) -> None:
     checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def _git_commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "d2r_lib"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
-
-
-def _versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    try:
-        from importlib.metadata import version
-        out["autoattack"] = version("pyautoattack")
-    except Exception:  # noqa: BLE001 - optional package
-        out["autoattack"] = "missing"
-    return out
-
-
 def _device_info(device: str) -> dict:
     info = {"device": device, "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(),
@@ -302,7 +290,8 @@ def _train_and_write(folder: Path, name: str, method: str, seed: int, config: Re
         "config": dataclasses.asdict(config),
         "train_config": cfg.as_dict(),
         "method_params": methods.get_method(method).resolve(**cfg.method_params),
-        "deviations": config.deviations(method), "commit": _git_commit(), "versions": _versions(),
+        "deviations": config.deviations(method), "commit": notebook_run.commit_label(),
+        "versions": notebook_run.versions(),
         **_device_info(device),
         "seconds": {"train": round(train_seconds, 1), "evaluate": eval_seconds,
                     "this_call": round(time.perf_counter() - started, 1)},

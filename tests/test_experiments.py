@@ -5,6 +5,7 @@ import dataclasses
 import json
 import warnings
 
+import nbformat
 import pytest
 import torch
 
@@ -141,19 +142,68 @@ def test_train_config_carries_held_out_and_the_profile_budget():
     assert experiments.train_config(cfg, "standard").method_params == {}
 
 
-def test_chapter_runs_declares_chapter_7s_methods():
+def test_chapter_runs_reads_chapter_7s_own_cell():
     cfg = experiments.resolve("smoke", device="cpu", verbose=False)
     default = runner.notebook_parameters(runner.CHAPTER_DIR / "07_d2r_end_to_end.ipynb")
     runs = experiments.chapter_runs("07_d2r_end_to_end", cfg, default)
     assert [r.method for r in runs] == default["live_methods"].split()
-    assert [r.method for r in runs] == [r.method for r in
-                                        experiments.chapter_runs("07_d2r_end_to_end", cfg)]
-    more = experiments.chapter_runs("07_d2r_end_to_end", cfg,
-                                    {"live_methods": "standard d2r d2r_no_adv"})
+    assert [r.as_dict() for r in runs] == [experiments.train_config(cfg, name).as_dict()
+                                           for name in default["live_methods"].split()]
+    more = experiments.chapter_runs(runner.CHAPTER_DIR / "07_d2r_end_to_end.ipynb", cfg,
+                                    {**default, "live_methods": "standard d2r d2r_no_adv"})
     assert [r.method for r in more] == ["standard", "d2r", "d2r_no_adv"]
-    assert [r.method for r in experiments.chapter_runs("01_adversarial_examples", cfg)] == [
-        "standard"]
     assert experiments.chapter_runs("no_such_chapter", cfg) == []
+
+
+CHAPTER_METHODS = {
+    "01_adversarial_examples": ["standard"], "02_adversarial_training": ["standard", "pgd_at"],
+    "03_trades": ["standard", "trades", "pgd_at"],
+    "04_lbgat": ["lbgat", "pgd_at", "trades", "standard"], "05_d2r_loss": ["d2r"],
+    "06_cag": ["d2r"],
+    "07_d2r_end_to_end": ["standard", "pgd_at", "trades", "mart", "lbgat", "d2r"],
+    "08_robust_evaluation": ["standard", "pgd_at", "trades", "mart", "lbgat", "d2r"],
+    "09_scaling_up": ["d2r"],
+}
+
+
+@pytest.mark.parametrize("chapter", [p.stem for p in runner.chapters()])
+def test_every_chapter_declares_its_runs_in_one_cell(chapter):
+    """Each chapter has one cell tagged `runs` right after the cell that resolves its profile; at
+    its default parameters it declares these runs. That every run a chapter trains is declared is
+    checked when the chapter executes (`trained` refuses an undeclared run)."""
+    path = runner.CHAPTER_DIR / f"{chapter}.ipynb"
+    cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    tagged = [i for i, c in enumerate(cells) if experiments.RUNS_TAG in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and "experiments.resolve(" in cells[tagged[0] - 1].source
+    cfg = experiments.resolve("smoke", device="cpu", verbose=False)
+    runs = experiments.chapter_runs(path, cfg, runner.notebook_parameters(path))
+    assert [r.method for r in runs] == CHAPTER_METHODS[chapter]
+    assert [r.as_dict() for r in runs] == [experiments.train_config(cfg, m).as_dict()
+                                           for m in CHAPTER_METHODS[chapter]]
+
+
+def test_chapter_3s_beta_sweep_declares_one_run_per_new_beta():
+    cfg = experiments.resolve("smoke", device="cpu", verbose=False)
+    runs = experiments.chapter_runs("03", cfg, {"betas": "1, 6,3"})
+    assert [(r.method, r.method_params.get("beta")) for r in runs] == [
+        ("standard", None), ("trades", None), ("pgd_at", None), ("trades", 1.0), ("trades", 3.0)]
+
+
+def test_trained_refuses_a_run_the_chapter_did_not_declare(monkeypatch, tmp_path):
+    monkeypatch.setenv("D2R_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(experiments, "_DECLARED", {})  # this test's declaration ends with it
+    cfg = experiments.resolve("smoke", seed=7, device="cpu", verbose=False, epochs=2)
+    declared = experiments.declare_runs(cfg, [("standard", {}), ("trades", {"beta": 1.0}),
+                                              ("standard", {})])
+    assert [(r.method, r.method_params) for r in declared] == [
+        ("standard", {}), ("trades", {"steps": 2, "beta": 1.0})]
+    with pytest.raises(ValueError, match=r"this chapter trains trades with \{'steps': 2\} but its "
+                                         r"cell tagged 'runs' does not declare it"):
+        experiments.trained(cfg, "trades")
+    assert not any(tmp_path.iterdir())  # refused before anything trained
+    with pytest.raises(TypeError, match=r"runs must be \(method, \{parameters\}\) pairs; got "
+                                        r"'standard'"):
+        experiments.declare_runs(cfg, ["standard"])
 
 
 def test_cache_label_hides_the_cache_folder(monkeypatch, tmp_path):

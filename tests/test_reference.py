@@ -56,6 +56,21 @@ def test_tiny_run_writes_a_complete_folder(tmp_path, cache):
     assert evaluate.accuracy(reference.load_target(run), x, y) == metrics["clean"]
 
 
+def test_the_reference_configuration_is_the_reference_profile(monkeypatch):
+    """One mapping: every reference run trains what `experiments.train_config` gives at the
+    `reference` profile (so the profile and reference.CONFIGS cannot drift apart)."""
+    from d2r_lib import experiments
+
+    monkeypatch.delenv("D2R_PROFILE", raising=False)
+    for seed in reference.SEEDS:
+        cfg = experiments.resolve("reference", seed=seed, device="cpu", verbose=False)
+        for method in reference.METHODS:
+            ours = reference.CONFIGS["reference"].train_config(method, seed)
+            assert ours.as_dict() == experiments.train_config(cfg, method).as_dict()
+    dose = reference.CONFIGS["reference_e10"].train_config("d2r", 1, {"w_adv": 10.0})
+    assert (dose.epochs, dose.method_params) == (10, {"steps": 5, "w_adv": 10.0})
+
+
 def test_rerun_skips_a_complete_folder(tmp_path, cache, capsys):
     out = tmp_path / "ref"
     _run(out)

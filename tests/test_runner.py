@@ -364,7 +364,12 @@ def test_torchrun_trains_a_declared_run_that_the_chapter_loads_from_the_cache(
     tmp_path, cache, shared_data, monkeypatch
 ):
     nb = tiny_notebook(tmp_path / "ddp.ipynb", TORCHRUN_CHECK)
-    monkeypatch.setitem(experiments.CHAPTER_RUNS, "ddp", lambda cfg, params: [("standard", {})])
+    declared = nbformat.read(nb, as_version=4)  # the runs cell the runner reads (declare_runs)
+    runs_cell = nbformat.v4.new_code_cell(
+        'declared_runs = experiments.declare_runs(cfg, [("standard", {})])')
+    runs_cell.metadata["tags"] = [experiments.RUNS_TAG]
+    declared.cells.insert(3, runs_cell)
+    nbformat.write(declared, nb)
     out = tmp_path / "out"
     manifests = runner.run(
         "smoke",
@@ -475,7 +480,7 @@ def _paper_profile_checks(profile, p, params, tmp_path, cache):
         "07_d2r_end_to_end", experiments.Config(**m["config"]), m["parameters"]
     )
     assert cached == sorted(f"{c.method}-{c.target_model}" for c in declared), (
-        "CHAPTER_RUNS['07'] is stale"
+        "chapter 7 trained runs its cell tagged `runs` does not declare"
     )
     rows = read_csv(tmp_path / "out" / "results.csv")
     assert len(rows) == len(declared) and {r["profile"] for r in rows} == {profile}
