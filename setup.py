@@ -20,7 +20,7 @@ class BuildPyWithShippedRuns(build_py):
             if not src.is_dir():
                 raise SystemExit(f"setup.py: {src} is missing; build from a checkout or an sdist")
             shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".*", "__pycache__"))
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".*", "__pycache__", "partial"))
 
 
 setup(cmdclass={"build_py": BuildPyWithShippedRuns})

@@ -301,6 +301,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-optional", action="store_true", help="leave out d2r_trades_gen")
     p.add_argument("--dry-run", action="store_true", help="list the plan and what is complete")
+    p.add_argument("--save-partial", action="store_true",
+                   help="copy each unfinished run's last epoch from the cache to <out>/partial "
+                        "(commit it: the next sitting resumes from there) and exit")
     t = sub.add_parser("toy", help="run the registered 2-D studies (resumable per seed)")
     t.add_argument("--out", type=Path, required=True, help="folder of the study files")
     t.add_argument("--studies", nargs="+", default=list(TOY_STUDIES),
@@ -327,6 +330,16 @@ def main(argv=None) -> int:
             state = reference.is_complete(reference.run_dir(args.out / item.folder, item.name,
                                                             item.seed))
             print(f"{'complete' if state else 'to run':>9}  {item.label}  ({item.config})")
+        return 0
+    if args.save_partial:
+        for item in plan:
+            folder = reference.run_dir(args.out / item.folder, item.name, item.seed)
+            cfg = reference.CONFIGS[item.config].train_config(item.method, item.seed,
+                                                              item.params or None)
+            saved = reference.save_partial(folder, train.cache_path(cfg))
+            if saved is not None:
+                print(f"saved {saved} ({len(json.loads((saved / 'history.json').read_text()))} "
+                      "epochs)")
         return 0
     run_cifar(args.out, plan, device=args.device)
     return 0

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -254,10 +255,56 @@ def run_one(out: str | Path, method: str, seed: int,
     cache = train.cache_path(cfg)
     try:
         with checkpoint.exclusive(cache / "run.lock"):
-            return _train_and_write(folder, name, method, seed, config, cfg, cache, device, log)
+            resume_from_partial(folder, cache, log)
+            done = _train_and_write(folder, name, method, seed, config, cfg, cache, device, log)
+            shutil.rmtree(partial_dir(folder), ignore_errors=True)
+            return done
     except checkpoint.Busy:
         log(f"{folder.name}: another process is running it, skipped")
         return None
+
+
+PARTIAL_FILES = ("last.pt", "history.json")
+
+
+def partial_dir(folder: Path) -> Path:
+    """Where an unfinished run's last epoch is kept between sittings: <root>/partial/<kind>/<run>
+    (committed with the shipped runs, removed when the run completes)."""
+    folder = Path(folder)
+    return folder.parent.parent / "partial" / folder.parent.name / folder.name
+
+
+def save_partial(folder: Path, cache: Path) -> Path | None:
+    """Copy an unfinished run's last checkpoint from the cache beside the shipped runs, so that a
+    later sitting resumes it (the cache does not outlive a machine). Returns the copy's folder."""
+    if is_complete(folder) or not (Path(cache) / "last.pt").is_file():
+        return None
+    dst = partial_dir(folder)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in PARTIAL_FILES:
+        if (Path(cache) / name).is_file():
+            shutil.copyfile(Path(cache) / name, dst / name)
+    return dst
+
+
+def _epochs_done(folder: Path) -> int:
+    path = Path(folder) / "history.json"
+    return len(json.loads(path.read_text())) if path.is_file() else 0
+
+
+def resume_from_partial(folder: Path, cache: Path, log=print) -> bool:
+    """Seed the cache with the partial run saved beside `folder` when it holds more epochs than the
+    cache; `train.fit` then resumes it (and checks it matches the configuration)."""
+    src = partial_dir(folder)
+    if not (src / "last.pt").is_file() or _epochs_done(src) <= _epochs_done(cache):
+        return False
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    for name in PARTIAL_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, Path(cache) / name)
+    log(f"{Path(folder).name}: resuming from the partial run in {src} "
+        f"({_epochs_done(src)} epochs)")
+    return True
 
 
 def _train_and_write(folder: Path, name: str, method: str, seed: int, config: ReferenceConfig,

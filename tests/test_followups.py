@@ -205,8 +205,8 @@ def _shipped() -> list[tuple[followups.Planned, dict]]:
 
 def test_shipped_followup_runs_match_their_registration_and_reproduce_their_metrics():
     shipped = _shipped()
-    folders = [p for p in ROOT.glob("*/*") if p.is_dir() and p.parent.name != "toy"] \
-        if ROOT.is_dir() else []
+    folders = [p for p in ROOT.glob("*/*")
+               if p.is_dir() and p.parent.name not in ("toy", "partial")]
     assert len(shipped) == len(folders)  # no half-written folder (load raises on one)
     test = data.cifar10("test", "mini")
     for planned, run in shipped:
@@ -255,3 +255,22 @@ def test_shipped_toy_studies_match_their_registration():
                 assert "non-finite loss" in r["diverged"]
                 continue
             assert 0 <= m["exact"] <= m["clean"] <= 1 and 0 <= m["pgd20"] <= 1
+
+
+def test_an_unfinished_run_is_saved_beside_the_shipped_runs_and_resumed_from_there(tmp_path):
+    folder, cache = tmp_path / "followups" / "e10" / "d2r-seed0", tmp_path / "cache"
+    cache.mkdir()
+    assert reference.save_partial(folder, cache) is None  # nothing in the cache yet
+    (cache / "last.pt").write_bytes(b"epoch 3")
+    (cache / "history.json").write_text(json.dumps([{"epoch": e} for e in (1, 2, 3)]))
+    saved = reference.save_partial(folder, cache)
+    assert saved == tmp_path / "followups" / "partial" / "e10" / "d2r-seed0"
+    assert (saved / "last.pt").read_bytes() == b"epoch 3"
+    fresh = tmp_path / "fresh-cache"  # another machine: an empty cache is seeded from the copy
+    assert reference.resume_from_partial(folder, fresh, log=lambda *a: None)
+    assert (fresh / "last.pt").read_bytes() == b"epoch 3"
+    # a cache that is as far or further along is left alone
+    (fresh / "last.pt").write_bytes(b"epoch 4")
+    (fresh / "history.json").write_text(json.dumps([{"epoch": e} for e in (1, 2, 3, 4)]))
+    assert not reference.resume_from_partial(folder, fresh, log=lambda *a: None)
+    assert (fresh / "last.pt").read_bytes() == b"epoch 4"
