@@ -503,15 +503,19 @@ def chapter_runs(chapter, cfg: Config, params: dict | None = None) -> list:
         path = next(iter(sorted(book.glob(f"{chapter}*.ipynb"))), None)
         if path is None:
             return []
-    cells = [c for c in json.loads(path.read_text())["cells"]
-             if RUNS_TAG in c.get("metadata", {}).get("tags", [])]
-    if not cells:
+    notebook = json.loads(path.read_text())["cells"]
+    tagged = {tag: [c for c in notebook if tag in c.get("metadata", {}).get("tags", [])]
+              for tag in (RUNS_TAG, "parameters")}
+    if not tagged[RUNS_TAG]:
         return []
-    namespace = {**(params or {}), "cfg": cfg, "experiments": sys.modules[__name__],
-                 "methods": methods}
+    namespace = {}
+    for cell in tagged["parameters"][:1]:  # the chapter's defaults, which `params` override
+        exec("".join(cell["source"]), namespace)
+    namespace.update({**(params or {}), "cfg": cfg, "experiments": sys.modules[__name__],
+                      "methods": methods})
     before = dict(_DECLARED)  # reading a chapter declares nothing in this process
     try:
-        exec("".join(cells[0]["source"]), namespace)  # the cell, as the chapter runs it
+        exec("".join(tagged[RUNS_TAG][0]["source"]), namespace)  # the cell, as the chapter runs it
     finally:
         _DECLARED.clear()
         _DECLARED.update(before)

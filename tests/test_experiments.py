@@ -152,6 +152,9 @@ def test_chapter_runs_reads_chapter_7s_own_cell():
     more = experiments.chapter_runs(runner.CHAPTER_DIR / "07_d2r_end_to_end.ipynb", cfg,
                                     {**default, "live_methods": "standard d2r d2r_no_adv"})
     assert [r.method for r in more] == ["standard", "d2r", "d2r_no_adv"]
+    # without parameters, the chapter's own defaults (its `parameters` cell) apply
+    assert [r.as_dict() for r in experiments.chapter_runs("07", cfg)] == [r.as_dict()
+                                                                          for r in runs]
     assert experiments.chapter_runs("no_such_chapter", cfg) == []
 
 
