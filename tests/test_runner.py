@@ -86,9 +86,9 @@ def test_parse_values_literals_sweeps_and_bare_words():
 
 def test_ranges_of_the_common_names():
     assert runner.RANGES["seed"].check(0) is None
-    assert runner.RANGES["seed"].check(-1) == "an integer >= 0"
-    assert runner.RANGES["seed"].check(1.5) == "an integer >= 0"
-    assert runner.RANGES["seed"].check(True) == "an integer >= 0"
+    assert runner.RANGES["seed"].check(-1) == "an integer >= 0 and <= 4294967295"
+    assert runner.RANGES["seed"].check(1.5) == "an integer >= 0 and <= 4294967295"
+    assert runner.RANGES["seed"].check(True) == "an integer >= 0 and <= 4294967295"
     assert runner.RANGES["eps"].check(0.031) is None
     assert runner.RANGES["eps"].check(0) == "a number > 0 and <= 1"
     assert runner.RANGES["eps"].check(2) == "a number > 0 and <= 1"
