@@ -1,5 +1,11 @@
 """`python -m d2r_lib <command>`: runs d2r_lib.cli (build_parser stays importable here too)."""
-from d2r_lib.cli import build_parser, main
+import sys
+
+try:
+    from d2r_lib.cli import build_parser, main
+except KeyboardInterrupt:  # Ctrl-C while starting: one line, as at any later moment
+    print("error: interrupted (Ctrl-C)", file=sys.stderr)
+    raise SystemExit(130) from None
 
 __all__ = ["build_parser", "main"]
 

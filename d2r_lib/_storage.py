@@ -1,17 +1,22 @@
 """Where the data lives (used through :mod:`d2r_lib.data`, chapter 1): folders searched, the
-bundle's formats (npz, CIFAR-10 JPEG zip, Tiny ImageNet zip) and their ``SHA256SUMS`` check
-(once per file, cached by path, size and mtime), torchvision downloads (md5-checked by
-torchvision), the decoded-image cache. A fault raises one :class:`DataError` naming the file,
-what was expected and the fix."""
+bundle's formats (npz, CIFAR-10 JPEG zip, Tiny ImageNet zip) and their SHA256 check against the
+digests d2r_lib ships (a local ``SHA256SUMS`` may add files, never replace a shipped digest; cached
+by path, size, mtime, ctime and inode, with a full check again after ``RECHECK_DAYS``),
+torchvision downloads (md5-checked by torchvision), the decoded-image cache. A fault raises one
+:class:`DataError` naming the file, what was expected and the fix."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
 import os
 import pickle
 import re
 import shutil
+import stat
+import time
+import urllib.error
 import warnings
 import zipfile
 import zlib
@@ -22,9 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import atomic_write
+from .validate import D2RWarning
 
 __all__ = [
-    "BUNDLE_SHA256", "CACHE_ENV", "CACHE_MIN_IMAGES", "CIFAR10_CLASSES", "DATA_ENV",
+    "BUNDLE_SHA256", "CACHE_ENV", "CACHE_MIN_IMAGES", "CIFAR10_CLASSES", "DATA_ENV", "MIRROR_ENV",
     "TINY_BUNDLE_PER_CLASS", "TINY_BUNDLE_ZIP", "TINY_FOLDER", "TINY_MD5", "TINY_TRAIN_PER_CLASS",
     "TINY_URL", "DataCorrupt", "DataError", "DataMissing", "as_dir", "cache_dir",
     "cached", "candidate_dirs", "check_md5", "decode_jpeg", "download_cifar", "download_root",
@@ -34,6 +40,7 @@ __all__ = [
 
 DATA_ENV = "D2R_DATA_DIR"
 CACHE_ENV = "D2R_CACHE_DIR"
+MIRROR_ENV = "D2R_DOWNLOAD_MIRROR"  # a base URL serving the CIFAR archives (tests: a local server)
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 TINY_BUNDLE_ZIP = "tiny-imagenet-200_val10000_train50pc.zip"
@@ -41,6 +48,7 @@ TINY_FOLDER = "tiny-imagenet-200"
 TINY_TRAIN_PER_CLASS = 500  # train index = 500 * class + k, for the file <wnid>_<k>.JPEG
 TINY_BUNDLE_PER_CLASS = 50
 CACHE_MIN_IMAGES = 20000  # decoded JPEG splits at least this large are cached as .npz
+RECHECK_DAYS = 7  # a verified file is hashed again after this long (bit rot changes no timestamp)
 _CACHE_VERSION = 1
 
 # The bundle's SHA256SUMS, used when a bundle file sits in a folder without that list.
@@ -157,7 +165,7 @@ def find_file(filenames, data_dir=None) -> Path:
 # --------------------------------------------------------------------------------------------
 # Verification against SHA256SUMS
 # --------------------------------------------------------------------------------------------
-_VERIFIED: dict[str, tuple] = {}  # this process: real path -> (size, mtime_ns, sha256)
+_VERIFIED: dict[str, tuple] = {}  # this process: real path -> entry (see _entry)
 
 
 def _good_copy(path: Path) -> str:
@@ -166,21 +174,32 @@ def _good_copy(path: Path) -> str:
             f"replacing {path}.")
 
 
+def _listed_sha256(sums: Path, name: str) -> str | None:
+    """The digest `sums` (a SHA256SUMS file) lists for `name`, or None."""
+    try:
+        text = sums.read_text("ascii")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataCorrupt(f"{sums} cannot be read ({e}); " + _good_copy(sums)) from None
+    for line in text.splitlines():
+        m = re.fullmatch(r"([0-9a-fA-F]{64}) [ *](.+)", line.strip())
+        if m and m.group(2) == name:
+            return m.group(1).lower()
+    return None
+
+
 def _expected_sha256(path: Path) -> tuple[str | None, str]:
-    """(digest, where it comes from) for a bundle file; (None, "") for anything else."""
+    """(digest, where it comes from) for a bundle file; (None, "") for anything else. The digests
+    d2r_lib ships are the authority: a local SHA256SUMS only adds files it does not know."""
     sums = path.parent / "SHA256SUMS"
-    if sums.is_file():
-        try:
-            text = sums.read_text("ascii")
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataCorrupt(f"{sums} cannot be read ({e}); " + _good_copy(sums)) from None
-        for line in text.splitlines():
-            m = re.fullmatch(r"([0-9a-fA-F]{64}) [ *](.+)", line.strip())
-            if m and m.group(2) == path.name:
-                return m.group(1).lower(), str(sums)
-    if path.name in BUNDLE_SHA256:
-        return BUNDLE_SHA256[path.name], "the bundle's SHA256SUMS (built into d2r_lib)"
-    return None, ""
+    listed = _listed_sha256(sums, path.name) if sums.is_file() else None
+    shipped = BUNDLE_SHA256.get(path.name)
+    if shipped is None:
+        return (listed, str(sums)) if listed else (None, "")
+    if listed is not None and listed != shipped:
+        warnings.warn(f"{sums} lists another SHA256 for {path.name} than the one d2r_lib ships; "
+                      "the shipped digest is the one checked (a local SHA256SUMS may add files, "
+                      "never replace a known digest)", D2RWarning, stacklevel=4)
+    return shipped, "the bundle's SHA256SUMS (built into d2r_lib)"
 
 
 def _read_verified() -> dict:
@@ -193,7 +212,7 @@ def _read_verified() -> dict:
 
 
 def _remember(found: tuple | None) -> None:
-    """Record a verified (real path, [size, mtime_ns, sha256]) in memory and the JSON cache."""
+    """Record a verified (real path, entry) in memory and the JSON cache."""
     if found is None or _VERIFIED.get(found[0]) == tuple(found[1]):
         return
     _VERIFIED[found[0]] = tuple(found[1])
@@ -212,8 +231,38 @@ def _remember(found: tuple | None) -> None:
                       stacklevel=3)
 
 
+def _entry(st: os.stat_result, digest: str) -> list:
+    """What a verified file is remembered by: any write changes its ctime (which no program can set
+    back, unlike mtime), a replaced file has another inode."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest, time.time_ns()]
+
+
+def _still_verified(old, st: os.stat_result, digest: str) -> bool:
+    """A remembered entry vouches for the file while nothing changed, it is not older than
+    RECHECK_DAYS, and the file's last change was over a second before the check (a change in
+    the same clock tick as the check would not show)."""
+    if not isinstance(old, (list, tuple)) or len(old) != 6:
+        return False
+    checked = old[5]
+    return (list(old[:5]) == _entry(st, digest)[:5] and isinstance(checked, int)
+            and 0 <= time.time_ns() - checked < RECHECK_DAYS * 86400 * 10**9
+            and st.st_ctime_ns < checked - 10**9)
+
+
+def _regular(path: Path) -> None:
+    """A data path is a regular file or a folder; a FIFO or a device would block a reader."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise DataCorrupt(f"{path} is not a regular file (a FIFO, a device or a socket); "
+                          + _good_copy(path))
+
+
 def _verify(path: Path) -> tuple | None:
-    """(real path, entry) of a bundle file matching SHA256SUMS, None outside the bundle."""
+    """(real path, entry) of a bundle file matching its digest, None outside the bundle."""
+    _regular(path)
     if not path.is_file():
         return None
     expected, origin = _expected_sha256(path)
@@ -221,10 +270,10 @@ def _verify(path: Path) -> tuple | None:
         return None
     real = os.path.realpath(path)
     st = os.stat(real)
-    entry = [st.st_size, st.st_mtime_ns, expected]
-    if _VERIFIED.get(real) == tuple(entry) or _read_verified().get(real) == entry:
-        _VERIFIED[real] = tuple(entry)
-        return real, entry
+    for old in (_VERIFIED.get(real), _read_verified().get(real)):
+        if _still_verified(old, st, expected):
+            _VERIFIED[real] = tuple(old)
+            return real, list(old)
     h = hashlib.sha256()
     with open(real, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -233,13 +282,19 @@ def _verify(path: Path) -> tuple | None:
         size = _BUNDLE_SIZE[path.name] if expected == BUNDLE_SHA256.get(path.name) else st.st_size
         detail = (f" It has {st.st_size:,} bytes, the bundle's file {size:,}"
                   + (" (truncated)." if st.st_size < size else ".")) if size != st.st_size else ""
+        sums = path.parent / "SHA256SUMS"
+        if sums.is_file() and origin != str(sums) and _listed_sha256(sums, path.name) == \
+                h.hexdigest():
+            detail += (f" ({sums} lists this file's digest, but a local SHA256SUMS may only add "
+                       "files, never replace a digest d2r_lib ships.)")
         raise DataCorrupt(f"{path} is damaged or modified: its SHA256 is {h.hexdigest()}, but "
                           f"{origin} expects {expected}.{detail} " + _good_copy(path))
-    return real, entry
+    return real, _entry(st, expected)
 
 
 def verify_file(path) -> bool:
-    """Check a bundle file against SHA256SUMS (once: cached by path, size and mtime).
+    """Check a bundle file against its SHA256 (cached by path, size, mtime, ctime and inode;
+    hashed again after RECHECK_DAYS).
 
     False for a file outside the bundle (nothing to check), True when it matches;
     :class:`DataCorrupt` (naming the file, the expected digest and the fix) otherwise.
@@ -266,17 +321,39 @@ def _reading(path: Path, what: str, fix: str | None = None):
                           + (fix or _good_copy(path))) from None
 
 
+def _check_npz(path: Path) -> None:
+    """Each array of an .npz must declare no more bytes than its member holds: a forged header
+    (a huge shape) is refused before numpy allocates it."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read(member, max_header_size=10000)
+            nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            if nbytes > info.file_size:
+                raise DataCorrupt(f"{path}: {info.filename} declares a {dtype} array of shape "
+                                  f"{shape} ({nbytes:,} bytes) in {info.file_size:,} bytes; the "
+                                  "file is damaged or forged. " + _good_copy(path))
+
+
 # --------------------------------------------------------------------------------------------
 # Readers
 # --------------------------------------------------------------------------------------------
-def read_npz(path: Path, expected_idx=None) -> dict:
-    """x (N, H, W, 3) uint8, y, idx, classes of a bundle .npz (verified first)."""
+def read_npz(path: Path, expected_idx=None, check: Callable[[dict], None] | None = None) -> dict:
+    """x (N, H, W, 3) uint8, y, idx, classes of a bundle .npz (verified first). ``check(arrays)``
+    (the dataset's spec) runs before the file is remembered as verified."""
     found = _verify(path)
     what = "a bundle .npz file (x, y, idx, classes)"
     with _reading(path, what), open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":  # never let np.load guess (it would try a pickle)
             raise DataCorrupt(f"{path} is not an .npz archive (no zip header): the file is "
                               "damaged or not the bundle's. " + _good_copy(path))
+    with _reading(path, what):
+        _check_npz(path)
     with _reading(path, what), np.load(path, allow_pickle=False) as d:
         missing = {"x", "y", "idx", "classes"} - set(d.files)
         if missing:
@@ -291,6 +368,8 @@ def read_npz(path: Path, expected_idx=None) -> dict:
         raise DataCorrupt(f"{path}: x must be uint8 (N, H, W, 3) with one label each; got "
                           f"{out['x'].dtype} {out['x'].shape}, {len(out['y'])} labels. "
                           + _good_copy(path))
+    if check is not None:
+        check(out)
     _remember(found)
     return out
 
@@ -359,9 +438,10 @@ def cached(key: str, tag: str, decode: Callable[[], dict], enabled: bool = True)
     cache = cache_dir() / f"{tag}-{digest}.npz"
     if cache.is_file():
         try:
+            _check_npz(cache)
             with np.load(cache, allow_pickle=False) as d:
                 return {k: d[k] for k in d.files}
-        except _READ_ERRORS:  # a damaged cache file: decode again and overwrite it
+        except (*_READ_ERRORS, DataCorrupt):  # a damaged cache file: decode again, overwrite it
             cache.unlink(missing_ok=True)
     arrays = decode()
 
@@ -381,8 +461,9 @@ def cached(key: str, tag: str, decode: Callable[[], dict], enabled: bool = True)
 _CIFAR_JPEG_RE = re.compile(r"(?:^|/)train/([^/]+)/(\d+)\.jpg$")
 
 
-def read_cifar10_train_jpeg(path: Path) -> dict:
-    """The 50,000 JPEG training images (zip or extracted folder), in torchvision order."""
+def read_cifar10_train_jpeg(path: Path, check: Callable[[dict], None] | None = None) -> dict:
+    """The 50,000 JPEG training images (zip or extracted folder), in torchvision order; ``check``
+    as for :func:`read_npz`."""
     found = _verify(path)
     with _reading(path, "the CIFAR-10 JPEG training set"):
         zf = zipfile.ZipFile(path) if path.is_file() else None
@@ -414,9 +495,12 @@ def read_cifar10_train_jpeg(path: Path) -> dict:
         finally:
             if zf is not None:
                 zf.close()
+    out = {"x": arrays["x"], "y": arrays["y"], "idx": np.arange(50000, dtype=np.int64),
+           "classes": np.array(CIFAR10_CLASSES)}
+    if check is not None:
+        check(out)
     _remember(found)
-    return {"x": arrays["x"], "y": arrays["y"], "idx": np.arange(50000, dtype=np.int64),
-            "classes": np.array(CIFAR10_CLASSES)}
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,8 +567,10 @@ def _tiny_entries(tree: _Tree, split: str, wnids) -> list[tuple[int, int, str]]:
     return sorted(entries)
 
 
-def read_tiny(path: Path, split: str, subset: str) -> dict:
-    """Tiny ImageNet arrays of ``split`` ("train"/"val") and ``subset`` ("bundle"/"full")."""
+def read_tiny(path: Path, split: str, subset: str,
+              check: Callable[[dict], None] | None = None) -> dict:
+    """Tiny ImageNet arrays of ``split`` ("train"/"val") and ``subset`` ("bundle"/"full");
+    ``check`` as for :func:`read_npz`."""
     found = _verify(path)
     need_full = subset == "full"
     with _reading(path, "Tiny ImageNet"):
@@ -533,33 +619,65 @@ def read_tiny(path: Path, split: str, subset: str) -> dict:
         finally:
             if tree.zip is not None:
                 tree.zip.close()
+    out = {"x": arrays["x"], "y": np.array([c for _, c, _ in entries], np.int64),
+           "idx": np.array([i for i, _, _ in entries], np.int64), "classes": np.array(classes)}
+    if check is not None:
+        check(out)
     _remember(found)
-    return {"x": arrays["x"], "y": np.array([c for _, c, _ in entries], np.int64),
-            "idx": np.array([i for i, _, _ in entries], np.int64), "classes": np.array(classes)}
+    return out
 
 
 # --------------------------------------------------------------------------------------------
 # Downloads (only with download=True; torchvision checks each file's md5)
 # --------------------------------------------------------------------------------------------
-def _download(what: str, url_hint: str, data_dir, fetch: Callable[[Path], Path]) -> Path:
-    """Run ``fetch(root)``; on failure remove every folder this call created, raise DataMissing."""
+def _why(e: Exception) -> str:
+    """A download failure in words."""
+    if isinstance(e, urllib.error.HTTPError):
+        return f"the server answered HTTP {e.code} {e.reason}"
+    if isinstance(e, urllib.error.URLError):
+        return f"no connection to the server ({e.reason})"
+    if isinstance(e, http.client.IncompleteRead):
+        return "the connection closed before the whole file arrived (truncated download)"
+    if isinstance(e, RuntimeError) and "corrupted" in str(e):  # torchvision's md5 check
+        return "the downloaded file failed its md5 check (truncated or corrupt)"
+    return f"{type(e).__name__}: {e}"
+
+
+def _download(what: str, url: str, data_dir, fetch: Callable[[Path], Path]) -> Path:
+    """Run ``fetch(root)``; on failure remove every file and folder this call created (in ``root``
+    and ``root`` itself, with any parent it made), then raise DataMissing naming the URL and the
+    fix."""
     root = download_root(data_dir)
     created = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)
+    before = set(root.iterdir()) if root.is_dir() else set()
     try:
         root.mkdir(parents=True, exist_ok=True)
         return fetch(root)
     except Exception as e:  # noqa: BLE001 (URLError, full disk, torchvision's md5 check)
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
-        raise DataMissing(f"Could not download {what} from {url_hint} into {root}: "
-                          f"{type(e).__name__}: {e}. Check the internet connection, or use the "
+        elif root.is_dir():
+            for path in set(root.iterdir()) - before:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        mirror = f" (check ${MIRROR_ENV})" if os.environ.get(MIRROR_ENV) else ""
+        raise DataMissing(f"Could not download {what} from {url}{mirror} into {root}: {_why(e)}. "
+                          "Nothing was kept. Check the internet connection and try again, or "
+                          f"download {url} yourself and extract it into {root}, or use the "
                           "offline bundle (set D2R_DATA_DIR to its folder).") from None
 
 
 def download_cifar(which: str, split: str, data_dir) -> Path:
+    """torchvision's download of CIFAR-10/100 (its md5 checks included) into download_root, from
+    ``$D2R_DOWNLOAD_MIRROR/<archive name>`` instead of the original URL when that is set."""
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if which == "cifar10" else datasets.CIFAR100
+    mirror = os.environ.get(MIRROR_ENV)
+    if mirror:
+        cls = type(cls.__name__, (cls,), {"url": f"{mirror.rstrip('/')}/{cls.filename}"})
 
     def fetch(root):
         cls(str(root), train=(split == "train"), download=True)

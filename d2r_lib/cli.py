@@ -2,7 +2,8 @@
 
 Commands: train, evaluate, run (d2r_lib.runner), bench (d2r_lib.bench), quickstart, demo, profiles.
 Each checks all its arguments, output paths and data before it trains or evaluates anything; an
-error prints one line `error: ...` to stderr and exits with 2 (1 when training diverged).
+error prints one line `error: ...` to stderr and exits with a code that says what happened
+(`EXIT_CODES`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import argparse
 import dataclasses
 import importlib
 import importlib.util
+import os
+import signal
 import sys
 import time
 import urllib.error
@@ -19,26 +22,29 @@ from pathlib import Path
 
 from . import validate
 
-__all__ = ["UsageError", "build_parser", "main", "train_config"]
+__all__ = ["EXIT_CODES", "UsageError", "build_parser", "main", "train_config"]
+
+# every exit code of `d2r`, and what it means (documented in `d2r --help`)
+EXIT_CODES = {
+    0: "done",
+    1: "training diverged (d2r run: a run failed); the last good checkpoint is intact",
+    2: "bad input, refused before any work (nothing written); also: --out is in use by another "
+       "run",
+    3: "out of disk space or an I/O error; the message names the file and what was left intact",
+    4: "internal error (a bug in d2r_lib: please report it; D2R_TRACEBACK=1 shows where)",
+    130: "interrupted (Ctrl-C or SIGTERM); every file written so far is complete, so the same "
+         "command resumes",
+}
 
 CHECKPOINT_NAME = "last.pt"
-# the method parameters the command line sets, with their flags
-PARAM_FLAGS = {
-    "eps": "--eps", "step_size": "--step-size", "steps": "--steps", "beta": "--beta",
-    "w_clean": "--w-clean", "w_adv": "--w-adv", "kl_reduction": "--kl-reduction",
-    "official_passes": "--no-official-passes"
-}
-# profile field -> `train` option it fills
-PROFILE_TO_TRAIN = {
-    "dataset": "dataset", "subset": "subset", "train_size": "train_size", "epochs": "epochs",
-    "batch_size": "batch_size", "lr": "lr", "target_model": "target", "guide_model": "guide",
-    "held_out": "held_out", "eps": "eps", "step_size": "step_size", "steps": "steps",
-    "target": "target", "guide": "guide",
-}
 
 
 class UsageError(Exception):
     """A bad command line (unknown option or choice, unparsable value): exit code 2."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: exit code 130."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,6 +61,13 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(message) from None
 
 
+def _path(text: str) -> Path:
+    """A path argument; an empty one would mean the current folder, so it is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder name")
+    return Path(text)
+
+
 def _pick_device(value: str) -> str:
     """The device of `--device`, refused by flag when it is not available here."""
     import torch
@@ -69,11 +82,10 @@ def _pick_device(value: str) -> str:
 
 
 def _profile(name: str) -> dict:
-    """A profile of experiments.PROFILES as a plain dict (a dataclass or a mapping)."""
+    """A profile of experiments.PROFILES as a plain dict."""
     from . import experiments
 
-    profile = experiments.PROFILES[name]
-    return dataclasses.asdict(profile) if dataclasses.is_dataclass(profile) else dict(profile)
+    return dataclasses.asdict(experiments.PROFILES[name])
 
 
 def _defaults() -> dict:
@@ -143,21 +155,7 @@ def _add_train(sub) -> None:
                    help=f"base learning rate (default {_default('lr')})")
     p.add_argument("--schedule", default=_default("schedule"), choices=["paper", "cosine"],
                    help="paper (default): epoch 1 at 0.2·lr, ×0.1 from 76%%, ×0.01 from 91%%")
-    p.add_argument("--eps", type=_number, default=None,
-                   help="ε of the training attack, in [0, 1] (default: the method's)")
-    p.add_argument("--steps", type=int, default=None, help="attack steps K (default: the method's)")
-    p.add_argument("--step-size", type=_number, default=None,
-                   help="attack step α (default: the method's)")
-    p.add_argument("--beta", type=_number, default=None, help="β of trades / mart / lbgat")
-    p.add_argument("--w-clean", type=_number, default=None,
-                   help="D2R clean-term weight (default 20)")
-    p.add_argument("--w-adv", type=_number, default=None,
-                   help="D2R adversarial-term weight (default 30)")
-    p.add_argument("--kl-reduction", default=None, choices=["mean", "batchmean"],
-                   help="D2R KL: mean over batch×classes (official, default) or batchmean")
-    p.add_argument("--no-official-passes", action="store_true",
-                   help="skip the forward pass the official step makes without needing it "
-                   "(TRADES, LBGAT0): faster, BatchNorm statistics differ")
+    _add_param_flags(p)
     p.add_argument("--seed", type=int, default=_default("seed"),
                    help="in [0, 2**32 - 1] (default %(default)s, the official effective seed)")
     p.add_argument("--held-out", type=int, default=None,
@@ -172,96 +170,130 @@ def _add_train(sub) -> None:
                    "rounding; faster; on with --profile cpu or smoke, as --channels-last)")
     p.add_argument("--device", default="auto", choices=experiments.DEVICES,
                    help="default %(default)s")
-    p.add_argument("--out", required=True, type=Path,
+    p.add_argument("--out", required=True, type=_path,
                    help="output folder (checkpoint last.pt, history.json)")
     p.add_argument("--resume", default="auto", choices=["auto", "always", "never"],
                    help="auto: continue a matching run in --out (default); always: fail if "
                    "there is none; never: start afresh")
-    p.add_argument("--data-dir", type=Path, default=None,
+    p.add_argument("--data-dir", type=_path, default=None,
                    help="data folder (else $D2R_DATA_DIR, then known folders)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_train)
 
 
+def _param_flags() -> dict:
+    """The flag of every parameter the registered methods declare: {name: (flag, Param, [method
+    names])}; the declaration is the first method's (each method checks its own)."""
+    from . import methods
+
+    out = {}
+    for m in methods.METHODS.values():
+        for name, param in m.params.items():
+            if param.kind is not object:
+                out.setdefault(name, ("--" + name.replace("_", "-"), param, []))[2].append(m.name)
+    return out
+
+
+def _add_param_flags(p) -> None:
+    """One flag per method parameter, derived from its declaration (`methods.Param`): a method
+    registered from outside gets its flags too."""
+    for name, (flag, param, users) in _param_flags().items():
+        used = f"; methods: {', '.join(users)}"
+        if param.kind is bool:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{param.help} (default: the method's{used})")
+            continue
+        kind = {int: int, float: _number}.get(param.kind, str)
+        p.add_argument(flag, dest=name, type=kind, default=None, choices=param.choices,
+                       help=f"{param.help}: {param.allowed()} (default: the method's{used})")
+
+
+def _flag(name: str, value) -> str:
+    flag = "--" + name.replace("_", "-")
+    return flag.replace("--", "--no-", 1) if value is False else flag
+
+
 def _method_params(a, method) -> dict:
-    """The method parameters given on the command line, each checked under its flag."""
-    given = {k: getattr(a, k) for k in PARAM_FLAGS
-             if k != "official_passes" and getattr(a, k) is not None}
-    if a.no_official_passes:
-        given["official_passes"] = False
-    allowed = getattr(method, "defaults", None)
-    if allowed is not None:
-        unknown = [PARAM_FLAGS[k] for k in given if k not in allowed]
-        if unknown:
-            own = ", ".join(PARAM_FLAGS.get(k, k) for k in allowed) or "none"
-            raise ValueError(f"{', '.join(unknown)} does not apply to method {method.name!r}; "
-                             f"its options: {own}")
+    """The method parameters given on the command line, each checked under its flag against the
+    method's own declaration."""
+    given = {k: getattr(a, k) for k in _param_flags() if getattr(a, k, None) is not None}
+    unknown = [_flag(k, v) for k, v in given.items() if k not in method.params]
+    if unknown:
+        own = ", ".join(_flag(k, None) for k in method.params) or "none"
+        raise ValueError(f"{', '.join(unknown)} does not apply to method {method.name!r}; "
+                         f"its options: {own}")
     for key, value in given.items():
-        flag = PARAM_FLAGS[key]
-        if key == "eps":
-            validate.eps(value, flag, norm="linf")
-        elif key in ("step_size", "steps"):
-            getattr(validate, key)(value, flag)
-        elif key in ("beta", "w_clean", "w_adv"):
-            validate.number(flag, value, min=0)
+        method.params[key].check(_flag(key, value), value)
     return given
 
 
 def train_config(a):
-    """The TrainConfig of parsed `train` arguments: flags, else the profile, else TrainConfig's
+    """The TrainConfig of parsed `train` arguments: flags, else the profile (mapped by
+    `experiments.train_config`, the one profile → TrainConfig mapping), else TrainConfig's
     defaults. Each value is checked under its flag before the config's own (API-named) checks."""
-    from . import data, methods, train
+    from . import data, experiments, methods, train
 
     method = methods.get_method(a.method)
-    attack_params = getattr(method, "defaults", {})
-    if a.profile is not None:  # the profile fills every option the command line left unset
-        for key, value in _profile(a.profile).items():
-            option = PROFILE_TO_TRAIN.get(key)
-            if option is None or value is None or getattr(a, option) is not None:
-                continue
-            if option in ("eps", "step_size", "steps") and option not in attack_params:
-                continue  # the profile's attack budget is for methods that attack
-            setattr(a, option, value)
     params = _method_params(a, method)
     for flag in ("--train-size", "--epochs", "--batch-size", "--held-out"):
         _positive(flag, getattr(a, flag[2:].replace("-", "_")))
     if a.lr is not None:
         validate.lr(a.lr, "--lr")
     validate.seed(a.seed, "--seed")
+    profile = _profile(a.profile) if a.profile is not None else {}
     try:
-        subsets = data.DATASETS[a.dataset or _default("dataset")]["subsets"]
+        subsets = data.DATASETS[a.dataset or profile.get("dataset") or _default("dataset")]
     except (KeyError, TypeError):  # argparse refuses unknown datasets; the config checks the rest
         subsets = None
     if subsets is not None:
-        validate.choice("--subset", a.subset or _default("subset"), subsets)
+        subset = a.subset or (profile.get("subset") if a.dataset is None else None)
+        validate.choice("--subset", subset or _default("subset"), subsets["subsets"])
 
-    names = {"target": "target_model", "guide": "guide_model", "held_out": "held_out"}
+    names = {"target": "target_model", "guide": "guide_model"}
     options = ("target", "guide", "dataset", "subset", "train_size", "epochs", "batch_size", "lr",
                "held_out")
-    kwargs = {names.get(k, k): getattr(a, k) for k in options if getattr(a, k) is not None}
+    given = {names.get(k, k): getattr(a, k) for k in options if getattr(a, k) is not None}
+    settings = dict(schedule=a.schedule, augment=not a.no_augment, amp=a.amp,
+                    compile=a.compile)
+    if a.profile is None:
+        return train.TrainConfig(**given, method=a.method, method_params=params, seed=a.seed,
+                                 channels_last=a.channels_last,
+                                 fold_batchnorm=a.fold_batchnorm, **settings).validate()
+    cfg = experiments.run_config(a.profile, {**given, "seed": a.seed}, device="cpu")
+    tc = experiments.train_config(cfg, a.method, **params)
     # a profile with fast=True (cpu, smoke) switches both fast paths on, as its chapters train
-    fast = a.profile is not None and _profile(a.profile).get("fast", False)
-    return train.TrainConfig(**kwargs, method=a.method, schedule=a.schedule, method_params=params,
-                             seed=a.seed, augment=not a.no_augment, amp=a.amp,
-                             channels_last=a.channels_last or fast, compile=a.compile,
-                             fold_batchnorm=a.fold_batchnorm or fast).validate()
+    return dataclasses.replace(tc, channels_last=a.channels_last or cfg.fast,
+                               fold_batchnorm=a.fold_batchnorm or cfg.fast, **settings).validate()
+
+
+def _check_run_folder(flag: str, out: Path) -> None:
+    """A folder `train` writes must hold nothing of another run or kind: a history.json without
+    last.pt, or a manifest.json (a shipped reference run, a `d2r run` folder)."""
+    if (out / "manifest.json").exists() or ((out / "history.json").exists()
+                                            and not (out / CHECKPOINT_NAME).exists()):
+        found = "manifest.json" if (out / "manifest.json").exists() else "history.json"
+        raise FileExistsError(f"{flag} {out} holds the files of another run or kind ({found} "
+                              f"without {CHECKPOINT_NAME} of `d2r train`); nothing was "
+                              "overwritten: give another folder")
 
 
 def cmd_train(a) -> int:
-    from . import train
+    from . import checkpoint, train
 
     cfg = train_config(a)
     validate.output_dir("--out", a.out, files=(CHECKPOINT_NAME, "history.json"))
+    _check_run_folder("--out", a.out)
     if a.resume == "always" and not (a.out / CHECKPOINT_NAME).is_file():
         raise FileNotFoundError(f"--resume always: there is no checkpoint {a.out / 'last.pt'}; "
                                 "start the run first, or use --resume auto")
     _data_dir(a)
     device = _pick_device(a.device)
-    if a.resume != "never":  # a checkpoint there must be this run's, checked before the data
-        validate.same_run("--out", a.out / CHECKPOINT_NAME, cfg.as_dict(), "use another --out, "
-                          "or --resume never to start this run afresh there")
-    result = train.fit(cfg, a.out, device=device, resume=a.resume, progress=not a.no_progress,
-                       data_dir=a.data_dir)
+    with checkpoint.exclusive(a.out / train.LOCK_NAME):  # one run per --out, held to the end
+        if a.resume != "never":  # a checkpoint there must be this run's, checked before the data
+            validate.same_run("--out", a.out / CHECKPOINT_NAME, cfg.as_dict(), "use another "
+                              "--out, or --resume never to start this run afresh there")
+        result = train.fit(cfg, a.out, device=device, resume=a.resume,
+                           progress=not a.no_progress, data_dir=a.data_dir)
     if result.checkpoint is not None:
         print(f"checkpoint: {result.checkpoint}")
     return 0
@@ -272,7 +304,7 @@ def _add_eval_options(p, *, checkpoint: bool) -> None:
     from . import evaluate, experiments
 
     if checkpoint:
-        p.add_argument("--checkpoint", required=True, type=Path,
+        p.add_argument("--checkpoint", required=True, type=_path,
                        help="a last.pt written by `train` (or its folder)")
     p.add_argument("--attacks", default="clean,fgsm,pgd20,cw20,autoattack",
                    help=f"comma-separated, from {', '.join(evaluate.ATTACKS)} "
@@ -289,7 +321,7 @@ def _add_eval_options(p, *, checkpoint: bool) -> None:
     p.add_argument("--eval-batch-size", type=int, default=256, help="default %(default)s")
     p.add_argument("--device", default="auto", choices=experiments.DEVICES,
                    help="default %(default)s")
-    p.add_argument("--data-dir", type=Path, default=None, help="data folder")
+    p.add_argument("--data-dir", type=_path, default=None, help="data folder")
 
 
 def _check_eval_options(a) -> list[str]:
@@ -319,7 +351,7 @@ def _add_evaluate(sub) -> None:
                        description="Clean, FGSM, PGD-20, CW-20 and AutoAttack accuracy of a "
                                    "trained target.")
     _add_eval_options(p, checkpoint=True)
-    p.add_argument("--json", type=Path, default=None, help="also write the results here (JSON)")
+    p.add_argument("--json", type=_path, default=None, help="also write the results here (JSON)")
     p.set_defaults(run=cmd_evaluate)
 
 
@@ -375,7 +407,7 @@ def _add_quickstart(sub) -> None:
                    help="base learning rate (default %(default)s: with the paper's 0.1 small_cnn "
                    "collapsed to a constant output under D2R for 1 of 4 seeds in 5 epochs)")
     p.add_argument("--seed", type=int, default=1, help="in [0, 2**32 - 1] (default %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("runs/quickstart"),
+    p.add_argument("--out", type=_path, default=Path("runs/quickstart"),
                    help="folder for both runs and results.json (default %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     _add_eval_options(p, checkpoint=False)
@@ -394,6 +426,7 @@ def cmd_quickstart(a) -> int:
     validate.output_dir("--out", a.out, files=("results.json",))
     for method in ("standard", "d2r"):
         validate.output_dir("--out", a.out / method, files=(CHECKPOINT_NAME, "history.json"))
+        _check_run_folder("--out", a.out / method)
     configs = {
         method: train.TrainConfig(
             method=method, target_model=a.target, guide_model=a.guide, dataset="cifar10",
@@ -441,7 +474,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--seed", type=int, default=1, help="in [0, 2**32 - 1] (default %(default)s)")
     p.add_argument("--device", default="auto", choices=experiments.DEVICES,
                    help="default %(default)s")
-    p.add_argument("--data-dir", type=Path, default=None, help="data folder")
+    p.add_argument("--data-dir", type=_path, default=None, help="data folder")
     p.set_defaults(run=cmd_demo)
 
 
@@ -521,11 +554,12 @@ def _add_delegated(sub, command: str, module: str, help: str) -> None:
 
 # ------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
+    codes = "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items())
     parser = _Parser(prog="d2r", description="The course's one command line (also: python -m "
                      "d2r_lib). `d2r <command> --help` lists a command's options.",
                      epilog="Every command checks all its arguments, output paths and data "
-                     "before it trains or evaluates anything. An error prints one line "
-                     "`error: ...` and exits with 2 (1 when training diverged).")
+                     "before it trains or evaluates anything; one run writes a folder at a time. "
+                     f"An error prints one line `error: ...`. Exit codes: {codes}.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     _add_train(sub)
     _add_evaluate(sub)
@@ -542,8 +576,29 @@ def _fail(err, code: int) -> int:
     return code
 
 
+def _interrupt(signum, frame):
+    raise Interrupted("SIGTERM")
+
+
 def main(argv=None) -> int:
-    """Run one command; returns the exit code (0 done, 1 training diverged, 2 refused input)."""
+    """Run one command; returns the exit code (`EXIT_CODES`). Ctrl-C and SIGTERM stop it with one
+    line and code 130, at any moment."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = None
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as err:
+        how = "SIGTERM" if isinstance(err, Interrupted) else "Ctrl-C"
+        return _fail(f"interrupted ({how}); every file written so far is complete (writes are "
+                     "atomic): run the same command again to resume", 130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -559,7 +614,7 @@ def main(argv=None) -> int:
 
     from . import checkpoint, data, train
 
-    refused = (ValueError, TypeError, OSError, checkpoint.CheckpointError,
+    refused = (ValueError, TypeError, OSError, checkpoint.CheckpointError, checkpoint.Busy,
                getattr(data, "DataError", ValueError))  # missing, corrupt or tampered data
     torch.set_flush_denormal(True)  # this process: barely trained models have slow denormal floats
     try:
@@ -572,8 +627,17 @@ def main(argv=None) -> int:
         where = f"in --data-dir {args.data_dir}" if getattr(args, "data_dir", None) else "here"
         return _fail(f"the data is not {where} and downloading it failed ({err.reason}); give "
                      "--data-dir with the offline bundle, or set $D2R_DATA_DIR", 2)
+    except OSError as err:
+        if isinstance(err, checkpoint.WriteError):
+            return _fail(err, 3)
+        if err.errno in checkpoint.DISK_ERRNOS:
+            return _fail(f"{err.strerror}: {err.filename or 'a file'}; every file written before "
+                         "is complete (writes are atomic)", 3)
+        return _fail(err, 2)
     except refused as err:
         return _fail(err, 2)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130)
-
+    except Exception as err:  # noqa: BLE001 - a bug: one line, the traceback on request
+        if os.environ.get("D2R_TRACEBACK"):
+            raise
+        return _fail(f"internal error ({type(err).__name__}: {err}); this is a bug in d2r_lib: "
+                     "please report it with the command (D2R_TRACEBACK=1 shows where)", 4)

@@ -409,7 +409,38 @@ def make_loader(dataset, batch_size, *, shuffle, seed=0, drop_last=False, num_wo
 # --------------------------------------------------------------------------------------------
 # The datasets
 # --------------------------------------------------------------------------------------------
+def _check_spec(arrays, name: str, path) -> None:
+    """The arrays read from `path` match the dataset's declared spec (DATASETS): uint8 images of the
+    declared size, one int label per image in range, the declared class count. One DataCorrupt
+    naming the file and every fault."""
+    spec = DATASETS[name.split("/")[0]]
+    size, k = spec["image_size"], spec["num_classes"]
+    x, y = arrays.get("x_nchw", arrays.get("x")), np.asarray(arrays["y"])
+    want = (3, size, size) if "x_nchw" in arrays else (size, size, 3)
+    faults = []
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != want:
+        faults.append(f"images are {x.dtype} {x.shape}, not uint8 (N, {', '.join(map(str, want))})")
+    if y.ndim != 1 or len(y) != len(x) or len(np.asarray(arrays["idx"])) != len(x):
+        faults.append(f"{len(x)} images but {y.shape} labels and {len(arrays['idx'])} indices")
+    elif not np.issubdtype(y.dtype, np.integer) or (len(y) and (y.min() < 0 or y.max() >= k)):
+        faults.append(f"labels must be integers in [0, {k - 1}]; got {y.dtype} values in "
+                      f"[{y.min() if len(y) else '-'}, {y.max() if len(y) else '-'}]")
+    if len(arrays["classes"]) != k:
+        faults.append(f"{len(arrays['classes'])} class names, not {k}")
+    if faults:
+        raise DataCorrupt(f"{path} does not hold {name.split('/')[0]} {name.split('/', 1)[1]} as "
+                          "declared: " + "; ".join(faults) + ". Get a good copy of the file "
+                          "(the offline bundle, or a download)")
+
+
+def _spec(name: str, path):
+    """The spec check of dataset `name` read from `path`, for a reader to run before it records
+    the file as verified."""
+    return lambda arrays: _check_spec(arrays, name, path)
+
+
 def _dataset(arrays, *, name, source, lossless, path, augment, select=None) -> ImageDataset:
+    _check_spec(arrays, name, path)
     if "x_nchw" in arrays:
         x = torch.from_numpy(arrays["x_nchw"])
     else:
@@ -478,7 +509,8 @@ def cifar10(split="train", subset="mini", *, data_dir=None, download=False,
         path = _find([[npz, "cifar-10-batches-py"]], data_dir, f"CIFAR-10 {split} (mini)",
                      download, fetch, call)
         if path.suffix == ".npz":
-            return _dataset(_storage.read_npz(path, expected), name=name, path=path,
+            return _dataset(_storage.read_npz(path, expected, _spec(name, path)), name=name,
+                            path=path,
                             source=f"bundle:{path.name}", lossless=True, augment=augment)
         return _dataset(_storage.read_cifar_folder(path, "cifar10", split), name=name, path=path,
                         source=tv, lossless=True, augment=augment, select=expected)
@@ -491,9 +523,9 @@ def cifar10(split="train", subset="mini", *, data_dir=None, download=False,
         return _dataset(_storage.read_cifar_folder(path, "cifar10", split), name=name, path=path,
                         source=tv, lossless=True, augment=augment)
     if split == "test":
-        arrays = _storage.read_npz(path, np.arange(10000, dtype=np.int64))
+        arrays = _storage.read_npz(path, np.arange(10000, dtype=np.int64), _spec(name, path))
     else:
-        arrays = _storage.read_cifar10_train_jpeg(path)
+        arrays = _storage.read_cifar10_train_jpeg(path, _spec(name, path))
     _warn_jpeg(f"CIFAR-10 {split} (full)")
     kind = "bundle" if path.is_file() else "folder"
     return _dataset(arrays, name=name, source=f"{kind}:{path.name}", lossless=False, path=path,
@@ -514,7 +546,8 @@ def cifar100(split="test", subset="test20", *, data_dir=None, download=False,
                  lambda: _storage.download_cifar("cifar100", split, data_dir),
                  f"cifar100({split!r}, {subset!r}, download=True)")
     if path.suffix == ".npz":
-        return _dataset(_storage.read_npz(path, CIFAR100_TEST20_INDICES), name=name, path=path,
+        return _dataset(_storage.read_npz(path, CIFAR100_TEST20_INDICES, _spec(name, path)),
+                        name=name, path=path,
                         source=f"bundle:{path.name}", lossless=True, augment=augment)
     return _dataset(_storage.read_cifar_folder(path, "cifar100", split), name=name, path=path,
                     source="torchvision:cifar-100-python", lossless=True, augment=augment,
@@ -536,15 +569,16 @@ def tinyimagenet(split="val", subset="bundle", *, data_dir=None, download=False,
     path = _find([names], data_dir, f"Tiny ImageNet {split} ({subset})", download,
                  lambda: _storage.download_tiny(data_dir),
                  f"tinyimagenet({split!r}, {subset!r}, download=True)")
+    name = f"tinyimagenet/{split}/{subset}"
     try:
-        arrays = _storage.read_tiny(path, split, subset)
+        arrays = _storage.read_tiny(path, split, subset, _spec(name, path))
     except DataMissing:  # a partial folder: only download=True may replace it
         if not download:
             raise
         path = _storage.download_tiny(data_dir)
-        arrays = _storage.read_tiny(path, split, subset)
+        arrays = _storage.read_tiny(path, split, subset, _spec(name, path))
     kind = "bundle" if path.is_file() else "folder"
-    return _dataset(arrays, name=f"tinyimagenet/{split}/{subset}", source=f"{kind}:{path.name}",
+    return _dataset(arrays, name=name, source=f"{kind}:{path.name}",
                     lossless=True, path=path, augment=augment)
 
 

@@ -252,17 +252,16 @@ def pick_device(device: str = "auto") -> str:
 
 
 def _check_values(values: dict) -> None:
-    from . import data, evaluate, models  # local: keep `import d2r_lib.experiments` light
+    from . import data, evaluate, methods, models  # local: keep `import d2r_lib.experiments` light
 
     validate.choice("dataset", values["dataset"], data.DATASETS)
     validate.choice("subset", values["subset"], data.DATASETS[values["dataset"]]["subsets"])
-    for key in ("train_size", "test_size", "attacked", "steps"):
+    for key in ("train_size", "test_size", "attacked"):
         if values[key] is not None:
             validate.number(key, values[key], min=1, integer=True)
-    if values["eps"] is not None:
-        validate.number("eps", values["eps"], min=0, max=1, min_open=True)
-    if values["step_size"] is not None:
-        validate.number("step_size", values["step_size"], min=0, max=1, min_open=True)
+    for key in methods.BUDGET:  # the attack budget: as each method declares it
+        if values[key] is not None:
+            methods.PARAMS[key].check(key, values[key])
     for key in ("held_out", "epochs", "batch_size"):
         validate.number(key, values[key], min=1, integer=True)
     validate.choice("target_model", values["target_model"], models.MODELS)
@@ -514,14 +513,15 @@ def load_results(folder: str | Path) -> list[dict]:
 
     out = []
     for path in sorted(Path(folder).glob("*.json")):
-        blob = json.loads(path.read_text())
-        out.append(
-            {
-                "name": blob.get("name", path.stem),
-                "config": blob["config"],
-                "table": ResultsTable.from_dict(blob["table"]),
-            }
-        )
+        try:
+            blob = json.loads(path.read_text())
+            item = {"name": blob.get("name", path.stem), "config": dict(blob["config"]),
+                    "table": ResultsTable.from_dict(blob["table"])}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            warnings.warn(f"skipped the damaged results file {path} ({type(err).__name__}: "
+                          f"{err})", validate.D2RWarning, stacklevel=2)
+            continue
+        out.append(item)
     return out
 
 

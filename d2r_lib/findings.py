@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from . import followups, reference, validate
+from . import followups, reference, shipped, validate
 
 __all__ = [
     "load", "by_budget", "budget_gaps", "gap_change", "dose_runs", "dose_slope", "last_epoch",
@@ -27,7 +27,7 @@ D2R = "d2r"
 def load(root: str | Path) -> dict[str, list[dict]]:
     """The shipped follow-up runs under `root` (book/followups): {"e10": runs, "e20": runs,
     "dose": runs}, each as `reference.load` returns them ([] where none is shipped yet)."""
-    root = Path(root)
+    root = shipped.find(root)
     return {name: reference.load(root / name) for name in ("e10", "e20", "dose")}
 
 
@@ -164,7 +164,7 @@ def load_toy(path: str | Path) -> list[dict]:
 
 def load_toys(root: str | Path) -> dict[str, list[dict]]:
     """Every 2-D study shipped under `root` (book/followups): {study: records}."""
-    return {study: load_toy(Path(root) / "toy" / f"{study}.json")
+    return {study: load_toy(shipped.find(root) / "toy" / f"{study}.json")
             for study in followups.TOY_STUDIES}
 
 
@@ -303,7 +303,10 @@ def plot_trend(cifar_rows: dict[str, list[dict]], toy_rows: dict[str, list[dict]
         ax.set_title(title)
         ax.set_xlabel("training epochs")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no runs shipped yet", transform=ax.transAxes, ha="center")
     axes[0].set_ylabel("paired gap (points)")
     axes[1].set_xscale("log")
     fig.tight_layout()

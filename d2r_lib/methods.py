@@ -11,6 +11,7 @@ Adding a method is one `register(Method(...))` call (see CONTRIBUTING.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,9 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 from . import attacks, fast, losses, validate
 
 __all__ = [
-    "ATTACK_KINDS", "PASS_MODELS", "PASS_INPUTS", "BUDGET", "REFERENCE_PASSES", "Pass", "Method",
+    "ATTACK_KINDS", "PASS_MODELS", "PASS_INPUTS", "BUDGET", "REFERENCE_PASSES", "Pass", "Param",
+    "PARAMS", "SETTING_NAMES", "Method",
     "METHODS", "register", "unregister", "get_method", "make_adversarial", "compute_terms",
-    "make_optimizer", "train_step",
+    "make_optimizer", "check_step", "step", "train_step",
 ]
 
 ATTACK_KINDS = ("none", "pgd", "trades", "cag")
@@ -65,6 +67,90 @@ class Pass:
 F_X, F_XADV, G_X = Pass("target", "x"), Pass("target", "x_adv"), Pass("guide", "x")
 
 
+@dataclass(frozen=True)
+class Param:
+    """One method parameter, declared once: its type (`kind`: float, int, bool or str), default,
+    allowed range (or `choices`) and one line of help. `d2r train`'s flag, the runner's range and
+    every check (`Method.resolve`) derive from it. `note` says why the upper bound holds; the error
+    for a value above it quotes it."""
+    kind: type
+    default: object
+    help: str = ""
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False
+    choices: tuple | None = None
+    note: str = ""
+
+    def check(self, name: str, value):
+        """`value` if it fits, else a TypeError / ValueError naming `name` and what is allowed."""
+        if self.kind is bool:
+            return validate.flag(name, value)
+        if self.choices is not None:
+            return validate.choice(name, value, self.choices)
+        if self.kind is str:
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be a string; got {value!r}")
+            return value
+        validate.number(name, value, min=self.min, min_open=self.min_open,
+                        integer=self.kind is int)
+        if self.max is not None and value > self.max:
+            why = f": {self.note}" if self.note else ""
+            raise ValueError(f"{name} must be <= {self.max}{why}; got {value!r}")
+        return value
+
+    def allowed(self) -> str:
+        """What the check accepts, in words ("a number > 0 and <= 1")."""
+        if self.kind is bool:
+            return "True or False"
+        if self.choices is not None:
+            return "one of " + ", ".join(map(repr, self.choices))
+        if self.kind is str:
+            return "a string"
+        bounds = ([f"{'>' if self.min_open else '>='} {self.min}"] if self.min is not None else [])
+        bounds += [f"<= {self.max}"] if self.max is not None else []
+        what = "an integer" if self.kind is int else "a number"
+        return what + (" " + " and ".join(bounds) if bounds else "")
+
+
+PARAMS: dict[str, Param] = {
+    "eps": Param(float, 8 / 255, "L∞ radius ε of the training attack", min=0, max=1,
+                 min_open=True,
+                 note="an L∞ radius on pixels in [0, 1] lies in [0, 1] (e.g. 8/255 ≈ 0.0314)"),
+    "step_size": Param(float, 2 / 255, "step α of the training attack", min=0, min_open=True),
+    "steps": Param(int, 10, "steps K of the training attack", min=1),
+    "beta": Param(float, 6.0, "β, the weight of the KL term (trades, mart, lbgat)", min=0),
+    "w_clean": Param(float, 20.0, "D2R's clean-distribution term weight", min=0),
+    "w_adv": Param(float, 30.0, "D2R's adversarial-distribution term weight", min=0),
+    "kl_reduction": Param(str, "mean", "D2R's KL: mean over batch×classes (official) or "
+                          "batchmean", choices=losses.KL_REDUCTIONS),
+    "official_passes": Param(bool, True, "make the forward pass the official step makes without "
+                             "needing it (off: faster, BatchNorm statistics differ)"),
+}
+"""The parameters the built-in methods share. A method's plain default for one of these names takes
+this declaration with that default; any other plain default gets a declaration from its type (see
+`Method`)."""
+
+
+SETTING_NAMES = frozenset({
+    "method", "target_model", "guide_model", "target", "guide", "dataset", "subset", "train_size",
+    "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "method_params", "seed",
+    "held_out", "augment", "no_augment", "amp", "channels_last", "compile", "fold_batchnorm",
+    "profile", "device", "out", "resume", "data_dir", "no_progress", "help"})
+"""Names a method parameter cannot take: the settings of `train.TrainConfig` and the options of
+`d2r train` (a parameter's flag is `--name`)."""
+
+
+def _declare(name: str, default) -> Param:
+    """The declaration of a parameter given only its default."""
+    if isinstance(default, Param):
+        return default
+    if name in PARAMS:
+        return dataclasses.replace(PARAMS[name], default=default)
+    kind = next((t for t in (bool, int, float, str) if isinstance(default, t)), object)
+    return Param(kind, default, name.replace("_", " "))
+
+
 @dataclass(frozen=True, eq=False)
 class Method:
     """A training method as data. Chapter 2.
@@ -75,7 +161,10 @@ class Method:
       `logits` is the tuple of outputs of `passes`, in order; params: every default but the budget.
     - passes: the official step's train-mode forward passes, in order (they decide BatchNorm's
       running statistics, so an exact reproduction makes even the redundant ones).
-    - defaults: every parameter with its default (eps, step_size, steps for an attack).
+    - defaults: every parameter with its default (eps, step_size, steps for an attack). A plain
+      value takes its declaration from `PARAMS` (same name) or from its type; a `Param` is a full
+      declaration (type, default, range, help). After construction `defaults` holds the values and
+      `params` every declaration: the CLI's flags and every check derive from `params`.
     - fast_passes: only for a method whose official step makes a pass the loss value does not need:
       the passes with `official_passes=False`, a function of the resolved parameters (defaults then
       hold `official_passes: True`).
@@ -89,6 +178,23 @@ class Method:
     defaults: dict = field(default_factory=dict)
     chapter: int | None = None
     fast_passes: Callable[[dict], tuple[Pass, ...]] | None = None
+    params: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        params = dict(self.params)
+        for key, value in self.defaults.items():
+            if key in params and not isinstance(value, Param):
+                params[key] = dataclasses.replace(params[key], default=value)
+            else:
+                params[key] = _declare(key, value)
+        for key, param in params.items():
+            if not isinstance(param, Param):
+                raise TypeError(f"method {self.name!r}: params[{key!r}] must be a methods.Param; "
+                                f"got {type(param).__name__}")
+            if param.kind is not object:
+                param.check(f"method {self.name!r}: default {key}", param.default)
+        object.__setattr__(self, "params", params)
+        object.__setattr__(self, "defaults", {k: p.default for k, p in params.items()})
 
     @property
     def uses_guide(self) -> bool:
@@ -96,17 +202,16 @@ class Method:
         return self.attack_kind == "cag" or any(p.model == "guide" for p in self.passes)
 
     def resolve(self, **overrides) -> dict:
-        """Defaults updated by overrides; an unknown or invalid parameter raises, naming what is
-        allowed."""
-        params = dict(self.defaults)
-        unknown = sorted(set(overrides) - set(params))
+        """Defaults updated by overrides, each checked against its declaration; an unknown or
+        invalid parameter raises, naming what is allowed."""
+        unknown = sorted(set(overrides) - set(self.params))
         if unknown:
             raise ValueError(f"method {self.name!r} has no parameter {', '.join(unknown)}; "
-                             f"allowed: {', '.join(sorted(params)) or 'none'}")
-        params.update(overrides)
-        for key, value in params.items():
-            _check_param(key, value, self.defaults[key])
-        return params
+                             f"allowed: {', '.join(sorted(self.params)) or 'none'}")
+        for key, value in overrides.items():
+            if self.params[key].kind is not object:
+                self.params[key].check(key, value)
+        return {**self.defaults, **overrides}
 
     def step_passes(self, params: Mapping) -> tuple[Pass, ...]:
         """The passes one step makes with these (resolved) parameters."""
@@ -128,23 +233,6 @@ class Method:
                 f"{len(self.passes)} train-mode forward pass{'es' if len(self.passes) > 1 else ''} "
                 f"{', '.join(map(str, self.passes))}{skip}; loss: {loss_doc}; one SGD step on "
                 f"{trained}. Loss parameters: {others}.")
-
-
-def _check_param(key: str, value, default) -> None:
-    if key == "eps":
-        validate.eps(value, norm="linf")
-    elif key == "step_size":
-        validate.step_size(value)
-    elif key == "steps":
-        validate.steps(value)
-    elif key in ("beta", "w_clean", "w_adv"):
-        validate.number(key, value, min=0)
-    elif key == "kl_reduction":
-        validate.choice("kl_reduction", value, losses.KL_REDUCTIONS)
-    elif isinstance(default, bool):
-        validate.flag(key, value)
-    elif isinstance(default, (int, float)):
-        validate.number(key, value)
 
 
 # ----------------------------------------------------------------------------- the built-in methods
@@ -315,6 +403,10 @@ def register(method: Method) -> Method:
     if method.attack_kind == "none" and any(p.input == "x_adv" for p in method.passes):
         raise ValueError(f"method {name!r}: a pass on x_adv needs an attack (attack_kind is "
                          "'none')")
+    taken = sorted(SETTING_NAMES & set(method.params))
+    if taken:
+        raise ValueError(f"method {name!r}: parameter name {', '.join(map(repr, taken))} is a "
+                         "training setting (TrainConfig / `d2r train`); choose another name")
     missing = [k for k in BUDGET if method.attack_kind != "none" and k not in method.defaults]
     if missing:
         raise ValueError(f"method {name!r}: defaults must give the attack's {', '.join(missing)}")
@@ -410,25 +502,43 @@ def make_optimizer(target: nn.Module, guide: nn.Module | None = None, *, lr: flo
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+def check_step(method: str | Method, guide: nn.Module | None, x: torch.Tensor, y: torch.Tensor,
+               **params) -> tuple[Method, dict]:
+    """The door of `train_step`: the method, its resolved parameters, a guide when it needs one, and
+    x (images in [0, 1]) and y of one batch. Returns (method, params) for `step`."""
+    m = _as_method(method)
+    p = m.resolve(**params)
+    _check_guide(m, guide)
+    validate.images(x)
+    validate.same_batch(x=x, y=y)
+    return m, p
+
+
+def step(m: Method, target: nn.Module, guide: nn.Module | None, optimizer: torch.optim.Optimizer,
+         x: torch.Tensor, y: torch.Tensor, params: dict) -> dict[str, torch.Tensor]:
+    """The step itself on checked inputs (`check_step`): attack (eval mode), the train-mode passes,
+    the loss, one SGD step. No check and no host synchronisation: the terms come back as detached
+    tensors on the device (`validate.values_checked`). `fit` calls it once per batch after checking
+    its config once."""
+    with validate.values_checked():
+        x_adv = _attack(m, target, guide, x, y, params)
+        for model in [target] + ([guide] if m.uses_guide else []):
+            model.train()
+        terms = _terms(m, target, guide, x, x_adv, y, params)
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    optimizer.step()
+    return {k: v.detach() for k, v in terms.items()}
+
+
 def train_step(method: str | Method, target: nn.Module, guide: nn.Module | None,
                optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                **params) -> dict[str, float]:
     """One full training step of any method: attack (eval mode), the train-mode passes, the loss,
     one SGD step. Chapter 2. Returns every loss term as a float; models are left in train mode.
 
-    target / guide may be DistributedDataParallel wrappers (the attack then runs on the wrapped
-    modules).
+    It checks its inputs (`check_step`), runs `step`, and reads the terms back as floats. target /
+    guide may be DistributedDataParallel wrappers (the attack then runs on the wrapped modules).
     """
-    m = _as_method(method)
-    p = m.resolve(**params)
-    _check_guide(m, guide)
-    validate.images(x)
-    validate.same_batch(x=x, y=y)
-    x_adv = _attack(m, target, guide, x, y, p)
-    for model in [target] + ([guide] if m.uses_guide else []):
-        model.train()
-    terms = _terms(m, target, guide, x, x_adv, y, p)
-    optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    optimizer.step()
-    return {k: v.item() for k, v in terms.items()}
+    m, p = check_step(method, guide, x, y, **params)
+    return {k: v.item() for k, v in step(m, target, guide, optimizer, x, y, p).items()}

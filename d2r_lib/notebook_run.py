@@ -15,9 +15,11 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from . import experiments
+from .validate import D2RWarning
 
 __all__ = [
     "MANIFEST",
@@ -237,6 +239,11 @@ def execute(r, *, kernel: str | None = None, one_thread: bool = False, log=print
         error, probe = _execute_notebook(
             nb, r.notebook.parent, kernel, env, r.folder / "kernel.log"
         )
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the manifest says so, then the runner stops
+        manifest.update(ended=_now(), seconds=round(time.perf_counter() - started, 2),
+                        status="interrupted")
+        write_json(r.folder / MANIFEST, manifest)
+        raise
     except (
         Exception
     ) as err:  # a kernel that died, torchrun that failed: reported, the other runs go on
@@ -293,9 +300,16 @@ def _manifests(out: Path) -> list[tuple[Path, dict]]:
     found = []
     for path in sorted(out.rglob(MANIFEST)):
         try:
-            found.append((path.parent, json.loads(path.read_text())))
-        except (OSError, ValueError):
-            continue  # a manifest being written by a running job
+            blob = json.loads(path.read_text())
+        except (OSError, ValueError) as err:  # written atomically, so never half: damaged
+            warnings.warn(f"skipped the damaged manifest {path} ({type(err).__name__}: {err})",
+                          D2RWarning, stacklevel=3)
+            continue
+        if isinstance(blob, dict):
+            found.append((path.parent, blob))
+        else:
+            warnings.warn(f"skipped the damaged manifest {path} (not a JSON object)", D2RWarning,
+                          stacklevel=3)
     return found
 
 
@@ -309,9 +323,9 @@ def _rows(runs: list[tuple[Path, dict]], out: Path) -> list[dict]:
                 rows.append(
                     {
                         "run": str(folder.relative_to(out)),
-                        "chapter": m["chapter"],
-                        "profile": m["profile"],
-                        "seed": item["config"]["seed"],
+                        "chapter": m.get("chapter"),
+                        "profile": m.get("profile"),
+                        "seed": item["config"].get("seed"),
                         **m.get("overrides", {}),
                         "table": item["name"],
                         "row": row_name,

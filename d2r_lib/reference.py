@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, evaluate, methods, models, train, validate
+from . import checkpoint, data, evaluate, experiments, methods, models, shipped, train, validate
 
 __all__ = [
     "AUTOATTACK_STEPS_PER_IMAGE",
@@ -108,17 +108,13 @@ class ReferenceConfig:
     subset: str = "full"
 
     def train_config(self, method: str, seed: int, params: dict | None = None) -> train.TrainConfig:
-        """The training run of `method` at `seed`; `params` adds method parameters (a registered
-        follow-up's dose, e.g. {"w_adv": 10.0})."""
-        m = methods.get_method(method)
-        params = {**({"steps": self.steps} if self.steps is not None and "steps" in m.defaults
-                     else {}), **(params or {})}
-        return train.TrainConfig(method=method, target_model=self.target_model,
-                                 guide_model=self.guide_model, dataset="cifar10",
-                                 subset=self.subset, train_size=self.train_size,
-                                 epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                                 schedule=self.schedule, method_params=params, seed=seed,
-                                 held_out=self.held_out).validate()
+        """The training run of `method` at `seed`: the `reference` profile with this configuration's
+        sizes, through `experiments.train_config` (the one profile → TrainConfig mapping); `params`
+        adds method parameters (a registered follow-up's dose, e.g. {"w_adv": 10.0})."""
+        cfg = experiments.run_config("reference", {"seed": seed}, device="cpu")
+        cfg = dataclasses.replace(cfg, **{k: getattr(self, k) for k in _PROFILE_SETTINGS})
+        tc = experiments.train_config(cfg, method, **(params or {}))
+        return dataclasses.replace(tc, schedule=self.schedule).validate()
 
     def deviations(self, method: str) -> list[str]:
         """The named ways this configuration departs from the method's official settings."""
@@ -143,6 +139,10 @@ class ReferenceConfig:
                        f"(CPU budget); PGD-20 and CW-20 on all of them")
         return out
 
+
+_PROFILE_SETTINGS = ("subset", "train_size", "epochs", "steps", "batch_size", "target_model",
+                     "guide_model", "lr", "held_out")
+"""The fields of a ReferenceConfig that replace the `reference` profile's."""
 
 CONFIGS = {
     # Sized from measurements (1 thread, small_cnn, batch 128): a training step costs about 1.7 ms
@@ -387,8 +387,9 @@ def load(folder: str | Path) -> list[dict]:
     """Every complete run under `folder`: dicts with method, seed, metrics, history, manifest,
     checkpoint.
 
-    A run folder with missing files raises (a half-written run is never read as a result)."""
-    folder = Path(folder)
+    A run folder with missing files raises (a half-written run is never read as a result). A
+    relative `folder` missing here is looked up in the shipped copies (`shipped.find`)."""
+    folder = shipped.find(folder)
     runs = []
     if not folder.is_dir():
         return runs

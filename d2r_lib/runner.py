@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import experiments
+from . import checkpoint, experiments
 from .notebook_run import MANIFEST, execute, is_complete, write_json, write_results
 
 __all__ = [
@@ -87,24 +87,34 @@ class Range:
         return None
 
 
+def _method_range(name: str) -> Range | None:
+    """The range of a method parameter from its declaration (`methods.Param`), the first registered
+    method's that declares `name` with a number type; None for other names."""
+    from . import methods
+
+    for m in methods.METHODS.values():
+        p = m.params.get(name)
+        if p is not None and p.kind in (int, float):
+            return Range(p.kind, p.min, p.max, p.min_open)
+    return None
+
+
 RANGES = {
-    "seed": Range(int, 0),
+    "seed": Range(int, 0, 2**32 - 1),  # validate.SEED_MAX: the seed rule of training
     "epochs": Range(int, 1),
-    "steps": Range(int, 1),
     "batch_size": Range(int, 1),
     "train_size": Range(int, 1),
     "test_size": Range(int, 1),
     "attacked": Range(int, 1),
     "held_out": Range(int, 1),
-    "eps": Range(float, 0, 1, min_open=True),
-    "step_size": Range(float, 0, 1, min_open=True),
     "lr": Range(float, 0, min_open=True),
-    "beta": Range(float, 0),
-    "w_clean": Range(float, 0),
-    "w_adv": Range(float, 0),
     "w_mse": Range(float, 0),
+    **{name: _method_range(name) for name in ("eps", "step_size", "steps", "beta", "w_clean",
+                                              "w_adv")},
 }
-"""Declared ranges of the common parameters (None is allowed where the default is None)."""
+"""Declared ranges of the common parameters (None is allowed where the default is None); the method
+parameters' ranges come from their declarations (`methods.PARAMS`), also for a method registered
+later (`_method_range`)."""
 
 
 @dataclass
@@ -133,6 +143,14 @@ def chapters() -> list[Path]:
     return sorted(CHAPTER_DIR.glob("[0-9][0-9]_*.ipynb"))
 
 
+def _names(chapter: Path, item: str) -> bool:
+    """`--chapters` item 5, 05 or the notebook's whole stem names a chapter; nothing else does
+    (0 names no chapter, not every one starting with 0)."""
+    number = chapter.stem.split("_")[0]
+    return item == chapter.stem or (item.isdigit() and number.isdigit()
+                                    and int(item) == int(number))
+
+
 def _select(selection) -> list[Path]:
     known = chapters()
     if not selection:
@@ -145,7 +163,7 @@ def _select(selection) -> list[Path]:
                 raise RunnerError(f"--chapters {item}: no such notebook")
             picked.append(path.resolve())
             continue
-        found = [p for p in known if p.stem.startswith(str(item))]
+        found = [p for p in known if _names(p, str(item))]
         if not found:
             raise RunnerError(
                 f"--chapters {item}: no chapter matches; chapters: "
@@ -216,7 +234,7 @@ def _parse_cli(items) -> dict:
 
 
 def _check_value(name: str, value, default, chapter: str) -> object:
-    declared = RANGES.get(name)
+    declared = RANGES.get(name) or _method_range(name)
     if value is None and (default is None or declared is None):
         return value
     if isinstance(default, bool) or (default is not None and not isinstance(default, (int, float))):
@@ -253,6 +271,12 @@ def _folder_name(profile: str, overrides: dict) -> str:
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise RunnerError(f"--out {out}: is a file; give a folder")
+    foreign = [p for p in ("manifest.json", "last.pt", "history.json") if (out / p).exists()]
+    foreign += [str(p.relative_to(out)) for p in out.glob(f"*/{MANIFEST}")][:1]
+    if foreign:  # a run folder of another kind (a training run, a shipped reference run)
+        raise RunnerError(f"--out {out} holds the files of another run or kind ({foreign[0]}; "
+                          f"`d2r run` keeps its manifests in <out>/<chapter>/<run>/); nothing was "
+                          "overwritten: give another folder")
     parent = out
     while not parent.exists():
         parent = parent.parent
@@ -276,6 +300,11 @@ def plan(
         )
     if device not in experiments.DEVICES:
         raise RunnerError(f"--device {device}: allowed: {', '.join(experiments.DEVICES)}")
+    try:  # a device that is not here is refused now, not inside every kernel
+        experiments.pick_device(device)
+    except ValueError:
+        raise RunnerError(f"--device {device}: no {device.upper()} device here; use auto or "
+                          "cpu") from None
     if nproc_per_node is not None and (
         isinstance(nproc_per_node, bool)
         or not isinstance(nproc_per_node, int)
@@ -308,7 +337,9 @@ def plan(
                     f"-p {name}: chapter {chapter} has no parameter {name!r}; its parameters: "
                     + ", ".join(f"{n}={defaults[n]!r}" for n in allowed)
                 )
-            checked[name] = [_check_value(name, v, defaults[name], chapter) for v in values]
+            values = [_check_value(name, v, defaults[name], chapter) for v in values]
+            unique = {(type(v).__name__, repr(v)): v for v in values}  # a sweep runs each once
+            checked[name] = list(unique.values())
         for combo in itertools.product(*checked.values()):
             overrides = dict(zip(checked, combo))
             passed = {"profile": profile, "device": device, **overrides}
@@ -423,6 +454,15 @@ def run(
     executor = (
         make_executor(cluster, dict(cluster_options or {}), out) if cluster != "none" else None
     )
+    try:
+        with checkpoint.exclusive(out / ".lock"):  # one runner per --out
+            return _run_all(runs, out, force, cluster, executor, kernel, log)
+    except checkpoint.Busy as err:
+        raise RunnerError(f"--out {err}") from None
+
+
+def _run_all(runs: list[Run], out: Path, force: bool, cluster: str, executor, kernel,
+             log) -> list[dict]:
     todo, manifests = [], {}
     for r in runs:
         if not force and is_complete(r):

@@ -10,6 +10,7 @@ stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,8 +30,8 @@ import torch.nn as nn
 from . import checkpoint, data, fast, methods, models, validate
 
 __all__ = [
-    "SCHEDULES", "RESUME", "CHECKPOINT_NAME", "TrainingDiverged", "TrainingCollapsed", "paper_lr",
-    "cosine_lr", "TrainConfig", "TrainResult", "code_fingerprint", "seed_everything",
+    "SCHEDULES", "RESUME", "CHECKPOINT_NAME", "LOCK_NAME", "TrainingDiverged", "TrainingCollapsed",
+    "paper_lr", "cosine_lr", "TrainConfig", "TrainResult", "code_fingerprint", "seed_everything",
     "setup_distributed", "confidence", "held_out_check", "warn_if_collapsed", "build_models",
     "check_finite",
     "fit", "save_run", "load_run", "cache_dir", "cache_path", "load_or_train", "load_cached",
@@ -39,6 +40,9 @@ __all__ = [
 SCHEDULES = ("paper", "cosine")
 RESUME = ("auto", "always", "never")
 CHECKPOINT_NAME = "last.pt"
+LOCK_NAME = ".lock"  # held by the run writing a folder (checkpoint.exclusive)
+SHOW_LOSS_EVERY = 20
+"""The progress bar shows the loss every this many batches: reading it waits for the device."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -271,6 +275,11 @@ def _checkpoint_path(out_dir, resume: str) -> Path | None:
         raise NotADirectoryError(f"out_dir {out_dir} exists and is a file; give a directory for "
                                  "checkpoints")
     path = out_dir / CHECKPOINT_NAME
+    if (out_dir / "history.json").exists() and not path.exists():
+        raise checkpoint.CheckpointError(
+            f"out_dir {out_dir} holds a history.json but no {CHECKPOINT_NAME}: the files of "
+            "another run or tool (a shipped reference run, say). Nothing was overwritten: use "
+            "another folder")
     if resume == "always" and not path.exists():
         raise FileNotFoundError(f"resume='always' but there is no checkpoint at {path}; "
                                 f"start the run first, or use resume='auto'")
@@ -290,12 +299,11 @@ def _datasets(cfg: TrainConfig, device, data_dir, download: bool):
     return train_set, held_out.subset(min(cfg.held_out, len(held_out))).tensors(device)
 
 
-def _resume(path: Path | None, resume: str, cfg: TrainConfig, target, guide, optimizer, device,
-            say) -> tuple[list[dict], int]:
-    """Load a matching run from `path` into the models and optimizer: (history, first epoch to
-    run)."""
+def _read_run(path: Path | None, resume: str, cfg: TrainConfig, device) -> dict | None:
+    """The checkpoint of this run in `path` to resume, every field checked before the data is read;
+    None when there is none (or resume="never")."""
     if path is None or not path.exists() or resume == "never":
-        return [], 1
+        return None
     payload = checkpoint.load(path, map_location=device)
     if payload.get("config") != cfg.as_dict():
         stored = payload.get("config") or {}
@@ -304,6 +312,17 @@ def _resume(path: Path | None, resume: str, cfg: TrainConfig, target, guide, opt
         raise checkpoint.CheckpointError(
             f"{path} belongs to a run with other settings ({'; '.join(diff)}). Nothing was "
             "overwritten: use another out_dir, or resume='never' to start this one afresh there")
+    checkpoint.check_run(payload, path, epochs=cfg.epochs, uses_guide=cfg.uses_guide)
+    return payload
+
+
+def _resume(payload: dict | None, path: Path | None, cfg: TrainConfig, target, guide, optimizer,
+            say) -> tuple[list[dict], int]:
+    """Load the run `_read_run` found into the models and optimizer: (history, first epoch to
+    run)."""
+    if payload is None:
+        return [], 1
+    checkpoint.check_momentum(payload, path, optimizer)
     checkpoint.load_state_strict(target, payload["target"], "target")
     if guide is not None:
         checkpoint.load_state_strict(guide, payload["guide"], "guide")
@@ -374,14 +393,33 @@ def _held_out(target, guide, x_eval, y_eval, cfg: TrainConfig, epoch: int, path,
                                f"a lower learning rate") from None
 
 
-def _train_one(cfg: TrainConfig, method, step_models, optimizer, x, y, device) -> dict[str, float]:
-    """One batch through `methods.train_step` (bfloat16 autocast with cfg.amp, the attack on
-    BatchNorm-folded copies with cfg.fold_batchnorm)."""
+def _train_one(cfg: TrainConfig, method, params, step_models, optimizer, x, y,
+               device) -> dict[str, torch.Tensor]:
+    """One batch through `methods.step` (bfloat16 autocast with cfg.amp, the attack on
+    BatchNorm-folded copies with cfg.fold_batchnorm): the terms stay on the device."""
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with fast.folding(cfg.fold_batchnorm), fast.autocast(device, enabled=cfg.amp):
-        return methods.train_step(method, *step_models, optimizer, x, y, **cfg.method_params)
+        return methods.step(method, *step_models, optimizer, x, y, params)
+
+
+def _epoch_sums(steps: list, epoch: int, path, history) -> tuple[dict[str, float], int]:
+    """The batch-weighted sums of every loss term over one epoch's `steps` [(terms, batch size)],
+    read from the device once; the first batch with a non-finite term raises TrainingDiverged."""
+    if not steps:
+        return {}, 0
+    keys = list(steps[0][0])
+    rows = torch.stack([torch.stack([t[k] for k in keys]) for t, _ in steps]).tolist()
+    sums: dict[str, float] = {}
+    seen = 0
+    for batch, (row, (_, n)) in enumerate(zip(rows, steps), start=1):
+        terms = dict(zip(keys, row))
+        _check_loss(terms, epoch, batch, path, history)
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v * n
+        seen += n
+    return sums, seen
 
 
 def _set_lr(optimizer, cfg: TrainConfig, epoch: int) -> float:
@@ -393,28 +431,41 @@ def _set_lr(optimizer, cfg: TrainConfig, epoch: int) -> float:
 
 def fit(cfg: TrainConfig, out_dir: str | Path | None = None, *, device: str = "cpu",
         resume: str = "auto", progress: bool = True, data_dir=None, download: bool = True,
-        log=print, max_epochs: int | None = None) -> TrainResult:
+        log=print, max_epochs: int | None = None, wait: bool = False) -> TrainResult:
     """Train (or resume, or just load a finished run) as `cfg` says; returns models and history.
     Chapter 2.
 
-    Every batch is one `methods.train_step`. out_dir: where `last.pt` and `history.json` go (None:
-    keep nothing on disk). resume: "auto" continues a matching run in out_dir; "always" requires
-    one; "never" starts afresh. max_epochs: stop after this many epochs in this call (the run stays
-    resumable). A non-finite loss, or non-finite weights before a checkpoint write, raise
-    TrainingDiverged and leave the last checkpoint as it was.
+    Every batch is one `methods.step` (the body of `methods.train_step`): `cfg` is checked once
+    here, and the loss terms are read from the device once per epoch. out_dir: where `last.pt` and
+    `history.json` go (None: keep nothing on disk). resume: "auto" continues a matching run in
+    out_dir; "always" requires one; "never" starts afresh. max_epochs: stop after this many epochs
+    in this call (the run stays resumable). A non-finite loss, or non-finite weights before a
+    checkpoint write, raise TrainingDiverged and leave the last checkpoint as it was. One process
+    writes out_dir at a time: another one there raises checkpoint.Busy (with `wait`, it waits).
     """
     cfg.validate()
     path = _checkpoint_path(out_dir, resume)
     rank, world, device = setup_distributed(device)
+    lock = (checkpoint.exclusive(path.parent / LOCK_NAME, wait=wait)
+            if path is not None and rank == 0 else contextlib.nullcontext())
+    with lock:  # one writer per out_dir: a second run there is refused (checkpoint.Busy)
+        return _fit(cfg, path, rank, world, device, resume, progress, data_dir, download, log,
+                    max_epochs)
+
+
+def _fit(cfg: TrainConfig, path: Path | None, rank: int, world: int, device, resume: str,
+         progress: bool, data_dir, download: bool, log, max_epochs: int | None) -> TrainResult:
     say = log if rank == 0 else (lambda *a, **k: None)
+    payload = _read_run(path, resume, cfg, device)  # a damaged checkpoint: refused before the data
     seed_everything(cfg.seed)
     train_set, (x_eval, y_eval) = _datasets(cfg, device, data_dir, download)
     target, guide = build_models(cfg, train_set.num_classes, device)
     optimizer = methods.make_optimizer(target, guide, lr=cfg.lr, momentum=cfg.momentum,
                                        weight_decay=cfg.weight_decay)
-    history, first = _resume(path, resume, cfg, target, guide, optimizer, device, say)
+    history, first = _resume(payload, path, cfg, target, guide, optimizer, say)
     step_models = _step_models(cfg, target, guide, world)
     method = methods.get_method(cfg.method)
+    params = method.resolve(**cfg.method_params)  # checked once, here at the door
     last = cfg.epochs if max_epochs is None else min(cfg.epochs, first - 1 + max_epochs)
 
     loader = data.BatchLoader(train_set, cfg.batch_size, seed=cfg.seed, rank=rank, world=world,
@@ -422,19 +473,17 @@ def fit(cfg: TrainConfig, out_dir: str | Path | None = None, *, device: str = "c
     from tqdm.auto import tqdm
     for epoch in range(first, last + 1):
         lr = _set_lr(optimizer, cfg, epoch)
-        sums: dict[str, float] = {}
-        seen, batch, started = 0, 0, time.perf_counter()
+        steps, batch, started = [], 0, time.perf_counter()
         loader.set_epoch(epoch)
         batches = tqdm(loader, total=len(loader), leave=False,
                        desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}",
                        disable=not (progress and rank == 0))
         for batch, (x, y) in enumerate(batches, start=1):
-            terms = _train_one(cfg, method, step_models, optimizer, x, y, device)
-            _check_loss(terms, epoch, batch, path, history)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v * len(y)
-            seen += len(y)
-            batches.set_postfix(loss=f"{terms['loss']:.3f}")
+            terms = _train_one(cfg, method, params, step_models, optimizer, x, y, device)
+            steps.append((terms, len(y)))
+            if not batches.disable and batch % SHOW_LOSS_EVERY == 0:  # one read per 20 batches
+                batches.set_postfix(loss=f"{terms['loss'].item():.3f}")
+        sums, seen = _epoch_sums(steps, epoch, path, history)
         check_finite(epoch, batch, target, guide, optimizer, path, history)
         elapsed = time.perf_counter() - started
         record = {"epoch": epoch, "lr": lr, "time_s": round(elapsed, 2),
@@ -495,6 +544,18 @@ def load_run(path: str | Path, *, target_model: str | None = None, num_classes: 
     if payload.get("kind") != "d2r_lib.train":
         raise checkpoint.CheckpointError(f"{path} is not a d2r_lib training checkpoint (no "
                                          "kind='d2r_lib.train')")
+    checkpoint.check_fields(payload, path, {k: checkpoint.RUN_FIELDS[k] for k in (
+        "config", "epoch", "epochs", "method", "target_model", "num_classes", "dataset", "target",
+        "guide")})
+    faults = [f"{key} {payload[key]!r} is not one of d2r_lib's models" for key in
+              ("target_model", "guide_model") if payload.get(key) is not None
+              and payload[key] not in models.MODELS]
+    if payload["num_classes"] < 2:
+        faults.append(f"num_classes {payload['num_classes']} is below 2")
+    if not isinstance(payload["config"].get("subset"), str):
+        faults.append("its config has no subset")
+    if faults:
+        raise checkpoint.CheckpointError(f"{path} is damaged: " + "; ".join(faults))
     checkpoint.check_meta(payload, path, target_model=target_model, num_classes=num_classes,
                           method=method)
     target = models.build_model(payload["target_model"], payload["num_classes"]).to(device)
@@ -522,8 +583,8 @@ def cache_path(cfg: TrainConfig) -> Path:
 
 def load_or_train(cfg: TrainConfig, **fit_kwargs) -> TrainResult:
     """The chapters' checkpoint cache: a finished run keyed by every setting is loaded, otherwise
-    trained (or resumed). Chapter 2."""
-    return fit(cfg, cache_path(cfg), **fit_kwargs)
+    trained (or resumed); a run another process is training is waited for. Chapter 2."""
+    return fit(cfg, cache_path(cfg), **{"wait": True, **fit_kwargs})
 
 
 def load_cached(cfg: TrainConfig, device: str = "cpu") -> TrainResult | None:

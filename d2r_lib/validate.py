@@ -7,14 +7,18 @@ create a file or folder.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a check needs it: `d2r` starts without it
+    import torch
 
 __all__ = [
     "D2RWarning",
@@ -37,9 +41,10 @@ __all__ = [
     "seed",
     "step_size",
     "steps",
+    "values_checked",
 ]
 
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_MAX = 3.4028234663852886e38  # float(torch.finfo(torch.float32).max)
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit; torch and random accept these too
 
 
@@ -126,8 +131,26 @@ def flag(name: str, value) -> bool:
     return value
 
 
+_VALUES_CHECKED = contextvars.ContextVar("values_checked", default=False)
+
+
+@contextlib.contextmanager
+def values_checked():
+    """Inside, `images` and `labels` check only types and shapes: the caller checked the values at
+    its door, and reading them back to the host (a synchronisation that stalls a GPU) is skipped.
+    `methods.step` runs in it. Chapter 9."""
+    token = _VALUES_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _VALUES_CHECKED.reset(token)
+
+
 def images(x, name: str = "x") -> torch.Tensor:
-    """x must be a float tensor (N, C, H, W) with every value finite and in [0, 1]."""
+    """x must be a float tensor (N, C, H, W) with every value finite and in [0, 1] (the values are
+    not read inside `values_checked`)."""
+    import torch
+
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of images; got {type(x).__name__}")
     if x.dim() != 4:
@@ -136,7 +159,7 @@ def images(x, name: str = "x") -> torch.Tensor:
         )
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a float tensor with pixels in [0, 1]; got dtype {x.dtype}")
-    if x.numel():
+    if x.numel() and not _VALUES_CHECKED.get():
         finite = torch.isfinite(x)
         if not finite.all():
             bad = int((~finite).sum())
@@ -152,7 +175,10 @@ def images(x, name: str = "x") -> torch.Tensor:
 
 
 def labels(y, num_classes: int, batch: int, name: str = "y") -> torch.Tensor:
-    """y must be an integer tensor of shape (batch,) with values in [0, num_classes)."""
+    """y must be an integer tensor of shape (batch,) with values in [0, num_classes) (the values are
+    not read inside `values_checked`)."""
+    import torch
+
     int_types = (torch.int64, torch.int32, torch.int16, torch.uint8)
     if not isinstance(y, torch.Tensor) or y.dtype not in int_types:
         raise TypeError(
@@ -162,7 +188,7 @@ def labels(y, num_classes: int, batch: int, name: str = "y") -> torch.Tensor:
     if y.shape != (batch,):
         raise ValueError(f"{name} must have shape ({batch},) to match the batch; got "
                          f"{tuple(y.shape)}")
-    if y.numel() and (y.min() < 0 or y.max() >= num_classes):
+    if y.numel() and not _VALUES_CHECKED.get() and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(
             f"{name} must hold class indices in [0, {num_classes - 1}]; "
             f"got values in [{y.min().item()}, {y.max().item()}]"
@@ -171,6 +197,8 @@ def labels(y, num_classes: int, batch: int, name: str = "y") -> torch.Tensor:
 
 
 def logits(z, name: str) -> torch.Tensor:
+    import torch
+
     if not isinstance(z, torch.Tensor) or z.dim() != 2:
         shape = getattr(z, "shape", type(z))
         raise ValueError(f"{name} must be a (batch, classes) tensor of logits; got {shape}")
@@ -219,7 +247,12 @@ def _creatable(name: str, path: Path, start: Path) -> None:
 
 def output_dir(name: str, path, files: Iterable[str] = ()) -> Path:
     """`path` is, or can become, a writable folder where each of `files` can be written."""
+    from .checkpoint import regular_file
+
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise NotADirectoryError(f"{name} {path} is a symbolic link to nothing (or a loop); give "
+                                 "a folder")
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{name} {path} is a file; give a folder")
     _creatable(name, path, path)
@@ -228,16 +261,20 @@ def output_dir(name: str, path, files: Iterable[str] = ()) -> Path:
             raise IsADirectoryError(
                 f"{name} {path}: {path / file} is a folder, but a file is written there"
             )
+        regular_file(path / file, name)
     return path
 
 
 def output_file(name: str, path) -> Path:
     """`path` can be written as a file: not a folder, and its folder exists or can be created."""
+    from .checkpoint import regular_file
+
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{name} {path} is a folder; give a file name such as "
                                 f"{path / 'out.json'}")
     _creatable(name, path, path.parent)
+    regular_file(path, name)
     return path
 
 

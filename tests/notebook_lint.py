@@ -2,6 +2,7 @@
 import ast
 import importlib
 import inspect
+import json
 import pkgutil
 import re
 from pathlib import Path
@@ -39,6 +40,47 @@ def code_without_magics(source: str) -> str:
 
 MAX_CODE_LINE = 90  # characters: a wider code line needs a horizontal scroll bar on the page
 SHIM_TAG = "hide-cell"   # the Colab shim is folded on the rendered page
+
+
+INSTALL_ENV = "D2R_INSTALL_SPEC"  # the shim installs from there instead (a local wheel, in tests)
+
+
+def install_spec() -> str:
+    """What the Colab shim installs: the repository of _config.yml at the tag v{__version__}, with
+    AutoAttack's package (the `autoattack` extra)."""
+    return f"d2r_lib[autoattack] @ git+{repository_url()}@v{d2r_lib.__version__}"
+
+
+def install_lines() -> list[str]:
+    """The shim's install lines (inside `except ImportError:`); $D2R_INSTALL_SPEC replaces the
+    spec."""
+    return [f"    import os  # ${INSTALL_ENV}: install from elsewhere, such as a local wheel",
+            f'    spec = "{install_spec()}"',
+            f"    %pip install -q \"{{os.environ.get('{INSTALL_ENV}', spec)}}\""]
+
+
+_INSTALL_LINE = re.compile(r'^\s*(import os  # \$D2R_INSTALL_SPEC|spec = "d2r_lib|%pip install)')
+
+
+def fix_install(path: Path) -> bool:
+    """Write `install_lines()` in place of the shim's install lines, editing only those lines of
+    the file (the rest of the JSON is left byte for byte); True when the file changed."""
+    text = path.read_text(encoding="utf-8")
+    code = [c for c in nbformat.reads(text, as_version=4).cells if c.cell_type == "code"]
+    lines = code[0].source.splitlines() if code else []
+    old = [line for line in lines if _INSTALL_LINE.match(line)]
+    if not old or old == install_lines():
+        return False
+    rows = text.splitlines(keepends=True)
+    at = [i for i, row in enumerate(rows) if row.strip().rstrip(",") in
+          {json.dumps(line + "\n", ensure_ascii=False) for line in old}]
+    indent = rows[at[0]][:len(rows[at[0]]) - len(rows[at[0]].lstrip())]
+    new = [f"{indent}{json.dumps(line + chr(10), ensure_ascii=False)},\n"
+           for line in install_lines()]
+    if not rows[at[-1]].rstrip().endswith(","):  # the cell's last line: no comma after it
+        new[-1] = new[-1].rstrip().rstrip(",") + "\n"
+    path.write_text("".join(rows[:at[0]] + new + rows[at[-1] + 1:]), encoding="utf-8")
+    return True
 
 
 def fix_tags(path: Path) -> bool:
@@ -84,6 +126,9 @@ def lint(path: Path) -> list[str]:
     if repository_url() not in first or "import d2r_lib" not in first:
         problems.append("the first code cell must be the Colab shim (import d2r_lib, else %pip "
                         f"install from {repository_url()})")
+    elif "\n".join(install_lines()) not in first:
+        problems.append("the Colab shim must install with install_lines() (the spec of "
+                        "_config.yml and __version__): python tests/notebook_lint.py --fix")
     all_code = "\n".join(c.source for c in code)
     if not re.search(r"from d2r_lib import|import d2r_lib\.", all_code):
         problems.append("the notebook never imports d2r_lib modules")
@@ -117,6 +162,11 @@ if __name__ == "__main__":
         for nb_path in notebooks:
             if fix_tags(nb_path):
                 print(f"tagged the shim of {nb_path.relative_to(ROOT)}")
+        others = sorted((ROOT / "exercises").glob("[0-9][0-9]_*.ipynb")) + sorted(
+            (ROOT / "book" / "experiments").glob("*.ipynb"))
+        for nb_path in notebooks + others:
+            if fix_install(nb_path):
+                print(f"wrote the install lines of {nb_path.relative_to(ROOT)}")
     for nb_path in CHAPTERS:
         for problem in lint(nb_path):
             print(f"{nb_path.relative_to(ROOT)}: {problem}")

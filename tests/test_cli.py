@@ -115,25 +115,13 @@ def test_train_profile_gives_the_chapters_configuration(tmp_path, monkeypatch):
         assert ours.key() == chapters.key()
 
 
-@dataclasses.dataclass(frozen=True)
-class _Profile:  # the shape the runner branch gives profiles: a frozen dataclass, new field names
-    dataset: str = "cifar10"
-    subset: str = "mini"
-    train_size: int | None = 96
-    attacked: int | None = 16
-    held_out: int = 24
-    epochs: int = 2
-    batch_size: int = 48
-    target_model: str = "small_cnn"
-    guide_model: str = "small_cnn"
-    eps: float | None = 4 / 255
-    step_size: float | None = None
-    steps: int | None = 3
-    lr: float = 0.05
+_TINY = dataclasses.replace(experiments.PROFILES["smoke"], train_size=96, attacked=16, held_out=24,
+                            epochs=2, batch_size=48, eps=4 / 255, step_size=None, steps=3,
+                            lr=0.05, fast=False)
 
 
-def test_profiles_may_be_frozen_dataclasses(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(experiments, "PROFILES", {"tiny": _Profile()})
+def test_a_new_profile_reaches_train_through_the_one_mapping(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(experiments, "PROFILES", {"tiny": _TINY})
     cfg = cli.train_config(_parse("train", "--profile", "tiny", "--method", "trades", "--lr",
                                   "0.01", "--out", str(tmp_path)))
     got = (cfg.train_size, cfg.epochs, cfg.batch_size, cfg.lr, _held_out(cfg))

@@ -265,7 +265,10 @@ def _jpeg(arr, mode=None) -> bytes:
 
 
 @pytest.fixture
-def fake_tiny(tmp_path) -> Path:
+def fake_tiny(tmp_path, monkeypatch) -> Path:
+    # a fake bundle: d2r_lib's shipped digest would refuse it, so it is made a file d2r_lib has no
+    # digest for, which the local SHA256SUMS may add
+    monkeypatch.delitem(_storage.BUNDLE_SHA256, data.TINY_BUNDLE_ZIP)
     wnids = [f"n{c:08d}" for c in range(200)]
     rng = np.random.default_rng(0)
     d = tmp_path / "tinydata"

@@ -7,8 +7,11 @@ was created or changed.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
+import stat
+import time
 import urllib.error
 import zipfile
 from pathlib import Path
@@ -46,6 +49,8 @@ def _snapshot(root: Path) -> dict:
     for p in sorted(root.rglob("*")):
         if p.is_dir():
             out[p.relative_to(root).as_posix() + "/"] = None
+        elif not p.is_file():  # a FIFO: never opened
+            out[p.relative_to(root).as_posix()] = stat.S_IFMT(os.lstat(p).st_mode)
         else:
             st = p.stat()
             out[p.relative_to(root).as_posix()] = (st.st_size, st.st_mtime_ns,
@@ -178,6 +183,64 @@ def _tampered_after_verified(b, d):
     return d
 
 
+def _zeroed_listed(b, d):  # a regenerated SHA256SUMS cannot vouch for a file d2r_lib knows
+    p = _copy(b, d)
+    _resave(p, lambda a: a["x"].fill(0))
+    _list_in_sums(p)
+    return d
+
+
+def _cropped_listed(b, d):  # the issue's case: 20x20 images, 11 classes, sums regenerated
+    p = _copy(b, d)
+    _resave(p, lambda a: a.update(x=np.ascontiguousarray(a["x"][:, :20, :20]),
+                                  classes=np.append(a["classes"], "extra")))
+    _list_in_sums(p)
+    return d
+
+
+def _labels_out_of_range_listed(b, d):
+    p = _copy(b, d)
+    _resave(p, lambda a: a["y"].__setitem__(0, 10))
+    _list_in_sums(p)
+    return d
+
+
+def _huge_header_listed(b, d):  # x.npy's header declares 10**12 images of 32x32x3
+    p = _copy(b, d)
+    with np.load(p) as z:
+        arrays = {k: z[k] for k in z.files}
+    with zipfile.ZipFile(p, "w") as archive:
+        for key, value in arrays.items():
+            buffer = io.BytesIO()
+            if key == "x":
+                np.lib.format.write_array_header_1_0(buffer, {
+                    "descr": "|u1", "fortran_order": False, "shape": (10**12, 32, 32, 3)})
+                buffer.write(value.tobytes())
+            else:
+                np.lib.format.write_array(buffer, value)
+            archive.writestr(f"{key}.npy", buffer.getvalue())
+    _list_in_sums(p)
+    return d
+
+
+def _fifo(b, d):
+    d.mkdir()
+    os.mkfifo(d / TEST_NPZ)
+    return d
+
+
+def _same_size_edit_mtime_restored(b, d):
+    p = _copy(b, d)
+    data.verify_file(p)
+    st = p.stat()
+    raw = bytearray(p.read_bytes())
+    raw[-5000] ^= 0xFF  # one byte, the same size
+    p.write_bytes(bytes(raw))
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # `touch -r`: the mtime as it was
+    assert p.stat().st_mtime_ns == st.st_mtime_ns and p.stat().st_size == st.st_size
+    return d
+
+
 def _cifar_test(d):
     return data.cifar10("test", "mini", data_dir=d)
 
@@ -195,21 +258,41 @@ CASES = [
     ("random bytes", _random_bytes, _cifar_test, data.DataCorrupt, MISMATCH),
     ("corrupt zip, no SHA256SUMS beside", _corrupt_zip_no_sums, _cifar_test, data.DataCorrupt,
      MISMATCH + ["the bundle's SHA256SUMS \\(built into d2r_lib\\)"]),
-    ("CRC error, SHA256SUMS regenerated", _crc_error, _cifar_test, data.DataCorrupt,
+    ("zeroed, SHA256SUMS regenerated", _zeroed_listed, _cifar_test, data.DataCorrupt,
+     MISMATCH + [r"SHA256SUMS lists this file's digest, but a local SHA256SUMS may only add files, "
+                 "never replace a digest d2r_lib ships"]),
+    ("same-size edit, mtime restored", _same_size_edit_mtime_restored, _cifar_test,
+     data.DataCorrupt, MISMATCH),
+    ("a FIFO named like the file", _fifo, _cifar_test, data.DataCorrupt,
+     [r"cifar10_test_1000\.npz is not a regular file \(a FIFO, a device or a socket\)"]),
+    ("cropped, 11 classes, no shipped digest", _cropped_listed, _cifar_test, data.DataCorrupt,
+     [r"cifar10_test_1000\.npz does not hold cifar10 test/mini as declared: images are uint8 "
+      r"\(1000, 20, 20, 3\), not uint8 \(N, 32, 32, 3\); 11 class names, not 10"]),
+    ("label out of range, no shipped digest", _labels_out_of_range_listed, _cifar_test,
+     data.DataCorrupt, [r"cifar10_test_1000\.npz does not hold cifar10 test/mini as declared: "
+                        r"labels must be integers in \[0, 9\]; got int64 values in \[0, 10\]"]),
+    ("huge header, no shipped digest", _huge_header_listed, _cifar_test, data.DataCorrupt,
+     [r"cifar10_test_1000\.npz: x\.npy declares a uint8 array of shape \(1000000000000, 32, 32, "
+      r"3\) \(3,072,000,000,000,000 bytes\) in 3,072,\d+ bytes; the file is damaged or forged"]),
+    ("CRC error, SHA256SUMS regenerated, no shipped digest",
+     _crc_error, _cifar_test, data.DataCorrupt,
      NOT_READABLE + [r"BadZipFile: Bad CRC-32 for file 'x\.npy'"]),
-    ("truncated, SHA256SUMS regenerated", _truncated_listed, _cifar_test, data.DataCorrupt,
+    ("truncated, SHA256SUMS regenerated, no shipped digest",
+     _truncated_listed, _cifar_test, data.DataCorrupt,
      NOT_READABLE + ["BadZipFile"]),
-    ("random bytes, SHA256SUMS regenerated", _random_bytes_listed, _cifar_test, data.DataCorrupt,
+    ("random bytes, SHA256SUMS regenerated, no shipped digest",
+     _random_bytes_listed, _cifar_test, data.DataCorrupt,
      [r"is not an \.npz archive \(no zip header\)", COPY_FIX]),
-    ("missing key, SHA256SUMS regenerated", _missing_keys_listed, _cifar_test, data.DataCorrupt,
+    ("missing key, SHA256SUMS regenerated, no shipped digest",
+     _missing_keys_listed, _cifar_test, data.DataCorrupt,
      [r"is not a bundle file: keys \['idx'\] are missing", COPY_FIX]),
     ("unreadable SHA256SUMS", _garbage_sums, _cifar_test, data.DataCorrupt,
      [r"SHA256SUMS cannot be read", "copy SHA256SUMS again from the offline bundle"]),
-    ("corrupt JPEG zip", _fake_archive("cifar10_train_50000_jpeg.zip"),
+    ("corrupt JPEG zip, no shipped digest", _fake_archive("cifar10_train_50000_jpeg.zip"),
      lambda d: data.cifar10("train", "full", data_dir=d), data.DataCorrupt,
      [r"cifar10_train_50000_jpeg\.zip cannot be read as the CIFAR-10 JPEG training set",
       "BadZipFile", "copy cifar10_train_50000_jpeg.zip again"]),
-    ("corrupt Tiny ImageNet zip", _fake_archive(data.TINY_BUNDLE_ZIP),
+    ("corrupt Tiny ImageNet zip, no shipped digest", _fake_archive(data.TINY_BUNDLE_ZIP),
      lambda d: data.tinyimagenet("val", data_dir=d), data.DataCorrupt,
      [r"tiny-imagenet-200_val10000_train50pc\.zip cannot be read as Tiny ImageNet",
       "BadZipFile"]),
@@ -230,7 +313,10 @@ CASES = [
 
 @pytest.mark.data
 @pytest.mark.parametrize("case, make, load, kind, patterns", CASES, ids=[c[0] for c in CASES])
-def test_data_fault(case, make, load, kind, patterns, bundle, tmp_path):
+def test_data_fault(case, make, load, kind, patterns, bundle, tmp_path, monkeypatch):
+    if case.endswith("no shipped digest"):  # a file d2r_lib has no digest for: SHA256SUMS adds it
+        for name in (TEST_NPZ, "cifar10_train_50000_jpeg.zip", data.TINY_BUNDLE_ZIP):
+            monkeypatch.delitem(_storage.BUNDLE_SHA256, name)
     before_bundle = {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()}
     data_dir = make(bundle, tmp_path / "d")
     before = _snapshot(tmp_path)
@@ -293,8 +379,11 @@ def test_failed_download_leaves_nothing(call, tmp_path, monkeypatch):
 # The verification cache
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.data
-def test_verification_is_cached_by_path_size_mtime(bundle, tmp_path, monkeypatch):
+def test_verification_is_cached_by_content_stamps(bundle, tmp_path, monkeypatch):
+    """Cached by size, mtime, ctime and inode: a same-size edit with its mtime set back is hashed
+    again and caught; every file is hashed again after RECHECK_DAYS (bit rot)."""
     p = _copy(bundle, tmp_path / "d")
+    time.sleep(1.1)  # a file changed within a second of its check is never taken from the cache
     hashed = []
     real_sha256 = hashlib.sha256
     monkeypatch.setattr(_storage.hashlib, "sha256", lambda *a: hashed.append(1) or real_sha256(*a))
@@ -303,12 +392,32 @@ def test_verification_is_cached_by_path_size_mtime(bundle, tmp_path, monkeypatch
     assert sorted(x.name for x in cache.iterdir()) == ["verified.json"]  # no temporary file left
     monkeypatch.setattr(_storage, "_VERIFIED", {})  # a new process: only the JSON file remains
     assert data.verify_file(p) and data.verify_file(p) and len(hashed) == 1
-    os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))  # touched: check again
-    assert data.verify_file(p) and len(hashed) == 2
     assert not data.verify_file(tmp_path / "d" / "SHA256SUMS")  # not a bundle data file
     (cache / "verified.json").write_text("{not json")  # a damaged cache only costs a re-check
     monkeypatch.setattr(_storage, "_VERIFIED", {})
+    assert data.verify_file(p) and len(hashed) == 2
+    now = time.time_ns()
+    later = now + (_storage.RECHECK_DAYS * 86400 + 60) * 10**9
+    monkeypatch.setattr(_storage.time, "time_ns", lambda: later)
+    assert data.verify_file(p) and len(hashed) == 3  # a week on: hashed again
     assert data.verify_file(p) and len(hashed) == 3
+    st = p.stat()
+    raw = bytearray(p.read_bytes())
+    raw[-5000] ^= 0xFF
+    p.write_bytes(bytes(raw))  # the same size ...
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and the same mtime (`touch -r`)
+    with pytest.raises(data.DataCorrupt, match="is damaged or modified"):
+        data.verify_file(p)
+    assert len(hashed) == 4
+
+
+@pytest.mark.data
+def test_a_differing_local_sums_is_reported_and_ignored(bundle, tmp_path):
+    p = _copy(bundle, tmp_path / "d", sums=False)
+    (p.parent / "SHA256SUMS").write_text(f"{'0' * 64}  {TEST_NPZ}\n")
+    with pytest.warns(UserWarning, match="lists another SHA256 for cifar10_test_1000.npz than the "
+                      "one d2r_lib ships; the shipped digest is the one checked"):
+        assert data.verify_file(p)
 
 
 @pytest.mark.data

@@ -6,9 +6,11 @@ checkpoint cache and every path of a case live there); a real process is used wh
 (no traceback, SIGKILL during a checkpoint write).
 """
 
+import contextlib
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -121,6 +123,19 @@ def sandbox(template, tmp_path, monkeypatch):
 
     box = tmp_path / "box"
     shutil.copytree(template, box)
+    # what no writer may replace (made here: copytree cannot copy a FIFO or a link loop)
+    os.mkfifo(box / "fifo")
+    (box / "fifo_out").mkdir()
+    os.mkfifo(box / "fifo_out" / "last.pt")
+    (box / "link_to_fifo").symlink_to("fifo")
+    (box / "loop").symlink_to("loop")
+    if os.geteuid() == 0:  # a copy of /dev/null, as Colab's root could name it
+        os.mknod(box / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    (box / "foreign").mkdir()  # another tool's history, no last.pt
+    (box / "foreign" / "history.json").write_text("[]\n")
+    (box / "refcopy").mkdir()  # a shipped reference run's files
+    for name in ("history.json", "manifest.json", "metrics.json"):
+        (box / "refcopy" / name).write_text("{}\n")
     monkeypatch.chdir(box)
     monkeypatch.setenv("D2R_CACHE_DIR", str(box / "cache"))
     monkeypatch.delenv("D2R_PROFILE", raising=False)
@@ -135,19 +150,23 @@ def snapshot(*roots) -> dict:
         if not root.exists():
             continue
         for p in sorted(root.rglob("*")):
-            if p.is_dir():
+            st = os.lstat(p)  # never follows a link, never opens a FIFO or a device
+            if stat.S_ISDIR(st.st_mode):
                 seen[str(p)] = "dir"
-            else:
-                st = p.stat()
+            elif stat.S_ISREG(st.st_mode):
                 with open(p, "rb") as f:
                     head = f.read(4096)
                 seen[str(p)] = (st.st_size, st.st_mtime_ns, head)
+            else:
+                link = os.readlink(p) if stat.S_ISLNK(st.st_mode) else None
+                seen[str(p)] = (stat.S_IFMT(st.st_mode), st.st_rdev, link)
     return seen
 
 
 def run_cli(argv, capsys, sandbox):
     """cli.main in-process; returns (exit code, stdout, stderr) after checking nothing changed."""
-    watched = (sandbox, SHARED_DATA, ROOT / "data", ROOT / "runs")  # and the default folders
+    watched = (sandbox, SHARED_DATA, ROOT / "data", ROOT / "runs",  # and the default folders
+               ROOT / "book" / "reference")
     before = snapshot(*watched)
     code = cli.main([a.replace("{unwritable}", UNWRITABLE or "/nonexistent") for a in argv])
     out, err = capsys.readouterr()
@@ -213,7 +232,7 @@ CASES = [
     ("range", [*T, "--lr", "1e300"], 2, "--lr must fit a 32-bit float"),
     ("range", [*T, "--eps", "2"], 2, "--eps must be <= 1: an L∞ radius on pixels in [0, 1]"),
     ("range", [*T, "--eps", "1e9"], 2, "--eps must be <= 1: an L∞ radius"),
-    ("range", [*T, "--eps", "-1"], 2, "--eps must be >= 0; got -1.0"),
+    ("range", [*T, "--eps", "-1"], 2, "--eps must be > 0; got -1.0"),
     ("range", [*T, "--step-size", "0"], 2, "--step-size must be > 0; got 0.0"),
     ("range", [*T, "--steps", "0"], 2, "--steps must be >= 1; got 0"),
     ("range", [*T, "--w-clean", "-1"], 2, "--w-clean must be >= 0; got -1.0"),
@@ -276,6 +295,40 @@ CASES = [
                  marks=NEEDS_UNWRITABLE),
     ("path", ["demo", "--data-dir", "afile"], 2, "--data-dir afile is a file; give a folder"),
     pytest.param("path", ["run", "--out", "afile"], 2, "afile"),
+    # writers replace only regular files (issue 24)
+    ("path", [*E, "--json", "fifo"], 2,
+     "--json fifo is a FIFO (named pipe); only a regular file is written (or created) there"),
+    ("path", [*E, "--json", "link_to_fifo"], 2, "is a FIFO (named pipe); only a regular file"),
+    pytest.param("path", [*E, "--json", "null"], 2,
+                 "--json null is a character device; only a regular file",
+                 marks=pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")),
+    ("path", ["train", "--out", "fifo_out"], 2, "--out fifo_out/last.pt is a FIFO (named pipe)"),
+    ("path", ["train", "--out", "loop"], 2,
+     "--out loop is a symbolic link to nothing (or a loop); give a folder"),
+    ("path", ["train", "--out", ""], 2, "argument --out: an empty path; give a file or folder"),
+    ("path", [*E, "--json", ""], 2, "argument --json: an empty path"),
+    ("path", ["quickstart", "--out", ""], 2, "argument --out: an empty path"),
+    # a folder holding another run's or another kind's files is never written into
+    ("path", ["train", "--out", "foreign"], 2, "--out foreign holds the files of another run or "
+     "kind (history.json without last.pt of `d2r train`); nothing was overwritten"),
+    ("path", ["train", "--out", "refcopy"], 2, "--out refcopy holds the files of another run or "
+     "kind (manifest.json without last.pt"),
+    ("path", ["train", "--out", str(ROOT / "book" / "reference" / "d2r-seed0")], 2,
+     "holds the files of another run or kind"),
+    # the runner: every check before a kernel starts
+    ("path", ["run", "--out", "foreign"], 2, "holds the files of another run or kind "
+     "(history.json;"),
+    ("path", ["run", "--out", "refcopy"], 2, "holds the files of another run or kind "
+     "(manifest.json;"),
+    ("path", ["run", "--out", str(ROOT / "book" / "reference")], 2,
+     "holds the files of another run or kind"),
+    ("name", ["run", "--profile", "smoke", "--chapters", "0", "--out", "r"], 2,
+     "--chapters 0: no chapter matches"),
+    ("range", ["run", "--profile", "smoke", "--chapters", "01", "-p", "seed=4294967296", "--out",
+               "r"], 2, "allows an integer >= 0 and <= 4294967295"),
+    pytest.param("range", ["run", "--profile", "smoke", "--device", "cuda", "--out", "r"], 2,
+                 "--device cuda: no CUDA device here; use auto or cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
     # checkpoints given to evaluate, or found in train's --out
     *[("checkpoint", ["evaluate", "--checkpoint", f"corrupt{seed}.pt"], 2, f"corrupt{seed}.pt")
       for seed in CORRUPT_SEEDS],
@@ -439,3 +492,317 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_intact(tmp_pa
     # the half-written temporary file is hidden and is not a .pt: never taken for a checkpoint
     assert all(p.name.startswith(".") and not p.name.endswith(".pt") for p in leftovers)
     assert sorted(folder.glob("*.pt")) == [path]
+
+
+# --------------------------------------------------------------------- issue 24: nothing is lost
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+TINY = ["--method", "standard", "--train-size", "32", "--batch-size", "32", "--held-out", "8",
+        "--device", "cpu", "--no-progress"]
+
+
+@pytest.mark.parametrize("node", ["fifo", "link_to_fifo", "null"])
+def test_no_writer_replaces_a_special_file(node, sandbox):
+    if not os.path.lexists(sandbox / node):
+        pytest.skip("mknod needs root")
+    before = snapshot(sandbox)
+    for write in (lambda p: checkpoint.atomic_write(p, lambda tmp: tmp.write_text("{}")),
+                  lambda p: checkpoint.save({"w": torch.zeros(2)}, p),
+                  lambda p: evaluate.ResultsTable({"m": {"clean": 0.5}}).save_json(p)):
+        with pytest.raises(ValueError, match="only a regular file is written"):
+            write(sandbox / node)
+    assert snapshot(sandbox) == before
+
+
+def test_a_link_to_a_regular_file_is_written_through(sandbox):
+    (sandbox / "real.json").write_text("old")
+    (sandbox / "link.json").symlink_to("real.json")
+    checkpoint.atomic_write(sandbox / "link.json", lambda tmp: tmp.write_text("new"))
+    assert (sandbox / "link.json").is_symlink() and (sandbox / "real.json").read_text() == "new"
+
+
+def test_the_lock_is_reentrant_and_leaves_nothing(tmp_path):
+    folder = tmp_path / "a" / "b"
+    with checkpoint.exclusive(folder / ".lock") as lock:
+        assert lock.read_text().split()[0] == str(os.getpid())
+        with checkpoint.exclusive(folder / ".lock"):  # the same process: no deadlock
+            pass
+        assert lock.exists()
+    assert list(tmp_path.iterdir()) == []  # lock file and the folders made for it are gone
+
+
+HOLDER = """
+import sys
+from d2r_lib import checkpoint
+with checkpoint.exclusive(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_held_out_folder_refuses_a_second_run(sandbox, capsys):
+    (sandbox / "busy").mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(sandbox / "busy" / ".lock")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert proc.stdout.readline() == "held\n"
+        code, out, err = run_cli(["train", *TINY, "--epochs", "1", "--out", "busy"], capsys,
+                                 sandbox)
+        assert_refused(code, out, err, 2, f"busy is in use by another run (pid {proc.pid}")
+        assert "wait for it to finish or stop it, or use another folder" in err
+    finally:
+        proc.communicate("")
+    assert proc.returncode == 0 and sorted(os.listdir(sandbox / "busy")) == []
+
+
+@pytest.mark.data
+def test_two_concurrent_train_runs_one_refused_then_sigterm(tmp_path, shared_data):
+    """The second `d2r train` into one --out is refused naming the first; SIGTERM then stops the
+    first with one line and code 130; the checkpoint it leaves resumes."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "d2r_lib", "train", *TINY, "--out", str(out)]
+    first = subprocess.Popen([*cmd, "--epochs", "500"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "last.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)  # the first run is under way: it has written a checkpoint
+        assert (out / "last.pt").exists(), first.stderr.read() if first.poll() is not None else ""
+        second = subprocess.run([*cmd, "--epochs", "500", "--seed", "2"], capture_output=True,
+                                text=True, env=ENV, cwd=tmp_path, timeout=120)
+        assert second.returncode == 2 and second.stdout == ""
+        assert second.stderr.startswith(f"error: {out} is in use by another run (pid "
+                                        f"{first.pid}, `python -m d2r_lib train")
+        assert len(second.stderr.splitlines()) == 1
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=60)
+    assert first.returncode == 130, err
+    assert err.splitlines()[-1] == ("error: interrupted (SIGTERM); every file written so far is "
+                                    "complete (writes are atomic): run the same command again to "
+                                    "resume")
+    assert "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["history.json", "last.pt"]
+    payload = checkpoint.load(out / "last.pt")
+    assert payload["epoch"] >= 1 and payload["config"]["seed"] == 1
+
+
+def test_ctrl_c_while_starting_is_one_line(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "d2r_lib", "train", *TINY, "--out",
+                             str(tmp_path / "o")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:  # until torch is being loaded
+        with contextlib.suppress(OSError):
+            if "libtorch" in maps.read_text():
+                break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == 2:  # finished before the signal: a missing data bundle, say
+        pytest.skip(f"the command ended before the signal: {err}")
+    assert proc.returncode == 130 and out == "", err
+    assert err == ("error: interrupted (Ctrl-C); every file written so far is complete (writes "
+                   "are atomic): run the same command again to resume\n")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.data
+def test_a_full_disk_is_exit_3_naming_the_file_and_the_previous_checkpoint_survives(
+        tmp_path, capsys, shared_data, monkeypatch):
+    monkeypatch.setenv("D2R_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    argv = ["train", *TINY, "--out", str(out)]
+    cfg = cli.train_config(cli.build_parser().parse_args([*argv, "--epochs", "2"]))
+    train.fit(cfg, out, max_epochs=1, progress=False, log=lambda *a, **k: None)  # epoch 1 of 2
+    assert sorted(p.name for p in out.iterdir()) == ["history.json", "last.pt"]
+    before = snapshot(out)
+    limit = (out / "last.pt").stat().st_size // 2  # every checkpoint write fails past this size
+
+    def small_files():
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = subprocess.run([sys.executable, "-m", "d2r_lib", *argv, "--epochs", "2"],
+                       capture_output=True, text=True, env={**ENV, "D2R_CACHE_DIR":
+                                                            str(tmp_path / "cache")},
+                       preexec_fn=small_files, timeout=300)
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.splitlines()[-1] == (f"error: could not write {out / 'last.pt'}: File too "
+                                         "large; the previous version is intact")
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert snapshot(out) == before  # the checkpoint of epoch 1 is untouched, no temporary file
+    assert checkpoint.load(out / "last.pt")["epoch"] == 1
+
+
+# ---------------------------------------------------------- damaged checkpoints: one line each
+SYNTH = ["train", "--method", "standard", "--dataset", "synthetic", "--subset", "default",
+         "--epochs", "2", "--train-size", "32", "--batch-size", "32", "--held-out", "8",
+         "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    """A real run of epoch 1 of 2 on the synthetic set (no data bundle needed)."""
+    out = tmp_path_factory.mktemp("synth") / "run"
+    cfg = cli.train_config(cli.build_parser().parse_args([*SYNTH, "--out", str(out)]))
+    train.fit(cfg, out, max_epochs=1, progress=False, log=lambda *a, **k: None)
+    return torch.load(out / "last.pt", weights_only=True)
+
+
+def _drop(key):
+    return lambda p: p.pop(key)
+
+
+def _momentum(p):
+    state = p["optimizer"]["state"]
+    state[0]["momentum_buffer"] = state[0]["momentum_buffer"][:1]
+
+
+TAMPERED = [
+    ("no epoch", _drop("epoch"), "field 'epoch' is missing"),
+    ("no optimizer", _drop("optimizer"), "field 'optimizer' is missing"),
+    ("no rng", _drop("rng"), "field 'rng' is missing"),
+    ("no history", _drop("history"), "field 'history' is missing"),
+    ("two faults", lambda p: (p.pop("epoch"), p.update(history="x")),
+     "field 'epoch' is missing; field 'history' is a str, not list"),
+    ("epoch as text", lambda p: p.update(epoch="1"), "field 'epoch' is a str, not int"),
+    ("epoch out of range", lambda p: p.update(epoch=9), "epoch 9 is not in [1, 2]"),
+    ("rng without numpy", lambda p: p["rng"].pop("numpy"), "(rng) is damaged or not a complete"),
+    ("short python rng", lambda p: p["rng"].update(python=[1, 2]),
+     "a random-number state has the wrong size"),
+    ("no optimizer state", lambda p: p["optimizer"].pop("state"),
+     "the optimizer has no 'state' dict"),
+    ("momentum of another shape", _momentum,
+     "the optimizer's momentum of parameter 0 has shape (1, 3, 3, 3), not (16, 3, 3, 3)"),
+]
+
+
+@pytest.mark.parametrize("case, tamper, message", TAMPERED, ids=[t[0] for t in TAMPERED])
+def test_a_damaged_checkpoint_is_refused_with_one_line(case, tamper, message, synthetic_run,
+                                                       sandbox, capsys):
+    payload = {**synthetic_run, "optimizer": {
+        "state": {k: dict(v) for k, v in synthetic_run["optimizer"]["state"].items()},
+        "param_groups": synthetic_run["optimizer"]["param_groups"]},
+        "rng": dict(synthetic_run["rng"])}
+    tamper(payload)
+    (sandbox / "t").mkdir()
+    torch.save(payload, sandbox / "t" / "last.pt")
+    code, out, err = run_cli([*SYNTH, "--out", "t"], capsys, sandbox)
+    assert_refused(code, out, err, 2, message)
+    assert "t/last.pt" in err
+
+
+def test_damaged_metadata_is_refused_by_evaluate(synthetic_run, sandbox, capsys):
+    torch.save({**synthetic_run, "target_model": "vgg", "num_classes": 1}, sandbox / "meta.pt")
+    code, out, err = run_cli(["evaluate", "--checkpoint", "meta.pt"], capsys, sandbox)
+    assert_refused(code, out, err, 2, "meta.pt is damaged: target_model 'vgg' is not one of "
+                   "d2r_lib's models; num_classes 1 is below 2")
+
+
+@pytest.mark.parametrize("name, content", [
+    ("random.pt", random.Random(5).randbytes(2048)),
+    ("json.pt", b'{"kind": "d2r_lib.train", "epoch": 1}'),
+])
+def test_not_a_checkpoint_is_not_called_pickled(name, content, sandbox, capsys):
+    (sandbox / name).write_bytes(content)
+    code, out, err = run_cli(["evaluate", "--checkpoint", name], capsys, sandbox)
+    assert_refused(code, out, err, 2, f"cannot read checkpoint {name}: it is not a checkpoint "
+                   "written by torch.save (not a complete zip archive")
+    assert "pickle" not in err and "weights_only" not in err
+
+
+def test_pickled_objects_are_named_without_torchs_advice(sandbox, capsys):
+    code, out, err = run_cli(["evaluate", "--checkpoint", "pickled.pt"], capsys, sandbox)
+    assert_refused(code, out, err, 2, "refusing to load pickled.pt: it carries pickled Python "
+                   "objects (test_faults.Thing), which can run arbitrary code")
+    assert "weights_only" not in err
+
+
+def test_a_deflated_tensor_is_refused_before_it_is_inflated(sandbox, capsys):
+    """A 40 MB tensor re-zipped with deflate: a 40 kB file declaring 40 MB (the same trick scales
+    to gigabytes); refused from the zip directory, before torch reads a record."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(10_000_000)}, buffer)
+    with zipfile.ZipFile(buffer) as src, zipfile.ZipFile(sandbox / "bomb.pt", "w",
+                                                          zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    size = (sandbox / "bomb.pt").stat().st_size
+    assert size < 200_000
+    code, out, err = run_cli(["evaluate", "--checkpoint", "bomb.pt"], capsys, sandbox)
+    assert_refused(code, out, err, 2, "refusing to load bomb.pt: its records declare 40,00")
+    assert f"in a file of {size:,} bytes" in err
+
+
+def test_an_internal_error_is_exit_4_in_one_line(monkeypatch, capsys):
+    def broken():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(experiments, "profiles_table", broken)
+    monkeypatch.delenv("D2R_TRACEBACK", raising=False)
+    assert cli.main(["profiles"]) == 4
+    out, err = capsys.readouterr()
+    assert err == ("error: internal error (RuntimeError: boom); this is a bug in d2r_lib: please "
+                   "report it with the command (D2R_TRACEBACK=1 shows where)\n") and out == ""
+
+
+def test_help_documents_every_exit_code(capsys):
+    assert cli.main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for code, meaning in cli.EXIT_CODES.items():
+        assert f"{code} {' '.join(meaning.split())}" in text
+
+
+# ------------------------------------------------------------------------------------ the runner
+def test_the_runner_matches_chapters_exactly_and_runs_a_sweep_value_once(tmp_path):
+    from d2r_lib import runner
+
+    five = [p.stem for p in runner._select(["5"])]
+    assert five == [p.stem for p in runner._select(["05"])] == ["05_d2r_loss"]
+    assert [p.stem for p in runner._select(["05_d2r_loss"])] == ["05_d2r_loss"]
+    runs = runner.plan("smoke", out=tmp_path / "r", chapters=["01"], params={"seed": [0, 0, 1]})
+    assert [r.overrides for r in runs] == [{"seed": 0}, {"seed": 1}]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_results_file_is_skipped_with_a_warning(tmp_path):
+    import json
+
+    from d2r_lib import notebook_run
+
+    run = tmp_path / "01_x" / "smoke"
+    (run / "results").mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps(
+        {"chapter": "01_x", "profile": "smoke", "status": "ok", "overrides": {}}))
+    table = evaluate.ResultsTable({"m": {"clean": 0.5}})
+    (run / "results" / "good.json").write_text(json.dumps(
+        {"name": "good", "config": {"seed": 0}, "table": table.to_dict()}))
+    (run / "results" / "bad.json").write_text("{not json")
+    (tmp_path / "02_y" / "smoke").mkdir(parents=True)
+    (tmp_path / "02_y" / "smoke" / "manifest.json").write_text("[1, 2]")
+    with pytest.warns(UserWarning) as seen:
+        paths = notebook_run.write_results(tmp_path)
+    messages = sorted(str(w.message) for w in seen)
+    assert messages[0].startswith(f"skipped the damaged manifest {tmp_path / '02_y'}")
+    bad = run / "results" / "bad.json"
+    assert messages[1].startswith(f"skipped the damaged results file {bad}")
+    assert "good" in paths[1].read_text() and "bad" not in paths[1].read_text()
+
+
+def test_an_interrupted_run_says_so_in_its_manifest(tmp_path, monkeypatch):
+    import json
+
+    from d2r_lib import notebook_run, runner
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(notebook_run, "_execute_notebook", interrupted)
+    (run,) = runner.plan("smoke", out=tmp_path / "r", chapters=["01"])
+    with pytest.raises(KeyboardInterrupt):
+        notebook_run.execute(run, log=lambda *a: None)
+    manifest = json.loads((run.folder / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and "ended" in manifest

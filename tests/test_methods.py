@@ -83,7 +83,7 @@ def test_bad_method_arguments():
                        match="method 'pgd_at' has no parameter beta; allowed: eps, step_size, "
                              "steps"):
         methods.train_step("pgd_at", target, None, opt, x, y, beta=1.0)
-    with pytest.raises(ValueError, match="eps must be >= 0"):
+    with pytest.raises(ValueError, match="eps must be > 0; got -1.0"):
         methods.train_step("pgd_at", target, None, opt, x, y, eps=-1.0)
     with pytest.raises(ValueError, match="mismatched batch sizes"):
         methods.train_step("standard", target, None, opt, x, y[:1])
@@ -190,3 +190,49 @@ def test_method_parameters_are_checked_by_type():
         methods.get_method("trades").resolve(official_passes="yes")
     with pytest.raises(ValueError, match="kl_reduction must be one of 'mean', 'batchmean'"):
         methods.get_method("d2r").resolve(kl_reduction="sum")
+
+
+# ------------------------------------------------------------------------- no host synchronisation
+_SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@pytest.mark.parametrize("name", sorted(methods.METHODS))
+def test_the_step_fit_calls_reads_nothing_back_from_the_device(name, synthetic_xy, monkeypatch):
+    """`methods.step` (what `fit` runs per batch) makes no call that waits for the device: every
+    tensor method that reads values to the host is counted during one step (before this change
+    `train_step` made 6 to 15 such calls: its checks and the attack's, then `.item()` per term)."""
+    m, target, guide, opt = _setup(name)
+    x, y = synthetic_xy[0][:16], synthetic_xy[1][:16]
+    budget = {} if m.attack_kind == "none" else {"steps": 2}
+    method, params = methods.check_step(name, guide, x, y, **budget)
+    calls = []
+    for attr in _SYNCS:
+        real = getattr(torch.Tensor, attr)
+        monkeypatch.setattr(torch.Tensor, attr,
+                            lambda self, *a, _real=real, _attr=attr, **k:
+                            calls.append(_attr) or _real(self, *a, **k))
+    terms = methods.step(method, target, guide, opt, x, y, params)
+    monkeypatch.undo()
+    assert calls == []
+    assert all(v.dim() == 0 and not v.requires_grad for v in terms.values())
+    # the counter sees what it should: the public step reads every term back as a float
+    expected = methods.train_step(name, *_setup(name)[1:], x, y, **budget)
+    assert set(expected) == set(terms)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["pgd_at", "trades", "mart", "d2r"])
+def test_the_step_runs_under_cuda_sync_debug_mode_error(name):
+    torch.manual_seed(0)
+    m = methods.get_method(name)
+    target = models.build_model("small_cnn").cuda()
+    guide = models.build_model("small_cnn").cuda() if m.uses_guide else None
+    opt = methods.make_optimizer(target, guide)
+    x, y = torch.rand(16, 3, 32, 32, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
+    method, params = methods.check_step(name, guide, x, y, steps=2)
+    methods.step(method, target, guide, opt, x, y, params)  # warm-up (lazy initialisation)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        methods.step(method, target, guide, opt, x, y, params)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2r_lib import attacks, methods, train
+from d2r_lib import attacks, cli, methods, runner, train
 
 
 def fgsm_start_pgd(target, guide, x, y, *, eps, step_size, steps):
@@ -24,7 +24,8 @@ MY_METHOD = methods.Method(
     "clean_plus_adv", "CE on x plus weight × CE on x′ (a test method)", chapter=None,
     attack_kind="pgd", attack=fgsm_start_pgd, loss=clean_plus_adv_ce,
     passes=(methods.Pass("target", "x"), methods.Pass("target", "x_adv")),
-    defaults={"eps": 8 / 255, "step_size": 2 / 255, "steps": 2, "weight": 1.0})
+    defaults={"eps": 8 / 255, "step_size": 2 / 255, "steps": 2,
+              "weight": methods.Param(float, 1.0, "weight of the CE on x′", min=0)})
 
 
 @pytest.fixture
@@ -62,3 +63,45 @@ def test_a_registered_method_checks_its_parameters(registered):
         registered.resolve(weight="heavy")
     with pytest.raises(ValueError, match="a method named 'clean_plus_adv' is already registered"):
         methods.register(MY_METHOD)
+
+
+def test_a_registered_method_gets_its_flag_and_its_checks_for_free(registered, tmp_path, capsys):
+    """Declared once (`methods.Param`): `d2r train` gets --weight with the help and range, its
+    checks name the flag, the runner's range and the API's checks come from the same
+    declaration."""
+    assert registered.params["weight"] == methods.Param(float, 1.0, "weight of the CE on x′", min=0)
+    assert cli.main(["train", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert ("--weight WEIGHT weight of the CE on x′: a number >= 0 (default: the method's; "
+            "methods: clean_plus_adv)") in help_text
+    argv = ["train", "--method", "clean_plus_adv", "--out", str(tmp_path / "run")]
+    args = cli.build_parser().parse_args([*argv, "--weight", "1/4", "--steps", "3"])
+    assert cli.train_config(args).method_params == {"weight": 0.25, "steps": 3}
+    assert cli.main([*argv, "--weight", "-1"]) == 2
+    assert capsys.readouterr().err == "error: --weight must be >= 0; got -1.0\n"
+    assert cli.main(["train", "--method", "pgd_at", "--weight", "2", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("error: --weight does not apply to method 'pgd_at'; its "
+                                       "options: --eps, --step-size, --steps\n")
+    assert not (tmp_path / "run").exists()
+    assert runner._method_range("weight") == runner.Range(float, 0)
+    with pytest.raises(ValueError, match="weight must be >= 0; got -0.5"):
+        train.TrainConfig(method="clean_plus_adv", method_params={"weight": -0.5}).validate()
+
+
+def test_a_parameter_named_like_a_training_setting_is_refused():
+    import dataclasses
+
+    clash = dataclasses.replace(MY_METHOD, name="clashing",
+                                defaults={**MY_METHOD.defaults, "lr": 0.5})
+    with pytest.raises(ValueError, match="method 'clashing': parameter name 'lr' is a training "
+                                         "setting"):
+        methods.register(clash)
+    assert "clashing" not in methods.METHODS
+    # every option of `d2r train` and every TrainConfig field is either reserved or a method's
+    parser = cli.build_parser()
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    params = {k for m in methods.METHODS.values() for k in m.params}
+    options = {a.dest for a in train_parser._actions}
+    fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    assert (options | fields) - params <= methods.SETTING_NAMES
+    assert not methods.SETTING_NAMES & params

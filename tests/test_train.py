@@ -49,7 +49,11 @@ def test_fit_records_history_and_saves_target_and_guide(tmp_path):
     for key in ("train_loss", "train_ce", "train_mse", "train_clean", "train_adv", "clean_acc",
                 "pgd_acc", "lr"):
         assert key in result.history[0]
-    assert all(0 <= r["pgd_acc"] <= r["clean_acc"] + 1e-9 for r in result.history)
+    # counts over the 16 held-out images (not robust <= clean: PGD's random start can turn a wrong
+    # prediction of this barely trained model right, depending on the CPU's rounding)
+    for r in result.history:
+        for key in ("clean_acc", "pgd_acc"):
+            assert 0 <= r[key] <= 1 and (r[key] * 16) == round(r[key] * 16), (key, r[key])
     target, guide, payload = train.load_run(tmp_path)
     assert guide is not None and payload["epoch"] == 2 and payload["method"] == "d2r"
     assert states_equal(target.state_dict(), result.target.state_dict())
@@ -263,14 +267,14 @@ def test_a_non_finite_buffer_stops_the_run_before_the_checkpoint_write(tmp_path,
     cfg = synthetic_cfg(epochs=3)
     train.fit(cfg, tmp_path, progress=False, log=lambda *a: None, max_epochs=1)
     before = (tmp_path / "last.pt").read_bytes()
-    real_step = methods.train_step
+    real_step = methods.step
 
-    def step_then_poison(method, target, guide, optimizer, x, y, **params):
-        terms = real_step(method, target, guide, optimizer, x, y, **params)
+    def step_then_poison(method, target, guide, optimizer, x, y, params):
+        terms = real_step(method, target, guide, optimizer, x, y, params)
         target.features[4].running_var.fill_(float("inf"))
         return terms
 
-    monkeypatch.setattr(methods, "train_step", step_then_poison)
+    monkeypatch.setattr(methods, "step", step_then_poison)
     with pytest.raises(train.TrainingDiverged,
                        match=r"training diverged in epoch 2 \(found after batch 3, the epoch's "
                              r"last\): target\.features\.4\.running_var holds NaN or infinite "
@@ -325,13 +329,13 @@ def test_atomic_write_replaces_whole_files_or_nothing(tmp_path):
 @pytest.mark.parametrize("amp, fold", [(True, True), (False, False)])
 def test_each_step_runs_under_the_configs_autocast_and_folding(tmp_path, monkeypatch, amp, fold):
     seen = []
-    real = methods.train_step
+    real = methods.step
 
     def recording(*args, **kwargs):
         seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
                      fast.current().fold_batchnorm))
         return real(*args, **kwargs)
-    monkeypatch.setattr(methods, "train_step", recording)
+    monkeypatch.setattr(methods, "step", recording)
     train.fit(tiny(epochs=1, amp=amp, fold_batchnorm=fold), tmp_path, progress=False,
               log=lambda *a: None)
     assert seen and all(s[0] == amp and s[2] == fold for s in seen)
