@@ -64,7 +64,7 @@ _INSPECT = """async () => {
     height: document.documentElement.scrollHeight,
     visible_code_lines: Array.from(document.querySelectorAll('div.cell_input pre, .cell_input pre'))
       .filter(p => p.offsetParent !== null && p.getBoundingClientRect().height > 0)
-      .reduce((n, p) => n + p.innerText.replace(/\n+$/, '').split('\n').length, 0),
+      .reduce((n, p) => n + p.innerText.replace(/\\n+$/, '').split('\\n').length, 0),
     wide_equations: Array.from(document.querySelectorAll('mjx-container[display="true"]'))
       .filter(m => m.getBoundingClientRect().width > (m.parentElement.getBoundingClientRect().width
                                                       + 1))
