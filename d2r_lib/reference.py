@@ -39,7 +39,6 @@ from . import (
     experiments,
     methods,
     models,
-    notebook_run,
     shipped,
     train,
     validate,
@@ -239,6 +238,12 @@ def _evaluate(target, config: ReferenceConfig, partial_path: Path, log) -> tuple
     return done["metrics"], done["seconds"]
 
 
+def _provenance():
+    """The runner's provenance functions (one writer of commit and versions for every run)."""
+    from .lab import notebook_run
+    return notebook_run
+
+
 def run_one(out: str | Path, method: str, seed: int,
             config: ReferenceConfig = CONFIGS["reference"], *,
             device: str = "cpu", log=print, params: dict | None = None,
@@ -337,8 +342,8 @@ def _train_and_write(folder: Path, name: str, method: str, seed: int, config: Re
         "config": dataclasses.asdict(config),
         "train_config": cfg.as_dict(),
         "method_params": methods.get_method(method).resolve(**cfg.method_params),
-        "deviations": config.deviations(method), "commit": notebook_run.commit_label(),
-        "versions": notebook_run.versions(),
+        "deviations": config.deviations(method), "commit": _provenance().commit_label(),
+        "versions": _provenance().versions(),
         **_device_info(device),
         "seconds": {"train": round(train_seconds, 1), "evaluate": eval_seconds,
                     "this_call": round(time.perf_counter() - started, 1)},

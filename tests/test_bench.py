@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2r_lib import bench, costmodel, methods, models
+from d2r_lib import costmodel, methods, models
+from d2r_lib.lab import bench
 
 DATA_DIRS = [Path(__file__).resolve().parents[1].parent / "shared" / "data",
              Path(os.environ.get("D2R_DATA_DIR", "/nonexistent"))]

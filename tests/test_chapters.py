@@ -15,7 +15,8 @@ import nbformat
 import pytest
 from notebook_lint import CHAPTERS, ROOT, code_without_magics
 
-from d2r_lib import experiments, runner
+from d2r_lib import experiments
+from d2r_lib.lab import runner
 
 SOLUTIONS = sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
 NOTEBOOKS = CHAPTERS + SOLUTIONS

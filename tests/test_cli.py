@@ -1,4 +1,5 @@
-"""The command line (d2r_lib.cli): commands, --profile, run / bench delegation, demo, end to end.
+"""The command line (d2r_lib.lab.cli): commands, --profile, run / bench delegation, demo, end to
+end.
 
 Bad input is covered by tests/test_faults.py.
 """
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from d2r_lib import cli, data, evaluate, experiments, methods, train
+from d2r_lib import data, evaluate, experiments, methods, train
+from d2r_lib.lab import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("train", "evaluate", "run", "bench", "quickstart", "demo", "profiles")
@@ -38,7 +40,7 @@ def test_train_help_names_every_option(capsys):
 
 def test_python_m_and_the_console_script_both_call_cli_main():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts == {"d2r": "d2r_lib.cli:main"}
+    assert scripts == {"d2r": "d2r_lib.lab.cli:main"}
     import d2r_lib.__main__ as shim
 
     assert shim.main is cli.main and shim.build_parser is cli.build_parser

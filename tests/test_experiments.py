@@ -9,7 +9,8 @@ import nbformat
 import pytest
 import torch
 
-from d2r_lib import evaluate, experiments, runner, train
+from d2r_lib import evaluate, experiments, train
+from d2r_lib.lab import runner
 
 
 @pytest.fixture(autouse=True)

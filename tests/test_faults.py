@@ -23,7 +23,6 @@ import torch
 from d2r_lib import (
     attacks,
     checkpoint,
-    cli,
     evaluate,
     experiments,
     methods,
@@ -31,6 +30,7 @@ from d2r_lib import (
     train,
     validate,
 )
+from d2r_lib.lab import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -758,7 +758,7 @@ def test_help_documents_every_exit_code(capsys):
 
 # ------------------------------------------------------------------------------------ the runner
 def test_the_runner_matches_chapters_exactly_and_runs_a_sweep_value_once(tmp_path):
-    from d2r_lib import runner
+    from d2r_lib.lab import runner
 
     five = [p.stem for p in runner._select(["5"])]
     assert five == [p.stem for p in runner._select(["05"])] == ["05_d2r_loss"]
@@ -771,7 +771,7 @@ def test_the_runner_matches_chapters_exactly_and_runs_a_sweep_value_once(tmp_pat
 def test_a_damaged_results_file_is_skipped_with_a_warning(tmp_path):
     import json
 
-    from d2r_lib import notebook_run
+    from d2r_lib.lab import notebook_run
 
     run = tmp_path / "01_x" / "smoke"
     (run / "results").mkdir(parents=True)
@@ -795,7 +795,7 @@ def test_a_damaged_results_file_is_skipped_with_a_warning(tmp_path):
 def test_an_interrupted_run_says_so_in_its_manifest(tmp_path, monkeypatch):
     import json
 
-    from d2r_lib import notebook_run, runner
+    from d2r_lib.lab import notebook_run, runner
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

@@ -1,12 +1,13 @@
-"""`d2r run --estimate` (d2r_lib.projection): projected training cost, before anything runs."""
+"""`d2r run --estimate` (d2r_lib.lab.projection): projected training cost, before anything runs."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from d2r_lib import costmodel, data, experiments, projection, runner
-from d2r_lib.cli import main as d2r
+from d2r_lib import costmodel, data, experiments
+from d2r_lib.lab import projection, runner
+from d2r_lib.lab.cli import main as d2r
 
 BASE = costmodel.CostModel(a=0.0, b=1e-3, c=costmodel.outer_steps("pgd_at"))
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2r_lib import attacks, cli, methods, runner, train
+from d2r_lib import attacks, methods, train
+from d2r_lib.lab import cli, runner
 
 
 def fgsm_start_pgd(target, guide, x, y, *, eps, step_size, steps):

@@ -1,6 +1,6 @@
-"""`d2r run` (d2r_lib.runner): parameters checked before anything runs, sweeps, manifests, results
-tables, failures, skipping, torchrun pre-training, submitit, and every paper profile's path through
-chapter 7.
+"""`d2r run` (d2r_lib.lab.runner): parameters checked before anything runs, sweeps, manifests,
+results tables, failures, skipping, torchrun pre-training, submitit, and every paper profile's path
+through chapter 7.
 
 Tiny notebooks written into tmp stand in for chapters where a real one would be slow; each kernel
 still starts, imports d2r_lib and saves a results table through experiments.save_results, as a
@@ -19,7 +19,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from d2r_lib import data, experiments, runner
+from d2r_lib import data, experiments
+from d2r_lib.lab import runner
 
 TINY_PARAMETERS = (
     'profile = "cpu"\nseed = 0\ndevice = "auto"\nepochs = None\nw_clean = 10.0\neps = 0.031\n'

@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import checkpoint, experiments
+from .. import checkpoint, experiments
 from .notebook_run import MANIFEST, execute, is_complete, write_json, write_results
 
 __all__ = [
@@ -47,7 +47,7 @@ __all__ = [
     "run",
 ]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHAPTER_DIR = ROOT / "book"
 CLUSTERS = ("none", "local", "slurm")
 RESERVED = {"profile": "--profile", "device": "--device"}
@@ -90,7 +90,7 @@ class Range:
 def _method_range(name: str) -> Range | None:
     """The range of a method parameter from its declaration (`methods.Param`), the first registered
     method's that declares `name` with a number type; None for other names."""
-    from . import methods
+    from .. import methods
 
     for m in methods.METHODS.values():
         p = m.params.get(name)
@@ -547,7 +547,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--estimate",
         action="store_true",
         help="run nothing: time a few training steps here and print the projected training "
-        "hours of every run the chapters declare (d2r_lib.projection)",
+        "hours of every run the chapters declare (d2r_lib.lab.projection)",
     )
     return parser
 

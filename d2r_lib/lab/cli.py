@@ -1,6 +1,7 @@
 """The course's one command line, `d2r <command>` or `python -m d2r_lib <command>`. Chapter 9.
 
-Commands: train, evaluate, run (d2r_lib.runner), bench (d2r_lib.bench), quickstart, demo, profiles.
+Commands: train, evaluate, run (d2r_lib.lab.runner), bench (d2r_lib.lab.bench), quickstart, demo,
+profiles.
 Each checks all its arguments, output paths and data before it trains or evaluates anything; an
 error prints one line `error: ...` to stderr and exits with a code that says what happened
 (`EXIT_CODES`).
@@ -20,7 +21,7 @@ import urllib.error
 from fractions import Fraction
 from pathlib import Path
 
-from . import validate
+from .. import validate
 
 __all__ = ["EXIT_CODES", "UsageError", "build_parser", "main", "train_config"]
 
@@ -70,7 +71,7 @@ def _pick_device(value: str) -> str:
     """The device of `--device`, refused by flag when it is not available here."""
     import torch
 
-    from . import experiments
+    from .. import experiments
 
     mps = getattr(torch.backends, "mps", None)
     available = {"cuda": torch.cuda.is_available(), "mps": mps is not None and mps.is_available()}
@@ -81,14 +82,14 @@ def _pick_device(value: str) -> str:
 
 def _profile(name: str) -> dict:
     """A profile of experiments.PROFILES as a plain dict."""
-    from . import experiments
+    from .. import experiments
 
     return dataclasses.asdict(experiments.PROFILES[name])
 
 
 def _defaults() -> dict:
     """TrainConfig's fields and their defaults."""
-    from . import train
+    from .. import train
 
     return {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
 
@@ -109,7 +110,7 @@ def _data_dir(a) -> None:
 
 def _load_test(dataset: str, subset: str | None, a, device):
     """The evaluation split of a dataset (first --n images); the data is found before any work."""
-    from . import data
+    from .. import data
 
     split = "val" if dataset == "tinyimagenet" else "test"
     subset = subset if dataset != "cifar100" else None
@@ -122,7 +123,7 @@ def _load_test(dataset: str, subset: str | None, a, device):
 
 # ------------------------------------------------------------------------------------------ train
 def _add_train(sub) -> None:
-    from . import data, experiments, methods, models
+    from .. import data, experiments, methods, models
 
     p = sub.add_parser("train", help="train any method; resumable", description="Train a method "
                        "of the registry. The same command again resumes from --out/last.pt. "
@@ -182,7 +183,7 @@ def _add_train(sub) -> None:
 def _param_flags() -> dict:
     """The flag of every parameter the registered methods declare: {name: (flag, Param, [method
     names])}; the declaration is the first method's (each method checks its own)."""
-    from . import methods
+    from .. import methods
 
     out = {}
     for m in methods.METHODS.values():
@@ -230,7 +231,7 @@ def train_config(a):
     """The TrainConfig of parsed `train` arguments: flags, else the profile (mapped by
     `experiments.train_config`, the one profile → TrainConfig mapping), else TrainConfig's
     defaults. Each value is checked under its flag before the config's own (API-named) checks."""
-    from . import data, experiments, methods, train
+    from .. import data, experiments, methods, train
 
     method = methods.get_method(a.method)
     params = _method_params(a, method)
@@ -277,7 +278,7 @@ def _check_run_folder(flag: str, out: Path) -> None:
 
 
 def cmd_train(a) -> int:
-    from . import checkpoint, train
+    from .. import checkpoint, train
 
     cfg = train_config(a)
     validate.output_dir("--out", a.out, files=(CHECKPOINT_NAME, "history.json"))
@@ -300,7 +301,7 @@ def cmd_train(a) -> int:
 
 # --------------------------------------------------------------------------------------- evaluate
 def _add_eval_options(p, *, checkpoint: bool) -> None:
-    from . import evaluate, experiments
+    from .. import evaluate, experiments
 
     if checkpoint:
         p.add_argument("--checkpoint", required=True, type=_path,
@@ -325,7 +326,7 @@ def _add_eval_options(p, *, checkpoint: bool) -> None:
 
 def _check_eval_options(a) -> list[str]:
     """Attacks, ε, --n, batch size and data folder, checked by flag; returns the attack names."""
-    from . import evaluate
+    from .. import evaluate
 
     names = [t.strip() for t in a.attacks.split(",") if t.strip()]
     if not names:
@@ -355,7 +356,7 @@ def _add_evaluate(sub) -> None:
 
 
 def cmd_evaluate(a) -> int:
-    from . import evaluate, train
+    from .. import evaluate, train
 
     attacks = _check_eval_options(a)
     path = a.checkpoint
@@ -389,7 +390,7 @@ def cmd_evaluate(a) -> int:
 
 # ------------------------------------------------------------------------------------- quickstart
 def _add_quickstart(sub) -> None:
-    from . import models
+    from .. import models
 
     p = sub.add_parser("quickstart", help="train D2R + CAG and standard on CIFAR-10 mini, compare",
                        description="A short CPU run: D2R + CAG and a standard model trained "
@@ -415,7 +416,7 @@ def _add_quickstart(sub) -> None:
 
 def cmd_quickstart(a) -> int:
     """Train D2R + CAG and a standard model alike on CIFAR-10 mini; evaluate both."""
-    from . import evaluate, train
+    from .. import evaluate, train
 
     attacks = _check_eval_options(a)
     for flag in ("--epochs", "--train-size", "--batch-size", "--steps"):
@@ -459,7 +460,7 @@ def cmd_quickstart(a) -> int:
 
 # ------------------------------------------------------------------------------------------- demo
 def _add_demo(sub) -> None:
-    from . import experiments, methods, models
+    from .. import experiments, methods, models
 
     p = sub.add_parser("demo", help="one training step on real CIFAR-10 images, every loss term",
                        description="One step of methods.train_step (D2R + CAG by default) on "
@@ -481,7 +482,7 @@ def cmd_demo(a) -> int:
     """One `methods.train_step` on real CIFAR-10 images: every loss term and δ's norms."""
     import torch
 
-    from . import data, methods, models, train
+    from .. import data, methods, models, train
 
     method = methods.get_method(a.method)
     validate.number("--batch-size", a.batch_size, min=1, max=1000, integer=True)
@@ -516,7 +517,7 @@ def cmd_demo(a) -> int:
 
 # --------------------------------------------------------------------------------------- profiles
 def _experiments():
-    from . import experiments
+    from .. import experiments
 
     return experiments
 
@@ -531,16 +532,16 @@ def _add_profiles(sub) -> None:
 def _add_delegated(sub, command: str, module: str, help: str) -> None:
     """`command` takes its options from d2r_lib.<module>.add_arguments, runs <module>.main(args)."""
     try:
-        mod = importlib.import_module(f"d2r_lib.{module}")
+        mod = importlib.import_module(f"d2r_lib.lab.{module}")
     except ModuleNotFoundError as err:
-        if err.name != f"d2r_lib.{module}":
+        if err.name != f"d2r_lib.lab.{module}":
             raise
         mod = None
     if mod is None:
-        p = sub.add_parser(command, help=f"{help} (unavailable: d2r_lib.{module} is missing)")
+        p = sub.add_parser(command, help=f"{help} (unavailable: d2r_lib.lab.{module} is missing)")
 
         def missing(a):
-            raise ValueError(f"`{command}` needs d2r_lib.{module}, which this installation "
+            raise ValueError(f"`{command}` needs d2r_lib.lab.{module}, which this installation "
                              "lacks; reinstall d2r_lib")
 
         p.set_defaults(run=missing, unavailable=True)  # any options: the error is the module
@@ -612,7 +613,7 @@ def _main(argv) -> int:
 
     import torch
 
-    from . import checkpoint, data, train
+    from .. import checkpoint, data, train
 
     refused = (ValueError, TypeError, OSError, checkpoint.CheckpointError, checkpoint.Busy,
                getattr(data, "DataError", ValueError))  # missing, corrupt or tampered data

@@ -1,7 +1,7 @@
 """One run of a chapter notebook for the runner (`d2r run`): a fresh kernel, the manifest
 (parameters, code version, versions, device, times, peak memory, status), and the results tables of
 an output folder. Also the entry point that `--nproc-per-node` starts under torchrun:
-`python -m d2r_lib.notebook_run SPEC.json`.
+`python -m d2r_lib.lab.notebook_run SPEC.json`.
 Chapter 9.
 """
 
@@ -18,8 +18,8 @@ import time
 import warnings
 from pathlib import Path
 
-from . import experiments
-from .validate import D2RWarning
+from .. import experiments
+from ..validate import D2RWarning
 
 __all__ = [
     "MANIFEST",
@@ -33,7 +33,7 @@ __all__ = [
     "write_results",
 ]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = "manifest.json"
 
 
@@ -89,7 +89,7 @@ def _now() -> str:
 
 def write_json(path: Path, blob) -> None:
     """Write `blob` as JSON atomically."""
-    from . import checkpoint
+    from .. import checkpoint
 
     text = json.dumps(blob, indent=1, default=str)
     checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
@@ -185,7 +185,7 @@ def _pretrain(r, env: dict, log) -> None:
         "--nproc-per-node",
         str(r.nproc_per_node),
         "-m",
-        "d2r_lib.notebook_run",
+        "d2r_lib.lab.notebook_run",
         str(spec),
     ]
     log(
@@ -374,7 +374,7 @@ def _csv(columns: list[str], rows: list[dict]) -> str:
 def write_results(out) -> tuple[Path, Path, Path] | None:
     """Gather the runs under `out` into runs.csv, and every results table of every completed run
     into results.csv; results.md shows both. Returns the three paths (None: `out` holds no run)."""
-    from . import checkpoint
+    from .. import checkpoint
 
     out = Path(out)
     runs = _manifests(out)
@@ -442,7 +442,7 @@ def write_results(out) -> tuple[Path, Path, Path] | None:
 def train_declared(spec: str | Path) -> int:
     """Run under torchrun by `--nproc-per-node`: train (or resume, or load) each run of the spec
     into the checkpoint cache."""
-    from . import train
+    from .. import train
 
     blob = json.loads(Path(spec).read_text())
     for fields in blob["runs"]:
@@ -462,7 +462,7 @@ def train_declared(spec: str | Path) -> int:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit(
-            "usage: torchrun ... -m d2r_lib.notebook_run SPEC.json "
+            "usage: torchrun ... -m d2r_lib.lab.notebook_run SPEC.json "
             "(written by `d2r run --nproc-per-node`)"
         )
     sys.exit(train_declared(sys.argv[1]))

@@ -12,7 +12,7 @@ few real steps on the machine you will use (chapter 9) before booking it.
 """
 from __future__ import annotations
 
-from . import costmodel, data, experiments, methods
+from .. import costmodel, data, experiments, methods
 
 __all__ = ["FULL_TRAIN_IMAGES", "fit_here", "project", "table"]
 

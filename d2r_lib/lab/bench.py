@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import attacks, costmodel, fast, methods, models, validate
+from .. import attacks, costmodel, fast, methods, models, validate
 
 __all__ = [
     "DEFAULTS", "QUICK", "add_arguments", "format_report", "main", "official_d2r_step",
@@ -356,7 +356,7 @@ def _bench_fast(spec: dict, eval_models: list, eval_batch: int, *, device, warmu
 def _bench_fit(spec: dict, images: int, *, device, seed, data_dir, say) -> dict:
     """`train.fit` for one epoch of `images` CIFAR-10 mini images against the same steps in a bare
     loop."""
-    from . import train
+    from .. import train
     batch, steps = spec["batch_size"], spec["steps"]
     cfg = train.TrainConfig(method="d2r", target_model=spec["target"], guide_model=spec["guide"],
                             dataset="cifar10", subset="mini", train_size=images, epochs=1,
@@ -543,7 +543,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _resolve(a) -> dict:
     """Every argument checked and defaults filled in, before anything is measured."""
-    from . import experiments
+    from .. import experiments
     sizes = QUICK if a.quick else DEFAULTS
     pick = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in sizes.items()}
     validate.number("--steps", a.steps, min=1, integer=True)
@@ -581,7 +581,7 @@ def _resolve(a) -> dict:
 
 def _write_json(path: Path, report: dict) -> None:
     """Through `checkpoint.atomic_write` (temporary file, fsync, rename): never half a file."""
-    from . import checkpoint
+    from .. import checkpoint
     text = json.dumps(report, indent=1, default=str) + "\n"
     checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
