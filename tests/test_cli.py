@@ -167,7 +167,7 @@ def _fake_module(name, calls, code=0):
 def test_run_and_bench_take_options_and_exit_code_from_their_module(command, module, monkeypatch,
                                                                     capsys):
     calls = []
-    monkeypatch.setitem(sys.modules, f"d2r_lib.{module}", _fake_module(module, calls, code=3))
+    monkeypatch.setitem(sys.modules, f"d2r_lib.lab.{module}", _fake_module(module, calls, code=3))
     assert cli.main([command, "--profile", "smoke"]) == 3
     assert calls[0].profile == "smoke" and calls[0].command == command
     assert cli.main([command, "--eval-batch-size", "0"]) == 2
@@ -180,10 +180,10 @@ def test_run_and_bench_take_options_and_exit_code_from_their_module(command, mod
 
 @pytest.mark.parametrize("command, module", [("run", "runner"), ("bench", "bench")])
 def test_a_missing_delegate_is_one_clear_error(command, module, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, f"d2r_lib.{module}", None)  # import fails: module missing
+    monkeypatch.setitem(sys.modules, f"d2r_lib.lab.{module}", None)  # import fails: missing
     assert cli.main([command, "--profile", "smoke"]) == 2
     assert capsys.readouterr().err == (
-        f"error: `{command}` needs d2r_lib.{module}, which this installation lacks; "
+        f"error: `{command}` needs d2r_lib.lab.{module}, which this installation lacks; "
         "reinstall d2r_lib\n")
     assert cli.main(["profiles"]) == 0  # the other commands work
 
