@@ -69,7 +69,15 @@ def test_evaluate_orders_attacks_and_returns_fractions(results):
     for attack in ("fgsm", "pgd20", "cw20"):
         assert results[attack] <= results["clean"] + tol
     assert results["pgd20"] < results["clean"]  # ε = 8/255 hurts a plainly trained model
-    assert results["pgd20"] <= results["fgsm"] + tol
+
+
+def test_pgd20_is_not_weaker_than_fgsm(trained_cnn, synthetic_xy):
+    """Not an invariant image by image (PGD starts at a random point), so it is checked on 128
+    images, where PGD-20 leaves about 9 fewer correct than FGSM: rounding that moves a handful of
+    predictions cannot flip it."""
+    x, y = synthetic_xy[0][:128], synthetic_xy[1][:128]
+    res = ev.evaluate(trained_cnn, x, y, ("fgsm", "pgd20"), sanity=False)
+    assert res["pgd20"] <= res["fgsm"]
 
 
 def test_eps_sweep_decreases_to_zero(trained_cnn, synthetic_xy):
