@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import attacks, losses
-from . import toy2d
 from .harness import (
     as_float,
     call_learner,
@@ -23,6 +22,9 @@ from .harness import (
     prediction_verdict,
     rand_labels,
     sandbox,
+    toy_scores,
+    toy_test,
+    toy_train,
 )
 from .losscheck import (
     SHAPES,
@@ -144,26 +146,14 @@ def check_robust_accuracy(fn) -> None:
 
 
 # ------------------------------------------------------------------------------------ break it
-def _fgsm_training(task, fn, *, random_start, seed=2, eps=0.2, epochs=30, n=600, batch=100):
-    """Train a two-moons MLP with the learner's FGSM step; returns clean, FGSM, PGD-20 accuracy."""
-    x, y = toy2d.moons(n, seed)
-    model = toy2d.mlp(64, seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    order_gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=order_gen)
-        for start in range(0, n, batch):
-            idx = order[start : start + batch]
-            call_learner(task, fn, model, optimizer, x[idx], y[idx], eps, random_start)
-    model.eval()
-    x_test, y_test = toy2d.moons(500, 999)
-    fgsm = toy2d.accuracy(model, attacks.fgsm(model, x_test, y_test, eps=eps), y_test)
-    return (
-        toy2d.accuracy(model, x_test, y_test),
-        fgsm,
-        toy2d.pgd_accuracy(model, x_test, y_test, eps),
-    )
+def _fgsm_training(task, fn, *, random_start, eps=0.2):
+    """Train a two-moons MLP (seed 2, width 64, 30 epochs) with the learner's FGSM step; returns
+    clean, FGSM, PGD-20 accuracy."""
+    run = toy_train("standard", seed=2, width=64, epochs=30, batch_size=100, lr=0.1,
+                    step=lambda m, o, x, y: call_learner(task, fn, m, o, x, y, eps, random_start))
+    x, y = toy_test()
+    clean, pgd = toy_scores(run.target, eps)
+    return clean, library_accuracy(run.target, attacks.fgsm(run.target, x, y, eps=eps), y), pgd
 
 
 def check_fgsm_overfitting(fn) -> None:
@@ -206,21 +196,10 @@ _K_EPS = 0.08
 @functools.lru_cache(maxsize=1)
 def _k_runs() -> tuple:
     """(K, clean, PGD-20) of PGD-AT on two moons, seed 0, K = 1 (step ε) and K = 10 (step ε/4)."""
-    x_test, y_test = toy2d.moons(500, 999)
-    rows = []
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
-        for k, alpha in ((1, 1.0), (10, 0.25)):
-            target, _ = toy2d.train(
-                "pgd_at", seed=0, lr=0.05, eps=_K_EPS, step_size=alpha * _K_EPS, steps=k
-            )
-            rows.append(
-                (
-                    k,
-                    toy2d.accuracy(target, x_test, y_test),
-                    toy2d.pgd_accuracy(target, x_test, y_test, _K_EPS),
-                )
-            )
-    return tuple(rows)
+        return tuple((k, *toy_scores(toy_train("pgd_at", lr=0.05, eps=_K_EPS, step_size=a * _K_EPS,
+                                               steps=k).target, _K_EPS))
+                     for k, a in ((1, 1.0), (10, 0.25)))
 
 
 def check_k_prediction(predicted_more_robust_k) -> None:

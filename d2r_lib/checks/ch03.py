@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import attacks, losses
-from . import toy2d
 from .attackcheck import (
     AttackSpec,
     attack_cases,
@@ -21,6 +20,8 @@ from .harness import (
     generator,
     prediction_verdict,
     rand_labels,
+    toy_scores,
+    toy_train,
 )
 from .losscheck import (
     SHAPES,
@@ -284,27 +285,11 @@ _BETA_EPS = 0.05
 @functools.lru_cache(maxsize=1)
 def _beta_runs() -> tuple:
     """(β, clean, PGD-20) of TRADES on two moons, seed 0, β 0 → 24 (run once per process)."""
-    x_test, y_test = toy2d.moons(500, 999)
-    rows = []
+    eps = _BETA_EPS
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
-        for beta in (0.0, 1.0, 6.0, 24.0):
-            target, _ = toy2d.train(
-                "trades",
-                seed=0,
-                beta=beta,
-                eps=_BETA_EPS,
-                step_size=_BETA_EPS / 4,
-                steps=5,
-                lr=0.05,
-            )
-            rows.append(
-                (
-                    beta,
-                    toy2d.accuracy(target, x_test, y_test),
-                    toy2d.pgd_accuracy(target, x_test, y_test, _BETA_EPS),
-                )
-            )
-    return tuple(rows)
+        return tuple((beta, *toy_scores(toy_train("trades", beta=beta, eps=eps, step_size=eps / 4,
+                                                  steps=5, lr=0.05).target, eps))
+                     for beta in (0.0, 1.0, 6.0, 24.0))
 
 
 def check_beta_prediction(predicted_clean_trend) -> None:

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import losses, methods
-from . import toy2d
 from .harness import (
     call_learner,
     fail,
@@ -19,6 +18,8 @@ from .harness import (
     rand_labels,
     sandbox,
     small_cnn,
+    toy_scores,
+    toy_train,
 )
 from .losscheck import (
     SHAPES,
@@ -243,21 +244,12 @@ def check_make_optimizer(fn) -> None:
 @functools.lru_cache(maxsize=1)
 def _width_runs() -> tuple:
     """(guide width, target clean, target PGD-20, guide clean) of LBGAT0 on two moons, seed 0."""
-    x_test, y_test = toy2d.moons(500, 999)
     rows = []
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         for width in (4, 128):
-            target, guide = toy2d.train(
-                "lbgat", seed=0, lr=0.05, guide_width=width, eps=0.05, step_size=0.0125, steps=5
-            )
-            rows.append(
-                (
-                    width,
-                    toy2d.accuracy(target, x_test, y_test),
-                    toy2d.pgd_accuracy(target, x_test, y_test, 0.05),
-                    toy2d.accuracy(guide, x_test, y_test),
-                )
-            )
+            run = toy_train("lbgat", lr=0.05, guide_width=width, eps=0.05, step_size=0.0125,
+                            steps=5)
+            rows.append((width, *toy_scores(run.target, 0.05), toy_scores(run.guide, 0.05)[0]))
     return tuple(rows)
 
 

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import losses, methods
-from . import toy2d
 from .harness import (
     as_float,
     call_learner,
@@ -20,6 +19,8 @@ from .harness import (
     passed,
     rand_labels,
     sandbox,
+    toy_scores,
+    toy_train,
 )
 from .losscheck import (
     SHAPES,
@@ -252,19 +253,14 @@ def run_registered_plan(plan, *, epochs: int = 10, eps: float = 0.05):
             "the plan changed after it was registered: register the final plan before "
             "running, and keep it"
         )
-    x_test, y_test = toy2d.moons(500, 999)
     scores = {"baseline": [], "ablation": []}
     budget = dict(eps=eps, step_size=eps / 4, steps=5)
     with torch.random.fork_rng(devices=[]):
         for seed in plan["seeds"]:
             for role in ("baseline", "ablation"):
-                target, _ = toy2d.train(plan[role], seed=seed, epochs=epochs, lr=0.02, **budget)
-                score = (
-                    toy2d.accuracy(target, x_test, y_test)
-                    if plan["metric"] == "clean"
-                    else toy2d.pgd_accuracy(target, x_test, y_test, eps, seed=seed)
-                )
-                scores[role].append(score)
+                run = toy_train(plan[role], seed=seed, epochs=epochs, lr=0.02, **budget)
+                clean, pgd = toy_scores(run.target, eps, seed=seed)
+                scores[role].append(clean if plan["metric"] == "clean" else pgd)
     return scores["baseline"], scores["ablation"]
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from .. import models
+from .. import evaluate, models, toy
 
 __all__ = [
     "CheckFailed",
@@ -56,6 +56,9 @@ __all__ = [
     "interval_verdict",
     "paired_diffs",
     "row_diffs",
+    "toy_train",
+    "toy_test",
+    "toy_scores",
 ]
 
 
@@ -357,3 +360,26 @@ def row_diffs(task: str, rows, a: str, b: str) -> list[float]:
     except (TypeError, KeyError, ValueError):
         fail(task, f"rows must be the list of dicts with the keys {a!r} and {b!r} that the cell "
                    f"above builds")
+
+
+# ================================================================================================
+# The 2-D world of `d2r_lib.toy`, in the checks' short setting
+# ================================================================================================
+TOY_NOISE = 0.05
+"""The checks' moons: 600 training points and 500 test points (seed 999) with noise 0.05."""
+
+
+def toy_train(method, *, seed: int = 0, **kw) -> toy.ToyRun:
+    """`toy.train` on 600 moons points: 15 epochs, batches of 200, constant learning rate."""
+    kw = {"epochs": 15, "batch_size": 200, "schedule": "constant", **kw}
+    return toy.train(method, seed=seed, data=toy.make_data(600, seed=seed, noise=TOY_NOISE), **kw)
+
+
+def toy_test() -> tuple[torch.Tensor, torch.Tensor]:
+    return toy.make_data(500, seed=999, noise=TOY_NOISE)
+
+
+def toy_scores(model: nn.Module, eps: float, seed: int = 0) -> tuple[float, float]:
+    """(clean, PGD-20) accuracy of `model` on `toy_test()`."""
+    x, y = toy_test()
+    return evaluate.accuracy(model, x, y), toy.pgd_accuracy(model, x, y, eps, seed=seed)
