@@ -174,51 +174,39 @@ def run_attack_check(spec: AttackSpec, fn) -> None:
             if not isinstance(out, torch.Tensor):
                 fail(
                     task,
-                    f"your function returned {type(out).__name__}; return x′ as a tensor shaped "
-                    "like x",
+                    f"your function returned {type(out).__name__}; return x′ as a tensor shaped like x",  # noqa: E501
                 )
             if out.shape != x.shape:
                 fail(
                     task,
-                    f"your x′ has shape {tuple(out.shape)}; it must have the shape of x, "
-                    f"{tuple(x.shape)}",
+                    f"your x′ has shape {tuple(out.shape)}; it must have the shape of x, {tuple(x.shape)}",  # noqa: E501
                 )
             if out.requires_grad or out.grad_fn is not None:
                 fail(
                     task,
-                    "your x′ still carries a graph (requires_grad=True): return x_adv.detach(); an "
-                    "attack's output is a constant input for the next step",
+                    "your x′ still carries a graph (requires_grad=True): return x_adv.detach(); an attack's output is a constant input for the next step",  # noqa: E501
                 )
             if not torch.equal(x_l, x):
                 fail(
                     task,
-                    "your function modified x in place: build x′ in a new tensor (x.clone(), x + "
-                    "...)",
+                    "your function modified x in place: build x′ in a new tensor (x.clone(), x + ...)",  # noqa: E501
                 )
             advice.update(modes_advice(modes, mods))
             for role, model in mods.items():
                 if bn_changed(bn[role], model):
                     fail(
                         task,
-                        f"the {role} ran in train mode during your attack: BatchNorm used the "
-                        "batch's "
-                        "statistics and its running averages changed. Attacks run the models in "
-                        "eval "
-                        f"mode (`with attacks.eval_mode({role}):`)",
+                        f"the {role} ran in train mode during your attack: BatchNorm used the batch's statistics and its running averages changed. Attacks run the models in eval mode (`with attacks.eval_mode({role}):`)",  # noqa: E501
                     )
             if spec.guide_once and "guide" in calls:
                 n, grads = len(calls["guide"]), sum(calls["guide"])
                 if n > 1:
                     advice.add(
-                        f"the guide ran {n} times in one attack: p_g(x) does not depend on x′, so "
-                        "compute it once, before the loop (the official code recomputes it at "
-                        "every "
-                        f"step: the same x′ for {n - 1} extra forward passes)"
+                        f"the guide ran {n} times in one attack: p_g(x) does not depend on x′, so compute it once, before the loop (the official code recomputes it at every step: the same x′ for {n - 1} extra forward passes)"  # noqa: E501
                     )
                 if grads:
                     advice.add(
-                        "the guide's forward pass built a graph nobody uses: compute p_g(x) under "
-                        "torch.no_grad()"
+                        "the guide's forward pass built a graph nobody uses: compute p_g(x) under torch.no_grad()"  # noqa: E501
                     )
             if not torch.isfinite(out).all():
                 fail(task, "your x′ contains NaN or inf values")
@@ -233,9 +221,7 @@ def run_attack_check(spec: AttackSpec, fn) -> None:
             if outside > 0:
                 fail(
                     task,
-                    f"your attack forgets the clamp to [0, 1]: {pct(outside)} of the pixels of x′ "
-                    "are "
-                    f"outside [0, 1]",
+                    f"your attack forgets the clamp to [0, 1]: {pct(outside)} of the pixels of x′ are outside [0, 1]",  # noqa: E501
                 )
             delta = out - x
             if spec.norm == "linf":
@@ -243,9 +229,7 @@ def run_attack_check(spec: AttackSpec, fn) -> None:
                 if far > 0:
                     fail(
                         task,
-                        f"your x′ leaves {pct(far)} of the pixels outside the ε-ball (|x′ − x| > ε "
-                        "= "
-                        f"{eps:.4g}): project back onto the ball after every step",
+                        f"your x′ leaves {pct(far)} of the pixels outside the ε-ball (|x′ − x| > ε = {eps:.4g}): project back onto the ball after every step",  # noqa: E501
                     )
             else:
                 norms = delta.flatten(1).norm(dim=1)
@@ -253,19 +237,13 @@ def run_attack_check(spec: AttackSpec, fn) -> None:
                 if far:
                     fail(
                         task,
-                        f"{far} of {len(norms)} examples of your x′ lie outside the L2 ε-ball "
-                        "(largest "
-                        f"‖x′ − x‖₂ = {norms.max().item():.4g} > ε = {eps:.4g}): project after "
-                        "every step",
+                        f"{far} of {len(norms)} examples of your x′ lie outside the L2 ε-ball (largest ‖x′ − x‖₂ = {norms.max().item():.4g} > ε = {eps:.4g}): project after every step",  # noqa: E501
                     )
             if not spec.random:
                 diff = (out - ref).abs().gt(1e-5).float().mean().item()
                 fail(
                     task,
-                    f"your x′ differs from the library's on {pct(diff)} of the pixels (max |Δ| = "
-                    f"{(out - ref).abs().max().item():.3g}); none of the common mistakes this "
-                    "check knows "
-                    f"matches: compare your steps with the task's statement",
+                    f"your x′ differs from the library's on {pct(diff)} of the pixels (max |Δ| = {(out - ref).abs().max().item():.3g}); none of the common mistakes this check knows matches: compare your steps with the task's statement",  # noqa: E501
                 )
             # random start, other random numbers than the library's: compare what the attack
             # achieves instead
@@ -296,21 +274,17 @@ def run_attack_check(spec: AttackSpec, fn) -> None:
             if mine <= 0:
                 fail(
                     task,
-                    f"your attack lowers the loss it should raise (change {mine:.3g}, the "
-                    "library's "
-                    f"{lib:.3g}): step *up* the gradient, x′ + α·sign(∇)",
+                    f"your attack lowers the loss it should raise (change {mine:.3g}, the library's {lib:.3g}): step *up* the gradient, x′ + α·sign(∇)",  # noqa: E501
                 )
             if mine < 0.75 * lib:
                 fail(
                     task,
-                    f"your attack raises its objective much less than the library's ({mine:.3g} vs "
-                    f"{lib:.3g} over the trials): check the step direction and size",
+                    f"your attack raises its objective much less than the library's ({mine:.3g} vs {lib:.3g} over the trials): check the step direction and size",  # noqa: E501
                 )
             passed(
                 task,
                 spec.passed
-                + " — your random numbers differ from the library's, so the check compared "
-                "invariants and the loss reached instead of exact values",
+                + " — your random numbers differ from the library's, so the check compared invariants and the loss reached instead of exact values",  # noqa: E501
             )
             _advise_all(task, advice)
             return

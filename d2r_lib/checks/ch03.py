@@ -47,41 +47,29 @@ def _trades_variants():
     kl = losses.trades_kl
     return [
         Variant(
-            "KL direction reversed: you computed KL(p(x′) ‖ p(x)); TRADES' regulariser is KL(p(x) "
-            "‖ p(x′)) "
-            "= Σ p(x)·(log p(x) − log p(x′)), i.e. F.kl_div(F.log_softmax(logits_adv), "
-            "F.softmax(logits_nat))",
+            "KL direction reversed: you computed KL(p(x′) ‖ p(x)); TRADES' regulariser is KL(p(x) ‖ p(x′)) = Σ p(x)·(log p(x) − log p(x′)), i.e. F.kl_div(F.log_softmax(logits_adv), F.softmax(logits_nat))",  # noqa: E501
             lambda zn, za: kl(za, zn),
         ),
         Variant(
-            "you averaged over batch × classes (F.kl_div's reduction='mean'), so your value is "
-            "1/{C} of "
-            "TRADES' KL, which sums over the classes and averages over the batch "
-            "(reduction='batchmean', or "
-            "'sum' divided by the batch size)",
+            "you averaged over batch × classes (F.kl_div's reduction='mean'), so your value is 1/{C} of TRADES' KL, which sums over the classes and averages over the batch (reduction='batchmean', or 'sum' divided by the batch size)",  # noqa: E501
             lambda zn, za: kl(zn, za) / zn.shape[1],
         ),
         Variant(
-            "you summed over the batch as well (your value is {B}× too large): divide by the batch "
-            "size "
-            "(reduction='batchmean')",
+            "you summed over the batch as well (your value is {B}× too large): divide by the batch size (reduction='batchmean')",  # noqa: E501
             lambda zn, za: kl(zn, za) * zn.shape[0],
         ),
         Variant(
-            "F.kl_div's first argument must be log-probabilities: you passed probabilities (use "
-            "F.log_softmax(logits_adv, dim=1))",
+            "F.kl_div's first argument must be log-probabilities: you passed probabilities (use F.log_softmax(logits_adv, dim=1))",  # noqa: E501
             lambda zn, za: (
                 F.kl_div(F.softmax(za, dim=1), F.softmax(zn, dim=1), reduction="sum") / zn.shape[0]
             ),
         ),
         Variant(
-            "F.kl_div's first argument must be log-probabilities: you passed the raw logits (use "
-            "F.log_softmax(logits_adv, dim=1))",
+            "F.kl_div's first argument must be log-probabilities: you passed the raw logits (use F.log_softmax(logits_adv, dim=1))",  # noqa: E501
             lambda zn, za: F.kl_div(za, F.softmax(zn, dim=1), reduction="sum") / zn.shape[0],
         ),
         Variant(
-            "you took the softmax over the batch (dim=0); the distributions are over the classes: "
-            "dim=1",
+            "you took the softmax over the batch (dim=0); the distributions are over the classes: dim=1",  # noqa: E501
             lambda zn, za: (
                 F.kl_div(F.log_softmax(za, dim=0), F.softmax(zn, dim=0), reduction="sum")
                 / zn.shape[0]
@@ -113,12 +101,9 @@ def check_trades_kl(fn) -> None:
             grad_names=("logits_nat", "logits_adv"),
             variants=_trades_variants(),
             grad_hints={
-                "logits_nat": "TRADES backpropagates through p(x) as well: don't detach the clean "
-                "distribution."
+                "logits_nat": "TRADES backpropagates through p(x) as well: don't detach the clean distribution."  # noqa: E501
             },
-            passed="KL(p(x) ‖ p(x′)) summed over classes, averaged over the batch, as "
-            "losses.trades_kl (value and "
-            "gradients, 6 trials)",
+            passed="KL(p(x) ‖ p(x′)) summed over classes, averaged over the batch, as losses.trades_kl (value and gradients, 6 trials)",  # noqa: E501
         ),
         fn,
     )
@@ -147,25 +132,19 @@ def check_trades_loss(fn) -> None:
             grad_names=("logits_nat", "logits_adv"),
             variants=[
                 Variant(
-                    "your CE term uses the adversarial logits f(x′); TRADES takes the CE on the "
-                    "clean logits: "
-                    "CE(f(x), y) + β·KL(p(x) ‖ p(x′))",
+                    "your CE term uses the adversarial logits f(x′); TRADES takes the CE on the clean logits: CE(f(x), y) + β·KL(p(x) ‖ p(x′))",  # noqa: E501
                     lambda zn, za, y, beta: ce(za, y) + beta * kl(zn, za),
                 ),
                 Variant(
-                    "KL direction reversed: you computed KL(p(x′) ‖ p(x)); TRADES uses KL(p(x) ‖ "
-                    "p(x′))",
+                    "KL direction reversed: you computed KL(p(x′) ‖ p(x)); TRADES uses KL(p(x) ‖ p(x′))",  # noqa: E501
                     lambda zn, za, y, beta: ce(zn, y) + beta * kl(za, zn),
                 ),
                 Variant(
-                    "your KL averages over batch × classes (reduction='mean'), 1/{C} of TRADES' "
-                    "KL, which sums over "
-                    "the classes and averages over the batch ('batchmean')",
+                    "your KL averages over batch × classes (reduction='mean'), 1/{C} of TRADES' KL, which sums over the classes and averages over the batch ('batchmean')",  # noqa: E501
                     lambda zn, za, y, beta: ce(zn, y) + beta * kl(zn, za) / zn.shape[1],
                 ),
                 Variant(
-                    "your KL is summed over the batch too (reduction='sum' without dividing by the "
-                    "batch size {B})",
+                    "your KL is summed over the batch too (reduction='sum' without dividing by the batch size {B})",  # noqa: E501
                     lambda zn, za, y, beta: ce(zn, y) + beta * kl(zn, za) * zn.shape[0],
                 ),
                 Variant(
@@ -173,8 +152,7 @@ def check_trades_loss(fn) -> None:
                     lambda zn, za, y, beta: beta * ce(zn, y) + kl(zn, za),
                 ),
                 Variant(
-                    "you ignored the `beta` argument (your value matches β = 6): use the beta "
-                    "passed in",
+                    "you ignored the `beta` argument (your value matches β = 6): use the beta passed in",  # noqa: E501
                     lambda zn, za, y, beta: None if beta == 6.0 else ce(zn, y) + 6.0 * kl(zn, za),
                 ),
                 Variant(
@@ -185,17 +163,14 @@ def check_trades_loss(fn) -> None:
                     lambda zn, za, y, beta: beta * kl(zn, za),
                 ),
                 Variant(
-                    "you used CE on x′ and the reversed KL: TRADES is CE(f(x), y) + β·KL(p(x) ‖ "
-                    "p(x′))",
+                    "you used CE on x′ and the reversed KL: TRADES is CE(f(x), y) + β·KL(p(x) ‖ p(x′))",  # noqa: E501
                     lambda zn, za, y, beta: ce(za, y) + beta * kl(za, zn),
                 ),
             ],
             grad_hints={
                 "logits_nat": "TRADES backpropagates through p(x) in the KL too: don't detach it."
             },
-            passed="CE(f(x), y) + β·KL(p(x) ‖ p(x′)) as losses.trades_loss (β ∈ {0.5, 1, 2.5, 6}, "
-            "value and "
-            "gradients)",
+            passed="CE(f(x), y) + β·KL(p(x) ‖ p(x′)) as losses.trades_loss (β ∈ {0.5, 1, 2.5, 6}, value and gradients)",  # noqa: E501
         ),
         fn,
     )
@@ -248,31 +223,24 @@ def check_trades_attack(fn) -> None:
             objective=objective,
             variants=[
                 (
-                    "you started from a uniformly random point of the ε-ball; TRADES starts at x + "
-                    "0.001·N(0, I) "
-                    "(x + 0.001 * torch.randn_like(x))",
+                    "you started from a uniformly random point of the ε-ball; TRADES starts at x + 0.001·N(0, I) (x + 0.001 * torch.randn_like(x))",  # noqa: E501
                     lib_pgd("uniform"),
                 ),
                 (
-                    "no random start: TRADES starts at x + 0.001·N(0, I) (at x itself the KL's "
-                    "gradient is zero)",
+                    "no random start: TRADES starts at x + 0.001·N(0, I) (at x itself the KL's gradient is zero)",  # noqa: E501
                     lib_pgd("clean"),
                 ),
                 (
-                    "KL direction reversed: you ascended KL(p(x′) ‖ p(x)); TRADES' attack ascends "
-                    "KL(p(x) ‖ p(x′))",
+                    "KL direction reversed: you ascended KL(p(x′) ‖ p(x)); TRADES' attack ascends KL(p(x) ‖ p(x′))",  # noqa: E501
                     wrong(reverse=True),
                 ),
                 (
-                    "you stepped along the raw gradient α·∇; TRADES steps along its sign: "
-                    "α·sign(∇)",
+                    "you stepped along the raw gradient α·∇; TRADES steps along its sign: α·sign(∇)",  # noqa: E501
                     wrong(step="grad"),
                 ),
                 ("your steps go *down* the KL; the attack ascends it", wrong(descend=True)),
             ],
-            passed="x + 0.001·N(0, I), sign steps on Σ KL(p(x) ‖ p(x′)), projection, [0, 1], eval "
-            "mode, detached, as "
-            "attacks.trades_attack (3 trials)",
+            passed="x + 0.001·N(0, I), sign steps on Σ KL(p(x) ‖ p(x′)), projection, [0, 1], eval mode, detached, as attacks.trades_attack (3 trials)",  # noqa: E501
         ),
         fn,
     )
@@ -303,9 +271,7 @@ def check_beta_prediction(predicted_clean_trend) -> None:
     measured = "falls" if change < -0.02 else "rises" if change > 0.02 else "flat"
     table = ", ".join(f"β {b:g}: clean {c:.1%} / PGD-20 {r:.1%}" for b, c, r in rows)
     why = (
-        f"two moons, seed 0, ε = {eps}: {table}. β weighs the KL that pulls p(x′) towards p(x) "
-        f"against the CE that fits the labels: the larger β, the smoother the boundary near the "
-        f"data, at the price of clean accuracy (the trade-off TRADES is named after)"
+        f"two moons, seed 0, ε = {eps}: {table}. β weighs the KL that pulls p(x′) towards p(x) against the CE that fits the labels: the larger β, the smoother the boundary near the data, at the price of clean accuracy (the trade-off TRADES is named after)"  # noqa: E501
     )
     prediction_verdict(task, predicted_clean_trend, allowed, measured, why)
 
@@ -317,9 +283,7 @@ def check_beta_robust_prediction(predicted_robust_trend, rows) -> None:
 
     task = "predict: TRADES β, robustness"
     diffs = row_diffs(task, rows, "beta6", "beta0")
-    why = (f"β = 6 − β = 0 over {len(diffs)} seeds, exact robust accuracy. At β = 0 TRADES is "
-           f"plain training on clean points (x′ plays no role); the KL term is what makes the "
-           f"boundary keep its distance from the data")
+    why = (f"β = 6 − β = 0 over {len(diffs)} seeds, exact robust accuracy. At β = 0 TRADES is plain training on clean points (x′ plays no role); the KL term is what makes the boundary keep its distance from the data")  # noqa: E501
     interval_verdict(task, predicted_robust_trend, ("rises", "falls"), diffs, ("rises", "falls"),
                      why)
 
@@ -339,8 +303,7 @@ def check_kl_adv_gradient(fn) -> None:
             want = leaf.grad
             got = call_learner(task, fn, z_nat.clone(), z_adv.clone())
             if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-                fail(task, f"return a tensor shaped like logits_adv {tuple(want.shape)}; got "
-                           f"{getattr(got, 'shape', type(got).__name__)}")
+                fail(task, f"return a tensor shaped like logits_adv {tuple(want.shape)}; got {getattr(got, 'shape', type(got).__name__)}")  # noqa: E501
             if torch.allclose(got, want, atol=1e-6):
                 continue
             if torch.allclose(got, -want, atol=1e-6):
@@ -349,12 +312,9 @@ def check_kl_adv_gradient(fn) -> None:
                 fail(task, f"your gradient misses the 1/B of the batch mean (B = {b})")
             logs = (F.log_softmax(z_adv, 1) - F.log_softmax(z_nat, 1)) / b
             if torch.allclose(got, logs, atol=1e-5):
-                fail(task, "that is a difference of log-probabilities; differentiate through the "
-                           "softmax: ∂ log p_c(x′) / ∂ z_k = 1[c = k] − p_k(x′)")
-            fail(task, f"at B = {b}, C = {c} your gradient differs from autograd's by up to "
-                       f"{(got - want).abs().max().item():.3g}")
-        passed(task, "(p(x′) − p(x)) / B, as autograd: zero at x′ = x, which is why TRADES' attack "
-                     "starts from x plus a little noise")
+                fail(task, "that is a difference of log-probabilities; differentiate through the softmax: ∂ log p_c(x′) / ∂ z_k = 1[c = k] − p_k(x′)")  # noqa: E501
+            fail(task, f"at B = {b}, C = {c} your gradient differs from autograd's by up to {(got - want).abs().max().item():.3g}")  # noqa: E501
+        passed(task, "(p(x′) − p(x)) / B, as autograd: zero at x′ = x, which is why TRADES' attack starts from x plus a little noise")  # noqa: E501
 
 
 _GAP_READINGS = ("higher", "lower", "undecided")
@@ -378,8 +338,7 @@ def check_gap_reading(reading, correct_a, correct_b) -> None:
         passed(task, f"{reading}: {d}")
         return
     if want == "undecided":
-        fail(task, f"{d}: the interval contains 0, so the gap is 'undecided', not {reading!r}; a "
-                   f"gap of a few points is what two models on these points differ by anyway")
+        fail(task, f"{d}: the interval contains 0, so the gap is 'undecided', not {reading!r}; a gap of a few points is what two models on these points differ by anyway")  # noqa: E501
     if reading == "undecided":
         fail(task, f"{d}: the interval lies on one side of 0, so the points decide it ({want!r})")
     fail(task, f"{d}: mind the sign; the difference is a − b, so it reads {want!r}")

@@ -73,28 +73,19 @@ def check_cag_objective(fn) -> None:
             grad_names=("logits_adv",),
             variants=[
                 Variant(
-                    "KL direction reversed: you computed Σ KL(p_f(x′) ‖ p_g(x)), the direction of "
-                    "D2R's adversarial "
-                    "*training* term; CAG ascends Σ KL(p_g(x) ‖ p_f(x′)) = Σ p_g·(log(p_g + 1e-5) "
-                    "− log p_f(x′))",
+                    "KL direction reversed: you computed Σ KL(p_f(x′) ‖ p_g(x)), the direction of D2R's adversarial *training* term; CAG ascends Σ KL(p_g(x) ‖ p_f(x′)) = Σ p_g·(log(p_g + 1e-5) − log p_f(x′))",  # noqa: E501
                     lambda za, pg: losses.official_k(F.softmax(za, dim=1), torch.log(pg)).sum(),
                 ),
                 Variant(
-                    "you averaged over batch × classes; the CAG objective is a plain sum over "
-                    "batch and classes "
-                    "(the official code's .sum())",
+                    "you averaged over batch × classes; the CAG objective is a plain sum over batch and classes (the official code's .sum())",  # noqa: E501
                     lambda za, pg: attacks.official_kl_sum(pg, za) / za.numel(),
                 ),
                 Variant(
-                    "you averaged over the batch; the CAG objective is a plain sum over batch and "
-                    "classes",
+                    "you averaged over the batch; the CAG objective is a plain sum over batch and classes",  # noqa: E501
                     lambda za, pg: attacks.official_kl_sum(pg, za) / za.shape[0],
                 ),
                 Variant(
-                    "you computed the exact KL (as F.kl_div does); the official objective uses "
-                    "log(p_g + 1e-5). "
-                    "The gradient is the same, but keep the official form: "
-                    "losses.official_k(p_guide, log p_f(x′))",
+                    "you computed the exact KL (as F.kl_div does); the official objective uses log(p_g + 1e-5). The gradient is the same, but keep the official form: losses.official_k(p_guide, log p_f(x′))",  # noqa: E501
                     lambda za, pg: F.kl_div(F.log_softmax(za, dim=1), pg, reduction="sum"),
                 ),
                 Variant(
@@ -104,14 +95,11 @@ def check_cag_objective(fn) -> None:
                     ).sum(),
                 ),
                 Variant(
-                    "you used the raw logits f(x′) where log p_f(x′) belongs: apply "
-                    "F.log_softmax(logits_adv, dim=1)",
+                    "you used the raw logits f(x′) where log p_f(x′) belongs: apply F.log_softmax(logits_adv, dim=1)",  # noqa: E501
                     lambda za, pg: losses.official_k(pg, za).sum(),
                 ),
             ],
-            passed="Σ_batch Σ_classes p_g·(log(p_g + 1e-5) − log p_f(x′)) as "
-            "attacks.official_kl_sum (value and "
-            "gradient)",
+            passed="Σ_batch Σ_classes p_g·(log(p_g + 1e-5) − log p_f(x′)) as attacks.official_kl_sum (value and gradient)",  # noqa: E501
         ),
         fn,
     )
@@ -140,10 +128,7 @@ def check_guide_reference(fn) -> None:
             if bn_changed(bn, mods["guide"]):
                 fail(
                     task,
-                    "the guide ran in train mode: BatchNorm used the batch's statistics and "
-                    "updated its "
-                    "running averages; compute p_g(x) in eval mode (`with "
-                    "attacks.eval_mode(guide):`)",
+                    "the guide ran in train mode: BatchNorm used the batch's statistics and updated its running averages; compute p_g(x) in eval mode (`with attacks.eval_mode(guide):`)",  # noqa: E501
                 )
             if len(calls) != 1:
                 fail(
@@ -153,20 +138,17 @@ def check_guide_reference(fn) -> None:
             if calls[0]:
                 fail(
                     task,
-                    "the guide's forward pass ran with gradients enabled: compute p_g(x) under "
-                    "torch.no_grad() (a .detach() afterwards still builds and throws away a graph)",
+                    "the guide's forward pass ran with gradients enabled: compute p_g(x) under torch.no_grad() (a .detach() afterwards still builds and throws away a graph)",  # noqa: E501
                 )
             if not isinstance(out, torch.Tensor) or out.shape != (b, c):
                 fail(
                     task,
-                    f"return a (batch, classes) = {(b, c)} tensor of probabilities; got "
-                    f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}",
+                    f"return a (batch, classes) = {(b, c)} tensor of probabilities; got {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}",  # noqa: E501
                 )
             if out.requires_grad:
                 fail(
                     task,
-                    "your p_g(x) carries a graph (requires_grad=True); it is a constant for the "
-                    "attack",
+                    "your p_g(x) carries a graph (requires_grad=True); it is a constant for the attack",  # noqa: E501
                 )
             with attacks.eval_mode(guide), torch.no_grad():
                 z = guide(x)
@@ -175,18 +157,15 @@ def check_guide_reference(fn) -> None:
                 continue
             for message, v in [
                 (
-                    "you returned the logits g(x); the reference is the probability vector "
-                    "softmax(g(x), dim=1)",
+                    "you returned the logits g(x); the reference is the probability vector softmax(g(x), dim=1)",  # noqa: E501
                     z,
                 ),
                 (
-                    "you returned log-probabilities; CAG's reference is the probability vector "
-                    "softmax(g(x), dim=1)",
+                    "you returned log-probabilities; CAG's reference is the probability vector softmax(g(x), dim=1)",  # noqa: E501
                     F.log_softmax(z, dim=1),
                 ),
                 (
-                    "you took the softmax over the batch (dim=0); probabilities are over the "
-                    "classes: dim=1",
+                    "you took the softmax over the batch (dim=0); probabilities are over the classes: dim=1",  # noqa: E501
                     F.softmax(z, dim=0),
                 ),
             ]:
@@ -196,13 +175,11 @@ def check_guide_reference(fn) -> None:
                 fail(task, "the rows of your p_g(x) do not sum to 1: return softmax(g(x), dim=1)")
             fail(
                 task,
-                f"your p_g(x) differs from softmax(g(x)) in eval mode (max |Δ| = "
-                f"{(out - ref).abs().max().item():.3g})",
+                f"your p_g(x) differs from softmax(g(x)) in eval mode (max |Δ| = {(out - ref).abs().max().item():.3g})",  # noqa: E501
             )
         passed(
             task,
-            "softmax(g(x)) from one forward pass in eval mode under torch.no_grad(), mode restored "
-            "(3 trials)",
+            "softmax(g(x)) from one forward pass in eval mode under torch.no_grad(), mode restored (3 trials)",  # noqa: E501
         )
 
 
@@ -247,22 +224,16 @@ def check_cag(fn) -> None:
             objective=objective,
             variants=[
                 (
-                    "you used the target's own p_f(x) as the reference: that is TRADES/LBGAT "
-                    "generation. CAG's reference "
-                    "is the guide's clean prediction p_g(x)",
+                    "you used the target's own p_f(x) as the reference: that is TRADES/LBGAT generation. CAG's reference is the guide's clean prediction p_g(x)",  # noqa: E501
                     lambda mods, x, y, k: attacks.trades_attack(mods["target"], x, **k),
                 ),
                 (
-                    "you started from a uniformly random point of the ε-ball; CAG starts at x + "
-                    "0.001·N(0, I) "
-                    "(x + 0.001 * torch.randn_like(x))",
+                    "you started from a uniformly random point of the ε-ball; CAG starts at x + 0.001·N(0, I) (x + 0.001 * torch.randn_like(x))",  # noqa: E501
                     lib_pgd("uniform"),
                 ),
                 ("no random start: CAG starts at x + 0.001·N(0, I)", lib_pgd("clean")),
                 (
-                    "KL direction reversed: you ascended KL(p_f(x′) ‖ p_g(x)) (the direction of "
-                    "D2R's training term); CAG "
-                    "ascends KL(p_g(x) ‖ p_f(x′))",
+                    "KL direction reversed: you ascended KL(p_f(x′) ‖ p_g(x)) (the direction of D2R's training term); CAG ascends KL(p_g(x) ‖ p_f(x′))",  # noqa: E501
                     wrong(reverse=True),
                 ),
                 (
@@ -271,9 +242,7 @@ def check_cag(fn) -> None:
                 ),
                 ("your steps go *down* the KL; CAG ascends it", wrong(descend=True)),
             ],
-            passed="x + 0.001·N(0, I), sign steps on Σ KL(p_g(x) ‖ p_f(x′)), p_g(x) once without a "
-            "graph, both models "
-            "in eval mode and restored, projection, [0, 1], detached, as attacks.cag (3 trials)",
+            passed="x + 0.001·N(0, I), sign steps on Σ KL(p_g(x) ‖ p_f(x′)), p_g(x) once without a graph, both models in eval mode and restored, projection, [0, 1], detached, as attacks.cag (3 trials)",  # noqa: E501
         ),
         fn,
     )
@@ -303,8 +272,7 @@ def check_soft_label_ce(fn) -> None:
             grad_names=("logits_adv",),
             variants=[
                 Variant(
-                    "you used hard labels argmax p_g(x): the guide's whole distribution is the "
-                    "soft label",
+                    "you used hard labels argmax p_g(x): the guide's whole distribution is the soft label",  # noqa: E501
                     lambda za, pg: F.cross_entropy(za, pg.argmax(1), reduction="sum"),
                 ),
                 Variant(
@@ -312,20 +280,15 @@ def check_soft_label_ce(fn) -> None:
                     lambda za, pg: ref(za, pg) / za.shape[0],
                 ),
                 Variant(
-                    "you returned the CAG objective itself; the soft-label CE drops the guide's "
-                    "entropy term "
-                    "(a constant in x′): −Σ p_g log p_f(x′)",
+                    "you returned the CAG objective itself; the soft-label CE drops the guide's entropy term (a constant in x′): −Σ p_g log p_f(x′)",  # noqa: E501
                     lambda za, pg: attacks.official_kl_sum(pg, za),
                 ),
                 Variant(
-                    "roles exchanged: the soft label is p_g(x) and the log-probabilities are the "
-                    "target's",
+                    "roles exchanged: the soft label is p_g(x) and the log-probabilities are the target's",  # noqa: E501
                     lambda za, pg: -(F.softmax(za, dim=1) * torch.log(pg)).sum(),
                 ),
             ],
-            passed="−Σ p_g log p_f(x′) differs from CAG's objective only by Σ p_g log(p_g + 1e-5), "
-            "a constant in "
-            "x′: same gradient, so CAG is PGD on a soft-label cross-entropy",
+            passed="−Σ p_g log p_f(x′) differs from CAG's objective only by Σ p_g log(p_g + 1e-5), a constant in x′: same gradient, so CAG is PGD on a soft-label cross-entropy",  # noqa: E501
         ),
         fn,
     )
@@ -342,8 +305,7 @@ def check_cag_copy_prediction(predicted_agreement) -> None:
     ):
         fail(
             task,
-            "set predicted_agreement to a fraction in [0, 1] before running; got "
-            f"{predicted_agreement!r}",
+            f"set predicted_agreement to a fraction in [0, 1] before running; got {predicted_agreement!r}",  # noqa: E501
         )
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         g = generator(3000)
@@ -358,11 +320,7 @@ def check_cag_copy_prediction(predicted_agreement) -> None:
             runs[name] = (d_cag.sign() == d_trades.sign()).float().mean().item()
     measured = runs["copy"]
     why = (
-        "with g = f, p_g(x) = p_f(x): CAG's objective Σ KL(p_g(x) ‖ p_f(x′)) is TRADES' "
-        "objective, so from "
-        f"the same start both attacks take the same steps ({measured:.1%} of the perturbation "
-        "signs agree; "
-        f"with a different guide: {runs['other']:.1%})"
+        f"with g = f, p_g(x) = p_f(x): CAG's objective Σ KL(p_g(x) ‖ p_f(x′)) is TRADES' objective, so from the same start both attacks take the same steps ({measured:.1%} of the perturbation signs agree; with a different guide: {runs['other']:.1%})"  # noqa: E501
     )
     if abs(predicted_agreement - measured) > 0.05:
         fail(task, f"you predicted {predicted_agreement:.0%}; the run gives {measured:.1%}: {why}")
@@ -375,10 +333,7 @@ def check_trades_gen_prediction(predicted_sign, runs) -> None:
     task = "predict: CAG or TRADES generation"
     diffs = paired_diffs(task, runs, "d2r", "d2r_trades_gen", "exact")
     why = (
-        f"D2R − d2r_trades_gen over {len(diffs)} seeds, exact robust accuracy. The two differ only "
-        f"in x′: CAG pushes the target away from the guide's soft labels, TRADES generation away "
-        f"from the target's own prediction. Chapter 7 found the same sign over 20 seeds on this "
-        f"world and asks, in Part 3, why CAG costs robustness there"
+        f"D2R − d2r_trades_gen over {len(diffs)} seeds, exact robust accuracy. The two differ only in x′: CAG pushes the target away from the guide's soft labels, TRADES generation away from the target's own prediction. Chapter 7 found the same sign over 20 seeds on this world and asks, in Part 3, why CAG costs robustness there"  # noqa: E501
     )
     interval_verdict(task, predicted_sign, ("higher", "lower"), diffs, ("higher", "lower"), why)
 
@@ -390,7 +345,5 @@ def check_flat_guide_prediction(predicted, rows) -> None:
 
     task = "predict: CAG with a flat guide"
     diffs = row_diffs(task, rows, "cag", "trades")
-    why = (f"accuracy under CAG − under TRADES generation, {len(diffs)} seeds. Against a uniform "
-           f"guide, CAG maximises −(1/C)·Σ_c log p_f(x′)_c, which grows when any class becomes "
-           f"unlikely: it makes the target more sure of its own answer instead of changing it")
+    why = (f"accuracy under CAG − under TRADES generation, {len(diffs)} seeds. Against a uniform guide, CAG maximises −(1/C)·Σ_c log p_f(x′)_c, which grows when any class becomes unlikely: it makes the target more sure of its own answer instead of changing it")  # noqa: E501
     interval_verdict(task, predicted, ("weaker", "stronger"), diffs, ("weaker", "stronger"), why)

@@ -52,8 +52,7 @@ def check_epoch_seconds(fn) -> None:
                     fail(task, f"{message} (a={a}, b={b}, c={c}, K={k}, images={n})")
             fail(
                 task,
-                f"your {got:.6g} s differs from {want:.6g} s (a={a}, b={b}, c={c}, K={k}, "
-                f"images={n}): t(K) = a + b·(K + c) per image",
+                f"your {got:.6g} s differs from {want:.6g} s (a={a}, b={b}, c={c}, K={k}, images={n}): t(K) = a + b·(K + c) per image",  # noqa: E501
             )
         passed(task, "images · (a + b·(K + c)), as costmodel.epoch_time (3 cases)")
 
@@ -93,27 +92,22 @@ def check_cost_prediction(predicted_seconds, measured_seconds: float | None = No
     ):
         fail(
             task,
-            f"set predicted_seconds to your predicted number of seconds (> 0) before measuring; "
-            f"got {predicted_seconds!r}",
+            f"set predicted_seconds to your predicted number of seconds (> 0) before measuring; got {predicted_seconds!r}",  # noqa: E501
         )
     measured = measure_epoch() if measured_seconds is None else measured_seconds
     ratio = predicted_seconds / measured
     run = ", ".join(f"{k} {v}" for k, v in COST_RUN.items())
     line = (
-        f"you predicted {predicted_seconds:.3g} s; one epoch ({run}) took {measured:.3g} s "
-        f"(ratio {ratio:.2f})"
+        f"you predicted {predicted_seconds:.3g} s; one epoch ({run}) took {measured:.3g} s (ratio {ratio:.2f})"  # noqa: E501
     )
     if not 1 / 3 <= ratio <= 3:
         fail(
             task,
-            f"{line}: off by more than a factor of 3. Fit the cost model on timings of the same "
-            f"method, model and batch size on this machine (costmodel.measure_step at two K), "
-            f"use c = costmodel.outer_steps(method) and the run's K and images",
+            f"{line}: off by more than a factor of 3. Fit the cost model on timings of the same method, model and batch size on this machine (costmodel.measure_step at two K), use c = costmodel.outer_steps(method) and the run's K and images",  # noqa: E501
         )
     passed(
         task,
-        f"{line}: within a factor of 3 — close enough to plan a run (timings on a shared "
-        f"machine vary by tens of per cent)",
+        f"{line}: within a factor of 3 — close enough to plan a run (timings on a shared machine vary by tens of per cent)",  # noqa: E501
     )
 
 
@@ -147,6 +141,5 @@ def check_outer_steps(fn) -> None:
             )
         passed(
             task,
-            f"c = (3·train + reference) / 2: PGD-AT {costmodel.outer_steps('pgd_at'):g}, "
-            f"D2R {costmodel.outer_steps('d2r'):g} attack steps, as costmodel.outer_steps",
+            f"c = (3·train + reference) / 2: PGD-AT {costmodel.outer_steps('pgd_at'):g}, D2R {costmodel.outer_steps('d2r'):g} attack steps, as costmodel.outer_steps",  # noqa: E501
         )

@@ -183,9 +183,7 @@ def assert_modes_restored(task: str, before: dict, mods: dict) -> None:
         if now != before[role]:
             fail(
                 task,
-                f"your function left the {role} in {mode_name(now)} mode, but it came in "
-                f"{mode_name(before[role])} mode: restore it (`with attacks.eval_mode({role}):` "
-                f"restores every module's mode when the block ends)",
+                f"your function left the {role} in {mode_name(now)} mode, but it came in {mode_name(before[role])} mode: restore it (`with attacks.eval_mode({role}):` restores every module's mode when the block ends)",  # noqa: E501
             )
 
 
@@ -196,10 +194,7 @@ def modes_advice(before: dict, mods: dict) -> list[str]:
         now = mode_flags(model)
         if now != before[role]:
             out.append(
-                f"your attack left the {role} in {mode_name(now)} mode (it came in "
-                f"{mode_name(before[role])} mode). The official code does the same and relies on "
-                f"the training loop's model.train(); `with attacks.eval_mode({role}):` restores "
-                f"the caller's mode for you"
+                f"your attack left the {role} in {mode_name(now)} mode (it came in {mode_name(before[role])} mode). The official code does the same and relies on the training loop's model.train(); `with attacks.eval_mode({role}):` restores the caller's mode for you"  # noqa: E501
             )
     return out
 
@@ -218,9 +213,7 @@ def as_float(task: str, value, what: str = "the accuracy") -> float:
     if isinstance(value, torch.Tensor):
         fail(
             task,
-            f"your function returned a tensor ({tuple(value.shape)}); return {what} as a Python "
-            "float "
-            f"(use .item())",
+            f"your function returned a tensor ({tuple(value.shape)}); return {what} as a Python float (use .item())",  # noqa: E501
         )
     try:
         out = float(value)
@@ -276,9 +269,7 @@ def eval_common(task, fn_call, model, mode):
     if bn_changed(bn, mods["model"]):
         fail(
             task,
-            "the model ran in train mode: BatchNorm used the batch's statistics and updated its "
-            "running "
-            "averages; evaluate in eval mode (`with attacks.eval_mode(model):`)",
+            "the model ran in train mode: BatchNorm used the batch's statistics and updated its running averages; evaluate in eval mode (`with attacks.eval_mode(model):`)",  # noqa: E501
         )
     return out
 
@@ -296,9 +287,7 @@ def fraction_verdict(task, got, want, *, clean=None, what="accuracy"):
     if clean is not None and close(got, clean, 0, 1e-6) and not close(clean, want, 0, 1e-6):
         fail(
             task,
-            f"you measured the clean accuracy ({clean:.4g}); the {what} is measured on the "
-            "attacked "
-            f"images x′",
+            f"you measured the clean accuracy ({clean:.4g}); the {what} is measured on the attacked images x′",  # noqa: E501
         )
 
 
@@ -307,8 +296,7 @@ def prediction_verdict(task: str, predicted, allowed: tuple, measured, why: str)
     if isinstance(predicted, bool) or predicted not in allowed:
         fail(
             task,
-            f"set your prediction to one of {', '.join(map(repr, allowed))} before running; "
-            f"got {predicted!r}",
+            f"set your prediction to one of {', '.join(map(repr, allowed))} before running; got {predicted!r}",  # noqa: E501
         )
     if predicted != measured:
         fail(task, f"you predicted {predicted!r}; the run gives {measured!r}: {why}")
@@ -322,16 +310,14 @@ def interval_verdict(task: str, predicted, allowed: tuple, diffs: list[float], l
     from .. import reference
 
     if isinstance(predicted, bool) or predicted not in allowed:
-        fail(task, f"set your prediction to one of {', '.join(map(repr, allowed))} before "
-                   f"running; got {predicted!r}")
+        fail(task, f"set your prediction to one of {', '.join(map(repr, allowed))} before running; got {predicted!r}")  # noqa: E501
     row = reference.interval(diffs)
     if len(diffs) < 2:
         fail(task, f"the run has {len(diffs)} paired seed(s); an interval needs at least 2")
     span = f"mean {row['mean']:+.3f}, 95 % interval [{row['low']:+.3f}, {row['high']:+.3f}]"
     measured = labels[0] if row["low"] > 0 else labels[1] if row["high"] < 0 else "undecided"
     if measured == "undecided":
-        passed(task, f"undecided: {span} contains 0, so these seeds neither confirm nor refute "
-                     f"{predicted!r}; run more seeds to decide ({why})")
+        passed(task, f"undecided: {span} contains 0, so these seeds neither confirm nor refute {predicted!r}; run more seeds to decide ({why})")  # noqa: E501
     else:
         prediction_verdict(task, predicted, allowed, measured, f"{span}; {why}")
     return measured
@@ -342,8 +328,7 @@ def paired_diffs(task: str, runs, a: str, b: str, metric: str) -> list[float]:
     ok = isinstance(runs, (list, tuple)) and all(
         isinstance(r, dict) and {"method", "seed", "metrics"} <= set(r) for r in runs)
     if not ok:
-        fail(task, f"pass the list that toy.compare([{a!r}, {b!r}], seeds) returned; got "
-                   f"{type(runs).__name__}")
+        fail(task, f"pass the list that toy.compare([{a!r}, {b!r}], seeds) returned; got {type(runs).__name__}")  # noqa: E501
     by = {(r["method"], r["seed"]): r["metrics"] for r in runs}
     seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
     if len(seeds) < 2:
@@ -358,8 +343,7 @@ def row_diffs(task: str, rows, a: str, b: str) -> list[float]:
     try:
         return [float(r[a]) - float(r[b]) for r in rows]
     except (TypeError, KeyError, ValueError):
-        fail(task, f"rows must be the list of dicts with the keys {a!r} and {b!r} that the cell "
-                   f"above builds")
+        fail(task, f"rows must be the list of dicts with the keys {a!r} and {b!r} that the cell above builds")  # noqa: E501
 
 
 # ================================================================================================

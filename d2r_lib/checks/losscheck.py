@@ -81,15 +81,12 @@ def run_loss_check(spec: LossSpec, fn) -> None:
             if not isinstance(out, torch.Tensor):
                 fail(
                     task,
-                    f"your function returned {type(out).__name__}; return the loss as a torch "
-                    "tensor "
-                    f"(a 0-dim scalar; .item() or float() would cut the graph)",
+                    f"your function returned {type(out).__name__}; return the loss as a torch tensor (a 0-dim scalar; .item() or float() would cut the graph)",  # noqa: E501
                 )
             if out.dim() != 0:
                 fail(
                     task,
-                    f"your function returned a tensor of shape {tuple(out.shape)}; the loss is one "
-                    f"0-dim scalar: reduce over the batch (and the classes)",
+                    f"your function returned a tensor of shape {tuple(out.shape)}; the loss is one 0-dim scalar: reduce over the batch (and the classes)",  # noqa: E501
                 )
             for (name, before), a in zip(
                 snapshots, [a for a in learner_args if isinstance(a, torch.Tensor)]
@@ -97,16 +94,13 @@ def run_loss_check(spec: LossSpec, fn) -> None:
                 if not torch.equal(a.detach(), before):
                     fail(
                         task,
-                        f"your function modified its input `{name}` in place; compute new tensors "
-                        "instead",
+                        f"your function modified its input `{name}` in place; compute new tensors instead",  # noqa: E501
                     )
             got = out.item()
             if not math.isfinite(got):
                 fail(
                     task,
-                    f"your function returned {got} (batch {info['B']}, {info['C']} classes); "
-                    "expected a "
-                    f"finite value: check for log(0) or a division by zero",
+                    f"your function returned {got} (batch {info['B']}, {info['C']} classes); expected a finite value: check for log(0) or a division by zero",  # noqa: E501
                 )
             expected = spec.reference(*ref_args, **kwargs)
             want = expected.item()
@@ -126,20 +120,14 @@ def run_loss_check(spec: LossSpec, fn) -> None:
                 extra = "".join(f", {k}={v}" for k, v in kwargs.items())
                 fail(
                     task,
-                    f"your value {got:.8g} differs from the library's {want:.8g} (batch "
-                    f"{info['B']}, "
-                    f"{info['C']} classes{extra}); none of the common mistakes this check knows "
-                    "matches, "
-                    f"so compare your formula with the task's statement term by term",
+                    f"your value {got:.8g} differs from the library's {want:.8g} (batch {info['B']}, {info['C']} classes{extra}); none of the common mistakes this check knows matches, so compare your formula with the task's statement term by term",  # noqa: E501
                 )
             if not leaves:
                 continue
             if not out.requires_grad:
                 fail(
                     task,
-                    "your loss carries no graph (requires_grad=False), so training could not "
-                    "backpropagate through it: don't use .item(), .detach(), numpy or "
-                    "torch.no_grad() inside",
+                    "your loss carries no graph (requires_grad=False), so training could not backpropagate through it: don't use .item(), .detach(), numpy or torch.no_grad() inside",  # noqa: E501
                 )
             g_l = torch.autograd.grad(out, [la for _, la, _ in leaves], allow_unused=True)
             g_r = torch.autograd.grad(expected, [ra for _, _, ra in leaves], allow_unused=True)
@@ -150,24 +138,19 @@ def run_loss_check(spec: LossSpec, fn) -> None:
                     if gl is not None and gl.abs().gt(1e-12).any():
                         fail(
                             task,
-                            f"gradient flows into `{name}`, which the library's loss does not "
-                            "depend on",
+                            f"gradient flows into `{name}`, which the library's loss does not depend on",  # noqa: E501
                         )
                     continue
                 if gl is None or not gl.abs().gt(0).any():
                     fail(
                         task,
-                        f"no gradient reaches `{name}`: the loss must backpropagate into it (don't "
-                        ".detach() it, don't go through numpy or .item(), no torch.no_grad()). "
-                        f"{hint}".strip(),
+                        f"no gradient reaches `{name}`: the loss must backpropagate into it (don't .detach() it, don't go through numpy or .item(), no torch.no_grad()). {hint}".strip(),  # noqa: E501
                     )
                 if not torch.allclose(gl, gr, rtol=1e-5, atol=1e-9):
                     diff = (gl - gr).abs().max().item()
                     fail(
                         task,
-                        f"your value is right but the gradient w.r.t. `{name}` differs from the "
-                        "library's "
-                        f"(max |Δ| = {diff:.3g}): did you .detach() part of a term? {hint}".strip(),
+                        f"your value is right but the gradient w.r.t. `{name}` differs from the library's (max |Δ| = {diff:.3g}): did you .detach() part of a term? {hint}".strip(),  # noqa: E501
                     )
         passed(task, spec.passed)
 

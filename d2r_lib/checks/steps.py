@@ -73,8 +73,7 @@ def _step_variants(method):
     if method == "pgd_at":
         return [
             (
-                "you trained on the clean batch: PGD-AT minimises CE(f(x′), y) on the adversarial "
-                "examples",
+                "you trained on the clean batch: PGD-AT minimises CE(f(x′), y) on the adversarial examples",  # noqa: E501
                 _lib_adv(method),
                 lambda t, g, x, xa, y, k: ce(t(x), y),
             ),
@@ -84,14 +83,12 @@ def _step_variants(method):
                 lambda t, g, x, xa, y, k: ce(F.softmax(t(xa), dim=1), y),
             ),
             (
-                "you generated x′ with FGSM; PGD-AT uses PGD (steps of size step_size from a "
-                "uniform random start)",
+                "you generated x′ with FGSM; PGD-AT uses PGD (steps of size step_size from a uniform random start)",  # noqa: E501
                 lambda t, g, x, y, k: attacks.fgsm(t, x, y, eps=k["eps"]),
                 _lib_loss(method),
             ),
             (
-                "your PGD has no random start (start='clean'); PGD-AT starts uniformly in the "
-                "ε-ball",
+                "your PGD has no random start (start='clean'); PGD-AT starts uniformly in the ε-ball",  # noqa: E501
                 pgd_ce("clean"),
                 _lib_loss(method),
             ),
@@ -99,8 +96,7 @@ def _step_variants(method):
     if method == "trades":
         return [
             (
-                "your CE term uses f(x′); TRADES takes CE on the clean logits: CE(f(x), y) + "
-                "β·KL(p(x) ‖ p(x′))",
+                "your CE term uses f(x′); TRADES takes CE on the clean logits: CE(f(x), y) + β·KL(p(x) ‖ p(x′))",  # noqa: E501
                 _lib_adv(method),
                 lambda t, g, x, xa, y, k: (lambda zn, za: ce(za, y) + k["beta"] * kl(zn, za))(
                     t(x), t(xa)
@@ -114,9 +110,7 @@ def _step_variants(method):
                 ),
             ),
             (
-                "you generated x′ with PGD on the cross-entropy; TRADES' x′ maximises KL(p(x) ‖ "
-                "p(x′)) "
-                "(attacks.trades_attack)",
+                "you generated x′ with PGD on the cross-entropy; TRADES' x′ maximises KL(p(x) ‖ p(x′)) (attacks.trades_attack)",  # noqa: E501
                 pgd_ce("uniform"),
                 _lib_loss(method),
             ),
@@ -134,49 +128,39 @@ def _step_variants(method):
     if method == "lbgat":
         return [
             (
-                "you generated x′ with CAG (the guide's reference); LBGAT generates x′ with the "
-                "target alone, "
-                "as TRADES (attacks.trades_attack)",
+                "you generated x′ with CAG (the guide's reference); LBGAT generates x′ with the target alone, as TRADES (attacks.trades_attack)",  # noqa: E501
                 lambda t, g, x, y, k: attacks.cag(t, g, x, **b(k)),
                 _lib_loss(method),
             ),
             (
-                "your MSE uses the target's clean logits f(x); LBGAT matches the adversarial "
-                "logits f(x′) to g(x)",
+                "your MSE uses the target's clean logits f(x); LBGAT matches the adversarial logits f(x′) to g(x)",  # noqa: E501
                 _lib_adv(method),
                 lambda t, g, x, xa, y, k: ce(g(x), y) + mse(t(x), g(x)),
             ),
             (
-                "your CE term uses the target's logits f(x′); LBGAT puts CE on the guide: CE(g(x), "
-                "y)",
+                "your CE term uses the target's logits f(x′); LBGAT puts CE on the guide: CE(g(x), y)",  # noqa: E501
                 _lib_adv(method),
                 lambda t, g, x, xa, y, k: (lambda za: ce(za, y) + mse(za, g(x)))(t(xa)),
             ),
             (
-                "you generated x′ with PGD on the cross-entropy; LBGAT uses TRADES generation "
-                "(attacks.trades_attack)",
+                "you generated x′ with PGD on the cross-entropy; LBGAT uses TRADES generation (attacks.trades_attack)",  # noqa: E501
                 pgd_ce("uniform"),
                 _lib_loss(method),
             ),
         ]
     return [  # d2r
         (
-            "you generated x′ with the target alone (TRADES/LBGAT generation); D2R uses CAG, whose "
-            "reference is the "
-            "guide's p_g(x) (attacks.cag)",
+            "you generated x′ with the target alone (TRADES/LBGAT generation); D2R uses CAG, whose reference is the guide's p_g(x) (attacks.cag)",  # noqa: E501
             _lib_adv("d2r_trades_gen"),
             _lib_loss("d2r_trades_gen"),
         ),
         (
-            "your KL terms use 'batchmean' (the per-sample KL); the official D2R averages them "
-            "over batch × classes",
+            "your KL terms use 'batchmean' (the per-sample KL); the official D2R averages them over batch × classes",  # noqa: E501
             _lib_adv(method),
             _lib_loss(method, kl_reduction="batchmean"),
         ),
         (
-            "you used the LBGAT loss (CE + MSE); D2R adds w_clean·|K̄L(p_f‖p_g) − K̄L(p_g‖p_f)| + "
-            "w_adv·K̄L(p_f(x′) ‖ "
-            "p_g(x)) (losses.d2r_loss)",
+            "you used the LBGAT loss (CE + MSE); D2R adds w_clean·|K̄L(p_f‖p_g) − K̄L(p_g‖p_f)| + w_adv·K̄L(p_f(x′) ‖ p_g(x)) (losses.d2r_loss)",  # noqa: E501
             _lib_adv(method),
             lambda t, g, x, xa, y, k: losses.lbgat_loss(t(xa), g(x), y),
         ),
@@ -250,19 +234,11 @@ def _check_passes(task, method, rec) -> None:
         if n > max(allowed):
             fail(
                 task,
-                f"the {role} made {n} training-mode forward passes; this method's step makes "
-                f"{want}: "
-                "run the attack with the models in eval mode and only the loss's forward passes "
-                "in "
-                f"train mode",
+                f"the {role} made {n} training-mode forward passes; this method's step makes {want}: run the attack with the models in eval mode and only the loss's forward passes in train mode",  # noqa: E501
             )
         fail(
             task,
-            f"the {role} made {n} training-mode forward passes; this method's step makes {want}: "
-            "after "
-            "the attack put the models in train mode (`model.train()`) and run each forward pass "
-            "of "
-            f"the loss separately",
+            f"the {role} made {n} training-mode forward passes; this method's step makes {want}: after the attack put the models in train mode (`model.train()`) and run each forward pass of the loss separately",  # noqa: E501
         )
 
 
@@ -344,17 +320,13 @@ def _run_step_check(task: str, method: str, fn) -> None:
             if x_l is None:
                 fail(
                     task,
-                    "the target never ran in train mode on an adversarial x′: make x′ with the "
-                    "attack, then put the models in train mode (`model.train()`) and compute the "
-                    "loss "
-                    "on x′",
+                    "the target never ran in train mode on an adversarial x′: make x′ with the attack, then put the models in train mode (`model.train()`) and compute the loss on x′",  # noqa: E501
                 )
             params_l = _params(t_l, g_l)
             if _max_diff(params_l, _params(base_t, base_g)) == 0:
                 fail(
                     task,
-                    "your step did not change the parameters: call loss.backward(), then "
-                    "optimizer.step()",
+                    "your step did not change the parameters: call loss.backward(), then optimizer.step()",  # noqa: E501
                 )
             if not same_x_adv:
                 _check_own_x_adv(task, method, base_t, base_g, x, y, k, x_l, x_ref)
@@ -365,22 +337,16 @@ def _run_step_check(task: str, method: str, fn) -> None:
                 if not close(got, at_yours, 1e-4, 1e-5):
                     fail(
                         task,
-                        f"your loss {got:.6g} differs from the method's loss at your own x′, "
-                        f"{at_yours:.6g} (methods.compute_terms): compare your loss term by term",
+                        f"your loss {got:.6g} differs from the method's loss at your own x′, {at_yours:.6g} (methods.compute_terms): compare your loss term by term",  # noqa: E501
                     )
                 rng_note = (
-                    " — your attack drew its random numbers differently, so x′ was checked for the "
-                    "ε-ball, [0, 1] and the objective it reaches, and the loss at your x′"
+                    " — your attack drew its random numbers differently, so x′ was checked for the ε-ball, [0, 1] and the objective it reaches, and the loss at your x′"  # noqa: E501
                 )
                 continue
             if not close(got, want, 1e-4, 1e-5):
                 fail(
                     task,
-                    f"your loss {got:.6g} differs from the library's {want:.6g} for the same "
-                    "batch, "
-                    f"x′ and parameters (methods.train_step({method!r}, ...)): compare your loss "
-                    "term "
-                    f"by term with the chapter's",
+                    f"your loss {got:.6g} differs from the library's {want:.6g} for the same batch, x′ and parameters (methods.train_step({method!r}, ...)): compare your loss term by term with the chapter's",  # noqa: E501
                 )
             params_r = _params(t_r, g_r)
             if _max_diff(params_l, params_r) > 1e-5:
@@ -388,23 +354,15 @@ def _run_step_check(task: str, method: str, fn) -> None:
                 if _max_diff(params_l, stale) <= 1e-5:
                     fail(
                         task,
-                        "you forgot optimizer.zero_grad(): gradients left from the previous step "
-                        "were "
-                        "added to this one",
+                        "you forgot optimizer.zero_grad(): gradients left from the previous step were added to this one",  # noqa: E501
                     )
                 fail(
                     task,
-                    f"your loss is right but the parameters after your step differ from the "
-                    f"library's (max |Δ| = {_max_diff(params_l, params_r):.3g}): zero the "
-                    "gradients, "
-                    f"then exactly one loss.backward() and one optimizer.step() with the optimizer "
-                    f"passed in",
+                    f"your loss is right but the parameters after your step differ from the library's (max |Δ| = {_max_diff(params_l, params_r):.3g}): zero the gradients, then exactly one loss.backward() and one optimizer.step() with the optimizer passed in",  # noqa: E501
                 )
         passed(
             task,
-            f"same loss and parameters after one step as methods.train_step({method!r}, ...) "
-            "(attack "
-            f"in eval mode, loss in train mode, stale gradients cleared; 2 trials){rng_note}",
+            f"same loss and parameters after one step as methods.train_step({method!r}, ...) (attack in eval mode, loss in train mode, stale gradients cleared; 2 trials){rng_note}",  # noqa: E501
         )
 
 
@@ -415,8 +373,7 @@ def _check_own_x_adv(task, method, base_t, base_g, x, y, k, x_l, x_ref) -> None:
     if (x_l - x).abs().max().item() > eps + 1e-6:
         fail(
             task,
-            f"your x′ leaves the ε-ball (max |x′ − x| = {(x_l - x).abs().max().item():.4g} > "
-            f"ε = {eps:.4g}): project after every step",
+            f"your x′ leaves the ε-ball (max |x′ − x| = {(x_l - x).abs().max().item():.4g} > ε = {eps:.4g}): project after every step",  # noqa: E501
         )
     t, g = copy.deepcopy(base_t), copy.deepcopy(base_g) if base_g is not None else None
     base = _objective(method, t, g, x, y, x)
@@ -427,9 +384,7 @@ def _check_own_x_adv(task, method, base_t, base_g, x, y, k, x_l, x_ref) -> None:
     if mine < 0.75 * lib:
         fail(
             task,
-            "your x′ raises the attack's objective much less than the library's attack "
-            f"({mine:.3g} vs "
-            f"{lib:.3g}): make x′ with the chapter's attack for this method",
+            f"your x′ raises the attack's objective much less than the library's attack ({mine:.3g} vs {lib:.3g}): make x′ with the chapter's attack for this method",  # noqa: E501
         )
 
 
