@@ -225,6 +225,36 @@ def check_d2r_adv_term(fn) -> None:
 _WEIGHTS = [(20.0, 30.0), (20.0, 30.0), (5.0, 7.0), (20.0, 30.0), (1.0, 2.0), (20.0, 30.0)]
 
 
+def _d2r_with(**swap):
+    """A variant of the D2R loss in which some of ce, mse, clean, adv are replaced: each swap is
+    a function (terms, za, zn, zg, y) -> value; the weights multiply clean and adv as usual, unless
+    `weights` swaps them."""
+    def variant(za, zn, zg, y, w_clean, w_adv):
+        t = losses.d2r_terms(za, zn, zg, y)
+        part = {k: (swap[k](t, za, zn, zg, y) if k in swap else t[k]) for k in ("ce", "mse", "clean", "adv")}  # noqa: E501
+        wc, wa = (w_adv, w_clean) if swap.get("weights") == "swapped" else (w_clean, w_adv)
+        return part["ce"] + part["mse"] + wc * part["clean"] + wa * part["adv"]
+    return variant
+
+
+_ZERO = lambda t, *_: 0.0
+_NO_ABS = "the clean term lost its absolute value: it is |K̄L(p_f(x) ‖ p_g(x)) − K̄L(p_g(x) ‖ p_f(x))|"  # noqa: E501
+_D2R_VARIANTS = [
+    Variant("your CE term uses the target's clean logits f(x); D2R (like LBGAT) puts the label loss on the guide: CE(g(x), y)", _d2r_with(ce=lambda t, za, zn, zg, y: F.cross_entropy(zn, y))),  # noqa: E501
+    Variant("your CE term uses the target's adversarial logits f(x′); D2R puts the label loss on the guide: CE(g(x), y)", _d2r_with(ce=lambda t, za, zn, zg, y: F.cross_entropy(za, y))),  # noqa: E501
+    Variant("your MSE compares f(x) with g(x); D2R's MSE is between the adversarial logits f(x′) and g(x)", _d2r_with(mse=lambda t, za, zn, zg, y: F.mse_loss(zn, zg))),  # noqa: E501
+    Variant("the weights are swapped: w_clean multiplies the clean term |K̄L(p_f‖p_g) − K̄L(p_g‖p_f)| and w_adv the adversarial term K̄L(p_f(x′) ‖ p_g(x))", _d2r_with(weights="swapped")),  # noqa: E501
+    Variant("adversarial term in the TRADES/CAG direction: you computed K̄L(p_g(x) ‖ p_f(x′)); D2R's adversarial term is K̄L(p_f(x′) ‖ p_g(x))", _d2r_with(adv=lambda t, za, zn, zg, y: kbar(zg, za))),  # noqa: E501
+    Variant(_NO_ABS, _d2r_with(clean=lambda t, *_: t["kl_fg"] - t["kl_gf"])),
+    Variant(_NO_ABS, _d2r_with(clean=lambda t, *_: t["kl_gf"] - t["kl_fg"])),
+    Variant("your KL terms use 'batchmean' (the per-sample KL), {C}× the official K̄L, which averages over batch × classes", lambda za, zn, zg, y, w_clean, w_adv: losses.d2r_loss(za, zn, zg, y, w_clean=w_clean, w_adv=w_adv, kl_reduction="batchmean")),  # noqa: E501
+    Variant("you ignored w_clean / w_adv (your value matches the defaults 20 and 30): use the weights passed in", lambda za, zn, zg, y, w_clean, w_adv: None if (w_clean, w_adv) == (20.0, 30.0) else losses.d2r_loss(za, zn, zg, y)),  # noqa: E501
+    Variant("you left out the clean-distribution term w_clean·|K̄L(p_f(x) ‖ p_g(x)) − K̄L(p_g(x) ‖ p_f(x))|", _d2r_with(clean=_ZERO)),  # noqa: E501
+    Variant("you left out the adversarial-distribution term w_adv·K̄L(p_f(x′) ‖ p_g(x))", _d2r_with(adv=_ZERO)),  # noqa: E501
+    Variant("you left out MSE(f(x′), g(x)) (LBGAT's core term, kept by D2R)", _d2r_with(mse=_ZERO)),  # noqa: E501
+]
+
+
 def check_d2r_loss(fn) -> None:
     """Task: ``d2r_loss(logits_adv, logits_nat, logits_guide, y, w_clean=20.0, w_adv=30.0)``
     (losses.d2r_loss)."""
@@ -237,117 +267,16 @@ def check_d2r_loss(fn) -> None:
         w_clean, w_adv = _WEIGHTS[t]
         return (za, zn, zg, rand_labels(g, b, c)), {"w_clean": w_clean, "w_adv": w_adv}
 
-    T = losses.d2r_terms
-    ce, mse = F.cross_entropy, F.mse_loss
-
-    def with_terms(build):
-        def variant(za, zn, zg, y, w_clean, w_adv):
-            return build(T(za, zn, zg, y), za, zn, zg, y, w_clean, w_adv)
-
-        return variant
-
-    run_loss_check(
-        LossSpec(
-            task="d2r_loss",
-            names=("logits_adv", "logits_nat", "logits_guide", "y"),
-            reference=losses.d2r_loss,
-            make_case=case,
-            trials=6,
-            grad_names=("logits_adv", "logits_nat", "logits_guide"),
-            variants=[
-                Variant(
-                    "your CE term uses the target's clean logits f(x); D2R (like LBGAT) puts the label loss on the guide: CE(g(x), y)",  # noqa: E501
-                    with_terms(
-                        lambda t, za, zn, zg, y, wc, wa: (
-                            ce(zn, y) + t["mse"] + wc * t["clean"] + wa * t["adv"]
-                        )
-                    ),
-                ),
-                Variant(
-                    "your CE term uses the target's adversarial logits f(x′); D2R puts the label loss on the guide: CE(g(x), y)",  # noqa: E501
-                    with_terms(
-                        lambda t, za, zn, zg, y, wc, wa: (
-                            ce(za, y) + t["mse"] + wc * t["clean"] + wa * t["adv"]
-                        )
-                    ),
-                ),
-                Variant(
-                    "your MSE compares f(x) with g(x); D2R's MSE is between the adversarial logits f(x′) and g(x)",  # noqa: E501
-                    with_terms(
-                        lambda t, za, zn, zg, y, wc, wa: (
-                            t["ce"] + mse(zn, zg) + wc * t["clean"] + wa * t["adv"]
-                        )
-                    ),
-                ),
-                Variant(
-                    "the weights are swapped: w_clean multiplies the clean term |K̄L(p_f‖p_g) − K̄L(p_g‖p_f)| and w_adv the adversarial term K̄L(p_f(x′) ‖ p_g(x))",  # noqa: E501
-                    with_terms(
-                        lambda t, za, zn, zg, y, wc, wa: (
-                            t["ce"] + t["mse"] + wa * t["clean"] + wc * t["adv"]
-                        )
-                    ),
-                ),
-                Variant(
-                    "adversarial term in the TRADES/CAG direction: you computed K̄L(p_g(x) ‖ p_f(x′)); D2R's adversarial term is K̄L(p_f(x′) ‖ p_g(x))",  # noqa: E501
-                    with_terms(
-                        lambda t, za, zn, zg, y, wc, wa: (
-                            t["ce"] + t["mse"] + wc * t["clean"] + wa * kbar(zg, za)
-                        )
-                    ),
-                ),
-                Variant(
-                    "the clean term lost its absolute value: it is |K̄L(p_f(x) ‖ p_g(x)) − K̄L(p_g(x) ‖ p_f(x))|",  # noqa: E501
-                    with_terms(
-                        lambda t, za, zn, zg, y, wc, wa: (
-                            t["ce"] + t["mse"] + wc * (t["kl_fg"] - t["kl_gf"]) + wa * t["adv"]
-                        )
-                    ),
-                ),
-                Variant(
-                    "the clean term lost its absolute value: it is |K̄L(p_f(x) ‖ p_g(x)) − K̄L(p_g(x) ‖ p_f(x))|",  # noqa: E501
-                    with_terms(
-                        lambda t, za, zn, zg, y, wc, wa: (
-                            t["ce"] + t["mse"] + wc * (t["kl_gf"] - t["kl_fg"]) + wa * t["adv"]
-                        )
-                    ),
-                ),
-                Variant(
-                    "your KL terms use 'batchmean' (the per-sample KL), {C}× the official K̄L, which averages over batch × classes",  # noqa: E501
-                    lambda za, zn, zg, y, w_clean, w_adv: losses.d2r_loss(
-                        za, zn, zg, y, w_clean=w_clean, w_adv=w_adv, kl_reduction="batchmean"
-                    ),
-                ),
-                Variant(
-                    "you ignored w_clean / w_adv (your value matches the defaults 20 and 30): use the weights passed in",  # noqa: E501
-                    lambda za, zn, zg, y, w_clean, w_adv: (
-                        None if (w_clean, w_adv) == (20.0, 30.0) else losses.d2r_loss(za, zn, zg, y)
-                    ),
-                ),
-                Variant(
-                    "you left out the clean-distribution term w_clean·|K̄L(p_f(x) ‖ p_g(x)) − K̄L(p_g(x) ‖ p_f(x))|",  # noqa: E501
-                    with_terms(lambda t, za, zn, zg, y, wc, wa: t["ce"] + t["mse"] + wa * t["adv"]),
-                ),
-                Variant(
-                    "you left out the adversarial-distribution term w_adv·K̄L(p_f(x′) ‖ p_g(x))",
-                    with_terms(
-                        lambda t, za, zn, zg, y, wc, wa: t["ce"] + t["mse"] + wc * t["clean"]
-                    ),
-                ),
-                Variant(
-                    "you left out MSE(f(x′), g(x)) (LBGAT's core term, kept by D2R)",
-                    with_terms(
-                        lambda t, za, zn, zg, y, wc, wa: t["ce"] + wc * t["clean"] + wa * t["adv"]
-                    ),
-                ),
-            ],
-            grad_hints={
-                "logits_guide": "In D2R nothing is detached: g(x) gets gradients from CE, MSE and both KL terms.",  # noqa: E501
-                "logits_nat": "f(x) enters only the clean term; keep it in the graph.",
-            },
-            passed="CE(g(x), y) + MSE(f(x′), g(x)) + w_clean·|K̄L(p_f‖p_g) − K̄L(p_g‖p_f)| + w_adv·K̄L(p_f(x′) ‖ p_g(x)) as losses.d2r_loss (weights 20/30 and others, value and gradients w.r.t. all three logits)",  # noqa: E501
-        ),
-        fn,
-    )
+    run_loss_check(LossSpec(
+        task="d2r_loss", names=("logits_adv", "logits_nat", "logits_guide", "y"),
+        reference=losses.d2r_loss, make_case=case, trials=6,
+        grad_names=("logits_adv", "logits_nat", "logits_guide"), variants=_D2R_VARIANTS,
+        grad_hints={
+            "logits_guide": "In D2R nothing is detached: g(x) gets gradients from CE, MSE and both KL terms.",  # noqa: E501
+            "logits_nat": "f(x) enters only the clean term; keep it in the graph.",
+        },
+        passed="CE(g(x), y) + MSE(f(x′), g(x)) + w_clean·|K̄L(p_f‖p_g) − K̄L(p_g‖p_f)| + w_adv·K̄L(p_f(x′) ‖ p_g(x)) as losses.d2r_loss (weights 20/30 and others, value and gradients w.r.t. all three logits)",  # noqa: E501
+    ), fn)
 
 
 # ------------------------------------------------------------------------------------ derive
