@@ -17,9 +17,11 @@ from .attackcheck import (
     wrong_attack,
 )
 from .harness import (
+    PairedPrediction,
     call_learner,
     fail,
     generator,
+    grade_prediction,
     passed,
     pct,
     rand_images,
@@ -403,23 +405,24 @@ def check_linearised_max_l2(fn) -> None:
         passed(task, "δ* = ε·g/‖g‖₂ and the maximum ε·‖g‖₂: L2 is its own dual norm")
 
 
+_PGD_VS_EXACT = PairedPrediction(
+    "predict: PGD against the exact answer", "pgd", "exact", ("higher", "lower"),
+    "PGD − exact over {n} seeds. PGD searches the ball from one start and can miss its worst point; the lattice checks the whole ball, so PGD's estimate is an over-estimate of robustness",  # noqa: E501
+)
+
+
 def check_pgd_vs_exact_prediction(predicted_sign, rows) -> None:
     """Task (predict, then run): PGD accuracy − exact robust accuracy per seed on the 2-D world."""
-    from .harness import interval_verdict, row_diffs
+    grade_prediction(_PGD_VS_EXACT, predicted_sign, rows)
 
-    task = "predict: PGD against the exact answer"
-    diffs = row_diffs(task, rows, "pgd", "exact")
-    why = (f"PGD − exact over {len(diffs)} seeds. PGD searches the ball from one start and can miss its worst point; the lattice checks the whole ball, so PGD's estimate is an over-estimate of robustness")  # noqa: E501
-    interval_verdict(task, predicted_sign, ("higher", "lower"), diffs, ("higher", "lower"), why)
+
+_FGSM_VS_PGD = PairedPrediction(
+    "predict: FGSM or PGD", "fgsm", "pgd", ("pgd stronger", "fgsm stronger"),
+    "correct under FGSM − correct under PGD-10, over {n} images. FGSM takes one step along the sign of the gradient at x; PGD re-reads the gradient after every step, so it follows the loss where it curves",  # noqa: E501
+)
 
 
 def check_fgsm_vs_pgd_prediction(predicted, rows) -> None:
     """Task (predict, then run): which attack leaves the trained model less accurate, paired by
     image (rows: dicts with 'fgsm' and 'pgd' correctness, 0 or 1)."""
-    from .harness import interval_verdict, row_diffs
-
-    task = "predict: FGSM or PGD"
-    diffs = row_diffs(task, rows, "fgsm", "pgd")
-    why = (f"correct under FGSM − correct under PGD-10, over {len(diffs)} images. FGSM takes one step along the sign of the gradient at x; PGD re-reads the gradient after every step, so it follows the loss where it curves")  # noqa: E501
-    interval_verdict(task, predicted, ("pgd stronger", "fgsm stronger"), diffs,
-                     ("pgd stronger", "fgsm stronger"), why)
+    grade_prediction(_FGSM_VS_PGD, predicted, rows)

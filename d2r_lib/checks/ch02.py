@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .. import attacks, losses
 from .harness import (
+    PairedPrediction,
     as_float,
     call_learner,
     close,
@@ -17,6 +18,7 @@ from .harness import (
     fail,
     fraction_verdict,
     generator,
+    grade_prediction,
     library_accuracy,
     passed,
     prediction_verdict,
@@ -194,12 +196,14 @@ def check_k_prediction(predicted_more_robust_k) -> None:
     prediction_verdict(task, predicted_more_robust_k, allowed, measured, why)
 
 
+_PGD_AT_CLEAN = PairedPrediction(
+    "predict: what PGD-AT costs", "pgd_at", "standard", ("higher", "lower"),
+    "PGD-AT − standard over {n} seeds, clean accuracy on held-out points. PGD-AT fits the worst point of each ε-ball, not the point itself: near the boundary the two disagree, and the clean points pay for it",  # noqa: E501
+    metric="clean",
+)
+
+
 def check_pgd_at_clean_prediction(predicted_sign, runs) -> None:
     """Task (predict, then run): the sign of PGD-AT − standard in clean accuracy on the 2-D world,
     graded against the learner's `toy.compare` runs."""
-    from .harness import interval_verdict, paired_diffs
-
-    task = "predict: what PGD-AT costs"
-    diffs = paired_diffs(task, runs, "pgd_at", "standard", "clean")
-    why = (f"PGD-AT − standard over {len(diffs)} seeds, clean accuracy on held-out points. PGD-AT fits the worst point of each ε-ball, not the point itself: near the boundary the two disagree, and the clean points pay for it")  # noqa: E501
-    interval_verdict(task, predicted_sign, ("higher", "lower"), diffs, ("higher", "lower"), why)
+    grade_prediction(_PGD_AT_CLEAN, predicted_sign, runs)

@@ -17,7 +17,9 @@ from .attackcheck import (
     wrong_attack,
 )
 from .harness import (
+    PairedPrediction,
     generator,
+    grade_prediction,
     prediction_verdict,
     rand_labels,
     toy_scores,
@@ -276,16 +278,16 @@ def check_beta_prediction(predicted_clean_trend) -> None:
     prediction_verdict(task, predicted_clean_trend, allowed, measured, why)
 
 
+_BETA_ROBUST = PairedPrediction(
+    "predict: TRADES β, robustness", "beta6", "beta0", ("rises", "falls"),
+    "β = 6 − β = 0 over {n} seeds, exact robust accuracy. At β = 0 TRADES is plain training on clean points (x′ plays no role); the KL term is what makes the boundary keep its distance from the data",  # noqa: E501
+)
+
+
 def check_beta_robust_prediction(predicted_robust_trend, rows) -> None:
     """Task (predict, then run): exact robust accuracy of TRADES at β = 6 minus at β = 0, per seed,
     on the 2-D world (rows: dicts with 'beta0' and 'beta6')."""
-    from .harness import interval_verdict, row_diffs
-
-    task = "predict: TRADES β, robustness"
-    diffs = row_diffs(task, rows, "beta6", "beta0")
-    why = (f"β = 6 − β = 0 over {len(diffs)} seeds, exact robust accuracy. At β = 0 TRADES is plain training on clean points (x′ plays no role); the KL term is what makes the boundary keep its distance from the data")  # noqa: E501
-    interval_verdict(task, predicted_robust_trend, ("rises", "falls"), diffs, ("rises", "falls"),
-                     why)
+    grade_prediction(_BETA_ROBUST, predicted_robust_trend, rows)
 
 
 def check_kl_adv_gradient(fn) -> None:

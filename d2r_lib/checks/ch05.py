@@ -9,11 +9,13 @@ import torch.nn.functional as F
 
 from .. import losses
 from .harness import (
+    PairedPrediction,
     as_float,
     call_learner,
     close,
     fail,
     generator,
+    grade_prediction,
     interval_verdict,
     passed,
     rand_labels,
@@ -405,12 +407,13 @@ def check_w_adv_prediction(prediction, rows) -> None:
                          ("rises", "falls"), why)
 
 
+_REDUCTION = PairedPrediction(
+    "predict: the KL reduction", "batchmean", "mean", ("rises", "falls"),
+    "'batchmean' − 'mean' over {n} seeds, exact robust accuracy. 'batchmean' multiplies both KL weights by C (2 on this world): the same dose as a larger w_adv",  # noqa: E501
+)
+
+
 def check_reduction_prediction(predicted_trend, rows) -> None:
     """Task (predict, then run): exact robust accuracy of D2R with every KL 'batchmean' minus with
     the official 'mean', per seed, on the 2-D world."""
-    from .harness import row_diffs
-
-    task = "predict: the KL reduction"
-    diffs = row_diffs(task, rows, "batchmean", "mean")
-    why = (f"'batchmean' − 'mean' over {len(diffs)} seeds, exact robust accuracy. 'batchmean' multiplies both KL weights by C (2 on this world): the same dose as a larger w_adv")  # noqa: E501
-    interval_verdict(task, predicted_trend, ("rises", "falls"), diffs, ("rises", "falls"), why)
+    grade_prediction(_REDUCTION, predicted_trend, rows)

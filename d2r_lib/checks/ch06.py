@@ -18,6 +18,7 @@ from .attackcheck import (
     wrong_attack,
 )
 from .harness import (
+    PairedPrediction,
     assert_modes_restored,
     bn_changed,
     bn_state,
@@ -25,9 +26,8 @@ from .harness import (
     copies,
     fail,
     generator,
-    interval_verdict,
+    grade_prediction,
     mode_flags,
-    paired_diffs,
     passed,
     rand_images,
     sandbox,
@@ -327,23 +327,26 @@ def check_cag_copy_prediction(predicted_agreement) -> None:
     passed(task, f"you predicted {predicted_agreement:.0%}: right — {why}")
 
 
+_TRADES_GEN = PairedPrediction(
+    "predict: CAG or TRADES generation", "d2r", "d2r_trades_gen", ("higher", "lower"),
+    "D2R − d2r_trades_gen over {n} seeds, exact robust accuracy. The two differ only in x′: CAG pushes the target away from the guide's soft labels, TRADES generation away from the target's own prediction. Chapter 7 found the same sign over 20 seeds on this world and asks, in Part 3, why CAG costs robustness there",  # noqa: E501
+    metric="exact",
+)
+
+
 def check_trades_gen_prediction(predicted_sign, runs) -> None:
     """Task (predict, then run): the sign of D2R − d2r_trades_gen in exact robust accuracy on the
     2-D world, graded against the learner's own `toy.compare` runs."""
-    task = "predict: CAG or TRADES generation"
-    diffs = paired_diffs(task, runs, "d2r", "d2r_trades_gen", "exact")
-    why = (
-        f"D2R − d2r_trades_gen over {len(diffs)} seeds, exact robust accuracy. The two differ only in x′: CAG pushes the target away from the guide's soft labels, TRADES generation away from the target's own prediction. Chapter 7 found the same sign over 20 seeds on this world and asks, in Part 3, why CAG costs robustness there"  # noqa: E501
-    )
-    interval_verdict(task, predicted_sign, ("higher", "lower"), diffs, ("higher", "lower"), why)
+    grade_prediction(_TRADES_GEN, predicted_sign, runs)
+
+
+_FLAT_GUIDE = PairedPrediction(
+    "predict: CAG with a flat guide", "cag", "trades", ("weaker", "stronger"),
+    "accuracy under CAG − under TRADES generation, {n} seeds. Against a uniform guide, CAG maximises −(1/C)·Σ_c log p_f(x′)_c, which grows when any class becomes unlikely: it makes the target more sure of its own answer instead of changing it",  # noqa: E501
+)
 
 
 def check_flat_guide_prediction(predicted, rows) -> None:
     """Task (predict, then run): with a uniform guide, is CAG a weaker or a stronger attack than
     TRADES generation (accuracy under CAG − under TRADES generation, per seed)?"""
-    from .harness import row_diffs
-
-    task = "predict: CAG with a flat guide"
-    diffs = row_diffs(task, rows, "cag", "trades")
-    why = (f"accuracy under CAG − under TRADES generation, {len(diffs)} seeds. Against a uniform guide, CAG maximises −(1/C)·Σ_c log p_f(x′)_c, which grows when any class becomes unlikely: it makes the target more sure of its own answer instead of changing it")  # noqa: E501
-    interval_verdict(task, predicted, ("weaker", "stronger"), diffs, ("weaker", "stronger"), why)
+    grade_prediction(_FLAT_GUIDE, predicted, rows)

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -56,6 +57,8 @@ __all__ = [
     "interval_verdict",
     "paired_diffs",
     "row_diffs",
+    "PairedPrediction",
+    "grade_prediction",
     "toy_train",
     "toy_test",
     "toy_scores",
@@ -345,6 +348,28 @@ def row_diffs(task: str, rows, a: str, b: str) -> list[float]:
     except (TypeError, KeyError, ValueError):
         fail(task, f"rows must be the list of dicts with the keys {a!r} and {b!r} that the cell above builds")  # noqa: E501
 
+
+
+@dataclass(frozen=True)
+class PairedPrediction:
+    """A predict-then-run task graded on the learner's own runs: the differences a − b per seed
+    (or per image) decide between labels[0] (a − b > 0) and labels[1] (< 0)."""
+    task: str
+    a: str
+    b: str
+    labels: tuple
+    why: str  # the explanation shown with the verdict; {n} is the number of pairs
+    metric: str | None = None  # set: the data are `toy.compare` runs; None: rows of dicts
+
+
+def grade_prediction(spec: PairedPrediction, predicted, data):
+    """Grade `predicted` against the interval of the paired differences in `data`."""
+    if spec.metric is None:
+        diffs = row_diffs(spec.task, data, spec.a, spec.b)
+    else:
+        diffs = paired_diffs(spec.task, data, spec.a, spec.b, spec.metric)
+    why = spec.why.replace("{n}", str(len(diffs)))
+    return interval_verdict(spec.task, predicted, spec.labels, diffs, spec.labels, why)
 
 # ================================================================================================
 # The 2-D world of `d2r_lib.toy`, in the checks' short setting
