@@ -25,13 +25,7 @@ from .harness import (
     toy_scores,
     toy_train,
 )
-from .losscheck import (
-    SHAPES,
-    LossSpec,
-    Variant,
-    rand_logits,
-    run_loss_check,
-)
+from .losscheck import SHAPES, LossSpec, Variant, rand_logits, run_loss_check
 
 __all__ = [
     "check_beta_robust_prediction",
@@ -48,28 +42,16 @@ __all__ = [
 def _trades_variants():
     kl = losses.trades_kl
     return [
-        Variant(
-            "KL direction reversed: you computed KL(p(x′) ‖ p(x)); TRADES' regulariser is KL(p(x) ‖ p(x′)) = Σ p(x)·(log p(x) − log p(x′)), i.e. F.kl_div(F.log_softmax(logits_adv), F.softmax(logits_nat))",  # noqa: E501
-            lambda zn, za: kl(za, zn),
-        ),
-        Variant(
-            "you averaged over batch × classes (F.kl_div's reduction='mean'), so your value is 1/{C} of TRADES' KL, which sums over the classes and averages over the batch (reduction='batchmean', or 'sum' divided by the batch size)",  # noqa: E501
-            lambda zn, za: kl(zn, za) / zn.shape[1],
-        ),
-        Variant(
-            "you summed over the batch as well (your value is {B}× too large): divide by the batch size (reduction='batchmean')",  # noqa: E501
-            lambda zn, za: kl(zn, za) * zn.shape[0],
-        ),
+        Variant("KL direction reversed: you computed KL(p(x′) ‖ p(x)); TRADES' regulariser is KL(p(x) ‖ p(x′)) = Σ p(x)·(log p(x) − log p(x′)), i.e. F.kl_div(F.log_softmax(logits_adv), F.softmax(logits_nat))", lambda zn, za: kl(za, zn)),  # noqa: E501
+        Variant("you averaged over batch × classes (F.kl_div's reduction='mean'), so your value is 1/{C} of TRADES' KL, which sums over the classes and averages over the batch (reduction='batchmean', or 'sum' divided by the batch size)", lambda zn, za: kl(zn, za) / zn.shape[1]),  # noqa: E501
+        Variant("you summed over the batch as well (your value is {B}× too large): divide by the batch size (reduction='batchmean')", lambda zn, za: kl(zn, za) * zn.shape[0]),  # noqa: E501
         Variant(
             "F.kl_div's first argument must be log-probabilities: you passed probabilities (use F.log_softmax(logits_adv, dim=1))",  # noqa: E501
             lambda zn, za: (
                 F.kl_div(F.softmax(za, dim=1), F.softmax(zn, dim=1), reduction="sum") / zn.shape[0]
             ),
         ),
-        Variant(
-            "F.kl_div's first argument must be log-probabilities: you passed the raw logits (use F.log_softmax(logits_adv, dim=1))",  # noqa: E501
-            lambda zn, za: F.kl_div(za, F.softmax(zn, dim=1), reduction="sum") / zn.shape[0],
-        ),
+        Variant("F.kl_div's first argument must be log-probabilities: you passed the raw logits (use F.log_softmax(logits_adv, dim=1))", lambda zn, za: F.kl_div(za, F.softmax(zn, dim=1), reduction="sum") / zn.shape[0]),  # noqa: E501
         Variant(
             "you took the softmax over the batch (dim=0); the distributions are over the classes: dim=1",  # noqa: E501
             lambda zn, za: (
@@ -133,41 +115,17 @@ def check_trades_loss(fn) -> None:
             trials=6,
             grad_names=("logits_nat", "logits_adv"),
             variants=[
-                Variant(
-                    "your CE term uses the adversarial logits f(x′); TRADES takes the CE on the clean logits: CE(f(x), y) + β·KL(p(x) ‖ p(x′))",  # noqa: E501
-                    lambda zn, za, y, beta: ce(za, y) + beta * kl(zn, za),
-                ),
-                Variant(
-                    "KL direction reversed: you computed KL(p(x′) ‖ p(x)); TRADES uses KL(p(x) ‖ p(x′))",  # noqa: E501
-                    lambda zn, za, y, beta: ce(zn, y) + beta * kl(za, zn),
-                ),
-                Variant(
-                    "your KL averages over batch × classes (reduction='mean'), 1/{C} of TRADES' KL, which sums over the classes and averages over the batch ('batchmean')",  # noqa: E501
-                    lambda zn, za, y, beta: ce(zn, y) + beta * kl(zn, za) / zn.shape[1],
-                ),
-                Variant(
-                    "your KL is summed over the batch too (reduction='sum' without dividing by the batch size {B})",  # noqa: E501
-                    lambda zn, za, y, beta: ce(zn, y) + beta * kl(zn, za) * zn.shape[0],
-                ),
-                Variant(
-                    "β multiplies the wrong term: TRADES is CE + β·KL, not β·CE + KL",
-                    lambda zn, za, y, beta: beta * ce(zn, y) + kl(zn, za),
-                ),
-                Variant(
-                    "you ignored the `beta` argument (your value matches β = 6): use the beta passed in",  # noqa: E501
-                    lambda zn, za, y, beta: None if beta == 6.0 else ce(zn, y) + 6.0 * kl(zn, za),
-                ),
+                Variant("your CE term uses the adversarial logits f(x′); TRADES takes the CE on the clean logits: CE(f(x), y) + β·KL(p(x) ‖ p(x′))", lambda zn, za, y, beta: ce(za, y) + beta * kl(zn, za)),  # noqa: E501
+                Variant("KL direction reversed: you computed KL(p(x′) ‖ p(x)); TRADES uses KL(p(x) ‖ p(x′))", lambda zn, za, y, beta: ce(zn, y) + beta * kl(za, zn)),  # noqa: E501
+                Variant("your KL averages over batch × classes (reduction='mean'), 1/{C} of TRADES' KL, which sums over the classes and averages over the batch ('batchmean')", lambda zn, za, y, beta: ce(zn, y) + beta * kl(zn, za) / zn.shape[1]),  # noqa: E501
+                Variant("your KL is summed over the batch too (reduction='sum' without dividing by the batch size {B})", lambda zn, za, y, beta: ce(zn, y) + beta * kl(zn, za) * zn.shape[0]),  # noqa: E501
+                Variant("β multiplies the wrong term: TRADES is CE + β·KL, not β·CE + KL", lambda zn, za, y, beta: beta * ce(zn, y) + kl(zn, za)),  # noqa: E501
+                Variant("you ignored the `beta` argument (your value matches β = 6): use the beta passed in", lambda zn, za, y, beta: None if beta == 6.0 else ce(zn, y) + 6.0 * kl(zn, za)),  # noqa: E501
                 Variant(
                     "you left out the KL term β·KL(p(x) ‖ p(x′))", lambda zn, za, y, beta: ce(zn, y)
                 ),
-                Variant(
-                    "you left out the CE term CE(f(x), y)",
-                    lambda zn, za, y, beta: beta * kl(zn, za),
-                ),
-                Variant(
-                    "you used CE on x′ and the reversed KL: TRADES is CE(f(x), y) + β·KL(p(x) ‖ p(x′))",  # noqa: E501
-                    lambda zn, za, y, beta: ce(za, y) + beta * kl(za, zn),
-                ),
+                Variant("you left out the CE term CE(f(x), y)", lambda zn, za, y, beta: beta * kl(zn, za)),  # noqa: E501
+                Variant("you used CE on x′ and the reversed KL: TRADES is CE(f(x), y) + β·KL(p(x) ‖ p(x′))", lambda zn, za, y, beta: ce(za, y) + beta * kl(za, zn)),  # noqa: E501
             ],
             grad_hints={
                 "logits_nat": "TRADES backpropagates through p(x) in the KL too: don't detach it."
@@ -197,14 +155,7 @@ def check_trades_attack(fn) -> None:
         )
 
     def lib_pgd(start):
-        return lambda mods, x, y, k: attacks.pgd(
-            mods["target"],
-            x,
-            objective="kl",
-            start=start,
-            reference=p_clean(mods["target"], x),
-            **k,
-        )
+        return lambda mods, x, y, k: attacks.pgd(mods["target"], x, objective="kl", start=start, reference=p_clean(mods["target"], x), **k)  # noqa: E501
 
     def objective(mods, x, y, xa):
         m = mods["target"]
@@ -224,22 +175,10 @@ def check_trades_attack(fn) -> None:
             library=lambda mods, x, y, k: attacks.trades_attack(mods["target"], x, **k),
             objective=objective,
             variants=[
-                (
-                    "you started from a uniformly random point of the ε-ball; TRADES starts at x + 0.001·N(0, I) (x + 0.001 * torch.randn_like(x))",  # noqa: E501
-                    lib_pgd("uniform"),
-                ),
-                (
-                    "no random start: TRADES starts at x + 0.001·N(0, I) (at x itself the KL's gradient is zero)",  # noqa: E501
-                    lib_pgd("clean"),
-                ),
-                (
-                    "KL direction reversed: you ascended KL(p(x′) ‖ p(x)); TRADES' attack ascends KL(p(x) ‖ p(x′))",  # noqa: E501
-                    wrong(reverse=True),
-                ),
-                (
-                    "you stepped along the raw gradient α·∇; TRADES steps along its sign: α·sign(∇)",  # noqa: E501
-                    wrong(step="grad"),
-                ),
+                ("you started from a uniformly random point of the ε-ball; TRADES starts at x + 0.001·N(0, I) (x + 0.001 * torch.randn_like(x))", lib_pgd("uniform")),  # noqa: E501
+                ("no random start: TRADES starts at x + 0.001·N(0, I) (at x itself the KL's gradient is zero)", lib_pgd("clean")),  # noqa: E501
+                ("KL direction reversed: you ascended KL(p(x′) ‖ p(x)); TRADES' attack ascends KL(p(x) ‖ p(x′))", wrong(reverse=True)),  # noqa: E501
+                ("you stepped along the raw gradient α·∇; TRADES steps along its sign: α·sign(∇)", wrong(step="grad")),  # noqa: E501
                 ("your steps go *down* the KL; the attack ascends it", wrong(descend=True)),
             ],
             passed="x + 0.001·N(0, I), sign steps on Σ KL(p(x) ‖ p(x′)), projection, [0, 1], eval mode, detached, as attacks.trades_attack (3 trials)",  # noqa: E501
@@ -278,10 +217,7 @@ def check_beta_prediction(predicted_clean_trend) -> None:
     prediction_verdict(task, predicted_clean_trend, allowed, measured, why)
 
 
-_BETA_ROBUST = PairedPrediction(
-    "predict: TRADES β, robustness", "beta6", "beta0", ("rises", "falls"),
-    "β = 6 − β = 0 over {n} seeds, exact robust accuracy. At β = 0 TRADES is plain training on clean points (x′ plays no role); the KL term is what makes the boundary keep its distance from the data",  # noqa: E501
-)
+_BETA_ROBUST = PairedPrediction("predict: TRADES β, robustness", "beta6", "beta0", ("rises", "falls"), "β = 6 − β = 0 over {n} seeds, exact robust accuracy. At β = 0 TRADES is plain training on clean points (x′ plays no role); the KL term is what makes the boundary keep its distance from the data")  # noqa: E501
 
 
 def check_beta_robust_prediction(predicted_robust_trend, rows) -> None:

@@ -21,13 +21,7 @@ from .harness import (
     toy_scores,
     toy_train,
 )
-from .losscheck import (
-    SHAPES,
-    LossSpec,
-    Variant,
-    rand_logits,
-    run_loss_check,
-)
+from .losscheck import SHAPES, LossSpec, Variant, rand_logits, run_loss_check
 
 __all__ = [
     "check_diagnose_guide",
@@ -72,30 +66,12 @@ def check_lbgat0_loss(fn) -> None:
             trials=6,
             grad_names=("logits_adv", "logits_guide"),
             variants=[
-                Variant(
-                    "your CE term uses the target's adversarial logits f(x′); LBGAT puts the label loss on the guide: CE(g(x), y)",  # noqa: E501
-                    lambda za, zg, y: ce(za, y) + mse(za, zg),
-                ),
-                Variant(
-                    "your MSE compares probabilities (softmax); LBGAT's MSE is between the logits f(x′) and g(x)",  # noqa: E501
-                    lambda za, zg, y: ce(zg, y) + mse(F.softmax(za, dim=1), F.softmax(zg, dim=1)),
-                ),
-                Variant(
-                    "your MSE sums the squared error over the classes ({C}× too large); nn.MSELoss / F.mse_loss averages over batch × classes",  # noqa: E501
-                    lambda za, zg, y: ce(zg, y) + za.shape[1] * mse(za, zg),
-                ),
-                Variant(
-                    "your MSE sums over batch and classes; F.mse_loss averages them (reduction='mean')",  # noqa: E501
-                    lambda za, zg, y: ce(zg, y) + za.numel() * mse(za, zg),
-                ),
-                Variant(
-                    "you left out CE(g(x), y): without it nothing ties the guide to the labels",
-                    lambda za, zg, y: mse(za, zg),
-                ),
-                Variant(
-                    "you left out MSE(f(x′), g(x)), the term through which the target learns from the guide",  # noqa: E501
-                    lambda za, zg, y: ce(zg, y),
-                ),
+                Variant("your CE term uses the target's adversarial logits f(x′); LBGAT puts the label loss on the guide: CE(g(x), y)", lambda za, zg, y: ce(za, y) + mse(za, zg)),  # noqa: E501
+                Variant("your MSE compares probabilities (softmax); LBGAT's MSE is between the logits f(x′) and g(x)", lambda za, zg, y: ce(zg, y) + mse(F.softmax(za, dim=1), F.softmax(zg, dim=1))),  # noqa: E501
+                Variant("your MSE sums the squared error over the classes ({C}× too large); nn.MSELoss / F.mse_loss averages over batch × classes", lambda za, zg, y: ce(zg, y) + za.shape[1] * mse(za, zg)),  # noqa: E501
+                Variant("your MSE sums over batch and classes; F.mse_loss averages them (reduction='mean')", lambda za, zg, y: ce(zg, y) + za.numel() * mse(za, zg)),  # noqa: E501
+                Variant("you left out CE(g(x), y): without it nothing ties the guide to the labels", lambda za, zg, y: mse(za, zg)),  # noqa: E501
+                Variant("you left out MSE(f(x′), g(x)), the term through which the target learns from the guide", lambda za, zg, y: ce(zg, y)),  # noqa: E501
             ],
             grad_hints={
                 "logits_guide": "LBGAT trains the guide through both CE and MSE: don't detach g(x) in the MSE.",  # noqa: E501
@@ -124,14 +100,8 @@ def check_lbgat_loss(fn) -> None:
             trials=6,
             grad_names=("logits_adv", "logits_guide"),
             variants=[
-                Variant(
-                    "KL direction reversed: you computed KL(p_f(x′) ‖ p_f(x)); LBGAT's β-term is TRADES' KL(p_f(x) ‖ p_f(x′))",  # noqa: E501
-                    lambda za, zg, y, beta, logits_nat: lb0(za, zg, y) + beta * kl(za, logits_nat),
-                ),
-                Variant(
-                    "your β-term compares the guide with the target (KL(p_g(x) ‖ p_f(x′))); LBGAT's β-term is the target's own TRADES KL(p_f(x) ‖ p_f(x′)), with logits_nat = f(x)",  # noqa: E501
-                    lambda za, zg, y, beta, logits_nat: lb0(za, zg, y) + beta * kl(zg, za),
-                ),
+                Variant("KL direction reversed: you computed KL(p_f(x′) ‖ p_f(x)); LBGAT's β-term is TRADES' KL(p_f(x) ‖ p_f(x′))", lambda za, zg, y, beta, logits_nat: lb0(za, zg, y) + beta * kl(za, logits_nat)),  # noqa: E501
+                Variant("your β-term compares the guide with the target (KL(p_g(x) ‖ p_f(x′))); LBGAT's β-term is the target's own TRADES KL(p_f(x) ‖ p_f(x′)), with logits_nat = f(x)", lambda za, zg, y, beta, logits_nat: lb0(za, zg, y) + beta * kl(zg, za)),  # noqa: E501
                 Variant(
                     "your KL averages over batch × classes (1/{C} of the per-sample KL); LBGAT's β-term is TRADES' KL summed over classes and averaged over the batch",  # noqa: E501
                     lambda za, zg, y, beta, logits_nat: (
@@ -144,10 +114,7 @@ def check_lbgat_loss(fn) -> None:
                         None if beta == 6.0 else lb0(za, zg, y) + 6.0 * kl(logits_nat, za)
                     ),
                 ),
-                Variant(
-                    "you dropped the β-term: with β > 0 add β·KL(p_f(x) ‖ p_f(x′)) (logits_nat = f(x))",  # noqa: E501
-                    lambda za, zg, y, beta, logits_nat: lb0(za, zg, y),
-                ),
+                Variant("you dropped the β-term: with β > 0 add β·KL(p_f(x) ‖ p_f(x′)) (logits_nat = f(x))", lambda za, zg, y, beta, logits_nat: lb0(za, zg, y)),  # noqa: E501
                 Variant(
                     "your CE term uses the target's clean logits f(x); LBGAT puts the label loss on the guide g(x)",  # noqa: E501
                     lambda za, zg, y, beta, logits_nat: (
@@ -184,10 +151,7 @@ def check_make_optimizer(fn) -> None:
         for role, model in [("target", t), ("guide", g)]:
             missing = sum(id(p) not in set(ids) for p in model.parameters())
             if missing:
-                fail(
-                    task,
-                    f"{missing} of the {role}'s parameter tensors are not in the optimizer: LBGAT/D2R train target *and* guide with one SGD over [target.parameters(), guide.parameters()]",  # noqa: E501
-                )
+                fail(task, f"{missing} of the {role}'s parameter tensors are not in the optimizer: LBGAT/D2R train target *and* guide with one SGD over [target.parameters(), guide.parameters()]")  # noqa: E501
         want = ref.param_groups[0]
         names = {
             "lr": "the learning rate lr",
@@ -204,14 +168,8 @@ def check_make_optimizer(fn) -> None:
                         if key == "weight_decay"
                         else ""
                     )
-                    fail(
-                        task,
-                        f"{label} = {group.get(key)!r}; the official code uses {want[key]!r}{extra}",  # noqa: E501
-                    )
-        passed(
-            task,
-            f"SGD over target and guide, lr {want['lr']}, momentum {want['momentum']}, weight decay {want['weight_decay']}, no Nesterov, as methods.make_optimizer",  # noqa: E501
-        )
+                    fail(task, f"{label} = {group.get(key)!r}; the official code uses {want[key]!r}{extra}")  # noqa: E501
+        passed(task, f"SGD over target and guide, lr {want['lr']}, momentum {want['momentum']}, weight decay {want['weight_decay']}, no Nesterov, as methods.make_optimizer")  # noqa: E501
 
 
 # ------------------------------------------------------------------------------------ predict

@@ -67,30 +67,12 @@ def check_official_kl(fn) -> None:
             trials=6,
             grad_names=("p", "log_q"),
             variants=[
-                Variant(
-                    "you left out the +1e-5: the official helper computes p·(log(p + 1e-5) − log q), a slight upper bound of the exact KL that F.kl_div would give",  # noqa: E501
-                    exact_kl_mean,
-                ),
-                Variant(
-                    "you summed over the classes and averaged over the batch ('batchmean'), so your value is {C}× the official K̄L, which averages over all batch × classes elements (torch.mean)",  # noqa: E501
-                    lambda p, lq: losses.official_kl(p, lq, "batchmean"),
-                ),
-                Variant(
-                    "you summed over everything; the official K̄L is the mean over batch × classes (torch.mean)",  # noqa: E501
-                    lambda p, lq: losses.official_k(p, lq).sum(),
-                ),
-                Variant(
-                    "KL direction reversed: you computed K̄L(Q ‖ P); the expectation is under the first argument p: p·(log(p + 1e-5) − log q)",  # noqa: E501
-                    lambda p, lq: losses.official_kl(lq.exp(), torch.log(p)),
-                ),
-                Variant(
-                    "you added 1e-5 inside log q as well; the official code has it only in log(p + 1e-5) (log q arrives as a log-softmax)",  # noqa: E501
-                    lambda p, lq: (p * (torch.log(p + 1e-5) - torch.log(lq.exp() + 1e-5))).mean(),
-                ),
-                Variant(
-                    "you exchanged the roles of the two logs: the formula is p·(log(p + 1e-5) − log q), not p·(log q − log(p + 1e-5))",  # noqa: E501
-                    lambda p, lq: -losses.official_kl(p, lq),
-                ),
+                Variant("you left out the +1e-5: the official helper computes p·(log(p + 1e-5) − log q), a slight upper bound of the exact KL that F.kl_div would give", exact_kl_mean),  # noqa: E501
+                Variant("you summed over the classes and averaged over the batch ('batchmean'), so your value is {C}× the official K̄L, which averages over all batch × classes elements (torch.mean)", lambda p, lq: losses.official_kl(p, lq, "batchmean")),  # noqa: E501
+                Variant("you summed over everything; the official K̄L is the mean over batch × classes (torch.mean)", lambda p, lq: losses.official_k(p, lq).sum()),  # noqa: E501
+                Variant("KL direction reversed: you computed K̄L(Q ‖ P); the expectation is under the first argument p: p·(log(p + 1e-5) − log q)", lambda p, lq: losses.official_kl(lq.exp(), torch.log(p))),  # noqa: E501
+                Variant("you added 1e-5 inside log q as well; the official code has it only in log(p + 1e-5) (log q arrives as a log-softmax)", lambda p, lq: (p * (torch.log(p + 1e-5) - torch.log(lq.exp() + 1e-5))).mean()),  # noqa: E501
+                Variant("you exchanged the roles of the two logs: the formula is p·(log(p + 1e-5) − log q), not p·(log q − log(p + 1e-5))", lambda p, lq: -losses.official_kl(p, lq)),  # noqa: E501
             ],
             passed="p·(log(p + 1e-5) − log q) averaged over batch × classes, as losses.official_kl (value and gradients, 10 and 100 classes)",  # noqa: E501
         ),
@@ -135,22 +117,10 @@ def check_d2r_clean_term(fn) -> None:
             reference=lambda zn, zg: terms(zn, zg)["clean"],
             grad_names=("logits_nat", "logits_guide"),
             variants=[
-                Variant(
-                    "you dropped the absolute value: the clean term is |K̄L(p_f ‖ p_g) − K̄L(p_g ‖ p_f)|, and yours is negative here ({got:.3g})",  # noqa: E501
-                    lambda zn, zg: terms(zn, zg)["kl_fg"] - terms(zn, zg)["kl_gf"],
-                ),
-                Variant(
-                    "you dropped the absolute value (and subtracted the other way round): the clean term is |K̄L(p_f ‖ p_g) − K̄L(p_g ‖ p_f)|, and yours is negative here ({got:.3g})",  # noqa: E501
-                    lambda zn, zg: terms(zn, zg)["kl_gf"] - terms(zn, zg)["kl_fg"],
-                ),
-                Variant(
-                    "you added the two KLs (a symmetric divergence); the official clean term is the absolute *difference* |K̄L(p_f(x) ‖ p_g(x)) − K̄L(p_g(x) ‖ p_f(x))|",  # noqa: E501
-                    lambda zn, zg: terms(zn, zg)["kl_fg"] + terms(zn, zg)["kl_gf"],
-                ),
-                Variant(
-                    "your KLs use 'batchmean' (sum over classes), {C}× the official K̄L, which averages over batch × classes",  # noqa: E501
-                    lambda zn, zg: terms(zn, zg, kl_reduction="batchmean")["clean"],
-                ),
+                Variant("you dropped the absolute value: the clean term is |K̄L(p_f ‖ p_g) − K̄L(p_g ‖ p_f)|, and yours is negative here ({got:.3g})", lambda zn, zg: terms(zn, zg)["kl_fg"] - terms(zn, zg)["kl_gf"]),  # noqa: E501
+                Variant("you dropped the absolute value (and subtracted the other way round): the clean term is |K̄L(p_f ‖ p_g) − K̄L(p_g ‖ p_f)|, and yours is negative here ({got:.3g})", lambda zn, zg: terms(zn, zg)["kl_gf"] - terms(zn, zg)["kl_fg"]),  # noqa: E501
+                Variant("you added the two KLs (a symmetric divergence); the official clean term is the absolute *difference* |K̄L(p_f(x) ‖ p_g(x)) − K̄L(p_g(x) ‖ p_f(x))|", lambda zn, zg: terms(zn, zg)["kl_fg"] + terms(zn, zg)["kl_gf"]),  # noqa: E501
+                Variant("your KLs use 'batchmean' (sum over classes), {C}× the official K̄L, which averages over batch × classes", lambda zn, zg: terms(zn, zg, kl_reduction="batchmean")["clean"]),  # noqa: E501
                 Variant(
                     "you left out the +1e-5 inside log(p + 1e-5): use your official_kl from Task 1 (or losses.official_kl)",  # noqa: E501
                     lambda zn, zg: (
@@ -158,18 +128,9 @@ def check_d2r_clean_term(fn) -> None:
                         - exact_kl_mean(F.softmax(zg, dim=1), F.log_softmax(zn, dim=1))
                     ).abs(),
                 ),
-                Variant(
-                    "you returned a single KL, K̄L(p_f(x) ‖ p_g(x)); the clean term is the absolute difference of the two directions",  # noqa: E501
-                    lambda zn, zg: terms(zn, zg)["kl_fg"],
-                ),
-                Variant(
-                    "you returned a single KL, K̄L(p_g(x) ‖ p_f(x)); the clean term is the absolute difference of the two directions",  # noqa: E501
-                    lambda zn, zg: terms(zn, zg)["kl_gf"],
-                ),
-                Variant(
-                    "you squared the difference; the official term takes its absolute value",
-                    lambda zn, zg: (terms(zn, zg)["kl_fg"] - terms(zn, zg)["kl_gf"]) ** 2,
-                ),
+                Variant("you returned a single KL, K̄L(p_f(x) ‖ p_g(x)); the clean term is the absolute difference of the two directions", lambda zn, zg: terms(zn, zg)["kl_fg"]),  # noqa: E501
+                Variant("you returned a single KL, K̄L(p_g(x) ‖ p_f(x)); the clean term is the absolute difference of the two directions", lambda zn, zg: terms(zn, zg)["kl_gf"]),  # noqa: E501
+                Variant("you squared the difference; the official term takes its absolute value", lambda zn, zg: (terms(zn, zg)["kl_fg"] - terms(zn, zg)["kl_gf"]) ** 2),  # noqa: E501
             ],
             passed="|K̄L(p_f(x) ‖ p_g(x)) − K̄L(p_g(x) ‖ p_f(x))| as losses.d2r_terms(...)['clean'] (both signs of the difference, value and gradients)",  # noqa: E501
         ),
@@ -197,26 +158,11 @@ def check_d2r_adv_term(fn) -> None:
             reference=lambda za, zg: terms(za, zg)["adv"],
             grad_names=("logits_adv", "logits_guide"),
             variants=[
-                Variant(
-                    "KL direction reversed: you computed K̄L(p_g(x) ‖ p_f(x′)), the TRADES/CAG direction; D2R's adversarial term is K̄L(p_f(x′) ‖ p_g(x)) = official_kl(p_f(x′), log p_g(x))",  # noqa: E501
-                    lambda za, zg: kbar(zg, za),
-                ),
-                Variant(
-                    "your KL uses 'batchmean' (sum over classes), {C}× the official K̄L, which averages over batch × classes",  # noqa: E501
-                    lambda za, zg: terms(za, zg, kl_reduction="batchmean")["adv"],
-                ),
-                Variant(
-                    "you left out the +1e-5 inside log(p + 1e-5): use your official_kl from Task 1",
-                    lambda za, zg: exact_kl_mean(F.softmax(za, dim=1), F.log_softmax(zg, dim=1)),
-                ),
-                Variant(
-                    "you computed TRADES' KL(p_g(x) ‖ p_f(x′)) (batchmean, exact): D2R's adversarial term is K̄L(p_f(x′) ‖ p_g(x)), averaged over batch × classes, with the +1e-5",  # noqa: E501
-                    lambda za, zg: losses.trades_kl(zg, za),
-                ),
-                Variant(
-                    "you computed TRADES' per-sample KL(p_f(x′) ‖ p_g(x)) (batchmean, no +1e-5): the official K̄L averages over batch × classes and has log(p + 1e-5)",  # noqa: E501
-                    lambda za, zg: losses.trades_kl(za, zg),
-                ),
+                Variant("KL direction reversed: you computed K̄L(p_g(x) ‖ p_f(x′)), the TRADES/CAG direction; D2R's adversarial term is K̄L(p_f(x′) ‖ p_g(x)) = official_kl(p_f(x′), log p_g(x))", lambda za, zg: kbar(zg, za)),  # noqa: E501
+                Variant("your KL uses 'batchmean' (sum over classes), {C}× the official K̄L, which averages over batch × classes", lambda za, zg: terms(za, zg, kl_reduction="batchmean")["adv"]),  # noqa: E501
+                Variant("you left out the +1e-5 inside log(p + 1e-5): use your official_kl from Task 1", lambda za, zg: exact_kl_mean(F.softmax(za, dim=1), F.log_softmax(zg, dim=1))),  # noqa: E501
+                Variant("you computed TRADES' KL(p_g(x) ‖ p_f(x′)) (batchmean, exact): D2R's adversarial term is K̄L(p_f(x′) ‖ p_g(x)), averaged over batch × classes, with the +1e-5", lambda za, zg: losses.trades_kl(zg, za)),  # noqa: E501
+                Variant("you computed TRADES' per-sample KL(p_f(x′) ‖ p_g(x)) (batchmean, no +1e-5): the official K̄L averages over batch × classes and has log(p + 1e-5)", lambda za, zg: losses.trades_kl(za, zg)),  # noqa: E501
             ],
             passed="K̄L(p_f(x′) ‖ p_g(x)) as losses.d2r_terms(...)['adv'] (value and gradients, 6 trials)",  # noqa: E501
         ),
@@ -299,29 +245,14 @@ def check_kl_mean_ratio(fn) -> None:
                 continue
             for wrong, message in [
                 (c, "inverted: 'batchmean' sums over the classes, so it is the *larger* one"),
-                (
-                    1 / (b * c),
-                    "'batchmean' already divides by the batch size; only the classes remain",
-                ),
-                (
-                    1 / b,
-                    "both reductions average over the batch; they differ in what they do over the classes",  # noqa: E501
-                ),
-                (
-                    b,
-                    "both reductions average over the batch; they differ in what they do over the classes",  # noqa: E501
-                ),
+                (1 / (b * c), "'batchmean' already divides by the batch size; only the classes remain"),  # noqa: E501
+                (1 / b, "both reductions average over the batch; they differ in what they do over the classes"),  # noqa: E501
+                (b, "both reductions average over the batch; they differ in what they do over the classes"),  # noqa: E501
             ]:
                 if close(got, wrong, 1e-9, 1e-12):
                     fail(task, f"your ratio {got:.4g} for batch {b}, {c} classes is {message}")
-            fail(
-                task,
-                f"your ratio {got:.4g} differs from the measured {measured:.4g} (batch {b}, {c} classes): write both reductions as sums over i and c and divide",  # noqa: E501
-            )
-        passed(
-            task,
-            "K̄L (mean over batch × classes) = KL (batchmean) / C: the official D2R weights 20 and 30 act on KL/10 for CIFAR-10 (3 shapes)",  # noqa: E501
-        )
+            fail(task, f"your ratio {got:.4g} differs from the measured {measured:.4g} (batch {b}, {c} classes): write both reductions as sums over i and c and divide")  # noqa: E501
+        passed(task, "K̄L (mean over batch × classes) = KL (batchmean) / C: the official D2R weights 20 and 30 act on KL/10 for CIFAR-10 (3 shapes)")  # noqa: E501
 
 
 def _exact_clean(p_f, p_g):
@@ -342,41 +273,22 @@ def check_clean_term_leading_order(fn) -> None:
         for t in (1e-2, 1e-3, 1e-4):
             p_g = F.softmax(p_f.log() + t * direction, dim=1)
             got = call_learner(task, fn, p_f.clone(), p_g.clone())
-            got = as_float(
-                task,
-                got.item() if isinstance(got, torch.Tensor) and got.numel() == 1 else got,
-                "the leading-order value",
-            )
+            got = as_float(task, got.item() if isinstance(got, torch.Tensor) and got.numel() == 1 else got, "the leading-order value")  # noqa: E501
             exact = _exact_clean(p_f, p_g).item()
             delta = p_g - p_f
             second = (delta**2 / (2 * p_f)).mean().item()
             if close(got, second, 0.05, 0):
-                fail(
-                    task,
-                    "your value is Σ δ²/(2p): the leading order of *each* KL. In the difference of the two directions these second-order terms cancel; expand both KLs one order further",  # noqa: E501
-                )
+                fail(task, "your value is Σ δ²/(2p): the leading order of *each* KL. In the difference of the two directions these second-order terms cancel; expand both KLs one order further")  # noqa: E501
             if close(got, 6 * exact, 0.05, 0):
-                fail(
-                    task,
-                    "your value is 6× the clean term: check the coefficient of the third-order term (−1/3 from one direction, −1/6 from the other)",  # noqa: E501
-                )
+                fail(task, "your value is 6× the clean term: check the coefficient of the third-order term (−1/3 from one direction, −1/6 from the other)")  # noqa: E501
             if close(got, 2 * exact, 0.05, 0):
-                fail(
-                    task,
-                    "your value is 2× the clean term: check the coefficient of the third-order term",  # noqa: E501
-                )
+                fail(task, "your value is 2× the clean term: check the coefficient of the third-order term")  # noqa: E501
             rows.append((t, got, exact))
         t, got, exact = rows[-1]
         if not close(got, exact, 0.03, 0):
-            fail(
-                task,
-                f"at a difference of size {t:g} your value {got:.4g} differs from the exact clean term {exact:.4g} by {abs(got / exact - 1):.0%}: a leading-order law must agree more and more closely as the difference shrinks",  # noqa: E501
-            )
+            fail(task, f"at a difference of size {t:g} your value {got:.4g} differs from the exact clean term {exact:.4g} by {abs(got / exact - 1):.0%}: a leading-order law must agree more and more closely as the difference shrinks")  # noqa: E501
         order = math.log(rows[0][2] / rows[-1][2]) / math.log(rows[0][0] / rows[-1][0])
-        passed(
-            task,
-            f"your law matches the exact clean term to {abs(got / exact - 1):.1%} at δ ~ {t:g}; the term shrinks like δ^{order:.2f}: third order, where each KL alone is second order",  # noqa: E501
-        )
+        passed(task, f"your law matches the exact clean term to {abs(got / exact - 1):.1%} at δ ~ {t:g}; the term shrinks like δ^{order:.2f}: third order, where each KL alone is second order")  # noqa: E501
 
 
 _W_ADV_KEYS = ("robustness", "guide_confidence")
@@ -407,10 +319,7 @@ def check_w_adv_prediction(prediction, rows) -> None:
                          ("rises", "falls"), why)
 
 
-_REDUCTION = PairedPrediction(
-    "predict: the KL reduction", "batchmean", "mean", ("rises", "falls"),
-    "'batchmean' − 'mean' over {n} seeds, exact robust accuracy. 'batchmean' multiplies both KL weights by C (2 on this world): the same dose as a larger w_adv",  # noqa: E501
-)
+_REDUCTION = PairedPrediction("predict: the KL reduction", "batchmean", "mean", ("rises", "falls"), "'batchmean' − 'mean' over {n} seeds, exact robust accuracy. 'batchmean' multiplies both KL weights by C (2 on this world): the same dose as a larger w_adv")  # noqa: E501
 
 
 def check_reduction_prediction(predicted_trend, rows) -> None:

@@ -22,13 +22,7 @@ from .harness import (
     toy_scores,
     toy_train,
 )
-from .losscheck import (
-    SHAPES,
-    LossSpec,
-    Variant,
-    rand_logits,
-    run_loss_check,
-)
+from .losscheck import SHAPES, LossSpec, Variant, rand_logits, run_loss_check
 
 __all__ = [
     "check_mart_loss",
@@ -91,43 +85,22 @@ def check_paired_t(fn) -> None:
                 and close(mean, -want_mean, 1e-9, 1e-12)
                 and close(t, -want_t, 1e-6, 1e-9)
             ):
-                fail(
-                    task,
-                    "your differences are baseline − ablation; the task asks ablation − baseline (a positive mean: the ablation scores higher)",  # noqa: E501
-                )
+                fail(task, "your differences are baseline − ablation; the task asks ablation − baseline (a positive mean: the ablation scores higher)")  # noqa: E501
             if not close(mean, want_mean, 1e-9, 1e-12):
-                fail(
-                    task,
-                    f"your mean difference {mean:.6g} differs from {want_mean:.6g}: average the per-seed differences",  # noqa: E501
-                )
+                fail(task, f"your mean difference {mean:.6g} differs from {want_mean:.6g}: average the per-seed differences")  # noqa: E501
             if math.isnan(t) or (want_t == 0 and t != 0):
-                fail(
-                    task,
-                    f"identical arms (every difference 0) gave t = {t}: with s_d = 0 and d̄ = 0 there is no difference, t = 0",  # noqa: E501
-                )
+                fail(task, f"identical arms (every difference 0) gave t = {t}: with s_d = 0 and d̄ = 0 there is no difference, t = 0")  # noqa: E501
             if close(t, want_t, 1e-6, 1e-9) or (math.isinf(want_t) and t == want_t):
                 continue
             n = len(a)
             if close(t, _welch(a, b)[1], 1e-6, 1e-9):
-                fail(
-                    task,
-                    "you compared the two groups as independent samples (Welch's t); the same seed trains both arms, so the runs come in pairs: test the per-seed differences",  # noqa: E501
-                )
+                fail(task, "you compared the two groups as independent samples (Welch's t); the same seed trains both arms, so the runs come in pairs: test the per-seed differences")  # noqa: E501
             if close(t, want_t * math.sqrt(n / (n - 1)), 1e-6, 1e-9):
-                fail(
-                    task,
-                    "your standard deviation divides by n; the sample standard deviation of the differences divides by n − 1",  # noqa: E501
-                )
+                fail(task, "your standard deviation divides by n; the sample standard deviation of the differences divides by n − 1")  # noqa: E501
             if close(t, want_t / math.sqrt(n), 1e-6, 1e-9):
-                fail(
-                    task,
-                    "your t is the mean over the *standard deviation*; divide by the standard error s / √n",  # noqa: E501
-                )
+                fail(task, "your t is the mean over the *standard deviation*; divide by the standard error s / √n")  # noqa: E501
             fail(task, f"your t {t:.6g} differs from the paired t {want_t:.6g} (n = {n})")
-        passed(
-            task,
-            "mean per-seed difference and t = d̄ / (s/√n) with the sample standard deviation (3 data sets; Welch's unpaired t would miss the gap in the first)",  # noqa: E501
-        )
+        passed(task, "mean per-seed difference and t = d̄ / (s/√n) with the sample standard deviation (3 data sets; Welch's unpaired t would miss the gap in the first)")  # noqa: E501
 
 
 def check_decision(fn) -> None:
@@ -135,14 +108,7 @@ def check_decision(fn) -> None:
     task = "decide"
     cases = [  # (baseline, ablation, t_crit, min_effect, verdict, what it tests)
         (*_SCORES[0], 2.776, 0.005, "ablation better", "a consistent gain"),
-        (
-            [0.73, 0.655, 0.705, 0.77, 0.68],
-            [0.71, 0.64, 0.69, 0.75, 0.66],
-            2.776,
-            0.005,
-            "baseline better",
-            "a consistent loss",
-        ),
+        ([0.73, 0.655, 0.705, 0.77, 0.68], [0.71, 0.64, 0.69, 0.75, 0.66], 2.776, 0.005, "baseline better", "a consistent loss"),  # noqa: E501
         (*_SCORES[0], 2.776, 0.05, "too small", "a significant gain below the minimum effect"),
         (*_SCORES[2], 2.571, 0.005, "undecided", "noise"),
         (*_SCORES[1], 4.303, 0.005, "undecided", "three seeds, noise"),
@@ -158,21 +124,12 @@ def check_decision(fn) -> None:
                 continue
             mean, t = _paired(a, b)
             if want == "too small":
-                fail(
-                    task,
-                    f"for {what} (mean difference {mean:+.3g}, t = {t:.3g}) you said {got!r}: it is significant (|t| ≥ {t_crit}) but below min_effect = {min_effect}: 'too small' to report",  # noqa: E501
-                )
+                fail(task, f"for {what} (mean difference {mean:+.3g}, t = {t:.3g}) you said {got!r}: it is significant (|t| ≥ {t_crit}) but below min_effect = {min_effect}: 'too small' to report")  # noqa: E501
             if want == "undecided":
-                fail(
-                    task,
-                    f"for {what} (t = {t:.3g} < t_crit = {t_crit}) you said {got!r}: the data cannot tell the arms apart, so the verdict is 'undecided'",  # noqa: E501
-                )
+                fail(task, f"for {what} (t = {t:.3g} < t_crit = {t_crit}) you said {got!r}: the data cannot tell the arms apart, so the verdict is 'undecided'")  # noqa: E501
             if {got, want} == {"ablation better", "baseline better"}:
                 fail(task, f"for {what} you said {got!r}: mind the sign of ablation − baseline")
-            fail(
-                task,
-                f"for {what} (mean difference {mean:+.3g}, t = {t:.3g} ≥ {t_crit}) you said {got!r}: a paired test sees it (an unpaired one would not: seed effects are shared by both arms)",  # noqa: E501
-            )
+            fail(task, f"for {what} (mean difference {mean:+.3g}, t = {t:.3g} ≥ {t_crit}) you said {got!r}: a paired test sees it (an unpaired one would not: seed effects are shared by both arms)")  # noqa: E501
         passed(task, "gain, loss, significant-but-too-small and noise (undecided) all decided as planned")  # noqa: E501
 
 
@@ -186,10 +143,7 @@ def check_preregistration(plan) -> None:
         fail(task, f"plan needs exactly the keys {sorted(keys)}; got {sorted(plan)}")
     for role in ("baseline", "ablation"):
         if plan[role] not in methods.METHODS:
-            fail(
-                task,
-                f"plan[{role!r}] = {plan[role]!r} is not a method; one of {', '.join(methods.METHODS)}",  # noqa: E501
-            )
+            fail(task, f"plan[{role!r}] = {plan[role]!r} is not a method; one of {', '.join(methods.METHODS)}")  # noqa: E501
     if plan["baseline"] == plan["ablation"]:
         fail(task, "baseline and ablation are the same method: nothing to compare")
     seeds = plan["seeds"]
@@ -206,21 +160,12 @@ def check_preregistration(plan) -> None:
     want = T_CRIT_5PCT[len(seeds)]
     t_crit = as_float(task, plan["t_crit"], "t_crit")
     if not close(t_crit, want, 0, 0.01):
-        fail(
-            task,
-            f"t_crit = {t_crit} for {len(seeds)} seeds; the two-sided 5 % critical value of Student's t with {len(seeds) - 1} degrees of freedom is {want}",  # noqa: E501
-        )
+        fail(task, f"t_crit = {t_crit} for {len(seeds)} seeds; the two-sided 5 % critical value of Student's t with {len(seeds) - 1} degrees of freedom is {want}")  # noqa: E501
     if as_float(task, plan["min_effect"], "min_effect") <= 0:
-        fail(
-            task,
-            "min_effect must be positive: decide how large a difference matters before looking",
-        )
+        fail(task, "min_effect must be positive: decide how large a difference matters before looking")  # noqa: E501
     _REGISTERED.clear()
     _REGISTERED.update(copy.deepcopy(plan))
-    passed(
-        task,
-        f"plan registered: {plan['ablation']} vs {plan['baseline']}, {len(seeds)} seeds, {plan['metric']} accuracy, t_crit {t_crit}, min_effect {plan['min_effect']}",  # noqa: E501
-    )
+    passed(task, f"plan registered: {plan['ablation']} vs {plan['baseline']}, {len(seeds)} seeds, {plan['metric']} accuracy, t_crit {t_crit}, min_effect {plan['min_effect']}")  # noqa: E501
 
 
 def run_registered_plan(plan, *, epochs: int = 10, eps: float = 0.05):
@@ -283,10 +228,7 @@ def check_mart_loss(fn) -> None:
             trials=6,
             grad_names=("logits_nat", "logits_adv"),
             variants=[
-                Variant(
-                    "you left out the weight 1 − p(x)_y: MART weighs each example's KL by how badly the clean prediction misses",  # noqa: E501
-                    variant(lambda ce, m, kl, w, pa, zn, za, y, beta: ce + m + beta * kl.mean()),
-                ),
+                Variant("you left out the weight 1 − p(x)_y: MART weighs each example's KL by how badly the clean prediction misses", variant(lambda ce, m, kl, w, pa, zn, za, y, beta: ce + m + beta * kl.mean())),  # noqa: E501
                 Variant(
                     "the weight uses the adversarial prediction; MART's is 1 − p(x)_y on the clean image",  # noqa: E501
                     variant(
@@ -297,10 +239,7 @@ def check_mart_loss(fn) -> None:
                         )
                     ),
                 ),
-                Variant(
-                    "you left out the boosted term −log(1 − max_{{k≠y}} p_k(x′)) of the BCE",
-                    variant(lambda ce, m, kl, w, pa, zn, za, y, beta: ce + beta * (kl * w).mean()),
-                ),
+                Variant("you left out the boosted term −log(1 − max_{{k≠y}} p_k(x′)) of the BCE", variant(lambda ce, m, kl, w, pa, zn, za, y, beta: ce + beta * (kl * w).mean())),  # noqa: E501
                 Variant(
                     "KL direction reversed: MART's KL is KL(p(x) ‖ p(x′)), the clean distribution first",  # noqa: E501
                     variant(

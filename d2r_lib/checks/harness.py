@@ -184,10 +184,7 @@ def assert_modes_restored(task: str, before: dict, mods: dict) -> None:
     for role, model in mods.items():
         now = mode_flags(model)
         if now != before[role]:
-            fail(
-                task,
-                f"your function left the {role} in {mode_name(now)} mode, but it came in {mode_name(before[role])} mode: restore it (`with attacks.eval_mode({role}):` restores every module's mode when the block ends)",  # noqa: E501
-            )
+            fail(task, f"your function left the {role} in {mode_name(now)} mode, but it came in {mode_name(before[role])} mode: restore it (`with attacks.eval_mode({role}):` restores every module's mode when the block ends)")  # noqa: E501
 
 
 def modes_advice(before: dict, mods: dict) -> list[str]:
@@ -214,10 +211,7 @@ def as_float(task: str, value, what: str = "the accuracy") -> float:
     if isinstance(value, bool) or value is None:
         fail(task, f"your function returned {value!r}; return {what} as a Python float")
     if isinstance(value, torch.Tensor):
-        fail(
-            task,
-            f"your function returned a tensor ({tuple(value.shape)}); return {what} as a Python float (use .item())",  # noqa: E501
-        )
+        fail(task, f"your function returned a tensor ({tuple(value.shape)}); return {what} as a Python float (use .item())")  # noqa: E501
     try:
         out = float(value)
     except (TypeError, ValueError):
@@ -270,10 +264,7 @@ def eval_common(task, fn_call, model, mode):
     out = fn_call(mods["model"])
     assert_modes_restored(task, modes, mods)
     if bn_changed(bn, mods["model"]):
-        fail(
-            task,
-            "the model ran in train mode: BatchNorm used the batch's statistics and updated its running averages; evaluate in eval mode (`with attacks.eval_mode(model):`)",  # noqa: E501
-        )
+        fail(task, "the model ran in train mode: BatchNorm used the batch's statistics and updated its running averages; evaluate in eval mode (`with attacks.eval_mode(model):`)")  # noqa: E501
     return out
 
 
@@ -281,26 +272,17 @@ def fraction_verdict(task, got, want, *, clean=None, what="accuracy"):
     if close(got, want, 0, 1e-6):
         return
     if close(got, 100 * want, 0, 1e-4):
-        fail(
-            task,
-            f"you returned a percentage ({got:.4g}); return the {what} as a fraction in [0, 1]",
-        )
+        fail(task, f"you returned a percentage ({got:.4g}); return the {what} as a fraction in [0, 1]")  # noqa: E501
     if close(got, 1 - want, 0, 1e-6):
         fail(task, f"you returned the error rate (1 − {what}): {got:.4g} instead of {want:.4g}")
     if clean is not None and close(got, clean, 0, 1e-6) and not close(clean, want, 0, 1e-6):
-        fail(
-            task,
-            f"you measured the clean accuracy ({clean:.4g}); the {what} is measured on the attacked images x′",  # noqa: E501
-        )
+        fail(task, f"you measured the clean accuracy ({clean:.4g}); the {what} is measured on the attacked images x′")  # noqa: E501
 
 
 def prediction_verdict(task: str, predicted, allowed: tuple, measured, why: str) -> None:
     """Predict-then-run: a right prediction passes with its explanation, a wrong one fails."""
     if isinstance(predicted, bool) or predicted not in allowed:
-        fail(
-            task,
-            f"set your prediction to one of {', '.join(map(repr, allowed))} before running; got {predicted!r}",  # noqa: E501
-        )
+        fail(task, f"set your prediction to one of {', '.join(map(repr, allowed))} before running; got {predicted!r}")  # noqa: E501
     if predicted != measured:
         fail(task, f"you predicted {predicted!r}; the run gives {measured!r}: {why}")
     passed(task, f"you predicted {predicted!r}: right — {why}")

@@ -10,13 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import losses
-from .harness import (
-    call_learner,
-    close,
-    fail,
-    passed,
-    sandbox,
-)
+from .harness import call_learner, close, fail, passed, sandbox
 
 __all__ = [
     "Variant",

@@ -169,14 +169,8 @@ def _check_passes(task, method, rec) -> None:
             " or ".join(f"{c} ({d})" for c, d in allowed.items()) if any(allowed.values()) else "0"
         )
         if n > max(allowed):
-            fail(
-                task,
-                f"the {role} made {n} training-mode forward passes; this method's step makes {want}: run the attack with the models in eval mode and only the loss's forward passes in train mode",  # noqa: E501
-            )
-        fail(
-            task,
-            f"the {role} made {n} training-mode forward passes; this method's step makes {want}: after the attack put the models in train mode (`model.train()`) and run each forward pass of the loss separately",  # noqa: E501
-        )
+            fail(task, f"the {role} made {n} training-mode forward passes; this method's step makes {want}: run the attack with the models in eval mode and only the loss's forward passes in train mode")  # noqa: E501
+        fail(task, f"the {role} made {n} training-mode forward passes; this method's step makes {want}: after the attack put the models in train mode (`model.train()`) and run each forward pass of the loss separately")  # noqa: E501
 
 
 class _Trial:
@@ -300,10 +294,7 @@ def _check_own_x_adv(task, method, base_t, base_g, x, y, k, x_l, x_ref) -> None:
     if ((x_l < -1e-6) | (x_l > 1 + 1e-6)).any():
         fail(task, "your x′ has pixels outside [0, 1]: clamp after every step")
     if (x_l - x).abs().max().item() > eps + 1e-6:
-        fail(
-            task,
-            f"your x′ leaves the ε-ball (max |x′ − x| = {(x_l - x).abs().max().item():.4g} > ε = {eps:.4g}): project after every step",  # noqa: E501
-        )
+        fail(task, f"your x′ leaves the ε-ball (max |x′ − x| = {(x_l - x).abs().max().item():.4g} > ε = {eps:.4g}): project after every step")  # noqa: E501
     t, g = copy.deepcopy(base_t), copy.deepcopy(base_g) if base_g is not None else None
     base = _objective(method, t, g, x, y, x)
     mine, lib = (
@@ -311,10 +302,7 @@ def _check_own_x_adv(task, method, base_t, base_g, x, y, k, x_l, x_ref) -> None:
         _objective(method, t, g, x, y, x_ref) - base,
     )
     if mine < 0.75 * lib:
-        fail(
-            task,
-            f"your x′ raises the attack's objective much less than the library's attack ({mine:.3g} vs {lib:.3g}): make x′ with the chapter's attack for this method",  # noqa: E501
-        )
+        fail(task, f"your x′ raises the attack's objective much less than the library's attack ({mine:.3g} vs {lib:.3g}): make x′ with the chapter's attack for this method")  # noqa: E501
 
 
 def check_pgd_at_step(fn) -> None:
