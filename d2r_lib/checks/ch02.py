@@ -123,9 +123,7 @@ def check_fgsm_overfitting(fn) -> None:
     with sandbox(task, fn):
         plain = _fgsm_training(task, fn, random_start=False)
         fixed = _fgsm_training(task, fn, random_start=True)
-    line = (
-        f"two moons, seed 2, ε = 0.2, 30 epochs — without random start: clean {plain[0]:.0%}, FGSM {plain[1]:.0%}, PGD-20 {plain[2]:.0%}; with it: clean {fixed[0]:.0%}, FGSM {fixed[1]:.0%}, PGD-20 {fixed[2]:.0%}"  # noqa: E501
-    )
+    line = (f"two moons, seed 2, ε = 0.2, 30 epochs — without random start: clean {plain[0]:.0%}, FGSM {plain[1]:.0%}, PGD-20 {plain[2]:.0%}; with it: clean {fixed[0]:.0%}, FGSM {fixed[1]:.0%}, PGD-20 {fixed[2]:.0%}")  # noqa: E501
     if plain[1] - plain[2] < 0.3:
         fail(task, f"{line}. Without the random start FGSM training should overfit to its own attack (FGSM accuracy far above PGD's); here it does not: does your step start at x when random_start is False, take one signed step of size ε on the loss, and train on that x′ in train mode?")  # noqa: E501
     if fixed[2] < plain[2] + 0.05:
@@ -154,9 +152,7 @@ def check_k_prediction(predicted_more_robust_k) -> None:
         prediction_verdict(task, predicted_more_robust_k, allowed, None, "")
     (_, clean1, rob1), (_, clean10, rob10) = _k_runs()
     measured = 10 if rob10 > rob1 + 0.02 else 1 if rob1 > rob10 + 0.02 else "same"
-    why = (
-        f"two moons, seed 0, ε = {_K_EPS}, evaluated with PGD-20: K = 1 (one step of ε, i.e. FGSM training) clean {clean1:.1%} / PGD-20 {rob1:.1%}; K = 10 (steps of ε/4) clean {clean10:.1%} / PGD-20 {rob10:.1%}. A longer inner maximisation finds stronger x′ to train on, so the model resists the stronger test attack better, at some clean accuracy"  # noqa: E501
-    )
+    why = (f"two moons, seed 0, ε = {_K_EPS}, evaluated with PGD-20: K = 1 (one step of ε, i.e. FGSM training) clean {clean1:.1%} / PGD-20 {rob1:.1%}; K = 10 (steps of ε/4) clean {clean10:.1%} / PGD-20 {rob10:.1%}. A longer inner maximisation finds stronger x′ to train on, so the model resists the stronger test attack better, at some clean accuracy")  # noqa: E501
     prediction_verdict(task, predicted_more_robust_k, allowed, measured, why)
 
 

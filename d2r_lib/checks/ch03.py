@@ -211,9 +211,7 @@ def check_beta_prediction(predicted_clean_trend) -> None:
     change = rows[-1][1] - rows[0][1]
     measured = "falls" if change < -0.02 else "rises" if change > 0.02 else "flat"
     table = ", ".join(f"β {b:g}: clean {c:.1%} / PGD-20 {r:.1%}" for b, c, r in rows)
-    why = (
-        f"two moons, seed 0, ε = {eps}: {table}. β weighs the KL that pulls p(x′) towards p(x) against the CE that fits the labels: the larger β, the smoother the boundary near the data, at the price of clean accuracy (the trade-off TRADES is named after)"  # noqa: E501
-    )
+    why = (f"two moons, seed 0, ε = {eps}: {table}. β weighs the KL that pulls p(x′) towards p(x) against the CE that fits the labels: the larger β, the smoother the boundary near the data, at the price of clean accuracy (the trade-off TRADES is named after)")  # noqa: E501
     prediction_verdict(task, predicted_clean_trend, allowed, measured, why)
 
 

@@ -193,9 +193,7 @@ def check_guide_width_prediction(predicted_better_width) -> None:
         prediction_verdict(task, predicted_better_width, allowed, None, "")
     (_, t4, r4, g4), (_, t128, r128, g128) = _width_runs()
     measured = 128 if t128 > t4 + 0.02 else 4 if t4 > t128 + 0.02 else "same"
-    why = (
-        f"two moons, seed 0, target width 32, ε = 0.05: guide width 4 — guide {g4:.1%}, target clean {t4:.1%} / PGD-20 {r4:.1%}; guide width 128 — guide {g128:.1%}, target clean {t128:.1%} / PGD-20 {r128:.1%}. In LBGAT0 the target never sees the labels: it learns only by matching the guide's logits (MSE), so it inherits the guide's accuracy"  # noqa: E501
-    )
+    why = (f"two moons, seed 0, target width 32, ε = 0.05: guide width 4 — guide {g4:.1%}, target clean {t4:.1%} / PGD-20 {r4:.1%}; guide width 128 — guide {g128:.1%}, target clean {t128:.1%} / PGD-20 {r128:.1%}. In LBGAT0 the target never sees the labels: it learns only by matching the guide's logits (MSE), so it inherits the guide's accuracy")  # noqa: E501
     prediction_verdict(task, predicted_better_width, allowed, measured, why)
 
 

@@ -219,10 +219,7 @@ def check_d2r_loss(fn) -> None:
         task="d2r_loss", names=("logits_adv", "logits_nat", "logits_guide", "y"),
         reference=losses.d2r_loss, make_case=case, trials=6,
         grad_names=("logits_adv", "logits_nat", "logits_guide"), variants=_D2R_VARIANTS,
-        grad_hints={
-            "logits_guide": "In D2R nothing is detached: g(x) gets gradients from CE, MSE and both KL terms.",  # noqa: E501
-            "logits_nat": "f(x) enters only the clean term; keep it in the graph.",
-        },
+        grad_hints={"logits_guide": "In D2R nothing is detached: g(x) gets gradients from CE, MSE and both KL terms.", "logits_nat": "f(x) enters only the clean term; keep it in the graph."},  # noqa: E501
         passed="CE(g(x), y) + MSE(f(x′), g(x)) + w_clean·|K̄L(p_f‖p_g) − K̄L(p_g‖p_f)| + w_adv·K̄L(p_f(x′) ‖ p_g(x)) as losses.d2r_loss (weights 20/30 and others, value and gradients w.r.t. all three logits)",  # noqa: E501
     ), fn)
 

@@ -241,9 +241,7 @@ def check_cag_copy_prediction(predicted_agreement) -> None:
             d_trades = attacks.trades_attack(target, x, eps=0.031, step_size=0.007, steps=5) - x
             runs[name] = (d_cag.sign() == d_trades.sign()).float().mean().item()
     measured = runs["copy"]
-    why = (
-        f"with g = f, p_g(x) = p_f(x): CAG's objective Σ KL(p_g(x) ‖ p_f(x′)) is TRADES' objective, so from the same start both attacks take the same steps ({measured:.1%} of the perturbation signs agree; with a different guide: {runs['other']:.1%})"  # noqa: E501
-    )
+    why = (f"with g = f, p_g(x) = p_f(x): CAG's objective Σ KL(p_g(x) ‖ p_f(x′)) is TRADES' objective, so from the same start both attacks take the same steps ({measured:.1%} of the perturbation signs agree; with a different guide: {runs['other']:.1%})")  # noqa: E501
     if abs(predicted_agreement - measured) > 0.05:
         fail(task, f"you predicted {predicted_agreement:.0%}; the run gives {measured:.1%}: {why}")
     passed(task, f"you predicted {predicted_agreement:.0%}: right — {why}")

@@ -176,9 +176,7 @@ def run_registered_plan(plan, *, epochs: int = 10, eps: float = 0.05):
     if not _REGISTERED:
         raise RuntimeError("register the plan first: checks.check_preregistration(plan)")
     if plan != _REGISTERED:
-        raise RuntimeError(
-            "the plan changed after it was registered: register the final plan before running, and keep it"  # noqa: E501
-        )
+        raise RuntimeError("the plan changed after it was registered: register the final plan before running, and keep it")  # noqa: E501
     scores = {"baseline": [], "ablation": []}
     budget = dict(eps=eps, step_size=eps / 4, steps=5)
     with torch.random.fork_rng(devices=[]):

@@ -275,13 +275,9 @@ def _run_break_check(task, fn, kind) -> None:
             ref_x = _pgd_signed(model, x, y, eps, step_size, steps, forward=model.inner)
         ref = library_accuracy(model, ref_x, y)
         if mine > ref + 0.25:
-            how = (
-                "the gradient of torch.round is zero almost everywhere, so every step is sign(0) = 0. BPDA: run the rounding forward but let the gradient pass as if it were the identity, z + (model.quantise(z) − z).detach(), then attack model.inner on that"  # noqa: E501
-            )
+            how = ("the gradient of torch.round is zero almost everywhere, so every step is sign(0) = 0. BPDA: run the rounding forward but let the gradient pass as if it were the identity, z + (model.quantise(z) − z).detach(), then attack model.inner on that")  # noqa: E501
             if kind != "bpda":
-                how = (
-                    "softmax(1000·z) is saturated: the loss on it has a gradient of about 0. Attack the logits behind it (model.inner) instead: the decision is the same argmax"  # noqa: E501
-                )
+                how = ("softmax(1000·z) is saturated: the loss on it has a gradient of about 0. Attack the logits behind it (model.inner) instead: the decision is the same argmax")  # noqa: E501
             same = " — the same as plain PGD" if abs(mine - plain) < 0.05 else ""
             fail(task, f"the masked model keeps {mine:.0%} accuracy under your attack{same} (clean {clean:.0%}, plain PGD {plain:.0%}, a working break {ref:.0%} at ε = {eps}): {how}")  # noqa: E501
         passed(task, f"your attack takes the masked model from {clean:.0%} to {mine:.0%} at ε = {eps}, where plain PGD leaves {plain:.0%}: its robustness was gradient masking")  # noqa: E501

@@ -32,12 +32,7 @@ def check_epoch_seconds(fn) -> None:
             want = costmodel.epoch_time(model, steps=k, images=n)
             if close(got, want, 1e-9, 1e-12):
                 continue
-            for value, message in [
-                (n * (a + b * k), "you left out c: the loss's passes and the update cost c attack steps"),  # noqa: E501
-                (n * b * (k + c), "you left out a, the per-image overhead"),
-                (a + b * (k + c), "that is one image; an epoch has `images` of them"),
-                (n * (a + b * k + c), "c is counted in attack steps: multiply it by b as well"),
-            ]:
+            for value, message in [(n * (a + b * k), "you left out c: the loss's passes and the update cost c attack steps"), (n * b * (k + c), "you left out a, the per-image overhead"), (a + b * (k + c), "that is one image; an epoch has `images` of them"), (n * (a + b * k + c), "c is counted in attack steps: multiply it by b as well")]:  # noqa: E501
                 if close(got, value, 1e-9, 1e-12):
                     fail(task, f"{message} (a={a}, b={b}, c={c}, K={k}, images={n})")
             fail(task, f"your {got:.6g} s differs from {want:.6g} s (a={a}, b={b}, c={c}, K={k}, images={n}): t(K) = a + b·(K + c) per image")  # noqa: E501
@@ -81,9 +76,7 @@ def check_cost_prediction(predicted_seconds, measured_seconds: float | None = No
     measured = measure_epoch() if measured_seconds is None else measured_seconds
     ratio = predicted_seconds / measured
     run = ", ".join(f"{k} {v}" for k, v in COST_RUN.items())
-    line = (
-        f"you predicted {predicted_seconds:.3g} s; one epoch ({run}) took {measured:.3g} s (ratio {ratio:.2f})"  # noqa: E501
-    )
+    line = (f"you predicted {predicted_seconds:.3g} s; one epoch ({run}) took {measured:.3g} s (ratio {ratio:.2f})")  # noqa: E501
     if not 1 / 3 <= ratio <= 3:
         fail(task, f"{line}: off by more than a factor of 3. Fit the cost model on timings of the same method, model and batch size on this machine (costmodel.measure_step at two K), use c = costmodel.outer_steps(method) and the run's K and images")  # noqa: E501
     passed(task, f"{line}: within a factor of 3 — close enough to plan a run (timings on a shared machine vary by tens of per cent)")  # noqa: E501

@@ -193,9 +193,7 @@ def modes_advice(before: dict, mods: dict) -> list[str]:
     for role, model in mods.items():
         now = mode_flags(model)
         if now != before[role]:
-            out.append(
-                f"your attack left the {role} in {mode_name(now)} mode (it came in {mode_name(before[role])} mode). The official code does the same and relies on the training loop's model.train(); `with attacks.eval_mode({role}):` restores the caller's mode for you"  # noqa: E501
-            )
+            out.append(f"your attack left the {role} in {mode_name(now)} mode (it came in {mode_name(before[role])} mode). The official code does the same and relies on the training loop's model.train(); `with attacks.eval_mode({role}):` restores the caller's mode for you")  # noqa: E501
     return out
 
 
