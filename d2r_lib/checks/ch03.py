@@ -25,7 +25,15 @@ from .harness import (
     toy_scores,
     toy_train,
 )
-from .losscheck import SHAPES, LossSpec, Variant, rand_logits, run_loss_check
+from .losscheck import (
+    SHAPES,
+    GradientSpec,
+    LossSpec,
+    Variant,
+    rand_logits,
+    run_gradient_check,
+    run_loss_check,
+)
 
 __all__ = [
     "check_beta_robust_prediction",
@@ -224,33 +232,20 @@ def check_beta_robust_prediction(predicted_robust_trend, rows) -> None:
     grade_prediction(_BETA_ROBUST, predicted_robust_trend, rows)
 
 
+_KL_ADV_GRADIENT = GradientSpec(
+    task="kl_adv_gradient", names=("logits_nat", "logits_adv"), loss=losses.trades_kl,
+    seed_scale=100, mistakes=[
+        (lambda want, zn, za: -want, "the sign is flipped: which softmax enters with a minus sign?", (1e-5, 1e-6)),  # noqa: E501
+        (lambda want, zn, za: len(za) * want, "your gradient misses the 1/B of the batch mean (B = {B})", (1e-4, 1e-6)),  # noqa: E501
+        (lambda want, zn, za: (F.log_softmax(za, 1) - F.log_softmax(zn, 1)) / len(za), "that is a difference of log-probabilities; differentiate through the softmax: ∂ log p_c(x′) / ∂ z_k = 1[c = k] − p_k(x′)", (1e-5, 1e-5)),  # noqa: E501
+    ],
+    passed="(p(x′) − p(x)) / B, as autograd: zero at x′ = x, which is why TRADES' attack starts from x plus a little noise")  # noqa: E501
+
+
 def check_kl_adv_gradient(fn) -> None:
     """Task (derive): ``kl_adv_gradient(logits_nat, logits_adv)`` = ∂ KL(p(x) ‖ p(x′)) / ∂ f(x′)
     (batchmean)."""
-    from .harness import call_learner, fail, passed, sandbox
-
-    task = "kl_adv_gradient"
-    with sandbox(task, fn):
-        for b, c in ((4, 10), (7, 3), (16, 100)):
-            g = generator(b * 100 + c)
-            z_nat, z_adv = torch.randn(b, c, generator=g), torch.randn(b, c, generator=g)
-            leaf = z_adv.clone().requires_grad_(True)
-            losses.trades_kl(z_nat, leaf).backward()
-            want = leaf.grad
-            got = call_learner(task, fn, z_nat.clone(), z_adv.clone())
-            if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-                fail(task, f"return a tensor shaped like logits_adv {tuple(want.shape)}; got {getattr(got, 'shape', type(got).__name__)}")  # noqa: E501
-            if torch.allclose(got, want, atol=1e-6):
-                continue
-            if torch.allclose(got, -want, atol=1e-6):
-                fail(task, "the sign is flipped: which softmax enters with a minus sign?")
-            if torch.allclose(got, b * want, rtol=1e-4, atol=1e-6):
-                fail(task, f"your gradient misses the 1/B of the batch mean (B = {b})")
-            logs = (F.log_softmax(z_adv, 1) - F.log_softmax(z_nat, 1)) / b
-            if torch.allclose(got, logs, atol=1e-5):
-                fail(task, "that is a difference of log-probabilities; differentiate through the softmax: ∂ log p_c(x′) / ∂ z_k = 1[c = k] − p_k(x′)")  # noqa: E501
-            fail(task, f"at B = {b}, C = {c} your gradient differs from autograd's by up to {(got - want).abs().max().item():.3g}")  # noqa: E501
-        passed(task, "(p(x′) − p(x)) / B, as autograd: zero at x′ = x, which is why TRADES' attack starts from x plus a little noise")  # noqa: E501
+    run_gradient_check(_KL_ADV_GRADIENT, fn)
 
 
 _GAP_READINGS = ("higher", "lower", "undecided")

@@ -21,7 +21,15 @@ from .harness import (
     toy_scores,
     toy_train,
 )
-from .losscheck import SHAPES, LossSpec, Variant, rand_logits, run_loss_check
+from .losscheck import (
+    SHAPES,
+    GradientSpec,
+    LossSpec,
+    Variant,
+    rand_logits,
+    run_gradient_check,
+    run_loss_check,
+)
 
 __all__ = [
     "check_diagnose_guide",
@@ -268,28 +276,18 @@ def check_guide_diagnosis_prediction(prediction, rows) -> None:
 
 
 # ------------------------------------------------------------------------------------- derive
+_MSE_GUIDE_GRADIENT = GradientSpec(
+    task="mse_guide_gradient", names=("z_adv", "z_guide"), loss=F.mse_loss, seed_scale=1000,
+    mistakes=[
+        (lambda want, za, zg: -want, "the sign is flipped: the MSE grows when g(x) moves away from f(x′)", (1e-5, 1e-6)),  # noqa: E501
+        (lambda want, za, zg: za.numel() * want, "your gradient sums over the elements: the MSE averages over B × C (B = {B}, C = {C})", (1e-4, 1e-7)),  # noqa: E501
+        (lambda want, za, zg: 0.5 * want, "your gradient misses the 2 of the derivative of a square (B = {B}, C = {C})", (1e-4, 1e-7)),  # noqa: E501
+        (lambda want, za, zg: za.shape[1] * want, "your gradient divides by B only: the MSE averages over B × C (B = {B}, C = {C})", (1e-4, 1e-7)),  # noqa: E501
+        (lambda want, za, zg: za.shape[0] * want, "your gradient divides by C only: the MSE averages over B × C (B = {B}, C = {C})", (1e-4, 1e-7)),  # noqa: E501
+    ],
+    passed="∂MSE/∂g(x) = 2 (g(x) − f(x′)) / (B·C), as autograd: the guide is pulled towards the target's adversarial logits as much as the target towards it")  # noqa: E501
+
+
 def check_mse_guide_gradient(fn) -> None:
     """Task (derive): ``mse_guide_gradient(z_adv, z_guide)`` = ∂ MSE(f(x′), g(x)) / ∂ g(x)."""
-    task = "mse_guide_gradient"
-    with sandbox(task, fn):
-        for b, c in ((4, 10), (7, 3), (16, 100)):
-            g = generator(b * 1000 + c)
-            z_adv, z_guide = torch.randn(b, c, generator=g), torch.randn(b, c, generator=g)
-            leaf = z_guide.clone().requires_grad_(True)
-            F.mse_loss(z_adv, leaf).backward()
-            want = leaf.grad
-            got = call_learner(task, fn, z_adv.clone(), z_guide.clone())
-            if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-                fail(task, f"return a tensor shaped like z_guide {tuple(want.shape)}; got {getattr(got, 'shape', type(got).__name__)}")  # noqa: E501
-            if torch.allclose(got, want, atol=1e-6):
-                continue
-            if torch.allclose(got, -want, atol=1e-6):
-                fail(task, "the sign is flipped: the MSE grows when g(x) moves away from f(x′)")
-            for factor, why in ((b * c, "sums over the elements: the MSE averages over B × C"),
-                                (0.5, "misses the 2 of the derivative of a square"),
-                                (c, "divides by B only: the MSE averages over B × C"),
-                                (b, "divides by C only: the MSE averages over B × C")):
-                if torch.allclose(got, factor * want, rtol=1e-4, atol=1e-7):
-                    fail(task, f"your gradient {why} (B = {b}, C = {c})")
-            fail(task, f"at B = {b}, C = {c} your gradient differs from autograd's by up to {(got - want).abs().max().item():.3g}")  # noqa: E501
-        passed(task, "∂MSE/∂g(x) = 2 (g(x) − f(x′)) / (B·C), as autograd: the guide is pulled towards the target's adversarial logits as much as the target towards it")  # noqa: E501
+    run_gradient_check(_MSE_GUIDE_GRADIENT, fn)

@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from .. import losses
-from .harness import call_learner, close, fail, passed, sandbox
+from .harness import call_learner, close, fail, generator, passed, sandbox
 
 __all__ = [
     "Variant",
     "LossSpec",
     "run_loss_check",
+    "GradientSpec",
+    "run_gradient_check",
     "rand_logits",
     "SHAPES",
     "exact_kl_mean",
@@ -128,6 +130,39 @@ def run_loss_check(spec: LossSpec, fn) -> None:
                 _wrong_value(task, spec, ref_args, kwargs, info)
             if leaves:
                 _compare_gradients(task, spec, out, expected, leaves)
+        passed(task, spec.passed)
+
+
+@dataclass(frozen=True)
+class GradientSpec:
+    """A derive-the-gradient task: fn(a, b) returns ∂ loss(a, b) / ∂ b, compared with autograd on
+    standard-normal a, b of shape (B, C) for three (B, C)."""
+    task: str
+    names: tuple[str, str]  # the argument names; the gradient is w.r.t. the second
+    loss: Callable  # (a, b) -> scalar
+    seed_scale: int  # case (B, C) draws from generator(seed_scale·B + C)
+    mistakes: list  # (wrong(want, a, b) -> tensor, message with {B} and {C}, (rtol, atol))
+    passed: str
+
+
+def run_gradient_check(spec: GradientSpec, fn) -> None:
+    task = spec.task
+    with sandbox(task, fn):
+        for b, c in ((4, 10), (7, 3), (16, 100)):
+            g = generator(spec.seed_scale * b + c)
+            z1, z2 = torch.randn(b, c, generator=g), torch.randn(b, c, generator=g)
+            leaf = z2.clone().requires_grad_(True)
+            spec.loss(z1, leaf).backward()
+            want = leaf.grad
+            got = call_learner(task, fn, z1.clone(), z2.clone())
+            if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+                fail(task, f"return a tensor shaped like {spec.names[1]} {tuple(want.shape)}; got {getattr(got, 'shape', type(got).__name__)}")  # noqa: E501
+            if torch.allclose(got, want, atol=1e-6):
+                continue
+            for wrong, message, (rtol, atol) in spec.mistakes:
+                if torch.allclose(got, wrong(want, z1, z2), rtol=rtol, atol=atol):
+                    fail(task, message.format(B=b, C=c))
+            fail(task, f"at B = {b}, C = {c} your gradient differs from autograd's by up to {(got - want).abs().max().item():.3g}")  # noqa: E501
         passed(task, spec.passed)
 
 
