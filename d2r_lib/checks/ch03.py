@@ -132,7 +132,8 @@ def check_trades_loss(fn) -> None:
                 Variant(
                     "you left out the KL term β·KL(p(x) ‖ p(x′))", lambda zn, za, y, beta: ce(zn, y)
                 ),
-                Variant("you left out the CE term CE(f(x), y)", lambda zn, za, y, beta: beta * kl(zn, za)),  # noqa: E501
+                Variant("you left out the CE term CE(f(x), y)",
+                        lambda zn, za, y, beta: beta * kl(zn, za)),
                 Variant("you used CE on x′ and the reversed KL: TRADES is CE(f(x), y) + β·KL(p(x) ‖ p(x′))", lambda zn, za, y, beta: ce(za, y) + beta * kl(za, zn)),  # noqa: E501
             ],
             grad_hints={
@@ -163,7 +164,8 @@ def check_trades_attack(fn) -> None:
         )
 
     def lib_pgd(start):
-        return lambda mods, x, y, k: attacks.pgd(mods["target"], x, objective="kl", start=start, reference=p_clean(mods["target"], x), **k)  # noqa: E501
+        return lambda mods, x, y, k: attacks.pgd(mods["target"], x, objective="kl", start=start,
+                                                 reference=p_clean(mods["target"], x), **k)
 
     def objective(mods, x, y, xa):
         m = mods["target"]

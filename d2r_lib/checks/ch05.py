@@ -179,7 +179,8 @@ def _d2r_with(**swap):
     `weights` swaps them."""
     def variant(za, zn, zg, y, w_clean, w_adv):
         t = losses.d2r_terms(za, zn, zg, y)
-        part = {k: (swap[k](t, za, zn, zg, y) if k in swap else t[k]) for k in ("ce", "mse", "clean", "adv")}  # noqa: E501
+        part = {k: (swap[k](t, za, zn, zg, y) if k in swap else t[k])
+                for k in ("ce", "mse", "clean", "adv")}
         wc, wa = (w_adv, w_clean) if swap.get("weights") == "swapped" else (w_clean, w_adv)
         return part["ce"] + part["mse"] + wc * part["clean"] + wa * part["adv"]
     return variant
@@ -270,7 +271,8 @@ def check_clean_term_leading_order(fn) -> None:
         for t in (1e-2, 1e-3, 1e-4):
             p_g = F.softmax(p_f.log() + t * direction, dim=1)
             got = call_learner(task, fn, p_f.clone(), p_g.clone())
-            got = as_float(task, got.item() if isinstance(got, torch.Tensor) and got.numel() == 1 else got, "the leading-order value")  # noqa: E501
+            got = as_float(task, got.item() if isinstance(got, torch.Tensor) and got.numel() == 1
+                           else got, "the leading-order value")
             exact = _exact_clean(p_f, p_g).item()
             delta = p_g - p_f
             second = (delta**2 / (2 * p_f)).mean().item()

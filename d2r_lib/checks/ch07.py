@@ -108,7 +108,8 @@ def check_decision(fn) -> None:
     task = "decide"
     cases = [  # (baseline, ablation, t_crit, min_effect, verdict, what it tests)
         (*_SCORES[0], 2.776, 0.005, "ablation better", "a consistent gain"),
-        ([0.73, 0.655, 0.705, 0.77, 0.68], [0.71, 0.64, 0.69, 0.75, 0.66], 2.776, 0.005, "baseline better", "a consistent loss"),  # noqa: E501
+        ([0.73, 0.655, 0.705, 0.77, 0.68], [0.71, 0.64, 0.69, 0.75, 0.66], 2.776, 0.005,
+         "baseline better", "a consistent loss"),
         (*_SCORES[0], 2.776, 0.05, "too small", "a significant gain below the minimum effect"),
         (*_SCORES[2], 2.571, 0.005, "undecided", "noise"),
         (*_SCORES[1], 4.303, 0.005, "undecided", "three seeds, noise"),

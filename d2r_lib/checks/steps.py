@@ -74,7 +74,8 @@ def _trades_like(ce_on_adv: bool, reverse: bool):
     """CE(f(x′) if ce_on_adv else f(x), y) + β·KL, the KL reversed if asked."""
     def loss(t, g, x, xa, y, k):
         zn, za = t(x), t(xa)
-        return _CE(za if ce_on_adv else zn, y) + k["beta"] * (_KL(za, zn) if reverse else _KL(zn, za))  # noqa: E501
+        kl = _KL(za, zn) if reverse else _KL(zn, za)
+        return _CE(za if ce_on_adv else zn, y) + k["beta"] * kl
     return loss
 
 
