@@ -29,20 +29,8 @@ from .harness import (
     small_cnn,
 )
 
-__all__ = [
-    "project_wrong",
-    "random_start",
-    "wrong_attack",
-    "ce_sum",
-    "AttackCase",
-    "AttackSpec",
-    "same_image",
-    "run_attack_check",
-    "attack_cases",
-    "ce_objective",
-    "p_clean",
-    "p_logits",
-]
+__all__ = ["project_wrong", "random_start", "wrong_attack", "ce_sum", "AttackCase", "AttackSpec",
+           "same_image", "run_attack_check", "attack_cases", "ce_objective", "p_clean", "p_logits"]
 
 
 # ================================================================================================

@@ -28,17 +28,9 @@ from .harness import (
     sandbox,
 )
 
-__all__ = [
-    "check_linearised_max_l2",
-    "check_pgd_vs_exact_prediction",
-    "check_fgsm_vs_pgd_prediction",
-    "check_linearised_max",
-    "check_fgsm",
-    "check_project_linf",
-    "check_project_l2",
-    "check_pgd_linf",
-    "check_pgd_l2",
-]
+__all__ = ["check_linearised_max_l2", "check_pgd_vs_exact_prediction",
+           "check_fgsm_vs_pgd_prediction", "check_linearised_max", "check_fgsm",
+           "check_project_linf", "check_project_l2", "check_pgd_linf", "check_pgd_l2"]
 
 
 # ------------------------------------------------------------------------------------------ ch. 1

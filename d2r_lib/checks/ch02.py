@@ -30,13 +30,8 @@ from .harness import (
 )
 from .losscheck import SHAPES, LossSpec, Variant, rand_logits, run_loss_check
 
-__all__ = [
-    "check_pgd_at_clean_prediction",
-    "check_k_prediction",
-    "check_fgsm_overfitting",
-    "check_pgd_at_loss",
-    "check_robust_accuracy",
-]
+__all__ = ["check_pgd_at_clean_prediction", "check_k_prediction", "check_fgsm_overfitting",
+           "check_pgd_at_loss", "check_robust_accuracy"]
 
 
 # ------------------------------------------------------------------------------------------ ch. 2

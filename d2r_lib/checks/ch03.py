@@ -35,15 +35,8 @@ from .losscheck import (
     run_loss_check,
 )
 
-__all__ = [
-    "check_beta_robust_prediction",
-    "check_kl_adv_gradient",
-    "check_gap_reading",
-    "check_beta_prediction",
-    "check_trades_kl",
-    "check_trades_loss",
-    "check_trades_attack",
-]
+__all__ = ["check_beta_robust_prediction", "check_kl_adv_gradient", "check_gap_reading",
+           "check_beta_prediction", "check_trades_kl", "check_trades_loss", "check_trades_attack"]
 
 
 # ------------------------------------------------------------------------------------------ ch. 3

@@ -31,15 +31,9 @@ from .losscheck import (
     run_loss_check,
 )
 
-__all__ = [
-    "check_diagnose_guide",
-    "check_guide_diagnosis_prediction",
-    "check_mse_guide_gradient",
-    "check_guide_width_prediction",
-    "check_lbgat0_loss",
-    "check_lbgat_loss",
-    "check_make_optimizer",
-]
+__all__ = ["check_diagnose_guide", "check_guide_diagnosis_prediction", "check_mse_guide_gradient",
+           "check_guide_width_prediction", "check_lbgat0_loss", "check_lbgat_loss",
+           "check_make_optimizer"]
 
 
 # ------------------------------------------------------------------------------------------ ch. 4

@@ -31,16 +31,9 @@ from .losscheck import (
     run_loss_check,
 )
 
-__all__ = [
-    "check_reduction_prediction",
-    "check_w_adv_prediction",
-    "check_kl_mean_ratio",
-    "check_clean_term_leading_order",
-    "check_official_kl",
-    "check_d2r_clean_term",
-    "check_d2r_adv_term",
-    "check_d2r_loss",
-]
+__all__ = ["check_reduction_prediction", "check_w_adv_prediction", "check_kl_mean_ratio",
+           "check_clean_term_leading_order", "check_official_kl", "check_d2r_clean_term",
+           "check_d2r_adv_term", "check_d2r_loss"]
 
 
 # ------------------------------------------------------------------------------------------ ch. 5

@@ -35,15 +35,8 @@ from .harness import (
 )
 from .losscheck import SHAPES, LossSpec, Variant, rand_logits, run_loss_check
 
-__all__ = [
-    "check_flat_guide_prediction",
-    "check_trades_gen_prediction",
-    "check_cag_objective",
-    "check_guide_reference",
-    "check_cag",
-    "check_soft_label_ce",
-    "check_cag_copy_prediction",
-]
+__all__ = ["check_flat_guide_prediction", "check_trades_gen_prediction", "check_cag_objective",
+           "check_guide_reference", "check_cag", "check_soft_label_ce", "check_cag_copy_prediction"]
 
 
 # ------------------------------------------------------------------------------------------ ch. 6

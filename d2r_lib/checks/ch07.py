@@ -24,15 +24,8 @@ from .harness import (
 )
 from .losscheck import SHAPES, LossSpec, Variant, rand_logits, run_loss_check
 
-__all__ = [
-    "check_mart_loss",
-    "check_paired_t",
-    "check_decision",
-    "check_preregistration",
-    "run_registered_plan",
-    "check_reading",
-    "T_CRIT_5PCT",
-]
+__all__ = ["check_mart_loss", "check_paired_t", "check_decision", "check_preregistration",
+           "run_registered_plan", "check_reading", "T_CRIT_5PCT"]
 
 # two-sided 5 % critical values of Student's t with n − 1 degrees of freedom, by n
 T_CRIT_5PCT = {3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}

@@ -25,14 +25,8 @@ from .harness import (
     sandbox,
 )
 
-__all__ = [
-    "check_accuracy",
-    "check_eps_sweep",
-    "check_transfer_accuracy",
-    "check_gradient_masking",
-    "check_bpda_attack",
-    "check_logit_attack",
-]
+__all__ = ["check_accuracy", "check_eps_sweep", "check_transfer_accuracy", "check_gradient_masking",
+           "check_bpda_attack", "check_logit_attack"]
 
 
 def check_accuracy(fn) -> None:

@@ -9,13 +9,8 @@ import torch
 from .. import costmodel, methods, models
 from .harness import as_float, call_learner, close, fail, passed, sandbox
 
-__all__ = [
-    "check_outer_steps",
-    "check_epoch_seconds",
-    "check_cost_prediction",
-    "measure_epoch",
-    "COST_RUN",
-]
+__all__ = ["check_outer_steps", "check_epoch_seconds", "check_cost_prediction", "measure_epoch",
+           "COST_RUN"]
 
 # the run whose epoch the learner predicts (random images: only the time matters)
 COST_RUN = {"method": "pgd_at", "model": "small_cnn", "steps": 2, "images": 128, "batch_size": 32}

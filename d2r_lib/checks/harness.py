@@ -25,44 +25,13 @@ import torch.nn as nn
 
 from .. import evaluate, models, toy
 
-__all__ = [
-    "CheckFailed",
-    "fail",
-    "passed",
-    "pct",
-    "advise",
-    "call_learner",
-    "sandbox",
-    "generator",
-    "rand_images",
-    "small_cnn",
-    "mode_flags",
-    "mode_name",
-    "bn_state",
-    "bn_changed",
-    "bn_count",
-    "set_mode",
-    "copies",
-    "assert_modes_restored",
-    "modes_advice",
-    "library_accuracy",
-    "as_float",
-    "close",
-    "rand_labels",
-    "Prototype",
-    "eval_setup",
-    "eval_common",
-    "fraction_verdict",
-    "prediction_verdict",
-    "interval_verdict",
-    "paired_diffs",
-    "row_diffs",
-    "PairedPrediction",
-    "grade_prediction",
-    "toy_train",
-    "toy_test",
-    "toy_scores",
-]
+__all__ = ["CheckFailed", "fail", "passed", "pct", "advise", "call_learner", "sandbox", "generator",
+           "rand_images", "small_cnn", "mode_flags", "mode_name", "bn_state", "bn_changed",
+           "bn_count", "set_mode", "copies", "assert_modes_restored", "modes_advice",
+           "library_accuracy", "as_float", "close", "rand_labels", "Prototype", "eval_setup",
+           "eval_common", "fraction_verdict", "prediction_verdict", "interval_verdict",
+           "paired_diffs", "row_diffs", "PairedPrediction", "grade_prediction", "toy_train",
+           "toy_test", "toy_scores"]
 
 
 class CheckFailed(AssertionError):

@@ -12,17 +12,8 @@ import torch.nn.functional as F
 from .. import losses
 from .harness import call_learner, close, fail, generator, passed, sandbox
 
-__all__ = [
-    "Variant",
-    "LossSpec",
-    "run_loss_check",
-    "GradientSpec",
-    "run_gradient_check",
-    "rand_logits",
-    "SHAPES",
-    "exact_kl_mean",
-    "kbar",
-]
+__all__ = ["Variant", "LossSpec", "run_loss_check", "GradientSpec", "run_gradient_check",
+           "rand_logits", "SHAPES", "exact_kl_mean", "kbar"]
 
 
 # ================================================================================================
