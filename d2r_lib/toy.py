@@ -175,7 +175,8 @@ def fgsm_method(random_start: bool) -> methods.Method:
 def train(method: str | methods.Method, *, seed: int = 0, epochs: int = 20, data=None,
           width: int = 32, depth: int = 2, batch_size: int = 500, lr: float = 0.02,
           eps: float = EPS, steps: int = STEPS, step_size: float | None = None,
-          guide_width: int | None = None, **params) -> ToyRun:
+          guide_width: int | None = None, schedule: str = "cosine", step=None,
+          **params) -> ToyRun:
     """Train any registry method on the toy with `methods.train_step`, cosine learning rate.
     Chapter 1 onwards.
 
@@ -184,7 +185,9 @@ def train(method: str | methods.Method, *, seed: int = 0, epochs: int = 20, data
     w_clean, ...) pass through `params`. SGD with the official momentum 0.9 and weight decay 2e-4,
     but lr 0.02: at the official 0.1 the D2R loss diverges on the toy. A non-finite loss raises.
     guide_width: the guide's hidden width (default: `width`, a guide as large as the target).
-    Models come back in eval mode.
+    schedule: "cosine" or "constant" learning rate. step: a callable (target, optimizer, x, y) run
+    instead of `methods.train_step` (the exercise checks train a learner's step this way); it may
+    return a dict of loss terms. Models come back in eval mode.
     """
     m = method if isinstance(method, methods.Method) else methods.get_method(method)
     validate.number("seed", seed, min=0, integer=True)
@@ -192,6 +195,9 @@ def train(method: str | methods.Method, *, seed: int = 0, epochs: int = 20, data
     validate.number("batch_size", batch_size, min=2, integer=True)
     if guide_width is not None:
         validate.number("guide_width", guide_width, min=1, integer=True)
+    validate.choice("schedule", schedule, ("cosine", "constant"))
+    if step is not None and not callable(step):
+        raise TypeError(f"step must be a callable (target, optimizer, x, y); got {step!r}")
     budget = attack_params(m, eps, steps, step_size)
     all_params = {**budget, **params}
     m.resolve(**all_params)  # unknown or invalid parameters fail before any work
@@ -204,7 +210,7 @@ def train(method: str | methods.Method, *, seed: int = 0, epochs: int = 20, data
     order_gen = torch.Generator().manual_seed(seed)
     history = []
     for epoch in range(1, epochs + 1):
-        rate = cosine_lr(epoch, epochs, lr)
+        rate = cosine_lr(epoch, epochs, lr) if schedule == "cosine" else lr
         for group in optimizer.param_groups:
             group["lr"] = rate
         sums, seen = {}, 0
@@ -213,7 +219,11 @@ def train(method: str | methods.Method, *, seed: int = 0, epochs: int = 20, data
             idx = order[start:start + batch_size]
             if len(idx) < 2:                       # BatchNorm needs two points
                 continue
-            terms = methods.train_step(m, target, guide, optimizer, x[idx], y[idx], **all_params)
+            if step is None:
+                terms = methods.train_step(m, target, guide, optimizer, x[idx], y[idx],
+                                           **all_params)
+            else:
+                terms = step(target, optimizer, x[idx], y[idx]) or {}
             if not all(math.isfinite(v) for v in terms.values()):
                 raise FloatingPointError(f"toy.train({m.name!r}): non-finite loss at epoch {epoch} "
                                          f"({terms}); lower lr (now {lr})")

@@ -80,6 +80,28 @@ def test_train_is_deterministic_and_validates():
                   data=(torch.rand(8, 3, 1, 1), torch.zeros(8, dtype=torch.long)))
 
 
+def test_train_constant_schedule_and_own_step():
+    run = toy.train("standard", seed=1, epochs=3, schedule="constant", lr=0.05)
+    assert [h["lr"] for h in run.history] == [0.05, 0.05, 0.05]
+    cosine = toy.train("standard", seed=1, epochs=3, lr=0.05)
+    assert cosine.history[0]["lr"] == 0.05 and cosine.history[-1]["lr"] < 0.05
+    calls = []
+
+    def step(target, optimizer, x, y):
+        assert target.training and x.shape == (500, 2, 1, 1)
+        calls.append(len(y))
+        return {"loss": 1.0}
+
+    run = toy.train("standard", seed=1, epochs=2, step=step)
+    assert calls == [500] * 8 and [h["loss"] for h in run.history] == [1.0, 1.0]
+    torch.manual_seed(1)
+    torch.testing.assert_close(run.target.state_dict(), toy.mlp().state_dict())  # step did nothing
+    with pytest.raises(ValueError, match="schedule must be one of 'cosine', 'constant'"):
+        toy.train("standard", epochs=1, schedule="step")
+    with pytest.raises(TypeError, match="step must be a callable"):
+        toy.train("standard", epochs=1, step=3)
+
+
 def test_fgsm_method_without_and_with_random_start():
     x, y = TEST
     model = toy.mlp(8).eval()

@@ -29,20 +29,8 @@ from .harness import (
     small_cnn,
 )
 
-__all__ = [
-    "project_wrong",
-    "random_start",
-    "wrong_attack",
-    "ce_sum",
-    "AttackCase",
-    "AttackSpec",
-    "same_image",
-    "run_attack_check",
-    "attack_cases",
-    "ce_objective",
-    "p_clean",
-    "p_logits",
-]
+__all__ = ["project_wrong", "random_start", "wrong_attack", "ce_sum", "AttackCase", "AttackSpec",
+           "same_image", "run_attack_check", "attack_cases", "ce_objective", "p_clean", "p_logits"]
 
 
 # ================================================================================================
@@ -146,181 +134,116 @@ def same_image(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and (a - b).abs().gt(1e-5).float().mean().item() <= 0.002
 
 
+def _run_learner(task: str, spec: AttackSpec, fn, case):
+    """Run the learner's attack on copies of the case's models, recording modes, BatchNorm state
+    and whether each model's forward pass built a graph."""
+    mods = copies(case.models, case.mode)
+    modes = {r: mode_flags(m) for r, m in mods.items()}
+    bn = {r: bn_state(m) for r, m in mods.items()}
+    calls = {r: [] for r in mods}
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, inp, r=r: calls[r].append(torch.is_grad_enabled())) for r, m in mods.items()]
+    x_l = case.x.clone()
+    torch.manual_seed(case.seed)
+    try:
+        out = call_learner(task, spec.learner, fn, mods, x_l, case.y, case.kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not isinstance(out, torch.Tensor):
+        fail(task, f"your function returned {type(out).__name__}; return x′ as a tensor shaped like x")  # noqa: E501
+    if out.shape != case.x.shape:
+        fail(task, f"your x′ has shape {tuple(out.shape)}; it must have the shape of x, {tuple(case.x.shape)}")  # noqa: E501
+    if out.requires_grad or out.grad_fn is not None:
+        fail(task, "your x′ still carries a graph (requires_grad=True): return x_adv.detach(); an attack's output is a constant input for the next step")  # noqa: E501
+    if not torch.equal(x_l, case.x):
+        fail(task, "your function modified x in place: build x′ in a new tensor (x.clone(), x + ...)")  # noqa: E501
+    for role, model in mods.items():
+        if bn_changed(bn[role], model):
+            fail(task, f"the {role} ran in train mode during your attack: BatchNorm used the batch's statistics and its running averages changed. Attacks run the models in eval mode (`with attacks.eval_mode({role}):`)")  # noqa: E501
+    return out, set(modes_advice(modes, mods)) | _guide_advice(spec, calls)
+
+
+def _guide_advice(spec: AttackSpec, calls: dict) -> set:
+    if not spec.guide_once or "guide" not in calls:
+        return set()
+    n, advice = len(calls["guide"]), set()
+    if n > 1:
+        advice.add(f"the guide ran {n} times in one attack: p_g(x) does not depend on x′, so compute it once, before the loop (the official code recomputes it at every step: the same x′ for {n - 1} extra forward passes)")  # noqa: E501
+    if sum(calls["guide"]):
+        advice.add("the guide's forward pass built a graph nobody uses: compute p_g(x) under torch.no_grad()")  # noqa: E501
+    return advice
+
+
+def _check_bounds(task: str, spec: AttackSpec, out, x, eps: float) -> None:
+    """x′ in [0, 1] and in the ε-ball of the spec's norm."""
+    outside = ((out < -1e-6) | (out > 1 + 1e-6)).float().mean().item()
+    if outside > 0:
+        fail(task, f"your attack forgets the clamp to [0, 1]: {pct(outside)} of the pixels of x′ are outside [0, 1]")  # noqa: E501
+    delta = out - x
+    if spec.norm == "linf":
+        far = (delta.abs() > eps + 1e-6).float().mean().item()
+        if far > 0:
+            fail(task, f"your x′ leaves {pct(far)} of the pixels outside the ε-ball (|x′ − x| > ε = {eps:.4g}): project back onto the ball after every step")  # noqa: E501
+        return
+    norms = delta.flatten(1).norm(dim=1)
+    far = int((norms > eps * (1 + 1e-5) + 1e-6).sum())
+    if far:
+        fail(task, f"{far} of {len(norms)} examples of your x′ lie outside the L2 ε-ball (largest ‖x′ − x‖₂ = {norms.max().item():.4g} > ε = {eps:.4g}): project after every step")  # noqa: E501
+
+
+def _check_case(task: str, spec: AttackSpec, fn, case):
+    """One case: None when x′ equals the library's, else (learner's gain, library's gain) of
+    the objective for a random attack whose random numbers differ; a known mistake fails."""
+    out, advice = _run_learner(task, spec, fn, case)
+    torch.manual_seed(case.seed)
+    ref = spec.library(copies(case.models, case.mode), case.x, case.y, case.kwargs)
+    x = case.x
+    if not torch.isfinite(out).all():
+        fail(task, "your x′ contains NaN or inf values")
+    if same_image(out, ref):
+        return None, advice
+    for message, variant in spec.variants:
+        torch.manual_seed(case.seed)
+        v = variant(copies(case.models, case.mode), x, case.y, case.kwargs)
+        if same_image(out, v) and not same_image(v, ref):
+            fail(task, message)
+    _check_bounds(task, spec, out, x, case.kwargs["eps"])
+    if not spec.random:
+        diff = (out - ref).abs().gt(1e-5).float().mean().item()
+        fail(task, f"your x′ differs from the library's on {pct(diff)} of the pixels (max |Δ| = {(out - ref).abs().max().item():.3g}); none of the common mistakes this check knows matches: compare your steps with the task's statement")  # noqa: E501
+    # random start, other random numbers than the library's: compare what the attack achieves
+    torch.manual_seed(case.seed + 999)
+    again = call_learner(task, spec.learner, fn, copies(case.models, case.mode), x.clone(), case.y,
+                         case.kwargs)
+    if torch.equal(again, out):
+        fail(task, "no random start: two calls with different random seeds returned the same x′")
+    base = spec.objective(case.models, x, case.y, x)
+    return (spec.objective(case.models, x, case.y, out) - base,
+            spec.objective(case.models, x, case.y, ref) - base), advice
+
+
 def run_attack_check(spec: AttackSpec, fn) -> None:
+    """Run the learner's attack `fn` on every case of `spec`; fail with the first mistake found."""
     task = spec.task
     gains, advice = [], set()
     with sandbox(task, fn):
         for case in spec.cases:
-            mods = copies(case.models, case.mode)
-            modes = {r: mode_flags(m) for r, m in mods.items()}
-            bn = {r: bn_state(m) for r, m in mods.items()}
-            calls = {r: [] for r in mods}
-            hooks = [
-                m.register_forward_pre_hook(
-                    lambda mod, inp, r=r, calls=calls: calls[r].append(torch.is_grad_enabled())
-                )
-                for r, m in mods.items()
-            ]
-            x_l = case.x.clone()
-            torch.manual_seed(case.seed)
-            try:
-                out = call_learner(task, spec.learner, fn, mods, x_l, case.y, case.kwargs)
-            finally:
-                for h in hooks:
-                    h.remove()
-            torch.manual_seed(case.seed)
-            ref = spec.library(copies(case.models, case.mode), case.x, case.y, case.kwargs)
-            x, eps = case.x, case.kwargs["eps"]
-            if not isinstance(out, torch.Tensor):
-                fail(
-                    task,
-                    f"your function returned {type(out).__name__}; return x′ as a tensor shaped "
-                    "like x",
-                )
-            if out.shape != x.shape:
-                fail(
-                    task,
-                    f"your x′ has shape {tuple(out.shape)}; it must have the shape of x, "
-                    f"{tuple(x.shape)}",
-                )
-            if out.requires_grad or out.grad_fn is not None:
-                fail(
-                    task,
-                    "your x′ still carries a graph (requires_grad=True): return x_adv.detach(); an "
-                    "attack's output is a constant input for the next step",
-                )
-            if not torch.equal(x_l, x):
-                fail(
-                    task,
-                    "your function modified x in place: build x′ in a new tensor (x.clone(), x + "
-                    "...)",
-                )
-            advice.update(modes_advice(modes, mods))
-            for role, model in mods.items():
-                if bn_changed(bn[role], model):
-                    fail(
-                        task,
-                        f"the {role} ran in train mode during your attack: BatchNorm used the "
-                        "batch's "
-                        "statistics and its running averages changed. Attacks run the models in "
-                        "eval "
-                        f"mode (`with attacks.eval_mode({role}):`)",
-                    )
-            if spec.guide_once and "guide" in calls:
-                n, grads = len(calls["guide"]), sum(calls["guide"])
-                if n > 1:
-                    advice.add(
-                        f"the guide ran {n} times in one attack: p_g(x) does not depend on x′, so "
-                        "compute it once, before the loop (the official code recomputes it at "
-                        "every "
-                        f"step: the same x′ for {n - 1} extra forward passes)"
-                    )
-                if grads:
-                    advice.add(
-                        "the guide's forward pass built a graph nobody uses: compute p_g(x) under "
-                        "torch.no_grad()"
-                    )
-            if not torch.isfinite(out).all():
-                fail(task, "your x′ contains NaN or inf values")
-            if same_image(out, ref):
-                continue
-            for message, variant in spec.variants:
-                torch.manual_seed(case.seed)
-                v = variant(copies(case.models, case.mode), x, case.y, case.kwargs)
-                if same_image(out, v) and not same_image(v, ref):
-                    fail(task, message)
-            outside = ((out < -1e-6) | (out > 1 + 1e-6)).float().mean().item()
-            if outside > 0:
-                fail(
-                    task,
-                    f"your attack forgets the clamp to [0, 1]: {pct(outside)} of the pixels of x′ "
-                    "are "
-                    f"outside [0, 1]",
-                )
-            delta = out - x
-            if spec.norm == "linf":
-                far = (delta.abs() > eps + 1e-6).float().mean().item()
-                if far > 0:
-                    fail(
-                        task,
-                        f"your x′ leaves {pct(far)} of the pixels outside the ε-ball (|x′ − x| > ε "
-                        "= "
-                        f"{eps:.4g}): project back onto the ball after every step",
-                    )
-            else:
-                norms = delta.flatten(1).norm(dim=1)
-                far = int((norms > eps * (1 + 1e-5) + 1e-6).sum())
-                if far:
-                    fail(
-                        task,
-                        f"{far} of {len(norms)} examples of your x′ lie outside the L2 ε-ball "
-                        "(largest "
-                        f"‖x′ − x‖₂ = {norms.max().item():.4g} > ε = {eps:.4g}): project after "
-                        "every step",
-                    )
-            if not spec.random:
-                diff = (out - ref).abs().gt(1e-5).float().mean().item()
-                fail(
-                    task,
-                    f"your x′ differs from the library's on {pct(diff)} of the pixels (max |Δ| = "
-                    f"{(out - ref).abs().max().item():.3g}); none of the common mistakes this "
-                    "check knows "
-                    f"matches: compare your steps with the task's statement",
-                )
-            # random start, other random numbers than the library's: compare what the attack
-            # achieves instead
-            torch.manual_seed(case.seed + 999)
-            again = call_learner(
-                task,
-                spec.learner,
-                fn,
-                copies(case.models, case.mode),
-                case.x.clone(),
-                case.y,
-                case.kwargs,
-            )
-            if torch.equal(again, out):
-                fail(
-                    task,
-                    "no random start: two calls with different random seeds returned the same x′",
-                )
-            base = spec.objective(case.models, x, case.y, x)
-            gains.append(
-                (
-                    spec.objective(case.models, x, case.y, out) - base,
-                    spec.objective(case.models, x, case.y, ref) - base,
-                )
-            )
-        if gains:
+            gain, case_advice = _check_case(task, spec, fn, case)
+            advice |= case_advice
+            if gain is not None:
+                gains.append(gain)
+        if not gains:
+            passed(task, spec.passed)
+        else:
             mine, lib = sum(g for g, _ in gains), sum(g for _, g in gains)
             if mine <= 0:
-                fail(
-                    task,
-                    f"your attack lowers the loss it should raise (change {mine:.3g}, the "
-                    "library's "
-                    f"{lib:.3g}): step *up* the gradient, x′ + α·sign(∇)",
-                )
+                fail(task, f"your attack lowers the loss it should raise (change {mine:.3g}, the library's {lib:.3g}): step *up* the gradient, x′ + α·sign(∇)")  # noqa: E501
             if mine < 0.75 * lib:
-                fail(
-                    task,
-                    f"your attack raises its objective much less than the library's ({mine:.3g} vs "
-                    f"{lib:.3g} over the trials): check the step direction and size",
-                )
-            passed(
-                task,
-                spec.passed
-                + " — your random numbers differ from the library's, so the check compared "
-                "invariants and the loss reached instead of exact values",
-            )
-            _advise_all(task, advice)
-            return
-        passed(task, spec.passed)
-        _advise_all(task, advice)
-
-
-def _advise_all(task, advice) -> None:
-    for message in sorted(advice):
-        advise(task, message)
+                fail(task, f"your attack raises its objective much less than the library's ({mine:.3g} vs {lib:.3g} over the trials): check the step direction and size")  # noqa: E501
+            passed(task, f"{spec.passed} — your random numbers differ from the library's, so the check compared invariants and the loss reached instead of exact values")  # noqa: E501
+        for message in sorted(advice):
+            advise(task, message)
 
 
 def attack_cases(kind: str) -> list[AttackCase]:

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import attacks, losses
-from . import toy2d
 from .harness import (
+    PairedPrediction,
     as_float,
     call_learner,
     close,
@@ -18,27 +18,20 @@ from .harness import (
     fail,
     fraction_verdict,
     generator,
+    grade_prediction,
     library_accuracy,
     passed,
     prediction_verdict,
     rand_labels,
     sandbox,
+    toy_scores,
+    toy_test,
+    toy_train,
 )
-from .losscheck import (
-    SHAPES,
-    LossSpec,
-    Variant,
-    rand_logits,
-    run_loss_check,
-)
+from .losscheck import SHAPES, LossSpec, Variant, rand_logits, run_loss_check
 
-__all__ = [
-    "check_pgd_at_clean_prediction",
-    "check_k_prediction",
-    "check_fgsm_overfitting",
-    "check_pgd_at_loss",
-    "check_robust_accuracy",
-]
+__all__ = ["check_pgd_at_clean_prediction", "check_k_prediction", "check_fgsm_overfitting",
+           "check_pgd_at_loss", "check_robust_accuracy"]
 
 
 # ------------------------------------------------------------------------------------------ ch. 2
@@ -60,33 +53,12 @@ def check_pgd_at_loss(fn) -> None:
             trials=6,
             grad_names=("logits_adv",),
             variants=[
-                Variant(
-                    "you applied softmax before F.cross_entropy, which applies log-softmax itself: "
-                    "pass the raw "
-                    "logits",
-                    lambda z, y: F.cross_entropy(F.softmax(z, dim=1), y),
-                ),
-                Variant(
-                    "you summed the cross-entropy over the batch (your value is {B}× the "
-                    "library's); PGD-AT "
-                    "averages over the batch (reduction='mean')",
-                    lambda z, y: F.cross_entropy(z, y, reduction="sum"),
-                ),
-                Variant(
-                    "F.nll_loss expects log-probabilities but you gave it raw logits: use "
-                    "F.cross_entropy(logits, y) "
-                    "(or F.log_softmax first)",
-                    lambda z, y: F.nll_loss(z, y),
-                ),
-                Variant(
-                    "you took the log-softmax over the batch (dim=0); probabilities are over the "
-                    "classes: dim=1",
-                    lambda z, y: F.nll_loss(F.log_softmax(z, dim=0), y),
-                ),
+                Variant("you applied softmax before F.cross_entropy, which applies log-softmax itself: pass the raw logits", lambda z, y: F.cross_entropy(F.softmax(z, dim=1), y)),  # noqa: E501
+                Variant("you summed the cross-entropy over the batch (your value is {B}× the library's); PGD-AT averages over the batch (reduction='mean')", lambda z, y: F.cross_entropy(z, y, reduction="sum")),  # noqa: E501
+                Variant("F.nll_loss expects log-probabilities but you gave it raw logits: use F.cross_entropy(logits, y) (or F.log_softmax first)", lambda z, y: F.nll_loss(z, y)),  # noqa: E501
+                Variant("you took the log-softmax over the batch (dim=0); probabilities are over the classes: dim=1", lambda z, y: F.nll_loss(F.log_softmax(z, dim=0), y)),  # noqa: E501
             ],
-            passed="CE(f(x′), y) averaged over the batch, as losses.pgd_at_loss (6 trials, batch "
-            "1–32, 10 and 100 "
-            "classes, value and gradient)",
+            passed="CE(f(x′), y) averaged over the batch, as losses.pgd_at_loss (6 trials, batch 1–32, 10 and 100 classes, value and gradient)",  # noqa: E501
         ),
         fn,
     )
@@ -124,46 +96,20 @@ def check_robust_accuracy(fn) -> None:
             fraction_verdict(task, got, want, clean=clean, what="robust accuracy")
             fgsm = library_accuracy(model, attacks.fgsm(model, x, y, eps=k["eps"]), y)
             if close(got, fgsm, 0, 1e-6):
-                fail(
-                    task,
-                    f"you attacked with FGSM ({got:.4g}); robust accuracy here is under PGD "
-                    f"(with the given eps, step_size and steps): {min(runs):.4g}–{max(runs):.4g}",
-                )
-            fail(
-                task,
-                f"your robust accuracy {got:.4g} is outside what PGD with this budget gives "
-                f"({min(runs):.4g}–{max(runs):.4g} over 5 random starts; clean {clean:.4g}): "
-                f"attack once with PGD (eps, step_size, steps as given), then the accuracy on x′ "
-                f"in eval mode",
-            )
-        passed(
-            task,
-            "accuracy on PGD's x′ (within what 5 random starts of attacks.pgd give), eval mode, "
-            "mode restored, as a fraction (3 trials)",
-        )
+                fail(task, f"you attacked with FGSM ({got:.4g}); robust accuracy here is under PGD (with the given eps, step_size and steps): {min(runs):.4g}–{max(runs):.4g}")  # noqa: E501
+            fail(task, f"your robust accuracy {got:.4g} is outside what PGD with this budget gives ({min(runs):.4g}–{max(runs):.4g} over 5 random starts; clean {clean:.4g}): attack once with PGD (eps, step_size, steps as given), then the accuracy on x′ in eval mode")  # noqa: E501
+        passed(task, "accuracy on PGD's x′ (within what 5 random starts of attacks.pgd give), eval mode, mode restored, as a fraction (3 trials)")  # noqa: E501
 
 
 # ------------------------------------------------------------------------------------ break it
-def _fgsm_training(task, fn, *, random_start, seed=2, eps=0.2, epochs=30, n=600, batch=100):
-    """Train a two-moons MLP with the learner's FGSM step; returns clean, FGSM, PGD-20 accuracy."""
-    x, y = toy2d.moons(n, seed)
-    model = toy2d.mlp(64, seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    order_gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=order_gen)
-        for start in range(0, n, batch):
-            idx = order[start : start + batch]
-            call_learner(task, fn, model, optimizer, x[idx], y[idx], eps, random_start)
-    model.eval()
-    x_test, y_test = toy2d.moons(500, 999)
-    fgsm = toy2d.accuracy(model, attacks.fgsm(model, x_test, y_test, eps=eps), y_test)
-    return (
-        toy2d.accuracy(model, x_test, y_test),
-        fgsm,
-        toy2d.pgd_accuracy(model, x_test, y_test, eps),
-    )
+def _fgsm_training(task, fn, *, random_start, eps=0.2):
+    """Train a two-moons MLP (seed 2, width 64, 30 epochs) with the learner's FGSM step; returns
+    clean, FGSM, PGD-20 accuracy."""
+    run = toy_train("standard", seed=2, width=64, epochs=30, batch_size=100, lr=0.1,
+                    step=lambda m, o, x, y: call_learner(task, fn, m, o, x, y, eps, random_start))
+    x, y = toy_test()
+    clean, pgd = toy_scores(run.target, eps)
+    return clean, library_accuracy(run.target, attacks.fgsm(run.target, x, y, eps=eps), y), pgd
 
 
 def check_fgsm_overfitting(fn) -> None:
@@ -172,31 +118,12 @@ def check_fgsm_overfitting(fn) -> None:
     with sandbox(task, fn):
         plain = _fgsm_training(task, fn, random_start=False)
         fixed = _fgsm_training(task, fn, random_start=True)
-    line = (
-        f"two moons, seed 2, ε = 0.2, 30 epochs — without random start: clean {plain[0]:.0%}, "
-        f"FGSM {plain[1]:.0%}, PGD-20 {plain[2]:.0%}; with it: clean {fixed[0]:.0%}, "
-        f"FGSM {fixed[1]:.0%}, PGD-20 {fixed[2]:.0%}"
-    )
+    line = (f"two moons, seed 2, ε = 0.2, 30 epochs — without random start: clean {plain[0]:.0%}, FGSM {plain[1]:.0%}, PGD-20 {plain[2]:.0%}; with it: clean {fixed[0]:.0%}, FGSM {fixed[1]:.0%}, PGD-20 {fixed[2]:.0%}")  # noqa: E501
     if plain[1] - plain[2] < 0.3:
-        fail(
-            task,
-            f"{line}. Without the random start FGSM training should overfit to its own attack "
-            f"(FGSM accuracy far above PGD's); here it does not: does your step start at x when "
-            f"random_start is False, take one signed step of size ε on the loss, and train on "
-            f"that x′ in train mode?",
-        )
+        fail(task, f"{line}. Without the random start FGSM training should overfit to its own attack (FGSM accuracy far above PGD's); here it does not: does your step start at x when random_start is False, take one signed step of size ε on the loss, and train on that x′ in train mode?")  # noqa: E501
     if fixed[2] < plain[2] + 0.05:
-        fail(
-            task,
-            f"{line}. The random start should repair it (PGD-20 accuracy well above the "
-            f"run without): with random_start=True, start from a uniform point of the ε-ball "
-            f"and take the signed step from there, projected back onto the ball",
-        )
-    passed(
-        task,
-        f"{line}: FGSM training overfits to its own one-step attack (catastrophic "
-        f"overfitting), and the random start repairs much of it",
-    )
+        fail(task, f"{line}. The random start should repair it (PGD-20 accuracy well above the run without): with random_start=True, start from a uniform point of the ε-ball and take the signed step from there, projected back onto the ball")  # noqa: E501
+    passed(task, f"{line}: FGSM training overfits to its own one-step attack (catastrophic overfitting), and the random start repairs much of it")  # noqa: E501
 
 
 # ------------------------------------------------------------------------------------ predict
@@ -206,21 +133,10 @@ _K_EPS = 0.08
 @functools.lru_cache(maxsize=1)
 def _k_runs() -> tuple:
     """(K, clean, PGD-20) of PGD-AT on two moons, seed 0, K = 1 (step ε) and K = 10 (step ε/4)."""
-    x_test, y_test = toy2d.moons(500, 999)
-    rows = []
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
-        for k, alpha in ((1, 1.0), (10, 0.25)):
-            target, _ = toy2d.train(
-                "pgd_at", seed=0, lr=0.05, eps=_K_EPS, step_size=alpha * _K_EPS, steps=k
-            )
-            rows.append(
-                (
-                    k,
-                    toy2d.accuracy(target, x_test, y_test),
-                    toy2d.pgd_accuracy(target, x_test, y_test, _K_EPS),
-                )
-            )
-    return tuple(rows)
+        return tuple((k, *toy_scores(toy_train("pgd_at", lr=0.05, eps=_K_EPS, step_size=a * _K_EPS,
+                                               steps=k).target, _K_EPS))
+                     for k, a in ((1, 1.0), (10, 0.25)))
 
 
 def check_k_prediction(predicted_more_robust_k) -> None:
@@ -231,23 +147,14 @@ def check_k_prediction(predicted_more_robust_k) -> None:
         prediction_verdict(task, predicted_more_robust_k, allowed, None, "")
     (_, clean1, rob1), (_, clean10, rob10) = _k_runs()
     measured = 10 if rob10 > rob1 + 0.02 else 1 if rob1 > rob10 + 0.02 else "same"
-    why = (
-        f"two moons, seed 0, ε = {_K_EPS}, evaluated with PGD-20: K = 1 (one step of ε, i.e. "
-        f"FGSM training) clean {clean1:.1%} / PGD-20 {rob1:.1%}; K = 10 (steps of ε/4) clean "
-        f"{clean10:.1%} / PGD-20 {rob10:.1%}. A longer inner maximisation finds stronger x′ to "
-        f"train on, so the model resists the stronger test attack better, at some clean accuracy"
-    )
+    why = (f"two moons, seed 0, ε = {_K_EPS}, evaluated with PGD-20: K = 1 (one step of ε, i.e. FGSM training) clean {clean1:.1%} / PGD-20 {rob1:.1%}; K = 10 (steps of ε/4) clean {clean10:.1%} / PGD-20 {rob10:.1%}. A longer inner maximisation finds stronger x′ to train on, so the model resists the stronger test attack better, at some clean accuracy")  # noqa: E501
     prediction_verdict(task, predicted_more_robust_k, allowed, measured, why)
+
+
+_PGD_AT_CLEAN = PairedPrediction("predict: what PGD-AT costs", "pgd_at", "standard", ("higher", "lower"), "PGD-AT − standard over {n} seeds, clean accuracy on held-out points. PGD-AT fits the worst point of each ε-ball, not the point itself: near the boundary the two disagree, and the clean points pay for it", metric="clean")  # noqa: E501
 
 
 def check_pgd_at_clean_prediction(predicted_sign, runs) -> None:
     """Task (predict, then run): the sign of PGD-AT − standard in clean accuracy on the 2-D world,
     graded against the learner's `toy.compare` runs."""
-    from .harness import interval_verdict, paired_diffs
-
-    task = "predict: what PGD-AT costs"
-    diffs = paired_diffs(task, runs, "pgd_at", "standard", "clean")
-    why = (f"PGD-AT − standard over {len(diffs)} seeds, clean accuracy on held-out points. PGD-AT "
-           f"fits the worst point of each ε-ball, not the point itself: near the boundary the two "
-           f"disagree, and the clean points pay for it")
-    interval_verdict(task, predicted_sign, ("higher", "lower"), diffs, ("higher", "lower"), why)
+    grade_prediction(_PGD_AT_CLEAN, predicted_sign, runs)

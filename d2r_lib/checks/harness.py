@@ -18,45 +18,20 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from .. import models
+from .. import evaluate, models, toy
 
-__all__ = [
-    "CheckFailed",
-    "fail",
-    "passed",
-    "pct",
-    "advise",
-    "call_learner",
-    "sandbox",
-    "generator",
-    "rand_images",
-    "small_cnn",
-    "mode_flags",
-    "mode_name",
-    "bn_state",
-    "bn_changed",
-    "bn_count",
-    "set_mode",
-    "copies",
-    "assert_modes_restored",
-    "modes_advice",
-    "library_accuracy",
-    "as_float",
-    "close",
-    "rand_labels",
-    "Prototype",
-    "eval_setup",
-    "eval_common",
-    "fraction_verdict",
-    "prediction_verdict",
-    "interval_verdict",
-    "paired_diffs",
-    "row_diffs",
-]
+__all__ = ["CheckFailed", "fail", "passed", "pct", "advise", "call_learner", "sandbox", "generator",
+           "rand_images", "small_cnn", "mode_flags", "mode_name", "bn_state", "bn_changed",
+           "bn_count", "set_mode", "copies", "assert_modes_restored", "modes_advice",
+           "library_accuracy", "as_float", "close", "rand_labels", "Prototype", "eval_setup",
+           "eval_common", "fraction_verdict", "prediction_verdict", "interval_verdict",
+           "paired_diffs", "row_diffs", "PairedPrediction", "grade_prediction", "toy_train",
+           "toy_test", "toy_scores"]
 
 
 class CheckFailed(AssertionError):
@@ -178,12 +153,7 @@ def assert_modes_restored(task: str, before: dict, mods: dict) -> None:
     for role, model in mods.items():
         now = mode_flags(model)
         if now != before[role]:
-            fail(
-                task,
-                f"your function left the {role} in {mode_name(now)} mode, but it came in "
-                f"{mode_name(before[role])} mode: restore it (`with attacks.eval_mode({role}):` "
-                f"restores every module's mode when the block ends)",
-            )
+            fail(task, f"your function left the {role} in {mode_name(now)} mode, but it came in {mode_name(before[role])} mode: restore it (`with attacks.eval_mode({role}):` restores every module's mode when the block ends)")  # noqa: E501
 
 
 def modes_advice(before: dict, mods: dict) -> list[str]:
@@ -192,12 +162,7 @@ def modes_advice(before: dict, mods: dict) -> list[str]:
     for role, model in mods.items():
         now = mode_flags(model)
         if now != before[role]:
-            out.append(
-                f"your attack left the {role} in {mode_name(now)} mode (it came in "
-                f"{mode_name(before[role])} mode). The official code does the same and relies on "
-                f"the training loop's model.train(); `with attacks.eval_mode({role}):` restores "
-                f"the caller's mode for you"
-            )
+            out.append(f"your attack left the {role} in {mode_name(now)} mode (it came in {mode_name(before[role])} mode). The official code does the same and relies on the training loop's model.train(); `with attacks.eval_mode({role}):` restores the caller's mode for you")  # noqa: E501
     return out
 
 
@@ -213,12 +178,7 @@ def as_float(task: str, value, what: str = "the accuracy") -> float:
     if isinstance(value, bool) or value is None:
         fail(task, f"your function returned {value!r}; return {what} as a Python float")
     if isinstance(value, torch.Tensor):
-        fail(
-            task,
-            f"your function returned a tensor ({tuple(value.shape)}); return {what} as a Python "
-            "float "
-            f"(use .item())",
-        )
+        fail(task, f"your function returned a tensor ({tuple(value.shape)}); return {what} as a Python float (use .item())")  # noqa: E501
     try:
         out = float(value)
     except (TypeError, ValueError):
@@ -271,12 +231,7 @@ def eval_common(task, fn_call, model, mode):
     out = fn_call(mods["model"])
     assert_modes_restored(task, modes, mods)
     if bn_changed(bn, mods["model"]):
-        fail(
-            task,
-            "the model ran in train mode: BatchNorm used the batch's statistics and updated its "
-            "running "
-            "averages; evaluate in eval mode (`with attacks.eval_mode(model):`)",
-        )
+        fail(task, "the model ran in train mode: BatchNorm used the batch's statistics and updated its running averages; evaluate in eval mode (`with attacks.eval_mode(model):`)")  # noqa: E501
     return out
 
 
@@ -284,29 +239,17 @@ def fraction_verdict(task, got, want, *, clean=None, what="accuracy"):
     if close(got, want, 0, 1e-6):
         return
     if close(got, 100 * want, 0, 1e-4):
-        fail(
-            task,
-            f"you returned a percentage ({got:.4g}); return the {what} as a fraction in [0, 1]",
-        )
+        fail(task, f"you returned a percentage ({got:.4g}); return the {what} as a fraction in [0, 1]")  # noqa: E501
     if close(got, 1 - want, 0, 1e-6):
         fail(task, f"you returned the error rate (1 − {what}): {got:.4g} instead of {want:.4g}")
     if clean is not None and close(got, clean, 0, 1e-6) and not close(clean, want, 0, 1e-6):
-        fail(
-            task,
-            f"you measured the clean accuracy ({clean:.4g}); the {what} is measured on the "
-            "attacked "
-            f"images x′",
-        )
+        fail(task, f"you measured the clean accuracy ({clean:.4g}); the {what} is measured on the attacked images x′")  # noqa: E501
 
 
 def prediction_verdict(task: str, predicted, allowed: tuple, measured, why: str) -> None:
     """Predict-then-run: a right prediction passes with its explanation, a wrong one fails."""
     if isinstance(predicted, bool) or predicted not in allowed:
-        fail(
-            task,
-            f"set your prediction to one of {', '.join(map(repr, allowed))} before running; "
-            f"got {predicted!r}",
-        )
+        fail(task, f"set your prediction to one of {', '.join(map(repr, allowed))} before running; got {predicted!r}")  # noqa: E501
     if predicted != measured:
         fail(task, f"you predicted {predicted!r}; the run gives {measured!r}: {why}")
     passed(task, f"you predicted {predicted!r}: right — {why}")
@@ -319,16 +262,14 @@ def interval_verdict(task: str, predicted, allowed: tuple, diffs: list[float], l
     from .. import reference
 
     if isinstance(predicted, bool) or predicted not in allowed:
-        fail(task, f"set your prediction to one of {', '.join(map(repr, allowed))} before "
-                   f"running; got {predicted!r}")
+        fail(task, f"set your prediction to one of {', '.join(map(repr, allowed))} before running; got {predicted!r}")  # noqa: E501
     row = reference.interval(diffs)
     if len(diffs) < 2:
         fail(task, f"the run has {len(diffs)} paired seed(s); an interval needs at least 2")
     span = f"mean {row['mean']:+.3f}, 95 % interval [{row['low']:+.3f}, {row['high']:+.3f}]"
     measured = labels[0] if row["low"] > 0 else labels[1] if row["high"] < 0 else "undecided"
     if measured == "undecided":
-        passed(task, f"undecided: {span} contains 0, so these seeds neither confirm nor refute "
-                     f"{predicted!r}; run more seeds to decide ({why})")
+        passed(task, f"undecided: {span} contains 0, so these seeds neither confirm nor refute {predicted!r}; run more seeds to decide ({why})")  # noqa: E501
     else:
         prediction_verdict(task, predicted, allowed, measured, f"{span}; {why}")
     return measured
@@ -339,8 +280,7 @@ def paired_diffs(task: str, runs, a: str, b: str, metric: str) -> list[float]:
     ok = isinstance(runs, (list, tuple)) and all(
         isinstance(r, dict) and {"method", "seed", "metrics"} <= set(r) for r in runs)
     if not ok:
-        fail(task, f"pass the list that toy.compare([{a!r}, {b!r}], seeds) returned; got "
-                   f"{type(runs).__name__}")
+        fail(task, f"pass the list that toy.compare([{a!r}, {b!r}], seeds) returned; got {type(runs).__name__}")  # noqa: E501
     by = {(r["method"], r["seed"]): r["metrics"] for r in runs}
     seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
     if len(seeds) < 2:
@@ -355,5 +295,49 @@ def row_diffs(task: str, rows, a: str, b: str) -> list[float]:
     try:
         return [float(r[a]) - float(r[b]) for r in rows]
     except (TypeError, KeyError, ValueError):
-        fail(task, f"rows must be the list of dicts with the keys {a!r} and {b!r} that the cell "
-                   f"above builds")
+        fail(task, f"rows must be the list of dicts with the keys {a!r} and {b!r} that the cell above builds")  # noqa: E501
+
+
+
+@dataclass(frozen=True)
+class PairedPrediction:
+    """A predict-then-run task graded on the learner's own runs: the differences a − b per seed
+    (or per image) decide between labels[0] (a − b > 0) and labels[1] (< 0)."""
+    task: str
+    a: str
+    b: str
+    labels: tuple
+    why: str  # the explanation shown with the verdict; {n} is the number of pairs
+    metric: str | None = None  # set: the data are `toy.compare` runs; None: rows of dicts
+
+
+def grade_prediction(spec: PairedPrediction, predicted, data):
+    """Grade `predicted` against the interval of the paired differences in `data`."""
+    if spec.metric is None:
+        diffs = row_diffs(spec.task, data, spec.a, spec.b)
+    else:
+        diffs = paired_diffs(spec.task, data, spec.a, spec.b, spec.metric)
+    why = spec.why.replace("{n}", str(len(diffs)))
+    return interval_verdict(spec.task, predicted, spec.labels, diffs, spec.labels, why)
+
+# ================================================================================================
+# The 2-D world of `d2r_lib.toy`, in the checks' short setting
+# ================================================================================================
+TOY_NOISE = 0.05
+"""The checks' moons: 600 training points and 500 test points (seed 999) with noise 0.05."""
+
+
+def toy_train(method, *, seed: int = 0, **kw) -> toy.ToyRun:
+    """`toy.train` on 600 moons points: 15 epochs, batches of 200, constant learning rate."""
+    kw = {"epochs": 15, "batch_size": 200, "schedule": "constant", **kw}
+    return toy.train(method, seed=seed, data=toy.make_data(600, seed=seed, noise=TOY_NOISE), **kw)
+
+
+def toy_test() -> tuple[torch.Tensor, torch.Tensor]:
+    return toy.make_data(500, seed=999, noise=TOY_NOISE)
+
+
+def toy_scores(model: nn.Module, eps: float, seed: int = 0) -> tuple[float, float]:
+    """(clean, PGD-20) accuracy of `model` on `toy_test()`."""
+    x, y = toy_test()
+    return evaluate.accuracy(model, x, y), toy.pgd_accuracy(model, x, y, eps, seed=seed)
