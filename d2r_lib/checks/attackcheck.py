@@ -151,16 +151,16 @@ def _run_learner(task: str, spec: AttackSpec, fn, case):
         for h in hooks:
             h.remove()
     if not isinstance(out, torch.Tensor):
-        fail(task, f"your function returned {type(out).__name__}; return x′ as a tensor shaped like x")  # noqa: E501
+        fail(task, f"your function returned {type(out).__name__}; return x′ as a tensor shaped like x")
     if out.shape != case.x.shape:
-        fail(task, f"your x′ has shape {tuple(out.shape)}; it must have the shape of x, {tuple(case.x.shape)}")  # noqa: E501
+        fail(task, f"your x′ has shape {tuple(out.shape)}; it must have the shape of x, {tuple(case.x.shape)}")
     if out.requires_grad or out.grad_fn is not None:
-        fail(task, "your x′ still carries a graph (requires_grad=True): return x_adv.detach(); an attack's output is a constant input for the next step")  # noqa: E501
+        fail(task, "your x′ still carries a graph (requires_grad=True): return x_adv.detach(); an attack's output is a constant input for the next step")
     if not torch.equal(x_l, case.x):
-        fail(task, "your function modified x in place: build x′ in a new tensor (x.clone(), x + ...)")  # noqa: E501
+        fail(task, "your function modified x in place: build x′ in a new tensor (x.clone(), x + ...)")
     for role, model in mods.items():
         if bn_changed(bn[role], model):
-            fail(task, f"the {role} ran in train mode during your attack: BatchNorm used the batch's statistics and its running averages changed. Attacks run the models in eval mode (`with attacks.eval_mode({role}):`)")  # noqa: E501
+            fail(task, f"the {role} ran in train mode during your attack: BatchNorm used the batch's statistics and its running averages changed. Attacks run the models in eval mode (`with attacks.eval_mode({role}):`)")
     return out, set(modes_advice(modes, mods)) | _guide_advice(spec, calls)
 
 
@@ -169,9 +169,9 @@ def _guide_advice(spec: AttackSpec, calls: dict) -> set:
         return set()
     n, advice = len(calls["guide"]), set()
     if n > 1:
-        advice.add(f"the guide ran {n} times in one attack: p_g(x) does not depend on x′, so compute it once, before the loop (the official code recomputes it at every step: the same x′ for {n - 1} extra forward passes)")  # noqa: E501
+        advice.add(f"the guide ran {n} times in one attack: p_g(x) does not depend on x′, so compute it once, before the loop (the official code recomputes it at every step: the same x′ for {n - 1} extra forward passes)")
     if sum(calls["guide"]):
-        advice.add("the guide's forward pass built a graph nobody uses: compute p_g(x) under torch.no_grad()")  # noqa: E501
+        advice.add("the guide's forward pass built a graph nobody uses: compute p_g(x) under torch.no_grad()")
     return advice
 
 
@@ -179,17 +179,17 @@ def _check_bounds(task: str, spec: AttackSpec, out, x, eps: float) -> None:
     """x′ in [0, 1] and in the ε-ball of the spec's norm."""
     outside = ((out < -1e-6) | (out > 1 + 1e-6)).float().mean().item()
     if outside > 0:
-        fail(task, f"your attack forgets the clamp to [0, 1]: {pct(outside)} of the pixels of x′ are outside [0, 1]")  # noqa: E501
+        fail(task, f"your attack forgets the clamp to [0, 1]: {pct(outside)} of the pixels of x′ are outside [0, 1]")
     delta = out - x
     if spec.norm == "linf":
         far = (delta.abs() > eps + 1e-6).float().mean().item()
         if far > 0:
-            fail(task, f"your x′ leaves {pct(far)} of the pixels outside the ε-ball (|x′ − x| > ε = {eps:.4g}): project back onto the ball after every step")  # noqa: E501
+            fail(task, f"your x′ leaves {pct(far)} of the pixels outside the ε-ball (|x′ − x| > ε = {eps:.4g}): project back onto the ball after every step")
         return
     norms = delta.flatten(1).norm(dim=1)
     far = int((norms > eps * (1 + 1e-5) + 1e-6).sum())
     if far:
-        fail(task, f"{far} of {len(norms)} examples of your x′ lie outside the L2 ε-ball (largest ‖x′ − x‖₂ = {norms.max().item():.4g} > ε = {eps:.4g}): project after every step")  # noqa: E501
+        fail(task, f"{far} of {len(norms)} examples of your x′ lie outside the L2 ε-ball (largest ‖x′ − x‖₂ = {norms.max().item():.4g} > ε = {eps:.4g}): project after every step")
 
 
 def _check_case(task: str, spec: AttackSpec, fn, case):
@@ -211,7 +211,7 @@ def _check_case(task: str, spec: AttackSpec, fn, case):
     _check_bounds(task, spec, out, x, case.kwargs["eps"])
     if not spec.random:
         diff = (out - ref).abs().gt(1e-5).float().mean().item()
-        fail(task, f"your x′ differs from the library's on {pct(diff)} of the pixels (max |Δ| = {(out - ref).abs().max().item():.3g}); none of the common mistakes this check knows matches: compare your steps with the task's statement")  # noqa: E501
+        fail(task, f"your x′ differs from the library's on {pct(diff)} of the pixels (max |Δ| = {(out - ref).abs().max().item():.3g}); none of the common mistakes this check knows matches: compare your steps with the task's statement")
     # random start, other random numbers than the library's: compare what the attack achieves
     torch.manual_seed(case.seed + 999)
     again = call_learner(task, spec.learner, fn, copies(case.models, case.mode), x.clone(), case.y,
@@ -238,10 +238,10 @@ def run_attack_check(spec: AttackSpec, fn) -> None:
         else:
             mine, lib = sum(g for g, _ in gains), sum(g for _, g in gains)
             if mine <= 0:
-                fail(task, f"your attack lowers the loss it should raise (change {mine:.3g}, the library's {lib:.3g}): step *up* the gradient, x′ + α·sign(∇)")  # noqa: E501
+                fail(task, f"your attack lowers the loss it should raise (change {mine:.3g}, the library's {lib:.3g}): step *up* the gradient, x′ + α·sign(∇)")
             if mine < 0.75 * lib:
-                fail(task, f"your attack raises its objective much less than the library's ({mine:.3g} vs {lib:.3g} over the trials): check the step direction and size")  # noqa: E501
-            passed(task, f"{spec.passed} — your random numbers differ from the library's, so the check compared invariants and the loss reached instead of exact values")  # noqa: E501
+                fail(task, f"your attack raises its objective much less than the library's ({mine:.3g} vs {lib:.3g} over the trials): check the step direction and size")
+            passed(task, f"{spec.passed} — your random numbers differ from the library's, so the check compared invariants and the loss reached instead of exact values")
         for message in sorted(advice):
             advise(task, message)
 

@@ -53,12 +53,12 @@ def check_pgd_at_loss(fn) -> None:
             trials=6,
             grad_names=("logits_adv",),
             variants=[
-                Variant("you applied softmax before F.cross_entropy, which applies log-softmax itself: pass the raw logits", lambda z, y: F.cross_entropy(F.softmax(z, dim=1), y)),  # noqa: E501
-                Variant("you summed the cross-entropy over the batch (your value is {B}× the library's); PGD-AT averages over the batch (reduction='mean')", lambda z, y: F.cross_entropy(z, y, reduction="sum")),  # noqa: E501
-                Variant("F.nll_loss expects log-probabilities but you gave it raw logits: use F.cross_entropy(logits, y) (or F.log_softmax first)", lambda z, y: F.nll_loss(z, y)),  # noqa: E501
-                Variant("you took the log-softmax over the batch (dim=0); probabilities are over the classes: dim=1", lambda z, y: F.nll_loss(F.log_softmax(z, dim=0), y)),  # noqa: E501
+                Variant("you applied softmax before F.cross_entropy, which applies log-softmax itself: pass the raw logits", lambda z, y: F.cross_entropy(F.softmax(z, dim=1), y)),
+                Variant("you summed the cross-entropy over the batch (your value is {B}× the library's); PGD-AT averages over the batch (reduction='mean')", lambda z, y: F.cross_entropy(z, y, reduction="sum")),
+                Variant("F.nll_loss expects log-probabilities but you gave it raw logits: use F.cross_entropy(logits, y) (or F.log_softmax first)", lambda z, y: F.nll_loss(z, y)),
+                Variant("you took the log-softmax over the batch (dim=0); probabilities are over the classes: dim=1", lambda z, y: F.nll_loss(F.log_softmax(z, dim=0), y)),
             ],
-            passed="CE(f(x′), y) averaged over the batch, as losses.pgd_at_loss (6 trials, batch 1–32, 10 and 100 classes, value and gradient)",  # noqa: E501
+            passed="CE(f(x′), y) averaged over the batch, as losses.pgd_at_loss (6 trials, batch 1–32, 10 and 100 classes, value and gradient)",
         ),
         fn,
     )
@@ -96,9 +96,9 @@ def check_robust_accuracy(fn) -> None:
             fraction_verdict(task, got, want, clean=clean, what="robust accuracy")
             fgsm = library_accuracy(model, attacks.fgsm(model, x, y, eps=k["eps"]), y)
             if close(got, fgsm, 0, 1e-6):
-                fail(task, f"you attacked with FGSM ({got:.4g}); robust accuracy here is under PGD (with the given eps, step_size and steps): {min(runs):.4g}–{max(runs):.4g}")  # noqa: E501
-            fail(task, f"your robust accuracy {got:.4g} is outside what PGD with this budget gives ({min(runs):.4g}–{max(runs):.4g} over 5 random starts; clean {clean:.4g}): attack once with PGD (eps, step_size, steps as given), then the accuracy on x′ in eval mode")  # noqa: E501
-        passed(task, "accuracy on PGD's x′ (within what 5 random starts of attacks.pgd give), eval mode, mode restored, as a fraction (3 trials)")  # noqa: E501
+                fail(task, f"you attacked with FGSM ({got:.4g}); robust accuracy here is under PGD (with the given eps, step_size and steps): {min(runs):.4g}–{max(runs):.4g}")
+            fail(task, f"your robust accuracy {got:.4g} is outside what PGD with this budget gives ({min(runs):.4g}–{max(runs):.4g} over 5 random starts; clean {clean:.4g}): attack once with PGD (eps, step_size, steps as given), then the accuracy on x′ in eval mode")
+        passed(task, "accuracy on PGD's x′ (within what 5 random starts of attacks.pgd give), eval mode, mode restored, as a fraction (3 trials)")
 
 
 # ------------------------------------------------------------------------------------ break it
@@ -118,12 +118,12 @@ def check_fgsm_overfitting(fn) -> None:
     with sandbox(task, fn):
         plain = _fgsm_training(task, fn, random_start=False)
         fixed = _fgsm_training(task, fn, random_start=True)
-    line = (f"two moons, seed 2, ε = 0.2, 30 epochs — without random start: clean {plain[0]:.0%}, FGSM {plain[1]:.0%}, PGD-20 {plain[2]:.0%}; with it: clean {fixed[0]:.0%}, FGSM {fixed[1]:.0%}, PGD-20 {fixed[2]:.0%}")  # noqa: E501
+    line = (f"two moons, seed 2, ε = 0.2, 30 epochs — without random start: clean {plain[0]:.0%}, FGSM {plain[1]:.0%}, PGD-20 {plain[2]:.0%}; with it: clean {fixed[0]:.0%}, FGSM {fixed[1]:.0%}, PGD-20 {fixed[2]:.0%}")
     if plain[1] - plain[2] < 0.3:
-        fail(task, f"{line}. Without the random start FGSM training should overfit to its own attack (FGSM accuracy far above PGD's); here it does not: does your step start at x when random_start is False, take one signed step of size ε on the loss, and train on that x′ in train mode?")  # noqa: E501
+        fail(task, f"{line}. Without the random start FGSM training should overfit to its own attack (FGSM accuracy far above PGD's); here it does not: does your step start at x when random_start is False, take one signed step of size ε on the loss, and train on that x′ in train mode?")
     if fixed[2] < plain[2] + 0.05:
-        fail(task, f"{line}. The random start should repair it (PGD-20 accuracy well above the run without): with random_start=True, start from a uniform point of the ε-ball and take the signed step from there, projected back onto the ball")  # noqa: E501
-    passed(task, f"{line}: FGSM training overfits to its own one-step attack (catastrophic overfitting), and the random start repairs much of it")  # noqa: E501
+        fail(task, f"{line}. The random start should repair it (PGD-20 accuracy well above the run without): with random_start=True, start from a uniform point of the ε-ball and take the signed step from there, projected back onto the ball")
+    passed(task, f"{line}: FGSM training overfits to its own one-step attack (catastrophic overfitting), and the random start repairs much of it")
 
 
 # ------------------------------------------------------------------------------------ predict
@@ -147,11 +147,11 @@ def check_k_prediction(predicted_more_robust_k) -> None:
         prediction_verdict(task, predicted_more_robust_k, allowed, None, "")
     (_, clean1, rob1), (_, clean10, rob10) = _k_runs()
     measured = 10 if rob10 > rob1 + 0.02 else 1 if rob1 > rob10 + 0.02 else "same"
-    why = (f"two moons, seed 0, ε = {_K_EPS}, evaluated with PGD-20: K = 1 (one step of ε, i.e. FGSM training) clean {clean1:.1%} / PGD-20 {rob1:.1%}; K = 10 (steps of ε/4) clean {clean10:.1%} / PGD-20 {rob10:.1%}. A longer inner maximisation finds stronger x′ to train on, so the model resists the stronger test attack better, at some clean accuracy")  # noqa: E501
+    why = (f"two moons, seed 0, ε = {_K_EPS}, evaluated with PGD-20: K = 1 (one step of ε, i.e. FGSM training) clean {clean1:.1%} / PGD-20 {rob1:.1%}; K = 10 (steps of ε/4) clean {clean10:.1%} / PGD-20 {rob10:.1%}. A longer inner maximisation finds stronger x′ to train on, so the model resists the stronger test attack better, at some clean accuracy")
     prediction_verdict(task, predicted_more_robust_k, allowed, measured, why)
 
 
-_PGD_AT_CLEAN = PairedPrediction("predict: what PGD-AT costs", "pgd_at", "standard", ("higher", "lower"), "PGD-AT − standard over {n} seeds, clean accuracy on held-out points. PGD-AT fits the worst point of each ε-ball, not the point itself: near the boundary the two disagree, and the clean points pay for it", metric="clean")  # noqa: E501
+_PGD_AT_CLEAN = PairedPrediction("predict: what PGD-AT costs", "pgd_at", "standard", ("higher", "lower"), "PGD-AT − standard over {n} seeds, clean accuracy on held-out points. PGD-AT fits the worst point of each ε-ball, not the point itself: near the boundary the two disagree, and the clean points pay for it", metric="clean")
 
 
 def check_pgd_at_clean_prediction(predicted_sign, runs) -> None:

@@ -68,18 +68,18 @@ def check_lbgat0_loss(fn) -> None:
             trials=6,
             grad_names=("logits_adv", "logits_guide"),
             variants=[
-                Variant("your CE term uses the target's adversarial logits f(x′); LBGAT puts the label loss on the guide: CE(g(x), y)", lambda za, zg, y: ce(za, y) + mse(za, zg)),  # noqa: E501
-                Variant("your MSE compares probabilities (softmax); LBGAT's MSE is between the logits f(x′) and g(x)", lambda za, zg, y: ce(zg, y) + mse(F.softmax(za, dim=1), F.softmax(zg, dim=1))),  # noqa: E501
-                Variant("your MSE sums the squared error over the classes ({C}× too large); nn.MSELoss / F.mse_loss averages over batch × classes", lambda za, zg, y: ce(zg, y) + za.shape[1] * mse(za, zg)),  # noqa: E501
-                Variant("your MSE sums over batch and classes; F.mse_loss averages them (reduction='mean')", lambda za, zg, y: ce(zg, y) + za.numel() * mse(za, zg)),  # noqa: E501
-                Variant("you left out CE(g(x), y): without it nothing ties the guide to the labels", lambda za, zg, y: mse(za, zg)),  # noqa: E501
-                Variant("you left out MSE(f(x′), g(x)), the term through which the target learns from the guide", lambda za, zg, y: ce(zg, y)),  # noqa: E501
+                Variant("your CE term uses the target's adversarial logits f(x′); LBGAT puts the label loss on the guide: CE(g(x), y)", lambda za, zg, y: ce(za, y) + mse(za, zg)),
+                Variant("your MSE compares probabilities (softmax); LBGAT's MSE is between the logits f(x′) and g(x)", lambda za, zg, y: ce(zg, y) + mse(F.softmax(za, dim=1), F.softmax(zg, dim=1))),
+                Variant("your MSE sums the squared error over the classes ({C}× too large); nn.MSELoss / F.mse_loss averages over batch × classes", lambda za, zg, y: ce(zg, y) + za.shape[1] * mse(za, zg)),
+                Variant("your MSE sums over batch and classes; F.mse_loss averages them (reduction='mean')", lambda za, zg, y: ce(zg, y) + za.numel() * mse(za, zg)),
+                Variant("you left out CE(g(x), y): without it nothing ties the guide to the labels", lambda za, zg, y: mse(za, zg)),
+                Variant("you left out MSE(f(x′), g(x)), the term through which the target learns from the guide", lambda za, zg, y: ce(zg, y)),
             ],
             grad_hints={
-                "logits_guide": "LBGAT trains the guide through both CE and MSE: don't detach g(x) in the MSE.",  # noqa: E501
-                "logits_adv": "The target learns only through MSE(f(x′), g(x)): keep f(x′) in the graph.",  # noqa: E501
+                "logits_guide": "LBGAT trains the guide through both CE and MSE: don't detach g(x) in the MSE.",
+                "logits_adv": "The target learns only through MSE(f(x′), g(x)): keep f(x′) in the graph.",
             },
-            passed="CE(g(x), y) + MSE(f(x′), g(x)) as losses.lbgat_loss with β = 0 (value and gradients, 6 trials)",  # noqa: E501
+            passed="CE(g(x), y) + MSE(f(x′), g(x)) as losses.lbgat_loss with β = 0 (value and gradients, 6 trials)",
         ),
         fn,
     )
@@ -102,23 +102,23 @@ def check_lbgat_loss(fn) -> None:
             trials=6,
             grad_names=("logits_adv", "logits_guide"),
             variants=[
-                Variant("KL direction reversed: you computed KL(p_f(x′) ‖ p_f(x)); LBGAT's β-term is TRADES' KL(p_f(x) ‖ p_f(x′))", lambda za, zg, y, beta, logits_nat: lb0(za, zg, y) + beta * kl(za, logits_nat)),  # noqa: E501
-                Variant("your β-term compares the guide with the target (KL(p_g(x) ‖ p_f(x′))); LBGAT's β-term is the target's own TRADES KL(p_f(x) ‖ p_f(x′)), with logits_nat = f(x)", lambda za, zg, y, beta, logits_nat: lb0(za, zg, y) + beta * kl(zg, za)),  # noqa: E501
+                Variant("KL direction reversed: you computed KL(p_f(x′) ‖ p_f(x)); LBGAT's β-term is TRADES' KL(p_f(x) ‖ p_f(x′))", lambda za, zg, y, beta, logits_nat: lb0(za, zg, y) + beta * kl(za, logits_nat)),
+                Variant("your β-term compares the guide with the target (KL(p_g(x) ‖ p_f(x′))); LBGAT's β-term is the target's own TRADES KL(p_f(x) ‖ p_f(x′)), with logits_nat = f(x)", lambda za, zg, y, beta, logits_nat: lb0(za, zg, y) + beta * kl(zg, za)),
                 Variant(
-                    "your KL averages over batch × classes (1/{C} of the per-sample KL); LBGAT's β-term is TRADES' KL summed over classes and averaged over the batch",  # noqa: E501
+                    "your KL averages over batch × classes (1/{C} of the per-sample KL); LBGAT's β-term is TRADES' KL summed over classes and averaged over the batch",
                     lambda za, zg, y, beta, logits_nat: (
                         lb0(za, zg, y) + beta * kl(logits_nat, za) / za.shape[1]
                     ),
                 ),
                 Variant(
-                    "you ignored the `beta` argument (your value matches β = 6): use the beta passed in",  # noqa: E501
+                    "you ignored the `beta` argument (your value matches β = 6): use the beta passed in",
                     lambda za, zg, y, beta, logits_nat: (
                         None if beta == 6.0 else lb0(za, zg, y) + 6.0 * kl(logits_nat, za)
                     ),
                 ),
-                Variant("you dropped the β-term: with β > 0 add β·KL(p_f(x) ‖ p_f(x′)) (logits_nat = f(x))", lambda za, zg, y, beta, logits_nat: lb0(za, zg, y)),  # noqa: E501
+                Variant("you dropped the β-term: with β > 0 add β·KL(p_f(x) ‖ p_f(x′)) (logits_nat = f(x))", lambda za, zg, y, beta, logits_nat: lb0(za, zg, y)),
                 Variant(
-                    "your CE term uses the target's clean logits f(x); LBGAT puts the label loss on the guide g(x)",  # noqa: E501
+                    "your CE term uses the target's clean logits f(x); LBGAT puts the label loss on the guide g(x)",
                     lambda za, zg, y, beta, logits_nat: (
                         F.cross_entropy(logits_nat, y)
                         + F.mse_loss(za, zg)
@@ -129,7 +129,7 @@ def check_lbgat_loss(fn) -> None:
             grad_hints={
                 "logits_guide": "LBGAT trains the guide through CE and MSE: don't detach g(x)."
             },
-            passed="CE(g(x), y) + MSE(f(x′), g(x)) + β·KL(p_f(x) ‖ p_f(x′)) as losses.lbgat_loss (β ∈ {0, 1, 2, 6})",  # noqa: E501
+            passed="CE(g(x), y) + MSE(f(x′), g(x)) + β·KL(p_f(x) ‖ p_f(x′)) as losses.lbgat_loss (β ∈ {0, 1, 2, 6})",
         ),
         fn,
     )
@@ -153,7 +153,7 @@ def check_make_optimizer(fn) -> None:
         for role, model in [("target", t), ("guide", g)]:
             missing = sum(id(p) not in set(ids) for p in model.parameters())
             if missing:
-                fail(task, f"{missing} of the {role}'s parameter tensors are not in the optimizer: LBGAT/D2R train target *and* guide with one SGD over [target.parameters(), guide.parameters()]")  # noqa: E501
+                fail(task, f"{missing} of the {role}'s parameter tensors are not in the optimizer: LBGAT/D2R train target *and* guide with one SGD over [target.parameters(), guide.parameters()]")
         want = ref.param_groups[0]
         names = {
             "lr": "the learning rate lr",
@@ -170,8 +170,8 @@ def check_make_optimizer(fn) -> None:
                         if key == "weight_decay"
                         else ""
                     )
-                    fail(task, f"{label} = {group.get(key)!r}; the official code uses {want[key]!r}{extra}")  # noqa: E501
-        passed(task, f"SGD over target and guide, lr {want['lr']}, momentum {want['momentum']}, weight decay {want['weight_decay']}, no Nesterov, as methods.make_optimizer")  # noqa: E501
+                    fail(task, f"{label} = {group.get(key)!r}; the official code uses {want[key]!r}{extra}")
+        passed(task, f"SGD over target and guide, lr {want['lr']}, momentum {want['momentum']}, weight decay {want['weight_decay']}, no Nesterov, as methods.make_optimizer")
 
 
 # ------------------------------------------------------------------------------------ predict
@@ -195,7 +195,7 @@ def check_guide_width_prediction(predicted_better_width) -> None:
         prediction_verdict(task, predicted_better_width, allowed, None, "")
     (_, t4, r4, g4), (_, t128, r128, g128) = _width_runs()
     measured = 128 if t128 > t4 + 0.02 else 4 if t4 > t128 + 0.02 else "same"
-    why = (f"two moons, seed 0, target width 32, ε = 0.05: guide width 4 — guide {g4:.1%}, target clean {t4:.1%} / PGD-20 {r4:.1%}; guide width 128 — guide {g128:.1%}, target clean {t128:.1%} / PGD-20 {r128:.1%}. In LBGAT0 the target never sees the labels: it learns only by matching the guide's logits (MSE), so it inherits the guide's accuracy")  # noqa: E501
+    why = (f"two moons, seed 0, target width 32, ε = 0.05: guide width 4 — guide {g4:.1%}, target clean {t4:.1%} / PGD-20 {r4:.1%}; guide width 128 — guide {g128:.1%}, target clean {t128:.1%} / PGD-20 {r128:.1%}. In LBGAT0 the target never sees the labels: it learns only by matching the guide's logits (MSE), so it inherits the guide's accuracy")
     prediction_verdict(task, predicted_better_width, allowed, measured, why)
 
 
@@ -220,17 +220,17 @@ def check_diagnose_guide(fn) -> None:
     cases = [  # (probs, y, verdict, what, {wrong answer: why it is wrong})
         (*_soft_labels(200, 10, 1.0, 0.3), "under-confident",
          "a guide with flat soft labels that is always right",
-         {"over-confident": "mind the sign: under-confident means the confidence (0.3) is below the accuracy (100 %)",  # noqa: E501
+         {"over-confident": "mind the sign: under-confident means the confidence (0.3) is below the accuracy (100 %)",
           "calibrated": "a confidence of 0.3 with 100 % accuracy is not calibrated"}),
         (*_soft_labels(200, 10, 0.5, 0.9), "over-confident",
          "a guide 90 % sure and right half the time",
-         {"calibrated": "the confidence is the probability of the predicted class (the largest one), not of the true class: here 0.9, against 50 % accuracy",  # noqa: E501
-          "under-confident": "mind the sign: over-confident means the confidence is above the accuracy"}),  # noqa: E501
+         {"calibrated": "the confidence is the probability of the predicted class (the largest one), not of the true class: here 0.9, against 50 % accuracy",
+          "under-confident": "mind the sign: over-confident means the confidence is above the accuracy"}),
         (*_soft_labels(200, 10, 0.8, 0.8), "calibrated",
          "a guide 80 % sure and right 80 % of the time",
-         {"under-confident": "the confidence is the probability of the predicted class, not of the true class: 0.8 here, exactly the accuracy"}),  # noqa: E501
+         {"under-confident": "the confidence is the probability of the predicted class, not of the true class: 0.8 here, exactly the accuracy"}),
         (*_soft_labels(200, 10, 0.15, 0.15), "calibrated", "a near-uniform guide at chance",
-         {"under-confident": "compare the confidence with the accuracy, not with 1/C: a guide at chance that says so is calibrated"}),  # noqa: E501
+         {"under-confident": "compare the confidence with the accuracy, not with 1/C: a guide at chance that says so is calibrated"}),
         (*_soft_labels(200, 10, 0.72, 0.7), "calibrated",
          "a guide 70 % sure and right 72 % of the time",
          {"under-confident": "a gap of 2 points is within the 0.05 tolerance: calibrated"}),
@@ -241,8 +241,8 @@ def check_diagnose_guide(fn) -> None:
             if got not in _DIAGNOSES:
                 fail(task, f"return one of {', '.join(map(repr, _DIAGNOSES))}; got {got!r}")
             if got != want:
-                fail(task, f"for {what} you said {got!r}, not {want!r}: {why.get(got, 'compare the mean top probability with the accuracy')}")  # noqa: E501
-        passed(task, "flat-but-right, sure-but-wrong, calibrated and chance-level guides all diagnosed")  # noqa: E501
+                fail(task, f"for {what} you said {got!r}, not {want!r}: {why.get(got, 'compare the mean top probability with the accuracy')}")
+        passed(task, "flat-but-right, sure-but-wrong, calibrated and chance-level guides all diagnosed")
 
 
 def check_guide_diagnosis_prediction(prediction, rows) -> None:
@@ -252,20 +252,20 @@ def check_guide_diagnosis_prediction(prediction, rows) -> None:
     names = ("d2r", "lbgat")
     if not isinstance(prediction, dict) or set(prediction) != set(names) or any(
             v not in _DIAGNOSES for v in prediction.values()):
-        fail(task, f"prediction must be a dict {{'d2r': ..., 'lbgat': ...}}, each one of {', '.join(map(repr, _DIAGNOSES))}; got {prediction!r}")  # noqa: E501
+        fail(task, f"prediction must be a dict {{'d2r': ..., 'lbgat': ...}}, each one of {', '.join(map(repr, _DIAGNOSES))}; got {prediction!r}")
     try:
         seen = {m: [r["diagnosis"] for r in rows if r["method"] == m] for m in names}
     except (TypeError, KeyError):
-        fail(task, "rows must be the list of dicts with 'method', 'seed' and 'diagnosis' that the cell above builds")  # noqa: E501
+        fail(task, "rows must be the list of dicts with 'method', 'seed' and 'diagnosis' that the cell above builds")
     for m in names:
         if len(seen[m]) < 2:
             fail(task, f"rows hold {len(seen[m])} run(s) of {m!r}; run at least 2 seeds")
         if len(set(seen[m])) > 1:
-            passed(task, f"{m}: the seeds disagree ({', '.join(seen[m])}): undecided, so your {prediction[m]!r} is neither confirmed nor refuted")  # noqa: E501
+            passed(task, f"{m}: the seeds disagree ({', '.join(seen[m])}): undecided, so your {prediction[m]!r} is neither confirmed nor refuted")
             continue
         measured = seen[m][0]
         if prediction[m] != measured:
-            fail(task, f"you predicted {m}'s guide {prediction[m]!r}; every seed says {measured!r}. CE is the only term that pulls a guide towards the labels; the MSE (and in D2R the KL terms) pull it towards the target's uncertain prediction on x′")  # noqa: E501
+            fail(task, f"you predicted {m}'s guide {prediction[m]!r}; every seed says {measured!r}. CE is the only term that pulls a guide towards the labels; the MSE (and in D2R the KL terms) pull it towards the target's uncertain prediction on x′")
         passed(task, f"{m}'s guide is {measured} at every seed, as you predicted")
 
 
@@ -273,13 +273,13 @@ def check_guide_diagnosis_prediction(prediction, rows) -> None:
 _MSE_GUIDE_GRADIENT = GradientSpec(
     task="mse_guide_gradient", names=("z_adv", "z_guide"), loss=F.mse_loss, seed_scale=1000,
     mistakes=[
-        (lambda want, za, zg: -want, "the sign is flipped: the MSE grows when g(x) moves away from f(x′)", (1e-5, 1e-6)),  # noqa: E501
-        (lambda want, za, zg: za.numel() * want, "your gradient sums over the elements: the MSE averages over B × C (B = {B}, C = {C})", (1e-4, 1e-7)),  # noqa: E501
-        (lambda want, za, zg: 0.5 * want, "your gradient misses the 2 of the derivative of a square (B = {B}, C = {C})", (1e-4, 1e-7)),  # noqa: E501
-        (lambda want, za, zg: za.shape[1] * want, "your gradient divides by B only: the MSE averages over B × C (B = {B}, C = {C})", (1e-4, 1e-7)),  # noqa: E501
-        (lambda want, za, zg: za.shape[0] * want, "your gradient divides by C only: the MSE averages over B × C (B = {B}, C = {C})", (1e-4, 1e-7)),  # noqa: E501
+        (lambda want, za, zg: -want, "the sign is flipped: the MSE grows when g(x) moves away from f(x′)", (1e-5, 1e-6)),
+        (lambda want, za, zg: za.numel() * want, "your gradient sums over the elements: the MSE averages over B × C (B = {B}, C = {C})", (1e-4, 1e-7)),
+        (lambda want, za, zg: 0.5 * want, "your gradient misses the 2 of the derivative of a square (B = {B}, C = {C})", (1e-4, 1e-7)),
+        (lambda want, za, zg: za.shape[1] * want, "your gradient divides by B only: the MSE averages over B × C (B = {B}, C = {C})", (1e-4, 1e-7)),
+        (lambda want, za, zg: za.shape[0] * want, "your gradient divides by C only: the MSE averages over B × C (B = {B}, C = {C})", (1e-4, 1e-7)),
     ],
-    passed="∂MSE/∂g(x) = 2 (g(x) − f(x′)) / (B·C), as autograd: the guide is pulled towards the target's adversarial logits as much as the target towards it")  # noqa: E501
+    passed="∂MSE/∂g(x) = 2 (g(x) − f(x′)) / (B·C), as autograd: the guide is pulled towards the target's adversarial logits as much as the target towards it")
 
 
 def check_mse_guide_gradient(fn) -> None:

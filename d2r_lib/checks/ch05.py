@@ -60,14 +60,14 @@ def check_official_kl(fn) -> None:
             trials=6,
             grad_names=("p", "log_q"),
             variants=[
-                Variant("you left out the +1e-5: the official helper computes p·(log(p + 1e-5) − log q), a slight upper bound of the exact KL that F.kl_div would give", exact_kl_mean),  # noqa: E501
-                Variant("you summed over the classes and averaged over the batch ('batchmean'), so your value is {C}× the official K̄L, which averages over all batch × classes elements (torch.mean)", lambda p, lq: losses.official_kl(p, lq, "batchmean")),  # noqa: E501
-                Variant("you summed over everything; the official K̄L is the mean over batch × classes (torch.mean)", lambda p, lq: losses.official_k(p, lq).sum()),  # noqa: E501
-                Variant("KL direction reversed: you computed K̄L(Q ‖ P); the expectation is under the first argument p: p·(log(p + 1e-5) − log q)", lambda p, lq: losses.official_kl(lq.exp(), torch.log(p))),  # noqa: E501
-                Variant("you added 1e-5 inside log q as well; the official code has it only in log(p + 1e-5) (log q arrives as a log-softmax)", lambda p, lq: (p * (torch.log(p + 1e-5) - torch.log(lq.exp() + 1e-5))).mean()),  # noqa: E501
-                Variant("you exchanged the roles of the two logs: the formula is p·(log(p + 1e-5) − log q), not p·(log q − log(p + 1e-5))", lambda p, lq: -losses.official_kl(p, lq)),  # noqa: E501
+                Variant("you left out the +1e-5: the official helper computes p·(log(p + 1e-5) − log q), a slight upper bound of the exact KL that F.kl_div would give", exact_kl_mean),
+                Variant("you summed over the classes and averaged over the batch ('batchmean'), so your value is {C}× the official K̄L, which averages over all batch × classes elements (torch.mean)", lambda p, lq: losses.official_kl(p, lq, "batchmean")),
+                Variant("you summed over everything; the official K̄L is the mean over batch × classes (torch.mean)", lambda p, lq: losses.official_k(p, lq).sum()),
+                Variant("KL direction reversed: you computed K̄L(Q ‖ P); the expectation is under the first argument p: p·(log(p + 1e-5) − log q)", lambda p, lq: losses.official_kl(lq.exp(), torch.log(p))),
+                Variant("you added 1e-5 inside log q as well; the official code has it only in log(p + 1e-5) (log q arrives as a log-softmax)", lambda p, lq: (p * (torch.log(p + 1e-5) - torch.log(lq.exp() + 1e-5))).mean()),
+                Variant("you exchanged the roles of the two logs: the formula is p·(log(p + 1e-5) − log q), not p·(log q − log(p + 1e-5))", lambda p, lq: -losses.official_kl(p, lq)),
             ],
-            passed="p·(log(p + 1e-5) − log q) averaged over batch × classes, as losses.official_kl (value and gradients, 10 and 100 classes)",  # noqa: E501
+            passed="p·(log(p + 1e-5) − log q) averaged over batch × classes, as losses.official_kl (value and gradients, 10 and 100 classes)",
         ),
         fn,
     )
@@ -110,22 +110,22 @@ def check_d2r_clean_term(fn) -> None:
             reference=lambda zn, zg: terms(zn, zg)["clean"],
             grad_names=("logits_nat", "logits_guide"),
             variants=[
-                Variant("you dropped the absolute value: the clean term is |K̄L(p_f ‖ p_g) − K̄L(p_g ‖ p_f)|, and yours is negative here ({got:.3g})", lambda zn, zg: terms(zn, zg)["kl_fg"] - terms(zn, zg)["kl_gf"]),  # noqa: E501
-                Variant("you dropped the absolute value (and subtracted the other way round): the clean term is |K̄L(p_f ‖ p_g) − K̄L(p_g ‖ p_f)|, and yours is negative here ({got:.3g})", lambda zn, zg: terms(zn, zg)["kl_gf"] - terms(zn, zg)["kl_fg"]),  # noqa: E501
-                Variant("you added the two KLs (a symmetric divergence); the official clean term is the absolute *difference* |K̄L(p_f(x) ‖ p_g(x)) − K̄L(p_g(x) ‖ p_f(x))|", lambda zn, zg: terms(zn, zg)["kl_fg"] + terms(zn, zg)["kl_gf"]),  # noqa: E501
-                Variant("your KLs use 'batchmean' (sum over classes), {C}× the official K̄L, which averages over batch × classes", lambda zn, zg: terms(zn, zg, kl_reduction="batchmean")["clean"]),  # noqa: E501
+                Variant("you dropped the absolute value: the clean term is |K̄L(p_f ‖ p_g) − K̄L(p_g ‖ p_f)|, and yours is negative here ({got:.3g})", lambda zn, zg: terms(zn, zg)["kl_fg"] - terms(zn, zg)["kl_gf"]),
+                Variant("you dropped the absolute value (and subtracted the other way round): the clean term is |K̄L(p_f ‖ p_g) − K̄L(p_g ‖ p_f)|, and yours is negative here ({got:.3g})", lambda zn, zg: terms(zn, zg)["kl_gf"] - terms(zn, zg)["kl_fg"]),
+                Variant("you added the two KLs (a symmetric divergence); the official clean term is the absolute *difference* |K̄L(p_f(x) ‖ p_g(x)) − K̄L(p_g(x) ‖ p_f(x))|", lambda zn, zg: terms(zn, zg)["kl_fg"] + terms(zn, zg)["kl_gf"]),
+                Variant("your KLs use 'batchmean' (sum over classes), {C}× the official K̄L, which averages over batch × classes", lambda zn, zg: terms(zn, zg, kl_reduction="batchmean")["clean"]),
                 Variant(
-                    "you left out the +1e-5 inside log(p + 1e-5): use your official_kl from Task 1 (or losses.official_kl)",  # noqa: E501
+                    "you left out the +1e-5 inside log(p + 1e-5): use your official_kl from Task 1 (or losses.official_kl)",
                     lambda zn, zg: (
                         exact_kl_mean(F.softmax(zn, dim=1), F.log_softmax(zg, dim=1))
                         - exact_kl_mean(F.softmax(zg, dim=1), F.log_softmax(zn, dim=1))
                     ).abs(),
                 ),
-                Variant("you returned a single KL, K̄L(p_f(x) ‖ p_g(x)); the clean term is the absolute difference of the two directions", lambda zn, zg: terms(zn, zg)["kl_fg"]),  # noqa: E501
-                Variant("you returned a single KL, K̄L(p_g(x) ‖ p_f(x)); the clean term is the absolute difference of the two directions", lambda zn, zg: terms(zn, zg)["kl_gf"]),  # noqa: E501
-                Variant("you squared the difference; the official term takes its absolute value", lambda zn, zg: (terms(zn, zg)["kl_fg"] - terms(zn, zg)["kl_gf"]) ** 2),  # noqa: E501
+                Variant("you returned a single KL, K̄L(p_f(x) ‖ p_g(x)); the clean term is the absolute difference of the two directions", lambda zn, zg: terms(zn, zg)["kl_fg"]),
+                Variant("you returned a single KL, K̄L(p_g(x) ‖ p_f(x)); the clean term is the absolute difference of the two directions", lambda zn, zg: terms(zn, zg)["kl_gf"]),
+                Variant("you squared the difference; the official term takes its absolute value", lambda zn, zg: (terms(zn, zg)["kl_fg"] - terms(zn, zg)["kl_gf"]) ** 2),
             ],
-            passed="|K̄L(p_f(x) ‖ p_g(x)) − K̄L(p_g(x) ‖ p_f(x))| as losses.d2r_terms(...)['clean'] (both signs of the difference, value and gradients)",  # noqa: E501
+            passed="|K̄L(p_f(x) ‖ p_g(x)) − K̄L(p_g(x) ‖ p_f(x))| as losses.d2r_terms(...)['clean'] (both signs of the difference, value and gradients)",
         ),
         fn,
     )
@@ -151,13 +151,13 @@ def check_d2r_adv_term(fn) -> None:
             reference=lambda za, zg: terms(za, zg)["adv"],
             grad_names=("logits_adv", "logits_guide"),
             variants=[
-                Variant("KL direction reversed: you computed K̄L(p_g(x) ‖ p_f(x′)), the TRADES/CAG direction; D2R's adversarial term is K̄L(p_f(x′) ‖ p_g(x)) = official_kl(p_f(x′), log p_g(x))", lambda za, zg: kbar(zg, za)),  # noqa: E501
-                Variant("your KL uses 'batchmean' (sum over classes), {C}× the official K̄L, which averages over batch × classes", lambda za, zg: terms(za, zg, kl_reduction="batchmean")["adv"]),  # noqa: E501
-                Variant("you left out the +1e-5 inside log(p + 1e-5): use your official_kl from Task 1", lambda za, zg: exact_kl_mean(F.softmax(za, dim=1), F.log_softmax(zg, dim=1))),  # noqa: E501
-                Variant("you computed TRADES' KL(p_g(x) ‖ p_f(x′)) (batchmean, exact): D2R's adversarial term is K̄L(p_f(x′) ‖ p_g(x)), averaged over batch × classes, with the +1e-5", lambda za, zg: losses.trades_kl(zg, za)),  # noqa: E501
-                Variant("you computed TRADES' per-sample KL(p_f(x′) ‖ p_g(x)) (batchmean, no +1e-5): the official K̄L averages over batch × classes and has log(p + 1e-5)", lambda za, zg: losses.trades_kl(za, zg)),  # noqa: E501
+                Variant("KL direction reversed: you computed K̄L(p_g(x) ‖ p_f(x′)), the TRADES/CAG direction; D2R's adversarial term is K̄L(p_f(x′) ‖ p_g(x)) = official_kl(p_f(x′), log p_g(x))", lambda za, zg: kbar(zg, za)),
+                Variant("your KL uses 'batchmean' (sum over classes), {C}× the official K̄L, which averages over batch × classes", lambda za, zg: terms(za, zg, kl_reduction="batchmean")["adv"]),
+                Variant("you left out the +1e-5 inside log(p + 1e-5): use your official_kl from Task 1", lambda za, zg: exact_kl_mean(F.softmax(za, dim=1), F.log_softmax(zg, dim=1))),
+                Variant("you computed TRADES' KL(p_g(x) ‖ p_f(x′)) (batchmean, exact): D2R's adversarial term is K̄L(p_f(x′) ‖ p_g(x)), averaged over batch × classes, with the +1e-5", lambda za, zg: losses.trades_kl(zg, za)),
+                Variant("you computed TRADES' per-sample KL(p_f(x′) ‖ p_g(x)) (batchmean, no +1e-5): the official K̄L averages over batch × classes and has log(p + 1e-5)", lambda za, zg: losses.trades_kl(za, zg)),
             ],
-            passed="K̄L(p_f(x′) ‖ p_g(x)) as losses.d2r_terms(...)['adv'] (value and gradients, 6 trials)",  # noqa: E501
+            passed="K̄L(p_f(x′) ‖ p_g(x)) as losses.d2r_terms(...)['adv'] (value and gradients, 6 trials)",
         ),
         fn,
     )
@@ -180,20 +180,20 @@ def _d2r_with(**swap):
 
 
 _ZERO = lambda t, *_: 0.0
-_NO_ABS = "the clean term lost its absolute value: it is |K̄L(p_f(x) ‖ p_g(x)) − K̄L(p_g(x) ‖ p_f(x))|"  # noqa: E501
+_NO_ABS = "the clean term lost its absolute value: it is |K̄L(p_f(x) ‖ p_g(x)) − K̄L(p_g(x) ‖ p_f(x))|"
 _D2R_VARIANTS = [
-    Variant("your CE term uses the target's clean logits f(x); D2R (like LBGAT) puts the label loss on the guide: CE(g(x), y)", _d2r_with(ce=lambda t, za, zn, zg, y: F.cross_entropy(zn, y))),  # noqa: E501
-    Variant("your CE term uses the target's adversarial logits f(x′); D2R puts the label loss on the guide: CE(g(x), y)", _d2r_with(ce=lambda t, za, zn, zg, y: F.cross_entropy(za, y))),  # noqa: E501
-    Variant("your MSE compares f(x) with g(x); D2R's MSE is between the adversarial logits f(x′) and g(x)", _d2r_with(mse=lambda t, za, zn, zg, y: F.mse_loss(zn, zg))),  # noqa: E501
-    Variant("the weights are swapped: w_clean multiplies the clean term |K̄L(p_f‖p_g) − K̄L(p_g‖p_f)| and w_adv the adversarial term K̄L(p_f(x′) ‖ p_g(x))", _d2r_with(weights="swapped")),  # noqa: E501
-    Variant("adversarial term in the TRADES/CAG direction: you computed K̄L(p_g(x) ‖ p_f(x′)); D2R's adversarial term is K̄L(p_f(x′) ‖ p_g(x))", _d2r_with(adv=lambda t, za, zn, zg, y: kbar(zg, za))),  # noqa: E501
+    Variant("your CE term uses the target's clean logits f(x); D2R (like LBGAT) puts the label loss on the guide: CE(g(x), y)", _d2r_with(ce=lambda t, za, zn, zg, y: F.cross_entropy(zn, y))),
+    Variant("your CE term uses the target's adversarial logits f(x′); D2R puts the label loss on the guide: CE(g(x), y)", _d2r_with(ce=lambda t, za, zn, zg, y: F.cross_entropy(za, y))),
+    Variant("your MSE compares f(x) with g(x); D2R's MSE is between the adversarial logits f(x′) and g(x)", _d2r_with(mse=lambda t, za, zn, zg, y: F.mse_loss(zn, zg))),
+    Variant("the weights are swapped: w_clean multiplies the clean term |K̄L(p_f‖p_g) − K̄L(p_g‖p_f)| and w_adv the adversarial term K̄L(p_f(x′) ‖ p_g(x))", _d2r_with(weights="swapped")),
+    Variant("adversarial term in the TRADES/CAG direction: you computed K̄L(p_g(x) ‖ p_f(x′)); D2R's adversarial term is K̄L(p_f(x′) ‖ p_g(x))", _d2r_with(adv=lambda t, za, zn, zg, y: kbar(zg, za))),
     Variant(_NO_ABS, _d2r_with(clean=lambda t, *_: t["kl_fg"] - t["kl_gf"])),
     Variant(_NO_ABS, _d2r_with(clean=lambda t, *_: t["kl_gf"] - t["kl_fg"])),
-    Variant("your KL terms use 'batchmean' (the per-sample KL), {C}× the official K̄L, which averages over batch × classes", lambda za, zn, zg, y, w_clean, w_adv: losses.d2r_loss(za, zn, zg, y, w_clean=w_clean, w_adv=w_adv, kl_reduction="batchmean")),  # noqa: E501
-    Variant("you ignored w_clean / w_adv (your value matches the defaults 20 and 30): use the weights passed in", lambda za, zn, zg, y, w_clean, w_adv: None if (w_clean, w_adv) == (20.0, 30.0) else losses.d2r_loss(za, zn, zg, y)),  # noqa: E501
-    Variant("you left out the clean-distribution term w_clean·|K̄L(p_f(x) ‖ p_g(x)) − K̄L(p_g(x) ‖ p_f(x))|", _d2r_with(clean=_ZERO)),  # noqa: E501
-    Variant("you left out the adversarial-distribution term w_adv·K̄L(p_f(x′) ‖ p_g(x))", _d2r_with(adv=_ZERO)),  # noqa: E501
-    Variant("you left out MSE(f(x′), g(x)) (LBGAT's core term, kept by D2R)", _d2r_with(mse=_ZERO)),  # noqa: E501
+    Variant("your KL terms use 'batchmean' (the per-sample KL), {C}× the official K̄L, which averages over batch × classes", lambda za, zn, zg, y, w_clean, w_adv: losses.d2r_loss(za, zn, zg, y, w_clean=w_clean, w_adv=w_adv, kl_reduction="batchmean")),
+    Variant("you ignored w_clean / w_adv (your value matches the defaults 20 and 30): use the weights passed in", lambda za, zn, zg, y, w_clean, w_adv: None if (w_clean, w_adv) == (20.0, 30.0) else losses.d2r_loss(za, zn, zg, y)),
+    Variant("you left out the clean-distribution term w_clean·|K̄L(p_f(x) ‖ p_g(x)) − K̄L(p_g(x) ‖ p_f(x))|", _d2r_with(clean=_ZERO)),
+    Variant("you left out the adversarial-distribution term w_adv·K̄L(p_f(x′) ‖ p_g(x))", _d2r_with(adv=_ZERO)),
+    Variant("you left out MSE(f(x′), g(x)) (LBGAT's core term, kept by D2R)", _d2r_with(mse=_ZERO)),
 ]
 
 
@@ -213,8 +213,8 @@ def check_d2r_loss(fn) -> None:
         task="d2r_loss", names=("logits_adv", "logits_nat", "logits_guide", "y"),
         reference=losses.d2r_loss, make_case=case, trials=6,
         grad_names=("logits_adv", "logits_nat", "logits_guide"), variants=_D2R_VARIANTS,
-        grad_hints={"logits_guide": "In D2R nothing is detached: g(x) gets gradients from CE, MSE and both KL terms.", "logits_nat": "f(x) enters only the clean term; keep it in the graph."},  # noqa: E501
-        passed="CE(g(x), y) + MSE(f(x′), g(x)) + w_clean·|K̄L(p_f‖p_g) − K̄L(p_g‖p_f)| + w_adv·K̄L(p_f(x′) ‖ p_g(x)) as losses.d2r_loss (weights 20/30 and others, value and gradients w.r.t. all three logits)",  # noqa: E501
+        grad_hints={"logits_guide": "In D2R nothing is detached: g(x) gets gradients from CE, MSE and both KL terms.", "logits_nat": "f(x) enters only the clean term; keep it in the graph."},
+        passed="CE(g(x), y) + MSE(f(x′), g(x)) + w_clean·|K̄L(p_f‖p_g) − K̄L(p_g‖p_f)| + w_adv·K̄L(p_f(x′) ‖ p_g(x)) as losses.d2r_loss (weights 20/30 and others, value and gradients w.r.t. all three logits)",
     ), fn)
 
 
@@ -236,14 +236,14 @@ def check_kl_mean_ratio(fn) -> None:
                 continue
             for wrong, message in [
                 (c, "inverted: 'batchmean' sums over the classes, so it is the *larger* one"),
-                (1 / (b * c), "'batchmean' already divides by the batch size; only the classes remain"),  # noqa: E501
-                (1 / b, "both reductions average over the batch; they differ in what they do over the classes"),  # noqa: E501
-                (b, "both reductions average over the batch; they differ in what they do over the classes"),  # noqa: E501
+                (1 / (b * c), "'batchmean' already divides by the batch size; only the classes remain"),
+                (1 / b, "both reductions average over the batch; they differ in what they do over the classes"),
+                (b, "both reductions average over the batch; they differ in what they do over the classes"),
             ]:
                 if close(got, wrong, 1e-9, 1e-12):
                     fail(task, f"your ratio {got:.4g} for batch {b}, {c} classes is {message}")
-            fail(task, f"your ratio {got:.4g} differs from the measured {measured:.4g} (batch {b}, {c} classes): write both reductions as sums over i and c and divide")  # noqa: E501
-        passed(task, "K̄L (mean over batch × classes) = KL (batchmean) / C: the official D2R weights 20 and 30 act on KL/10 for CIFAR-10 (3 shapes)")  # noqa: E501
+            fail(task, f"your ratio {got:.4g} differs from the measured {measured:.4g} (batch {b}, {c} classes): write both reductions as sums over i and c and divide")
+        passed(task, "K̄L (mean over batch × classes) = KL (batchmean) / C: the official D2R weights 20 and 30 act on KL/10 for CIFAR-10 (3 shapes)")
 
 
 def _exact_clean(p_f, p_g):
@@ -270,17 +270,17 @@ def check_clean_term_leading_order(fn) -> None:
             delta = p_g - p_f
             second = (delta**2 / (2 * p_f)).mean().item()
             if close(got, second, 0.05, 0):
-                fail(task, "your value is Σ δ²/(2p): the leading order of *each* KL. In the difference of the two directions these second-order terms cancel; expand both KLs one order further")  # noqa: E501
+                fail(task, "your value is Σ δ²/(2p): the leading order of *each* KL. In the difference of the two directions these second-order terms cancel; expand both KLs one order further")
             if close(got, 6 * exact, 0.05, 0):
-                fail(task, "your value is 6× the clean term: check the coefficient of the third-order term (−1/3 from one direction, −1/6 from the other)")  # noqa: E501
+                fail(task, "your value is 6× the clean term: check the coefficient of the third-order term (−1/3 from one direction, −1/6 from the other)")
             if close(got, 2 * exact, 0.05, 0):
-                fail(task, "your value is 2× the clean term: check the coefficient of the third-order term")  # noqa: E501
+                fail(task, "your value is 2× the clean term: check the coefficient of the third-order term")
             rows.append((t, got, exact))
         t, got, exact = rows[-1]
         if not close(got, exact, 0.03, 0):
-            fail(task, f"at a difference of size {t:g} your value {got:.4g} differs from the exact clean term {exact:.4g} by {abs(got / exact - 1):.0%}: a leading-order law must agree more and more closely as the difference shrinks")  # noqa: E501
+            fail(task, f"at a difference of size {t:g} your value {got:.4g} differs from the exact clean term {exact:.4g} by {abs(got / exact - 1):.0%}: a leading-order law must agree more and more closely as the difference shrinks")
         order = math.log(rows[0][2] / rows[-1][2]) / math.log(rows[0][0] / rows[-1][0])
-        passed(task, f"your law matches the exact clean term to {abs(got / exact - 1):.1%} at δ ~ {t:g}; the term shrinks like δ^{order:.2f}: third order, where each KL alone is second order")  # noqa: E501
+        passed(task, f"your law matches the exact clean term to {abs(got / exact - 1):.1%} at δ ~ {t:g}; the term shrinks like δ^{order:.2f}: third order, where each KL alone is second order")
 
 
 _W_ADV_KEYS = ("robustness", "guide_confidence")
@@ -292,11 +292,11 @@ def check_w_adv_prediction(prediction, rows) -> None:
     learner's sweep (`rows`: dicts with w_adv, seed, exact, guide_true_prob)."""
     task = "predict: the w_adv sweep"
     if not isinstance(prediction, dict) or set(prediction) != set(_W_ADV_KEYS):
-        fail(task, f"prediction must be a dict with the keys {', '.join(map(repr, _W_ADV_KEYS))}, each 'rises' or 'falls'; got {prediction!r}")  # noqa: E501
+        fail(task, f"prediction must be a dict with the keys {', '.join(map(repr, _W_ADV_KEYS))}, each 'rises' or 'falls'; got {prediction!r}")
     try:
         by = {(float(r["w_adv"]), int(r["seed"])): r for r in rows}
     except (TypeError, KeyError, ValueError):
-        fail(task, "rows must be the sweep's list of dicts with the keys 'w_adv', 'seed', 'exact' and 'guide_true_prob'")  # noqa: E501
+        fail(task, "rows must be the sweep's list of dicts with the keys 'w_adv', 'seed', 'exact' and 'guide_true_prob'")
     doses = sorted({w for w, _ in by})
     low, high = doses[0], doses[-1]
     seeds = sorted(s for w, s in by if w == low and (high, s) in by)
@@ -306,12 +306,12 @@ def check_w_adv_prediction(prediction, rows) -> None:
                               ("guide_confidence", "guide_true_prob",
                                "the guide's mean probability of the true class")):
         diffs = [by[(high, s)][metric] - by[(low, s)][metric] for s in seeds]
-        why = (f"{what} at w_adv = {high:g} minus at w_adv = {low:g}, {len(seeds)} seeds. The adversarial term pulls the guide's clean prediction towards the target's uncertain prediction on x′ (nothing is detached), so the guide's soft labels flatten, and a target that copies flat soft labels learns a softer boundary")  # noqa: E501
+        why = (f"{what} at w_adv = {high:g} minus at w_adv = {low:g}, {len(seeds)} seeds. The adversarial term pulls the guide's clean prediction towards the target's uncertain prediction on x′ (nothing is detached), so the guide's soft labels flatten, and a target that copies flat soft labels learns a softer boundary")
         interval_verdict(f"{task} ({key})", prediction[key], ("rises", "falls"), diffs,
                          ("rises", "falls"), why)
 
 
-_REDUCTION = PairedPrediction("predict: the KL reduction", "batchmean", "mean", ("rises", "falls"), "'batchmean' − 'mean' over {n} seeds, exact robust accuracy. 'batchmean' multiplies both KL weights by C (2 on this world): the same dose as a larger w_adv")  # noqa: E501
+_REDUCTION = PairedPrediction("predict: the KL reduction", "batchmean", "mean", ("rises", "falls"), "'batchmean' − 'mean' over {n} seeds, exact robust accuracy. 'batchmean' multiplies both KL weights by C (2 on this world): the same dose as a larger w_adv")
 
 
 def check_reduction_prediction(predicted_trend, rows) -> None:

@@ -59,19 +59,19 @@ def check_cag_objective(fn) -> None:
             trials=6,
             grad_names=("logits_adv",),
             variants=[
-                Variant("KL direction reversed: you computed Σ KL(p_f(x′) ‖ p_g(x)), the direction of D2R's adversarial *training* term; CAG ascends Σ KL(p_g(x) ‖ p_f(x′)) = Σ p_g·(log(p_g + 1e-5) − log p_f(x′))", lambda za, pg: losses.official_k(F.softmax(za, dim=1), torch.log(pg)).sum()),  # noqa: E501
-                Variant("you averaged over batch × classes; the CAG objective is a plain sum over batch and classes (the official code's .sum())", lambda za, pg: attacks.official_kl_sum(pg, za) / za.numel()),  # noqa: E501
-                Variant("you averaged over the batch; the CAG objective is a plain sum over batch and classes", lambda za, pg: attacks.official_kl_sum(pg, za) / za.shape[0]),  # noqa: E501
-                Variant("you computed the exact KL (as F.kl_div does); the official objective uses log(p_g + 1e-5). The gradient is the same, but keep the official form: losses.official_k(p_guide, log p_f(x′))", lambda za, pg: F.kl_div(F.log_softmax(za, dim=1), pg, reduction="sum")),  # noqa: E501
+                Variant("KL direction reversed: you computed Σ KL(p_f(x′) ‖ p_g(x)), the direction of D2R's adversarial *training* term; CAG ascends Σ KL(p_g(x) ‖ p_f(x′)) = Σ p_g·(log(p_g + 1e-5) − log p_f(x′))", lambda za, pg: losses.official_k(F.softmax(za, dim=1), torch.log(pg)).sum()),
+                Variant("you averaged over batch × classes; the CAG objective is a plain sum over batch and classes (the official code's .sum())", lambda za, pg: attacks.official_kl_sum(pg, za) / za.numel()),
+                Variant("you averaged over the batch; the CAG objective is a plain sum over batch and classes", lambda za, pg: attacks.official_kl_sum(pg, za) / za.shape[0]),
+                Variant("you computed the exact KL (as F.kl_div does); the official objective uses log(p_g + 1e-5). The gradient is the same, but keep the official form: losses.official_k(p_guide, log p_f(x′))", lambda za, pg: F.kl_div(F.log_softmax(za, dim=1), pg, reduction="sum")),
                 Variant(
                     "you applied softmax to p_guide again: it is already a probability vector",
                     lambda za, pg: losses.official_k(
                         F.softmax(pg, dim=1), F.log_softmax(za, dim=1)
                     ).sum(),
                 ),
-                Variant("you used the raw logits f(x′) where log p_f(x′) belongs: apply F.log_softmax(logits_adv, dim=1)", lambda za, pg: losses.official_k(pg, za).sum()),  # noqa: E501
+                Variant("you used the raw logits f(x′) where log p_f(x′) belongs: apply F.log_softmax(logits_adv, dim=1)", lambda za, pg: losses.official_k(pg, za).sum()),
             ],
-            passed="Σ_batch Σ_classes p_g·(log(p_g + 1e-5) − log p_f(x′)) as attacks.official_kl_sum (value and gradient)",  # noqa: E501
+            passed="Σ_batch Σ_classes p_g·(log(p_g + 1e-5) − log p_f(x′)) as attacks.official_kl_sum (value and gradient)",
         ),
         fn,
     )
@@ -98,31 +98,31 @@ def check_guide_reference(fn) -> None:
                 h.remove()
             assert_modes_restored(task, {"guide": modes}, mods)
             if bn_changed(bn, mods["guide"]):
-                fail(task, "the guide ran in train mode: BatchNorm used the batch's statistics and updated its running averages; compute p_g(x) in eval mode (`with attacks.eval_mode(guide):`)")  # noqa: E501
+                fail(task, "the guide ran in train mode: BatchNorm used the batch's statistics and updated its running averages; compute p_g(x) in eval mode (`with attacks.eval_mode(guide):`)")
             if len(calls) != 1:
-                fail(task, f"the guide ran {len(calls)} times; one forward pass g(x) is all p_g(x) needs")  # noqa: E501
+                fail(task, f"the guide ran {len(calls)} times; one forward pass g(x) is all p_g(x) needs")
             if calls[0]:
-                fail(task, "the guide's forward pass ran with gradients enabled: compute p_g(x) under torch.no_grad() (a .detach() afterwards still builds and throws away a graph)")  # noqa: E501
+                fail(task, "the guide's forward pass ran with gradients enabled: compute p_g(x) under torch.no_grad() (a .detach() afterwards still builds and throws away a graph)")
             if not isinstance(out, torch.Tensor) or out.shape != (b, c):
-                fail(task, f"return a (batch, classes) = {(b, c)} tensor of probabilities; got {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")  # noqa: E501
+                fail(task, f"return a (batch, classes) = {(b, c)} tensor of probabilities; got {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
             if out.requires_grad:
-                fail(task, "your p_g(x) carries a graph (requires_grad=True); it is a constant for the attack")  # noqa: E501
+                fail(task, "your p_g(x) carries a graph (requires_grad=True); it is a constant for the attack")
             with attacks.eval_mode(guide), torch.no_grad():
                 z = guide(x)
             ref = F.softmax(z, dim=1)
             if torch.allclose(out, ref, atol=1e-6):
                 continue
             for message, v in [
-                ("you returned the logits g(x); the reference is the probability vector softmax(g(x), dim=1)", z),  # noqa: E501
-                ("you returned log-probabilities; CAG's reference is the probability vector softmax(g(x), dim=1)", F.log_softmax(z, dim=1)),  # noqa: E501
-                ("you took the softmax over the batch (dim=0); probabilities are over the classes: dim=1", F.softmax(z, dim=0)),  # noqa: E501
+                ("you returned the logits g(x); the reference is the probability vector softmax(g(x), dim=1)", z),
+                ("you returned log-probabilities; CAG's reference is the probability vector softmax(g(x), dim=1)", F.log_softmax(z, dim=1)),
+                ("you took the softmax over the batch (dim=0); probabilities are over the classes: dim=1", F.softmax(z, dim=0)),
             ]:
                 if torch.allclose(out, v, atol=1e-6) and not torch.allclose(v, ref, atol=1e-6):
                     fail(task, message)
             if not torch.allclose(out.sum(1), torch.ones(b), atol=1e-4):
                 fail(task, "the rows of your p_g(x) do not sum to 1: return softmax(g(x), dim=1)")
-            fail(task, f"your p_g(x) differs from softmax(g(x)) in eval mode (max |Δ| = {(out - ref).abs().max().item():.3g})")  # noqa: E501
-        passed(task, "softmax(g(x)) from one forward pass in eval mode under torch.no_grad(), mode restored (3 trials)")  # noqa: E501
+            fail(task, f"your p_g(x) differs from softmax(g(x)) in eval mode (max |Δ| = {(out - ref).abs().max().item():.3g})")
+        passed(task, "softmax(g(x)) from one forward pass in eval mode under torch.no_grad(), mode restored (3 trials)")
 
 
 def check_cag(fn) -> None:
@@ -165,14 +165,14 @@ def check_cag(fn) -> None:
             library=lambda mods, x, y, k: attacks.cag(mods["target"], mods["guide"], x, **k),
             objective=objective,
             variants=[
-                ("you used the target's own p_f(x) as the reference: that is TRADES/LBGAT generation. CAG's reference is the guide's clean prediction p_g(x)", lambda mods, x, y, k: attacks.trades_attack(mods["target"], x, **k)),  # noqa: E501
-                ("you started from a uniformly random point of the ε-ball; CAG starts at x + 0.001·N(0, I) (x + 0.001 * torch.randn_like(x))", lib_pgd("uniform")),  # noqa: E501
+                ("you used the target's own p_f(x) as the reference: that is TRADES/LBGAT generation. CAG's reference is the guide's clean prediction p_g(x)", lambda mods, x, y, k: attacks.trades_attack(mods["target"], x, **k)),
+                ("you started from a uniformly random point of the ε-ball; CAG starts at x + 0.001·N(0, I) (x + 0.001 * torch.randn_like(x))", lib_pgd("uniform")),
                 ("no random start: CAG starts at x + 0.001·N(0, I)", lib_pgd("clean")),
-                ("KL direction reversed: you ascended KL(p_f(x′) ‖ p_g(x)) (the direction of D2R's training term); CAG ascends KL(p_g(x) ‖ p_f(x′))", wrong(reverse=True)),  # noqa: E501
-                ("you stepped along the raw gradient α·∇; CAG steps along its sign: α·sign(∇)", wrong(step="grad")),  # noqa: E501
+                ("KL direction reversed: you ascended KL(p_f(x′) ‖ p_g(x)) (the direction of D2R's training term); CAG ascends KL(p_g(x) ‖ p_f(x′))", wrong(reverse=True)),
+                ("you stepped along the raw gradient α·∇; CAG steps along its sign: α·sign(∇)", wrong(step="grad")),
                 ("your steps go *down* the KL; CAG ascends it", wrong(descend=True)),
             ],
-            passed="x + 0.001·N(0, I), sign steps on Σ KL(p_g(x) ‖ p_f(x′)), p_g(x) once without a graph, both models in eval mode and restored, projection, [0, 1], detached, as attacks.cag (3 trials)",  # noqa: E501
+            passed="x + 0.001·N(0, I), sign steps on Σ KL(p_g(x) ‖ p_f(x′)), p_g(x) once without a graph, both models in eval mode and restored, projection, [0, 1], detached, as attacks.cag (3 trials)",
         ),
         fn,
     )
@@ -201,12 +201,12 @@ def check_soft_label_ce(fn) -> None:
             trials=6,
             grad_names=("logits_adv",),
             variants=[
-                Variant("you used hard labels argmax p_g(x): the guide's whole distribution is the soft label", lambda za, pg: F.cross_entropy(za, pg.argmax(1), reduction="sum")),  # noqa: E501
-                Variant("you averaged over the batch; CAG's objective is a sum over batch and classes", lambda za, pg: ref(za, pg) / za.shape[0]),  # noqa: E501
-                Variant("you returned the CAG objective itself; the soft-label CE drops the guide's entropy term (a constant in x′): −Σ p_g log p_f(x′)", lambda za, pg: attacks.official_kl_sum(pg, za)),  # noqa: E501
-                Variant("roles exchanged: the soft label is p_g(x) and the log-probabilities are the target's", lambda za, pg: -(F.softmax(za, dim=1) * torch.log(pg)).sum()),  # noqa: E501
+                Variant("you used hard labels argmax p_g(x): the guide's whole distribution is the soft label", lambda za, pg: F.cross_entropy(za, pg.argmax(1), reduction="sum")),
+                Variant("you averaged over the batch; CAG's objective is a sum over batch and classes", lambda za, pg: ref(za, pg) / za.shape[0]),
+                Variant("you returned the CAG objective itself; the soft-label CE drops the guide's entropy term (a constant in x′): −Σ p_g log p_f(x′)", lambda za, pg: attacks.official_kl_sum(pg, za)),
+                Variant("roles exchanged: the soft label is p_g(x) and the log-probabilities are the target's", lambda za, pg: -(F.softmax(za, dim=1) * torch.log(pg)).sum()),
             ],
-            passed="−Σ p_g log p_f(x′) differs from CAG's objective only by Σ p_g log(p_g + 1e-5), a constant in x′: same gradient, so CAG is PGD on a soft-label cross-entropy",  # noqa: E501
+            passed="−Σ p_g log p_f(x′) differs from CAG's objective only by Σ p_g log(p_g + 1e-5), a constant in x′: same gradient, so CAG is PGD on a soft-label cross-entropy",
         ),
         fn,
     )
@@ -221,7 +221,7 @@ def check_cag_copy_prediction(predicted_agreement) -> None:
         or not isinstance(predicted_agreement, (int, float))
         or not 0 <= predicted_agreement <= 1
     ):
-        fail(task, f"set predicted_agreement to a fraction in [0, 1] before running; got {predicted_agreement!r}")  # noqa: E501
+        fail(task, f"set predicted_agreement to a fraction in [0, 1] before running; got {predicted_agreement!r}")
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         g = generator(3000)
         x = rand_images(g, 8)
@@ -234,13 +234,13 @@ def check_cag_copy_prediction(predicted_agreement) -> None:
             d_trades = attacks.trades_attack(target, x, eps=0.031, step_size=0.007, steps=5) - x
             runs[name] = (d_cag.sign() == d_trades.sign()).float().mean().item()
     measured = runs["copy"]
-    why = (f"with g = f, p_g(x) = p_f(x): CAG's objective Σ KL(p_g(x) ‖ p_f(x′)) is TRADES' objective, so from the same start both attacks take the same steps ({measured:.1%} of the perturbation signs agree; with a different guide: {runs['other']:.1%})")  # noqa: E501
+    why = (f"with g = f, p_g(x) = p_f(x): CAG's objective Σ KL(p_g(x) ‖ p_f(x′)) is TRADES' objective, so from the same start both attacks take the same steps ({measured:.1%} of the perturbation signs agree; with a different guide: {runs['other']:.1%})")
     if abs(predicted_agreement - measured) > 0.05:
         fail(task, f"you predicted {predicted_agreement:.0%}; the run gives {measured:.1%}: {why}")
     passed(task, f"you predicted {predicted_agreement:.0%}: right — {why}")
 
 
-_TRADES_GEN = PairedPrediction("predict: CAG or TRADES generation", "d2r", "d2r_trades_gen", ("higher", "lower"), "D2R − d2r_trades_gen over {n} seeds, exact robust accuracy. The two differ only in x′: CAG pushes the target away from the guide's soft labels, TRADES generation away from the target's own prediction. Chapter 7 found the same sign over 20 seeds on this world and asks, in Part 3, why CAG costs robustness there", metric="exact")  # noqa: E501
+_TRADES_GEN = PairedPrediction("predict: CAG or TRADES generation", "d2r", "d2r_trades_gen", ("higher", "lower"), "D2R − d2r_trades_gen over {n} seeds, exact robust accuracy. The two differ only in x′: CAG pushes the target away from the guide's soft labels, TRADES generation away from the target's own prediction. Chapter 7 found the same sign over 20 seeds on this world and asks, in Part 3, why CAG costs robustness there", metric="exact")
 
 
 def check_trades_gen_prediction(predicted_sign, runs) -> None:
@@ -249,7 +249,7 @@ def check_trades_gen_prediction(predicted_sign, runs) -> None:
     grade_prediction(_TRADES_GEN, predicted_sign, runs)
 
 
-_FLAT_GUIDE = PairedPrediction("predict: CAG with a flat guide", "cag", "trades", ("weaker", "stronger"), "accuracy under CAG − under TRADES generation, {n} seeds. Against a uniform guide, CAG maximises −(1/C)·Σ_c log p_f(x′)_c, which grows when any class becomes unlikely: it makes the target more sure of its own answer instead of changing it")  # noqa: E501
+_FLAT_GUIDE = PairedPrediction("predict: CAG with a flat guide", "cag", "trades", ("weaker", "stronger"), "accuracy under CAG − under TRADES generation, {n} seeds. Against a uniform guide, CAG maximises −(1/C)·Σ_c log p_f(x′)_c, which grows when any class becomes unlikely: it makes the target more sure of its own answer instead of changing it")
 
 
 def check_flat_guide_prediction(predicted, rows) -> None:

@@ -78,22 +78,22 @@ def check_paired_t(fn) -> None:
                 and close(mean, -want_mean, 1e-9, 1e-12)
                 and close(t, -want_t, 1e-6, 1e-9)
             ):
-                fail(task, "your differences are baseline − ablation; the task asks ablation − baseline (a positive mean: the ablation scores higher)")  # noqa: E501
+                fail(task, "your differences are baseline − ablation; the task asks ablation − baseline (a positive mean: the ablation scores higher)")
             if not close(mean, want_mean, 1e-9, 1e-12):
-                fail(task, f"your mean difference {mean:.6g} differs from {want_mean:.6g}: average the per-seed differences")  # noqa: E501
+                fail(task, f"your mean difference {mean:.6g} differs from {want_mean:.6g}: average the per-seed differences")
             if math.isnan(t) or (want_t == 0 and t != 0):
-                fail(task, f"identical arms (every difference 0) gave t = {t}: with s_d = 0 and d̄ = 0 there is no difference, t = 0")  # noqa: E501
+                fail(task, f"identical arms (every difference 0) gave t = {t}: with s_d = 0 and d̄ = 0 there is no difference, t = 0")
             if close(t, want_t, 1e-6, 1e-9) or (math.isinf(want_t) and t == want_t):
                 continue
             n = len(a)
             if close(t, _welch(a, b)[1], 1e-6, 1e-9):
-                fail(task, "you compared the two groups as independent samples (Welch's t); the same seed trains both arms, so the runs come in pairs: test the per-seed differences")  # noqa: E501
+                fail(task, "you compared the two groups as independent samples (Welch's t); the same seed trains both arms, so the runs come in pairs: test the per-seed differences")
             if close(t, want_t * math.sqrt(n / (n - 1)), 1e-6, 1e-9):
-                fail(task, "your standard deviation divides by n; the sample standard deviation of the differences divides by n − 1")  # noqa: E501
+                fail(task, "your standard deviation divides by n; the sample standard deviation of the differences divides by n − 1")
             if close(t, want_t / math.sqrt(n), 1e-6, 1e-9):
-                fail(task, "your t is the mean over the *standard deviation*; divide by the standard error s / √n")  # noqa: E501
+                fail(task, "your t is the mean over the *standard deviation*; divide by the standard error s / √n")
             fail(task, f"your t {t:.6g} differs from the paired t {want_t:.6g} (n = {n})")
-        passed(task, "mean per-seed difference and t = d̄ / (s/√n) with the sample standard deviation (3 data sets; Welch's unpaired t would miss the gap in the first)")  # noqa: E501
+        passed(task, "mean per-seed difference and t = d̄ / (s/√n) with the sample standard deviation (3 data sets; Welch's unpaired t would miss the gap in the first)")
 
 
 def check_decision(fn) -> None:
@@ -111,20 +111,20 @@ def check_decision(fn) -> None:
         for a, b, t_crit, min_effect, want, what in cases:
             got = call_learner(task, fn, list(a), list(b), t_crit=t_crit, min_effect=min_effect)
             if got == "no difference":
-                fail(task, f"for {what} you said 'no difference': a test that fails to find a difference has not shown that there is none; say 'undecided' (or 'too small' for a significant difference below min_effect)")  # noqa: E501
+                fail(task, f"for {what} you said 'no difference': a test that fails to find a difference has not shown that there is none; say 'undecided' (or 'too small' for a significant difference below min_effect)")
             if got not in _VERDICTS:
                 fail(task, f"return one of {', '.join(map(repr, _VERDICTS))}; got {got!r}")
             if got == want:
                 continue
             mean, t = _paired(a, b)
             if want == "too small":
-                fail(task, f"for {what} (mean difference {mean:+.3g}, t = {t:.3g}) you said {got!r}: it is significant (|t| ≥ {t_crit}) but below min_effect = {min_effect}: 'too small' to report")  # noqa: E501
+                fail(task, f"for {what} (mean difference {mean:+.3g}, t = {t:.3g}) you said {got!r}: it is significant (|t| ≥ {t_crit}) but below min_effect = {min_effect}: 'too small' to report")
             if want == "undecided":
-                fail(task, f"for {what} (t = {t:.3g} < t_crit = {t_crit}) you said {got!r}: the data cannot tell the arms apart, so the verdict is 'undecided'")  # noqa: E501
+                fail(task, f"for {what} (t = {t:.3g} < t_crit = {t_crit}) you said {got!r}: the data cannot tell the arms apart, so the verdict is 'undecided'")
             if {got, want} == {"ablation better", "baseline better"}:
                 fail(task, f"for {what} you said {got!r}: mind the sign of ablation − baseline")
-            fail(task, f"for {what} (mean difference {mean:+.3g}, t = {t:.3g} ≥ {t_crit}) you said {got!r}: a paired test sees it (an unpaired one would not: seed effects are shared by both arms)")  # noqa: E501
-        passed(task, "gain, loss, significant-but-too-small and noise (undecided) all decided as planned")  # noqa: E501
+            fail(task, f"for {what} (mean difference {mean:+.3g}, t = {t:.3g} ≥ {t_crit}) you said {got!r}: a paired test sees it (an unpaired one would not: seed effects are shared by both arms)")
+        passed(task, "gain, loss, significant-but-too-small and noise (undecided) all decided as planned")
 
 
 def check_preregistration(plan) -> None:
@@ -137,7 +137,7 @@ def check_preregistration(plan) -> None:
         fail(task, f"plan needs exactly the keys {sorted(keys)}; got {sorted(plan)}")
     for role in ("baseline", "ablation"):
         if plan[role] not in methods.METHODS:
-            fail(task, f"plan[{role!r}] = {plan[role]!r} is not a method; one of {', '.join(methods.METHODS)}")  # noqa: E501
+            fail(task, f"plan[{role!r}] = {plan[role]!r} is not a method; one of {', '.join(methods.METHODS)}")
     if plan["baseline"] == plan["ablation"]:
         fail(task, "baseline and ablation are the same method: nothing to compare")
     seeds = plan["seeds"]
@@ -154,12 +154,12 @@ def check_preregistration(plan) -> None:
     want = T_CRIT_5PCT[len(seeds)]
     t_crit = as_float(task, plan["t_crit"], "t_crit")
     if not close(t_crit, want, 0, 0.01):
-        fail(task, f"t_crit = {t_crit} for {len(seeds)} seeds; the two-sided 5 % critical value of Student's t with {len(seeds) - 1} degrees of freedom is {want}")  # noqa: E501
+        fail(task, f"t_crit = {t_crit} for {len(seeds)} seeds; the two-sided 5 % critical value of Student's t with {len(seeds) - 1} degrees of freedom is {want}")
     if as_float(task, plan["min_effect"], "min_effect") <= 0:
-        fail(task, "min_effect must be positive: decide how large a difference matters before looking")  # noqa: E501
+        fail(task, "min_effect must be positive: decide how large a difference matters before looking")
     _REGISTERED.clear()
     _REGISTERED.update(copy.deepcopy(plan))
-    passed(task, f"plan registered: {plan['ablation']} vs {plan['baseline']}, {len(seeds)} seeds, {plan['metric']} accuracy, t_crit {t_crit}, min_effect {plan['min_effect']}")  # noqa: E501
+    passed(task, f"plan registered: {plan['ablation']} vs {plan['baseline']}, {len(seeds)} seeds, {plan['metric']} accuracy, t_crit {t_crit}, min_effect {plan['min_effect']}")
 
 
 def run_registered_plan(plan, *, epochs: int = 10, eps: float = 0.05):
@@ -170,7 +170,7 @@ def run_registered_plan(plan, *, epochs: int = 10, eps: float = 0.05):
     if not _REGISTERED:
         raise RuntimeError("register the plan first: checks.check_preregistration(plan)")
     if plan != _REGISTERED:
-        raise RuntimeError("the plan changed after it was registered: register the final plan before running, and keep it")  # noqa: E501
+        raise RuntimeError("the plan changed after it was registered: register the final plan before running, and keep it")
     scores = {"baseline": [], "ablation": []}
     budget = dict(eps=eps, step_size=eps / 4, steps=5)
     with torch.random.fork_rng(devices=[]):
@@ -220,9 +220,9 @@ def check_mart_loss(fn) -> None:
             trials=6,
             grad_names=("logits_nat", "logits_adv"),
             variants=[
-                Variant("you left out the weight 1 − p(x)_y: MART weighs each example's KL by how badly the clean prediction misses", variant(lambda ce, m, kl, w, pa, zn, za, y, beta: ce + m + beta * kl.mean())),  # noqa: E501
+                Variant("you left out the weight 1 − p(x)_y: MART weighs each example's KL by how badly the clean prediction misses", variant(lambda ce, m, kl, w, pa, zn, za, y, beta: ce + m + beta * kl.mean())),
                 Variant(
-                    "the weight uses the adversarial prediction; MART's is 1 − p(x)_y on the clean image",  # noqa: E501
+                    "the weight uses the adversarial prediction; MART's is 1 − p(x)_y on the clean image",
                     variant(
                         lambda ce, m, kl, w, pa, zn, za, y, beta: (
                             ce
@@ -231,9 +231,9 @@ def check_mart_loss(fn) -> None:
                         )
                     ),
                 ),
-                Variant("you left out the boosted term −log(1 − max_{{k≠y}} p_k(x′)) of the BCE", variant(lambda ce, m, kl, w, pa, zn, za, y, beta: ce + beta * (kl * w).mean())),  # noqa: E501
+                Variant("you left out the boosted term −log(1 − max_{{k≠y}} p_k(x′)) of the BCE", variant(lambda ce, m, kl, w, pa, zn, za, y, beta: ce + beta * (kl * w).mean())),
                 Variant(
-                    "KL direction reversed: MART's KL is KL(p(x) ‖ p(x′)), the clean distribution first",  # noqa: E501
+                    "KL direction reversed: MART's KL is KL(p(x) ‖ p(x′)), the clean distribution first",
                     variant(
                         lambda ce, m, kl, w, pa, zn, za, y, beta: (
                             ce
@@ -258,7 +258,7 @@ def check_mart_loss(fn) -> None:
                 ),
             ],
             rtol=1e-6,
-            passed="CE(f(x′), y) − log(1 − max_{k≠y} p_k(x′)) + β·mean[KL(p(x) ‖ p(x′))·(1 − p(x)_y)] as losses.mart_loss (value and gradients, β ∈ {0.5, 1, 3, 6})",  # noqa: E501
+            passed="CE(f(x′), y) − log(1 − max_{k≠y} p_k(x′)) + β·mean[KL(p(x) ‖ p(x′))·(1 − p(x)_y)] as losses.mart_loss (value and gradients, β ∈ {0.5, 1, 3, 6})",
         ),
         fn,
     )
@@ -275,7 +275,7 @@ def check_reading(reading, baseline_scores, ablation_scores) -> None:
     if reading not in _READINGS:
         fail(task, f"set reading to one of {', '.join(map(repr, _READINGS))}; got {reading!r}")
     if len(baseline_scores) != len(ablation_scores) or len(baseline_scores) < 2:
-        fail(task, "pass the two lists of scores that run_registered_plan returned (one per seed, at least 2 seeds)")  # noqa: E501
+        fail(task, "pass the two lists of scores that run_registered_plan returned (one per seed, at least 2 seeds)")
     d = report.over_seeds(ablation_scores, baseline_scores)
     want = d.verdict(higher="ablation higher", lower="ablation lower")
     span = f"mean {d.mean:+.4f}, 95 % interval [{d.low:+.4f}, {d.high:+.4f}]"
@@ -283,7 +283,7 @@ def check_reading(reading, baseline_scores, ablation_scores) -> None:
         passed(task, f"{reading}: {span}")
         return
     if want == "undecided":
-        fail(task, f"{span} contains 0: these seeds cannot tell the arms apart, so the reading is 'undecided', not {reading!r}")  # noqa: E501
+        fail(task, f"{span} contains 0: these seeds cannot tell the arms apart, so the reading is 'undecided', not {reading!r}")
     if reading == "undecided":
         fail(task, f"{span} lies entirely on one side of 0: the seeds decide it ({want!r})")
-    fail(task, f"{span}: mind the sign; the differences are ablation − baseline, so it reads {want!r}")  # noqa: E501
+    fail(task, f"{span}: mind the sign; the differences are ablation − baseline, so it reads {want!r}")

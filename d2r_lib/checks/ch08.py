@@ -50,12 +50,12 @@ def check_accuracy(fn) -> None:
             out = eval_common(task, call, model, mode)
             got = as_float(task, out)
             if any(grad_calls):
-                fail(task, "your forward pass ran with gradients enabled: evaluate under torch.no_grad() (no graph, less memory)")  # noqa: E501
+                fail(task, "your forward pass ran with gradients enabled: evaluate under torch.no_grad() (no graph, less memory)")
             want = library_accuracy(model, x, y)
             fraction_verdict(task, got, want)
             if not close(got, want, 0, 1e-6):
-                fail(task, f"your accuracy {got:.4g} differs from the library's {want:.4g} (batch {b}): count argmax(model(x), dim=1) == y and divide by the batch size")  # noqa: E501
-        passed(task, "fraction of argmax(f(x)) == y in eval mode under torch.no_grad(), mode restored (3 trials)")  # noqa: E501
+                fail(task, f"your accuracy {got:.4g} differs from the library's {want:.4g} (batch {b}): count argmax(model(x), dim=1) == y and divide by the batch size")
+        passed(task, "fraction of argmax(f(x)) == y in eval mode under torch.no_grad(), mode restored (3 trials)")
 
 
 def _recording_attack(log: list):
@@ -91,15 +91,15 @@ def check_eps_sweep(fn) -> None:
             except TypeError:
                 fail(task, f"return a list of accuracies, one per ε; got {type(out).__name__}")
             if len(values) != len(eps_values):
-                fail(task, f"you returned {len(values)} values for {len(eps_values)} ε values: one accuracy per ε")  # noqa: E501
+                fail(task, f"you returned {len(values)} values for {len(eps_values)} ε values: one accuracy per ε")
             if len(log) != len(eps_values):
-                fail(task, f"you called the attack {len(log)} times for {len(eps_values)} ε values: once per ε")  # noqa: E501
+                fail(task, f"you called the attack {len(log)} times for {len(eps_values)} ε values: once per ε")
             got_eps = [e for _, _, e in log]
             if any(not close(a, e, 0, 1e-12) for a, e in zip(got_eps, eps_values)):
-                fail(task, f"you called the attack with ε = {[round(e, 5) for e in got_eps]}; the sweep's values are {[round(e, 5) for e in eps_values]}, in that order")  # noqa: E501
+                fail(task, f"you called the attack with ε = {[round(e, 5) for e in got_eps]}; the sweep's values are {[round(e, 5) for e in eps_values]}, in that order")
             for _, xx, _ in log:
                 if not torch.equal(xx, x):
-                    fail(task, "you attacked the previous ε's adversarial images (x′ accumulates over the sweep); attack the clean x at every ε")  # noqa: E501
+                    fail(task, "you attacked the previous ε's adversarial images (x′ accumulates over the sweep); attack the clean x at every ε")
             want = [
                 library_accuracy(model, attacks.fgsm(model, x, y, eps=e), y) for e in eps_values
             ]
@@ -107,8 +107,8 @@ def check_eps_sweep(fn) -> None:
             for e, a, w in zip(eps_values, values, want):
                 fraction_verdict(task, a, w, clean=clean)
                 if not close(a, w, 0, 1e-6):
-                    fail(task, f"at ε = {e:.4g} your accuracy is {a:.4g}, the library's {w:.4g}: evaluate model(attack(model, x, y, ε)) in eval mode")  # noqa: E501
-        passed(task, "one accuracy per ε, the attack called once per ε on the clean images, eval mode (2 trials)")  # noqa: E501
+                    fail(task, f"at ε = {e:.4g} your accuracy is {a:.4g}, the library's {w:.4g}: evaluate model(attack(model, x, y, ε)) in eval mode")
+        passed(task, "one accuracy per ε, the attack called once per ε on the clean images, eval mode (2 trials)")
 
 
 def check_transfer_accuracy(fn) -> None:
@@ -134,9 +134,9 @@ def check_transfer_accuracy(fn) -> None:
             )
             got = as_float(task, out)
             if any(m is not src for m, _, _ in log):
-                fail(task, "you attacked the target itself (white-box); a transfer attack crafts x′ on the source model and evaluates the target on it")  # noqa: E501
+                fail(task, "you attacked the target itself (white-box); a transfer attack crafts x′ on the source model and evaluates the target on it")
             if len(log) != 1:
-                fail(task, f"you called the attack {len(log)} times; once is enough: x′ = attack(source, x, y, eps)")  # noqa: E501
+                fail(task, f"you called the attack {len(log)} times; once is enough: x′ = attack(source, x, y, eps)")
             x_src = attacks.fgsm(source, x, y, eps=eps)
             want = library_accuracy(target, x_src, y)
             fraction_verdict(
@@ -144,7 +144,7 @@ def check_transfer_accuracy(fn) -> None:
             )
             if not close(got, want, 0, 1e-6):
                 if close(got, library_accuracy(source, x_src, y), 0, 1e-6):
-                    fail(task, "you evaluated the source model on its own adversarial examples; the transfer accuracy is the *target's* accuracy on them")  # noqa: E501
+                    fail(task, "you evaluated the source model on its own adversarial examples; the transfer accuracy is the *target's* accuracy on them")
                 fail(
                     task, f"your transfer accuracy {got:.4g} differs from the library's {want:.4g}"
                 )
@@ -214,8 +214,8 @@ def check_gradient_masking(fn) -> None:
                 model, attacks.pgd(surrogate, x, y, eps=eps, step_size=eps / 4, steps=10), y
             )
             if masked:
-                fail(task, f"you did not flag {name!r}: white-box PGD leaves its accuracy at {white:.0%} (clean {clean:.0%}) even at ε = {eps}, while PGD on the surrogate transfers to {transfer:.0%} — its gradients are (almost) zero, so gradient attacks cannot move: compare the white-box attack with a transfer or random-noise attack, and check that accuracy falls towards 0 at large ε")  # noqa: E501
-            fail(task, f"you flagged the honest model {name!r}: white-box PGD takes it from {clean:.0%} to {white:.0%} at ε = {eps} (a transfer attack from the surrogate: {transfer:.0%}) — a robust-looking number is not masking unless a weaker attack does better than the white-box one")  # noqa: E501
+                fail(task, f"you did not flag {name!r}: white-box PGD leaves its accuracy at {white:.0%} (clean {clean:.0%}) even at ε = {eps}, while PGD on the surrogate transfers to {transfer:.0%} — its gradients are (almost) zero, so gradient attacks cannot move: compare the white-box attack with a transfer or random-noise attack, and check that accuracy falls towards 0 at large ε")
+            fail(task, f"you flagged the honest model {name!r}: white-box PGD takes it from {clean:.0%} to {white:.0%} at ε = {eps} (a transfer attack from the surrogate: {transfer:.0%}) — a robust-looking number is not masking unless a weaker attack does better than the white-box one")
         passed(
             task, f"flags exactly the gradient-masked models among {len(zoo)} ({', '.join(zoo)})"
         )
@@ -251,7 +251,7 @@ def _run_break_check(task, fn, kind) -> None:
         if ((out < -1e-6) | (out > 1 + 1e-6)).any():
             fail(task, "your x′ has pixels outside [0, 1]: clamp")
         if (out - x).abs().max().item() > eps + 1e-6:
-            fail(task, f"your x′ leaves the ε-ball (max |x′ − x| = {(out - x).abs().max().item():.3g} > ε = {eps}): a break that changes the image more than ε proves nothing")  # noqa: E501
+            fail(task, f"your x′ leaves the ε-ball (max |x′ − x| = {(out - x).abs().max().item():.3g} > ε = {eps}): a break that changes the image more than ε proves nothing")
         clean = library_accuracy(model, x, y)
         mine = library_accuracy(model, out, y)
         plain = library_accuracy(model, _pgd_signed(model, x, y, eps, step_size, steps), y)
@@ -269,12 +269,12 @@ def _run_break_check(task, fn, kind) -> None:
             ref_x = _pgd_signed(model, x, y, eps, step_size, steps, forward=model.inner)
         ref = library_accuracy(model, ref_x, y)
         if mine > ref + 0.25:
-            how = ("the gradient of torch.round is zero almost everywhere, so every step is sign(0) = 0. BPDA: run the rounding forward but let the gradient pass as if it were the identity, z + (model.quantise(z) − z).detach(), then attack model.inner on that")  # noqa: E501
+            how = ("the gradient of torch.round is zero almost everywhere, so every step is sign(0) = 0. BPDA: run the rounding forward but let the gradient pass as if it were the identity, z + (model.quantise(z) − z).detach(), then attack model.inner on that")
             if kind != "bpda":
-                how = ("softmax(1000·z) is saturated: the loss on it has a gradient of about 0. Attack the logits behind it (model.inner) instead: the decision is the same argmax")  # noqa: E501
+                how = ("softmax(1000·z) is saturated: the loss on it has a gradient of about 0. Attack the logits behind it (model.inner) instead: the decision is the same argmax")
             same = " — the same as plain PGD" if abs(mine - plain) < 0.05 else ""
-            fail(task, f"the masked model keeps {mine:.0%} accuracy under your attack{same} (clean {clean:.0%}, plain PGD {plain:.0%}, a working break {ref:.0%} at ε = {eps}): {how}")  # noqa: E501
-        passed(task, f"your attack takes the masked model from {clean:.0%} to {mine:.0%} at ε = {eps}, where plain PGD leaves {plain:.0%}: its robustness was gradient masking")  # noqa: E501
+            fail(task, f"the masked model keeps {mine:.0%} accuracy under your attack{same} (clean {clean:.0%}, plain PGD {plain:.0%}, a working break {ref:.0%} at ε = {eps}): {how}")
+        passed(task, f"your attack takes the masked model from {clean:.0%} to {mine:.0%} at ε = {eps}, where plain PGD leaves {plain:.0%}: its robustness was gradient masking")
 
 
 def check_bpda_attack(fn) -> None:

@@ -27,10 +27,10 @@ def check_epoch_seconds(fn) -> None:
             want = costmodel.epoch_time(model, steps=k, images=n)
             if close(got, want, 1e-9, 1e-12):
                 continue
-            for value, message in [(n * (a + b * k), "you left out c: the loss's passes and the update cost c attack steps"), (n * b * (k + c), "you left out a, the per-image overhead"), (a + b * (k + c), "that is one image; an epoch has `images` of them"), (n * (a + b * k + c), "c is counted in attack steps: multiply it by b as well")]:  # noqa: E501
+            for value, message in [(n * (a + b * k), "you left out c: the loss's passes and the update cost c attack steps"), (n * b * (k + c), "you left out a, the per-image overhead"), (a + b * (k + c), "that is one image; an epoch has `images` of them"), (n * (a + b * k + c), "c is counted in attack steps: multiply it by b as well")]:
                 if close(got, value, 1e-9, 1e-12):
                     fail(task, f"{message} (a={a}, b={b}, c={c}, K={k}, images={n})")
-            fail(task, f"your {got:.6g} s differs from {want:.6g} s (a={a}, b={b}, c={c}, K={k}, images={n}): t(K) = a + b·(K + c) per image")  # noqa: E501
+            fail(task, f"your {got:.6g} s differs from {want:.6g} s (a={a}, b={b}, c={c}, K={k}, images={n}): t(K) = a + b·(K + c) per image")
         passed(task, "images · (a + b·(K + c)), as costmodel.epoch_time (3 cases)")
 
 
@@ -67,14 +67,14 @@ def check_cost_prediction(predicted_seconds, measured_seconds: float | None = No
         or not isinstance(predicted_seconds, (int, float))
         or not predicted_seconds > 0
     ):
-        fail(task, f"set predicted_seconds to your predicted number of seconds (> 0) before measuring; got {predicted_seconds!r}")  # noqa: E501
+        fail(task, f"set predicted_seconds to your predicted number of seconds (> 0) before measuring; got {predicted_seconds!r}")
     measured = measure_epoch() if measured_seconds is None else measured_seconds
     ratio = predicted_seconds / measured
     run = ", ".join(f"{k} {v}" for k, v in COST_RUN.items())
-    line = (f"you predicted {predicted_seconds:.3g} s; one epoch ({run}) took {measured:.3g} s (ratio {ratio:.2f})")  # noqa: E501
+    line = (f"you predicted {predicted_seconds:.3g} s; one epoch ({run}) took {measured:.3g} s (ratio {ratio:.2f})")
     if not 1 / 3 <= ratio <= 3:
-        fail(task, f"{line}: off by more than a factor of 3. Fit the cost model on timings of the same method, model and batch size on this machine (costmodel.measure_step at two K), use c = costmodel.outer_steps(method) and the run's K and images")  # noqa: E501
-    passed(task, f"{line}: within a factor of 3 — close enough to plan a run (timings on a shared machine vary by tens of per cent)")  # noqa: E501
+        fail(task, f"{line}: off by more than a factor of 3. Fit the cost model on timings of the same method, model and batch size on this machine (costmodel.measure_step at two K), use c = costmodel.outer_steps(method) and the run's K and images")
+    passed(task, f"{line}: within a factor of 3 — close enough to plan a run (timings on a shared machine vary by tens of per cent)")
 
 
 def check_outer_steps(fn) -> None:
@@ -90,10 +90,10 @@ def check_outer_steps(fn) -> None:
             for value, message in [
                 (tp * p / ap, "you left out the reference pass (TRADES' p_f(x), CAG's p_g(x))"),
                 ((p + r) / ap, "a training pass costs about 3 forward passes, not 1"),
-                (tp * p + r, "c is in units of attack steps: divide by one attack step (2 forwards)"),  # noqa: E501
-                ((tp * p + 2 * r) / ap, "a reference pass is a forward pass without backward: 1, not 2"),  # noqa: E501
+                (tp * p + r, "c is in units of attack steps: divide by one attack step (2 forwards)"),
+                ((tp * p + 2 * r) / ap, "a reference pass is a forward pass without backward: 1, not 2"),
             ]:
                 if close(got, value, 1e-9, 1e-12):
                     fail(task, f"{message} ({p} train passes, {r} reference passes)")
-            fail(task, f"your c = {got:.4g} for {p} train and {r} reference passes; expected {want:.4g}")  # noqa: E501
-        passed(task, f"c = (3·train + reference) / 2: PGD-AT {costmodel.outer_steps('pgd_at'):g}, D2R {costmodel.outer_steps('d2r'):g} attack steps, as costmodel.outer_steps")  # noqa: E501
+            fail(task, f"your c = {got:.4g} for {p} train and {r} reference passes; expected {want:.4g}")
+        passed(task, f"c = (3·train + reference) / 2: PGD-AT {costmodel.outer_steps('pgd_at'):g}, D2R {costmodel.outer_steps('d2r'):g} attack steps, as costmodel.outer_steps")

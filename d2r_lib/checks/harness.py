@@ -153,7 +153,7 @@ def assert_modes_restored(task: str, before: dict, mods: dict) -> None:
     for role, model in mods.items():
         now = mode_flags(model)
         if now != before[role]:
-            fail(task, f"your function left the {role} in {mode_name(now)} mode, but it came in {mode_name(before[role])} mode: restore it (`with attacks.eval_mode({role}):` restores every module's mode when the block ends)")  # noqa: E501
+            fail(task, f"your function left the {role} in {mode_name(now)} mode, but it came in {mode_name(before[role])} mode: restore it (`with attacks.eval_mode({role}):` restores every module's mode when the block ends)")
 
 
 def modes_advice(before: dict, mods: dict) -> list[str]:
@@ -162,7 +162,7 @@ def modes_advice(before: dict, mods: dict) -> list[str]:
     for role, model in mods.items():
         now = mode_flags(model)
         if now != before[role]:
-            out.append(f"your attack left the {role} in {mode_name(now)} mode (it came in {mode_name(before[role])} mode). The official code does the same and relies on the training loop's model.train(); `with attacks.eval_mode({role}):` restores the caller's mode for you")  # noqa: E501
+            out.append(f"your attack left the {role} in {mode_name(now)} mode (it came in {mode_name(before[role])} mode). The official code does the same and relies on the training loop's model.train(); `with attacks.eval_mode({role}):` restores the caller's mode for you")
     return out
 
 
@@ -178,7 +178,7 @@ def as_float(task: str, value, what: str = "the accuracy") -> float:
     if isinstance(value, bool) or value is None:
         fail(task, f"your function returned {value!r}; return {what} as a Python float")
     if isinstance(value, torch.Tensor):
-        fail(task, f"your function returned a tensor ({tuple(value.shape)}); return {what} as a Python float (use .item())")  # noqa: E501
+        fail(task, f"your function returned a tensor ({tuple(value.shape)}); return {what} as a Python float (use .item())")
     try:
         out = float(value)
     except (TypeError, ValueError):
@@ -231,7 +231,7 @@ def eval_common(task, fn_call, model, mode):
     out = fn_call(mods["model"])
     assert_modes_restored(task, modes, mods)
     if bn_changed(bn, mods["model"]):
-        fail(task, "the model ran in train mode: BatchNorm used the batch's statistics and updated its running averages; evaluate in eval mode (`with attacks.eval_mode(model):`)")  # noqa: E501
+        fail(task, "the model ran in train mode: BatchNorm used the batch's statistics and updated its running averages; evaluate in eval mode (`with attacks.eval_mode(model):`)")
     return out
 
 
@@ -239,17 +239,17 @@ def fraction_verdict(task, got, want, *, clean=None, what="accuracy"):
     if close(got, want, 0, 1e-6):
         return
     if close(got, 100 * want, 0, 1e-4):
-        fail(task, f"you returned a percentage ({got:.4g}); return the {what} as a fraction in [0, 1]")  # noqa: E501
+        fail(task, f"you returned a percentage ({got:.4g}); return the {what} as a fraction in [0, 1]")
     if close(got, 1 - want, 0, 1e-6):
         fail(task, f"you returned the error rate (1 − {what}): {got:.4g} instead of {want:.4g}")
     if clean is not None and close(got, clean, 0, 1e-6) and not close(clean, want, 0, 1e-6):
-        fail(task, f"you measured the clean accuracy ({clean:.4g}); the {what} is measured on the attacked images x′")  # noqa: E501
+        fail(task, f"you measured the clean accuracy ({clean:.4g}); the {what} is measured on the attacked images x′")
 
 
 def prediction_verdict(task: str, predicted, allowed: tuple, measured, why: str) -> None:
     """Predict-then-run: a right prediction passes with its explanation, a wrong one fails."""
     if isinstance(predicted, bool) or predicted not in allowed:
-        fail(task, f"set your prediction to one of {', '.join(map(repr, allowed))} before running; got {predicted!r}")  # noqa: E501
+        fail(task, f"set your prediction to one of {', '.join(map(repr, allowed))} before running; got {predicted!r}")
     if predicted != measured:
         fail(task, f"you predicted {predicted!r}; the run gives {measured!r}: {why}")
     passed(task, f"you predicted {predicted!r}: right — {why}")
@@ -262,14 +262,14 @@ def interval_verdict(task: str, predicted, allowed: tuple, diffs: list[float], l
     from .. import reference
 
     if isinstance(predicted, bool) or predicted not in allowed:
-        fail(task, f"set your prediction to one of {', '.join(map(repr, allowed))} before running; got {predicted!r}")  # noqa: E501
+        fail(task, f"set your prediction to one of {', '.join(map(repr, allowed))} before running; got {predicted!r}")
     row = reference.interval(diffs)
     if len(diffs) < 2:
         fail(task, f"the run has {len(diffs)} paired seed(s); an interval needs at least 2")
     span = f"mean {row['mean']:+.3f}, 95 % interval [{row['low']:+.3f}, {row['high']:+.3f}]"
     measured = labels[0] if row["low"] > 0 else labels[1] if row["high"] < 0 else "undecided"
     if measured == "undecided":
-        passed(task, f"undecided: {span} contains 0, so these seeds neither confirm nor refute {predicted!r}; run more seeds to decide ({why})")  # noqa: E501
+        passed(task, f"undecided: {span} contains 0, so these seeds neither confirm nor refute {predicted!r}; run more seeds to decide ({why})")
     else:
         prediction_verdict(task, predicted, allowed, measured, f"{span}; {why}")
     return measured
@@ -280,7 +280,7 @@ def paired_diffs(task: str, runs, a: str, b: str, metric: str) -> list[float]:
     ok = isinstance(runs, (list, tuple)) and all(
         isinstance(r, dict) and {"method", "seed", "metrics"} <= set(r) for r in runs)
     if not ok:
-        fail(task, f"pass the list that toy.compare([{a!r}, {b!r}], seeds) returned; got {type(runs).__name__}")  # noqa: E501
+        fail(task, f"pass the list that toy.compare([{a!r}, {b!r}], seeds) returned; got {type(runs).__name__}")
     by = {(r["method"], r["seed"]): r["metrics"] for r in runs}
     seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
     if len(seeds) < 2:
@@ -295,7 +295,7 @@ def row_diffs(task: str, rows, a: str, b: str) -> list[float]:
     try:
         return [float(r[a]) - float(r[b]) for r in rows]
     except (TypeError, KeyError, ValueError):
-        fail(task, f"rows must be the list of dicts with the keys {a!r} and {b!r} that the cell above builds")  # noqa: E501
+        fail(task, f"rows must be the list of dicts with the keys {a!r} and {b!r} that the cell above builds")
 
 
 

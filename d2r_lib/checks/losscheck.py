@@ -62,14 +62,14 @@ def _learner_value(task: str, spec: LossSpec, fn, learner_args, kwargs, info):
     snapshots = [a.detach().clone() for _, a in tensors]
     out = call_learner(task, fn, *learner_args, **kwargs)
     if not isinstance(out, torch.Tensor):
-        fail(task, f"your function returned {type(out).__name__}; return the loss as a torch tensor (a 0-dim scalar; .item() or float() would cut the graph)")  # noqa: E501
+        fail(task, f"your function returned {type(out).__name__}; return the loss as a torch tensor (a 0-dim scalar; .item() or float() would cut the graph)")
     if out.dim() != 0:
-        fail(task, f"your function returned a tensor of shape {tuple(out.shape)}; the loss is one 0-dim scalar: reduce over the batch (and the classes)")  # noqa: E501
+        fail(task, f"your function returned a tensor of shape {tuple(out.shape)}; the loss is one 0-dim scalar: reduce over the batch (and the classes)")
     for (name, a), before in zip(tensors, snapshots):
         if not torch.equal(a.detach(), before):
-            fail(task, f"your function modified its input `{name}` in place; compute new tensors instead")  # noqa: E501
+            fail(task, f"your function modified its input `{name}` in place; compute new tensors instead")
     if not math.isfinite(out.item()):
-        fail(task, f"your function returned {out.item()} (batch {info['B']}, {info['C']} classes); expected a finite value: check for log(0) or a division by zero")  # noqa: E501
+        fail(task, f"your function returned {out.item()} (batch {info['B']}, {info['C']} classes); expected a finite value: check for log(0) or a division by zero")
     return out
 
 
@@ -84,25 +84,25 @@ def _wrong_value(task: str, spec: LossSpec, ref_args, kwargs, info) -> None:
                     float(val), want, spec.rtol, spec.atol):
                 fail(task, v.message.format_map(info))
     extra = "".join(f", {k}={v}" for k, v in kwargs.items())
-    fail(task, f"your value {got:.8g} differs from the library's {want:.8g} (batch {info['B']}, {info['C']} classes{extra}); none of the common mistakes this check knows matches, so compare your formula with the task's statement term by term")  # noqa: E501
+    fail(task, f"your value {got:.8g} differs from the library's {want:.8g} (batch {info['B']}, {info['C']} classes{extra}); none of the common mistakes this check knows matches, so compare your formula with the task's statement term by term")
 
 
 def _compare_gradients(task: str, spec: LossSpec, out, expected, leaves) -> None:
     if not out.requires_grad:
-        fail(task, "your loss carries no graph (requires_grad=False), so training could not backpropagate through it: don't use .item(), .detach(), numpy or torch.no_grad() inside")  # noqa: E501
+        fail(task, "your loss carries no graph (requires_grad=False), so training could not backpropagate through it: don't use .item(), .detach(), numpy or torch.no_grad() inside")
     g_l = torch.autograd.grad(out, [la for _, la, _ in leaves], allow_unused=True)
     g_r = torch.autograd.grad(expected, [ra for _, _, ra in leaves], allow_unused=True)
     for (name, _, _), gl, gr in zip(leaves, g_l, g_r):
         hint = spec.grad_hints.get(name, "")
         if gr is None or not gr.abs().gt(0).any():
             if gl is not None and gl.abs().gt(1e-12).any():
-                fail(task, f"gradient flows into `{name}`, which the library's loss does not depend on")  # noqa: E501
+                fail(task, f"gradient flows into `{name}`, which the library's loss does not depend on")
             continue
         if gl is None or not gl.abs().gt(0).any():
-            fail(task, f"no gradient reaches `{name}`: the loss must backpropagate into it (don't .detach() it, don't go through numpy or .item(), no torch.no_grad()). {hint}".strip())  # noqa: E501
+            fail(task, f"no gradient reaches `{name}`: the loss must backpropagate into it (don't .detach() it, don't go through numpy or .item(), no torch.no_grad()). {hint}".strip())
         if not torch.allclose(gl, gr, rtol=1e-5, atol=1e-9):
             diff = (gl - gr).abs().max().item()
-            fail(task, f"your value is right but the gradient w.r.t. `{name}` differs from the library's (max |Δ| = {diff:.3g}): did you .detach() part of a term? {hint}".strip())  # noqa: E501
+            fail(task, f"your value is right but the gradient w.r.t. `{name}` differs from the library's (max |Δ| = {diff:.3g}): did you .detach() part of a term? {hint}".strip())
 
 
 def run_loss_check(spec: LossSpec, fn) -> None:
@@ -147,13 +147,13 @@ def run_gradient_check(spec: GradientSpec, fn) -> None:
             want = leaf.grad
             got = call_learner(task, fn, z1.clone(), z2.clone())
             if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-                fail(task, f"return a tensor shaped like {spec.names[1]} {tuple(want.shape)}; got {getattr(got, 'shape', type(got).__name__)}")  # noqa: E501
+                fail(task, f"return a tensor shaped like {spec.names[1]} {tuple(want.shape)}; got {getattr(got, 'shape', type(got).__name__)}")
             if torch.allclose(got, want, atol=1e-6):
                 continue
             for wrong, message, (rtol, atol) in spec.mistakes:
                 if torch.allclose(got, wrong(want, z1, z2), rtol=rtol, atol=atol):
                     fail(task, message.format(B=b, C=c))
-            fail(task, f"at B = {b}, C = {c} your gradient differs from autograd's by up to {(got - want).abs().max().item():.3g}")  # noqa: E501
+            fail(task, f"at B = {b}, C = {c} your gradient differs from autograd's by up to {(got - want).abs().max().item():.3g}")
         passed(task, spec.passed)
 
 

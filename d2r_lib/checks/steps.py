@@ -83,29 +83,29 @@ def _trades_like(ce_on_adv: bool, reverse: bool):
 # nothing is trained
 _STEP_VARIANTS = {
     "pgd_at": [
-        ("you trained on the clean batch: PGD-AT minimises CE(f(x′), y) on the adversarial examples", _lib_adv("pgd_at"), lambda t, g, x, xa, y, k: _CE(t(x), y)),  # noqa: E501
-        ("you applied softmax before F.cross_entropy (which applies log-softmax itself)", _lib_adv("pgd_at"), lambda t, g, x, xa, y, k: _CE(F.softmax(t(xa), dim=1), y)),  # noqa: E501
-        ("you generated x′ with FGSM; PGD-AT uses PGD (steps of size step_size from a uniform random start)", lambda t, g, x, y, k: attacks.fgsm(t, x, y, eps=k["eps"]), _lib_loss("pgd_at")),  # noqa: E501
-        ("your PGD has no random start (start='clean'); PGD-AT starts uniformly in the ε-ball", _pgd_ce("clean"), _lib_loss("pgd_at")),  # noqa: E501
+        ("you trained on the clean batch: PGD-AT minimises CE(f(x′), y) on the adversarial examples", _lib_adv("pgd_at"), lambda t, g, x, xa, y, k: _CE(t(x), y)),
+        ("you applied softmax before F.cross_entropy (which applies log-softmax itself)", _lib_adv("pgd_at"), lambda t, g, x, xa, y, k: _CE(F.softmax(t(xa), dim=1), y)),
+        ("you generated x′ with FGSM; PGD-AT uses PGD (steps of size step_size from a uniform random start)", lambda t, g, x, y, k: attacks.fgsm(t, x, y, eps=k["eps"]), _lib_loss("pgd_at")),
+        ("your PGD has no random start (start='clean'); PGD-AT starts uniformly in the ε-ball", _pgd_ce("clean"), _lib_loss("pgd_at")),
     ],
     "trades": [
-        ("your CE term uses f(x′); TRADES takes CE on the clean logits: CE(f(x), y) + β·KL(p(x) ‖ p(x′))", _lib_adv("trades"), _trades_like(True, False)),  # noqa: E501
-        ("KL direction reversed: TRADES' loss uses KL(p(x) ‖ p(x′))", _lib_adv("trades"), _trades_like(False, True)),  # noqa: E501
-        ("you generated x′ with PGD on the cross-entropy; TRADES' x′ maximises KL(p(x) ‖ p(x′)) (attacks.trades_attack)", _pgd_ce("uniform"), _lib_loss("trades")),  # noqa: E501
-        ("you ignored the `beta` argument (your loss matches β = 6)", _lib_adv("trades"), _lib_loss("trades", beta=6.0)),  # noqa: E501
-        ("you trained on clean CE only: add β·KL(p(x) ‖ p(x′))", _lib_adv("trades"), lambda t, g, x, xa, y, k: _CE(t(x), y)),  # noqa: E501
+        ("your CE term uses f(x′); TRADES takes CE on the clean logits: CE(f(x), y) + β·KL(p(x) ‖ p(x′))", _lib_adv("trades"), _trades_like(True, False)),
+        ("KL direction reversed: TRADES' loss uses KL(p(x) ‖ p(x′))", _lib_adv("trades"), _trades_like(False, True)),
+        ("you generated x′ with PGD on the cross-entropy; TRADES' x′ maximises KL(p(x) ‖ p(x′)) (attacks.trades_attack)", _pgd_ce("uniform"), _lib_loss("trades")),
+        ("you ignored the `beta` argument (your loss matches β = 6)", _lib_adv("trades"), _lib_loss("trades", beta=6.0)),
+        ("you trained on clean CE only: add β·KL(p(x) ‖ p(x′))", _lib_adv("trades"), lambda t, g, x, xa, y, k: _CE(t(x), y)),
     ],
     "lbgat": [
-        ("you generated x′ with CAG (the guide's reference); LBGAT generates x′ with the target alone, as TRADES (attacks.trades_attack)", lambda t, g, x, y, k: attacks.cag(t, g, x, **_only(_BUDGET)(k)), _lib_loss("lbgat")),  # noqa: E501
-        ("your MSE uses the target's clean logits f(x); LBGAT matches the adversarial logits f(x′) to g(x)", _lib_adv("lbgat"), lambda t, g, x, xa, y, k: _CE(g(x), y) + _MSE(t(x), g(x))),  # noqa: E501
-        ("your CE term uses the target's logits f(x′); LBGAT puts CE on the guide: CE(g(x), y)", _lib_adv("lbgat"), lambda t, g, x, xa, y, k: (lambda za: _CE(za, y) + _MSE(za, g(x)))(t(xa))),  # noqa: E501
-        ("you generated x′ with PGD on the cross-entropy; LBGAT uses TRADES generation (attacks.trades_attack)", _pgd_ce("uniform"), _lib_loss("lbgat")),  # noqa: E501
+        ("you generated x′ with CAG (the guide's reference); LBGAT generates x′ with the target alone, as TRADES (attacks.trades_attack)", lambda t, g, x, y, k: attacks.cag(t, g, x, **_only(_BUDGET)(k)), _lib_loss("lbgat")),
+        ("your MSE uses the target's clean logits f(x); LBGAT matches the adversarial logits f(x′) to g(x)", _lib_adv("lbgat"), lambda t, g, x, xa, y, k: _CE(g(x), y) + _MSE(t(x), g(x))),
+        ("your CE term uses the target's logits f(x′); LBGAT puts CE on the guide: CE(g(x), y)", _lib_adv("lbgat"), lambda t, g, x, xa, y, k: (lambda za: _CE(za, y) + _MSE(za, g(x)))(t(xa))),
+        ("you generated x′ with PGD on the cross-entropy; LBGAT uses TRADES generation (attacks.trades_attack)", _pgd_ce("uniform"), _lib_loss("lbgat")),
     ],
     "d2r": [
-        ("you generated x′ with the target alone (TRADES/LBGAT generation); D2R uses CAG, whose reference is the guide's p_g(x) (attacks.cag)", _lib_adv("d2r_trades_gen"), _lib_loss("d2r_trades_gen")),  # noqa: E501
-        ("your KL terms use 'batchmean' (the per-sample KL); the official D2R averages them over batch × classes", _lib_adv("d2r"), _lib_loss("d2r", kl_reduction="batchmean")),  # noqa: E501
-        ("you used the LBGAT loss (CE + MSE); D2R adds w_clean·|K̄L(p_f‖p_g) − K̄L(p_g‖p_f)| + w_adv·K̄L(p_f(x′) ‖ p_g(x)) (losses.d2r_loss)", _lib_adv("d2r"), lambda t, g, x, xa, y, k: losses.lbgat_loss(t(xa), g(x), y)),  # noqa: E501
-        ("you generated x′ with PGD on the cross-entropy; D2R uses CAG (attacks.cag)", _pgd_ce("uniform"), _lib_loss("d2r")),  # noqa: E501
+        ("you generated x′ with the target alone (TRADES/LBGAT generation); D2R uses CAG, whose reference is the guide's p_g(x) (attacks.cag)", _lib_adv("d2r_trades_gen"), _lib_loss("d2r_trades_gen")),
+        ("your KL terms use 'batchmean' (the per-sample KL); the official D2R averages them over batch × classes", _lib_adv("d2r"), _lib_loss("d2r", kl_reduction="batchmean")),
+        ("you used the LBGAT loss (CE + MSE); D2R adds w_clean·|K̄L(p_f‖p_g) − K̄L(p_g‖p_f)| + w_adv·K̄L(p_f(x′) ‖ p_g(x)) (losses.d2r_loss)", _lib_adv("d2r"), lambda t, g, x, xa, y, k: losses.lbgat_loss(t(xa), g(x), y)),
+        ("you generated x′ with PGD on the cross-entropy; D2R uses CAG (attacks.cag)", _pgd_ce("uniform"), _lib_loss("d2r")),
     ],
 }
 
@@ -170,8 +170,8 @@ def _check_passes(task, method, rec) -> None:
             " or ".join(f"{c} ({d})" for c, d in allowed.items()) if any(allowed.values()) else "0"
         )
         if n > max(allowed):
-            fail(task, f"the {role} made {n} training-mode forward passes; this method's step makes {want}: run the attack with the models in eval mode and only the loss's forward passes in train mode")  # noqa: E501
-        fail(task, f"the {role} made {n} training-mode forward passes; this method's step makes {want}: after the attack put the models in train mode (`model.train()`) and run each forward pass of the loss separately")  # noqa: E501
+            fail(task, f"the {role} made {n} training-mode forward passes; this method's step makes {want}: run the attack with the models in eval mode and only the loss's forward passes in train mode")
+        fail(task, f"the {role} made {n} training-mode forward passes; this method's step makes {want}: after the attack put the models in train mode (`model.train()`) and run each forward pass of the loss separately")
 
 
 class _Trial:
@@ -243,18 +243,18 @@ def _check_own_loss(task: str, method: str, tr: _Trial, got: float, x_l, x_ref) 
     t_c, g_c, _ = tr.fresh()
     at_yours = methods.compute_terms(method, t_c, g_c, tr.x, x_l, tr.y, **tr.k)["loss"].item()
     if not close(got, at_yours, 1e-4, 1e-5):
-        fail(task, f"your loss {got:.6g} differs from the method's loss at your own x′, {at_yours:.6g} (methods.compute_terms): compare your loss term by term")  # noqa: E501
+        fail(task, f"your loss {got:.6g} differs from the method's loss at your own x′, {at_yours:.6g} (methods.compute_terms): compare your loss term by term")
 
 
 def _check_same_step(task: str, method: str, tr: _Trial, got, want, params_l, models_r) -> None:
     if not close(got, want, 1e-4, 1e-5):
-        fail(task, f"your loss {got:.6g} differs from the library's {want:.6g} for the same batch, x′ and parameters (methods.train_step({method!r}, ...)): compare your loss term by term with the chapter's")  # noqa: E501
+        fail(task, f"your loss {got:.6g} differs from the library's {want:.6g} for the same batch, x′ and parameters (methods.train_step({method!r}, ...)): compare your loss term by term with the chapter's")
     params_r = _params(*models_r)
     if _max_diff(params_l, params_r) > 1e-5:
         stale = [r - tr.lr * j for r, j in zip(params_r, tr.junk)]
         if _max_diff(params_l, stale) <= 1e-5:
-            fail(task, "you forgot optimizer.zero_grad(): gradients left from the previous step were added to this one")  # noqa: E501
-        fail(task, f"your loss is right but the parameters after your step differ from the library's (max |Δ| = {_max_diff(params_l, params_r):.3g}): zero the gradients, then exactly one loss.backward() and one optimizer.step() with the optimizer passed in")  # noqa: E501
+            fail(task, "you forgot optimizer.zero_grad(): gradients left from the previous step were added to this one")
+        fail(task, f"your loss is right but the parameters after your step differ from the library's (max |Δ| = {_max_diff(params_l, params_r):.3g}): zero the gradients, then exactly one loss.backward() and one optimizer.step() with the optimizer passed in")
 
 
 def _step_trial(task: str, method: str, fn, tr: _Trial) -> bool:
@@ -271,10 +271,10 @@ def _step_trial(task: str, method: str, fn, tr: _Trial) -> bool:
         _name_variant(task, method, tr, got, want, x_l, x_ref)
     _check_passes(task, method, rec)
     if x_l is None:
-        fail(task, "the target never ran in train mode on an adversarial x′: make x′ with the attack, then put the models in train mode (`model.train()`) and compute the loss on x′")  # noqa: E501
+        fail(task, "the target never ran in train mode on an adversarial x′: make x′ with the attack, then put the models in train mode (`model.train()`) and compute the loss on x′")
     params_l = _params(*models_l)
     if _max_diff(params_l, _params(tr.base_t, tr.base_g)) == 0:
-        fail(task, "your step did not change the parameters: call loss.backward(), then optimizer.step()")  # noqa: E501
+        fail(task, "your step did not change the parameters: call loss.backward(), then optimizer.step()")
     if not same_x_adv:
         _check_own_loss(task, method, tr, got, x_l, x_ref)
         return True
@@ -286,8 +286,8 @@ def _run_step_check(task: str, method: str, fn) -> None:
     with sandbox(task, fn):
         own_rng = [_step_trial(task, method, fn, _Trial(method, trial, b, beta))
                    for trial, (b, beta) in enumerate([(8, 6.0), (4, 2.0)])]
-        note = " — your attack drew its random numbers differently, so x′ was checked for the ε-ball, [0, 1] and the objective it reaches, and the loss at your x′"  # noqa: E501
-        passed(task, f"same loss and parameters after one step as methods.train_step({method!r}, ...) (attack in eval mode, loss in train mode, stale gradients cleared; 2 trials){note if any(own_rng) else ''}")  # noqa: E501
+        note = " — your attack drew its random numbers differently, so x′ was checked for the ε-ball, [0, 1] and the objective it reaches, and the loss at your x′"
+        passed(task, f"same loss and parameters after one step as methods.train_step({method!r}, ...) (attack in eval mode, loss in train mode, stale gradients cleared; 2 trials){note if any(own_rng) else ''}")
 
 
 def _check_own_x_adv(task, method, base_t, base_g, x, y, k, x_l, x_ref) -> None:
@@ -295,7 +295,7 @@ def _check_own_x_adv(task, method, base_t, base_g, x, y, k, x_l, x_ref) -> None:
     if ((x_l < -1e-6) | (x_l > 1 + 1e-6)).any():
         fail(task, "your x′ has pixels outside [0, 1]: clamp after every step")
     if (x_l - x).abs().max().item() > eps + 1e-6:
-        fail(task, f"your x′ leaves the ε-ball (max |x′ − x| = {(x_l - x).abs().max().item():.4g} > ε = {eps:.4g}): project after every step")  # noqa: E501
+        fail(task, f"your x′ leaves the ε-ball (max |x′ − x| = {(x_l - x).abs().max().item():.4g} > ε = {eps:.4g}): project after every step")
     t, g = copy.deepcopy(base_t), copy.deepcopy(base_g) if base_g is not None else None
     base = _objective(method, t, g, x, y, x)
     mine, lib = (
@@ -303,7 +303,7 @@ def _check_own_x_adv(task, method, base_t, base_g, x, y, k, x_l, x_ref) -> None:
         _objective(method, t, g, x, y, x_ref) - base,
     )
     if mine < 0.75 * lib:
-        fail(task, f"your x′ raises the attack's objective much less than the library's attack ({mine:.3g} vs {lib:.3g}): make x′ with the chapter's attack for this method")  # noqa: E501
+        fail(task, f"your x′ raises the attack's objective much less than the library's attack ({mine:.3g} vs {lib:.3g}): make x′ with the chapter's attack for this method")
 
 
 def check_pgd_at_step(fn) -> None:
