@@ -94,6 +94,10 @@ def test_a_second_d2r_run_skips_the_complete_folder(tmp_path, cache, capsys):
     assert _run(out) == 0
     assert "pgd_at-seed3: complete with the same parameters, skipped" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (out / "pgd_at-seed3").iterdir()} == before
+    metrics = (out / "pgd_at-seed3" / "metrics.json").read_text()
+    assert _run(out, "--force") == 0  # written again, from the checkpoint cache: the same result
+    assert "loaded the finished run" in capsys.readouterr().out
+    assert (out / "pgd_at-seed3" / "metrics.json").read_text() == metrics
 
 
 def test_the_plan_is_method_by_seed_and_a_follow_up_names_its_folder(tmp_path):
@@ -108,6 +112,9 @@ def test_the_plan_is_method_by_seed_and_a_follow_up_names_its_folder(tmp_path):
     (dose,) = runner.plan("reference", kind="reference", out=tmp_path / "dose",
                           params={"method": "d2r", "seed": 1, "w_adv": 10, "name": "d2r_w_adv10"})
     assert dose.name == "d2r_w_adv10-seed1" and dose.parameters["w_adv"] == 10.0
+    named = runner.plan("reference", kind="reference", out=tmp_path / "dose",
+                        params={"method": "d2r", "seed": 0, "w_adv": [3, 10]})
+    assert [r.name for r in named] == ["d2r_w_adv3-seed0", "d2r_w_adv10-seed0"]
     assert not (tmp_path / "ref").exists() and not (tmp_path / "dose").exists()
 
 
@@ -146,6 +153,7 @@ REFUSALS = [
     (["-p", "method=pgd_at", "-p", "w_adv=3"], "-p w_adv: the reference runs take method, seed"),
     (["-p", "method=d2r", "-p", "w_adv=-3"], "-p w_adv=-3: allowed: a number >= 0"),
     (["-p", "method=d2r,pgd_at", "-p", "name=x"], "-p name='x': give one folder name"),
+    (["-p", "method=d2r", "-p", "w_adv=3,10", "-p", "name=x"], "-p name=x: one folder name for 2"),
     (["--profile", "huge"], "--profile huge: the reference runs' profiles: reference, "
                             "reference_e10, reference_e20, tiny"),
     (["--chapters", "07"], "--chapters: the reference runs are no chapter"),
@@ -170,6 +178,17 @@ def test_an_out_holding_chapter_runs_is_refused(tmp_path, capsys):
     (out / "07_d2r_end_to_end" / "cpu" / "manifest.json").write_text("{}")
     assert d2r_run(out, "-p", "method=pgd_at") == 2
     assert "holds the files of another run or kind" in capsys.readouterr().err
+
+
+def test_a_folder_holding_another_run_is_refused_not_skipped(tmp_path, capsys):
+    out = tmp_path / "ref"
+    folder = out / "pgd_at-seed3"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({
+        "status": "ok", "profile": "reference", "overrides": {"method": "pgd_at", "seed": 3}}))
+    assert _run(out) == 2
+    assert "pgd_at-seed3 holds another run (profile reference" in capsys.readouterr().err
+    assert [p.name for p in folder.iterdir()] == ["manifest.json"]
 
 
 def test_estimate_projects_every_run_to_do(tmp_path, capsys):

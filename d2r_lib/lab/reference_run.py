@@ -101,7 +101,8 @@ def plan(profile: str, *, out, params: dict, device: str) -> list:
     runs = []
     for seed, method, *combo in itertools.product(seeds, chosen, *checked.values()):
         extra = dict(zip(checked, combo))
-        name = names[0] or method
+        name = names[0] or method + "".join(f"_{k}{v:g}" if isinstance(v, float) else f"_{k}{v}"
+                                            for k, v in extra.items())
         try:  # every run's training configuration, checked now
             config.train_config(method, seed, extra or None)
         except (TypeError, ValueError) as err:
@@ -112,16 +113,40 @@ def plan(profile: str, *, out, params: dict, device: str) -> list:
                         passed={"profile": profile, "device": device, **overrides},
                         parameters={"name": name, **overrides}, overrides=overrides,
                         folder=reference.run_dir(out, name, seed), out=out))
+    if len({r.folder for r in runs}) < len(runs):
+        raise _error(f"-p name={names[0]}: one folder name for {len(runs) // len(seeds)} runs "
+                     "per seed; leave -p name out to name each run by its parameters")
+    for r in runs:
+        _check_same(r)
     return runs
+
+
+def _check_same(r) -> None:
+    """A folder already there must hold this run (a complete run is skipped, not replaced)."""
+    try:
+        old = json.loads((r.folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return
+    if "status" in old:
+        same = old.get("profile") == r.profile and old.get("overrides") == r.overrides
+    else:  # a manifest written before the runner ran the reference runs
+        same = old.get("config", {}).get("name") == r.profile and old.get("method") == \
+            r.parameters["method"]
+    if not same:
+        raise _error(f"--out {r.out}: {r.name} holds another run (profile "
+                     f"{old.get('profile') or old.get('config', {}).get('name')}, "
+                     f"{old.get('overrides') or old.get('method')}); nothing was overwritten: give "
+                     "another --out")
 
 
 def is_complete(r) -> bool:
     return reference.is_complete(r.folder)
 
 
-def execute(r, *, log=print) -> dict:
+def execute(r, *, log=print, force: bool = False) -> dict:
     """Train and evaluate one reference run into its folder under the lock of its training run
-    (another process running it: skipped, status "busy"); its manifest is written last."""
+    (another process running it: skipped, status "busy"); its manifest is written last. `force`:
+    a complete run is written again (from the checkpoint cache where it still is)."""
     config = reference.CONFIGS[r.profile]
     p = r.parameters
     params = {k: v for k, v in p.items() if k not in ("method", "seed", "name")} or None
@@ -130,7 +155,7 @@ def execute(r, *, log=print) -> dict:
     experiments.flush_denormals()  # as every shipped reference run was trained
     try:
         with checkpoint.exclusive(cache / "run.lock"):
-            if is_complete(r):  # another process finished it while we waited
+            if is_complete(r) and not force:  # another process finished it meanwhile
                 return {**_read(r), "skipped": True}
             manifest = start_manifest(r, kind=KIND, name=p["name"])
             started = time.perf_counter()

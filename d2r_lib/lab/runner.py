@@ -1,5 +1,5 @@
-"""`d2r run`: chapters as parameterised experiments, and the shipped reference runs, on a laptop,
-on several GPUs or on a Slurm cluster. Chapter 9 shows it.
+"""`d2r run`: the chapters and the reference runs as parameterised experiments, at any scale.
+On a laptop, on several GPUs or on a Slurm cluster; chapter 9 shows it.
 
     d2r run [chapters] --profile P [--chapters 05 07] [-p name=value ...] [--device cuda] [--force]
             --out DIR [--nproc-per-node N] [--cluster local|slurm ...]
@@ -384,10 +384,10 @@ def _job(r: Run, kernel, one_thread: bool) -> dict:
     return _execute(r, kernel, one_thread=one_thread)
 
 
-def _execute(r: Run, kernel, one_thread: bool = False, log=print) -> dict:
+def _execute(r: Run, kernel, one_thread: bool = False, log=print, force: bool = False) -> dict:
     """One run: a chapter's notebook (`notebook_run`) or a reference run (`reference_run`)."""
     if r.notebook is None:
-        return reference_run.execute(r, log=log)
+        return reference_run.execute(r, log=log, force=force)
     return notebook_run.execute(r, kernel=kernel, one_thread=one_thread, log=log)
 
 
@@ -510,7 +510,7 @@ def _run_all(runs: list[Run], out: Path, force: bool, cluster: str, executor, ke
     else:
         for r in todo:
             log(f"{r.name}: running")
-            manifests[r.name] = _execute(r, kernel, log=log)
+            manifests[r.name] = _execute(r, kernel, log=log, force=force)
     for r in runs:
         m = manifests[r.name]
         if not m.get("skipped"):
