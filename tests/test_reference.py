@@ -100,6 +100,29 @@ def test_a_second_d2r_run_skips_the_complete_folder(tmp_path, cache, capsys):
     assert (out / "pgd_at-seed3" / "metrics.json").read_text() == metrics
 
 
+def test_a_run_another_process_holds_is_left_to_it(tmp_path, cache, capsys):
+    """Two processes given the same command share the runs: each run is locked while it runs."""
+    import subprocess
+    import sys
+
+    from d2r_lib import train
+
+    lock = train.cache_path(TINY.train_config("pgd_at", 3)) / "run.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom d2r_lib import checkpoint\n"
+         f"with checkpoint.exclusive({str(lock)!r}):\n    print('held', flush=True)\n"
+         "    sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert _run(tmp_path / "ref") == 0
+    finally:
+        holder.communicate("")
+    out = capsys.readouterr().out
+    assert "pgd_at-seed3: another process is running it, skipped" in out
+    assert "0 of 1 run(s) complete, 1 run by another process" in out
+    assert not (tmp_path / "ref" / "pgd_at-seed3").exists()
+
+
 def test_the_plan_is_method_by_seed_and_a_follow_up_names_its_folder(tmp_path):
     from d2r_lib.lab import runner
 
