@@ -45,6 +45,7 @@ def test_one_d2r_run_writes_a_complete_reference_folder(tmp_path, cache):
     assert manifest["git_commit"] is None or len(manifest["git_commit"]) == 40
     assert {"python", "torch", "autoattack", "d2r_lib"} <= set(manifest["versions"])
     assert manifest["device"] == "cpu" and manifest["seconds"] > 0
+    assert manifest["peak_memory_mb"]["rss"] > 0
     # and what the reference run adds
     assert manifest["method"] == "pgd_at" and manifest["seed"] == 3
     assert manifest["train_config"]["seed"] == 3

@@ -1,7 +1,7 @@
 """One run of a chapter notebook for the runner (`d2r run`): a fresh kernel, the manifest
-(parameters, code version, versions, device, times, peak memory, status), and the results tables of
-an output folder. Also the entry point that `--nproc-per-node` starts under torchrun:
-`python -m d2r_lib.lab.notebook_run SPEC.json`.
+(parameters, code version, versions, device, times, peak memory, status; `start_manifest` writes
+every run's, the reference runs' too), and the results tables of an output folder. Also the entry
+point that `--nproc-per-node` starts under torchrun: `python -m d2r_lib.lab.notebook_run SPEC.json`.
 Chapter 9.
 """
 

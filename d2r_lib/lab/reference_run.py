@@ -11,7 +11,9 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -161,9 +163,11 @@ def execute(r, *, log=print, force: bool = False) -> dict:
             started = time.perf_counter()
             done = reference.train_and_evaluate(r.folder, p["method"], p["seed"], config,
                                                 params=params, device=device, log=log)
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
+                2**20 if sys.platform == "darwin" else 2**10)  # this process's peak so far
             finish_manifest(manifest, "ok", time.perf_counter() - started, device=device,
                             device_name=(torch.cuda.get_device_name() if device == "cuda"
-                                         else cpu_name()), **done)
+                                         else cpu_name()), peak_memory_mb={"rss": rss}, **done)
             write_json(r.folder / MANIFEST, manifest)
             shutil.rmtree(reference.partial_dir(r.folder), ignore_errors=True)
             log(f"{r.name}: written")
