@@ -12,8 +12,9 @@ rule that turns an interval into a verdict (`FOLLOWUPS`). The runs are shipped u
     book/followups/toy/<study>.json           the 2-D world studies, 20 seeds each
 
 `python -m d2r_lib.followups cifar --out book/followups` trains and evaluates the CIFAR runs in the
-order of `cifar_plan` (one thread per process; start two processes to use two cores: each claims a
-run with a lock, complete runs are skipped, interrupted ones resume from the checkpoint cache).
+order of `cifar_plan`, each a run of the runner (`d2r run reference`; one thread per process; start
+two processes to use two cores: each claims a run with a lock, complete runs are skipped,
+interrupted ones resume from the checkpoint cache).
 `python -m d2r_lib.followups toy --out book/followups/toy` runs the 2-D studies (resumable per
 seed).
 """
@@ -197,15 +198,20 @@ def cifar_plan(include_optional: bool = True) -> list[Planned]:
 
 def run_cifar(root: str | Path, plan: list[Planned] | None = None, *, device: str = "cpu",
               log=print) -> list[Path]:
-    """Train and evaluate every planned run not yet complete under `root`, in order; a run another
-    process holds is skipped (two processes share the plan). Returns the complete folders."""
+    """Train and evaluate every planned run not yet complete under `root`, in order, each a run of
+    the runner (`d2r run reference`); a run another process holds is skipped (two processes share
+    the plan). Returns the complete folders."""
+    from .lab import runner
+
     done = []
     for item in plan if plan is not None else cifar_plan():
-        folder = reference.run_one(Path(root) / item.folder, item.method, item.seed,
-                                   reference.CONFIGS[item.config], device=device, log=log,
-                                   params=item.params or None, name=item.name)
-        if folder is not None:
-            done.append(folder)
+        params = {"method": item.method, "seed": item.seed, **item.params,
+                  **({"name": item.name} if item.name != item.method else {})}
+        out = Path(root) / item.folder
+        (manifest,) = runner.run(item.config, kind="reference", out=out, params=params,
+                                 device=device, log=log)
+        if manifest.get("status") == "ok":
+            done.append(reference.run_dir(out, item.name, item.seed))
     return done
 
 

@@ -1,31 +1,32 @@
 """The shipped reference runs: every method, several seeds, full evaluation. Chapters 7 and 8 read
 them.
 
-`python -m d2r_lib.reference run --out book/reference` trains and evaluates each (method, seed) of
-the `reference` configuration once, on CPU in a few hours, and writes one folder per run:
+They are runs of the runner, a profile (a `CONFIGS` name) and a sweep of method × seed:
+
+    d2r run reference --profile reference -p method=pgd_at,trades -p seed=0,1,2 --out book/reference
+
+(without `-p method` / `-p seed`: all nine methods, seeds 0, 1, 2). Each run trains and evaluates
+once (`train_and_evaluate`, on CPU in minutes to an hour) and writes one folder:
 
     book/reference/<method>-seed<k>/
-        manifest.json   parameters (incl. method and seed), commit, versions, device, seconds,
-                        deviations from the official settings
+        manifest.json   the runner's manifest: parameters, commit, versions, device, times, the
+                        configuration, deviations from the official settings
         metrics.json    clean, PGD-20, CW-20 (official protocol) and AutoAttack
         history.json    the per-epoch record of `train.fit`
         target.pt       the target's weights (when under MAX_CHECKPOINT_BYTES)
 
 Training checkpoints live in the checkpoint cache (outside the repository), so an interrupted run
-resumes where it stopped; a folder whose files are all written is skipped. `load(folder)` reads the
-runs back, `summary(runs)` gives mean ± sd over seeds per method and `paired(runs)` the
-pre-registered comparisons: per-seed differences on the same test images with a t-interval
-(PREREGISTERED, fixed before any result).
+resumes where it stopped; a complete folder is skipped. `load(folder)` reads the runs back,
+`summary(runs)` gives mean ± sd over seeds per method and `paired(runs)` the pre-registered
+comparisons: per-seed differences on the same test images with a t-interval (PREREGISTERED, fixed
+before any result).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
-import platform
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,15 +56,16 @@ __all__ = [
     "estimate",
     "interval",
     "load",
+    "is_complete",
     "load_target",
-    "main",
     "paired",
+    "partial_dir",
     "per_epoch_validation",
-    "plan",
-    "run",
-    "run_one",
+    "resume_from_partial",
+    "save_partial",
     "summary",
     "t_quantile",
+    "train_and_evaluate",
 ]
 
 METHODS = ("standard", "pgd_at", "trades", "mart", "lbgat", "d2r", "d2r_no_clean", "d2r_no_adv",
@@ -179,28 +181,22 @@ def _write_json(path: Path, value) -> None:
     checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def _device_info(device: str) -> dict:
-    info = {"device": device, "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine()}
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def run_dir(out: Path, method: str, seed: int) -> Path:
     return Path(out) / f"{method}-seed{seed}"
 
 
 def is_complete(folder: Path) -> bool:
-    """All files of a run are written (the manifest, written last, says complete)."""
+    """All files of a run are written and its manifest, written last, says so: `"status": "ok"`
+    (the runner's manifests) or `"complete": true` (the manifests written before the runner ran
+    the reference runs; both are read)."""
     folder = Path(folder)
     if not all((folder / f).is_file() for f in FILES):
         return False
     try:
-        return json.loads((folder / "manifest.json").read_text()).get("complete") is True
+        manifest = json.loads((folder / "manifest.json").read_text())
     except json.JSONDecodeError:
         return False
+    return manifest.get("status") == "ok" or manifest.get("complete") is True
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -236,37 +232,6 @@ def _evaluate(target, config: ReferenceConfig, partial_path: Path, log) -> tuple
             target, x[:n], y[:n], "pgd20", seed=EVAL_SEED)
         _write_json(partial_path, done)
     return done["metrics"], done["seconds"]
-
-
-def _provenance():
-    """The runner's provenance functions (one writer of commit and versions for every run)."""
-    from .lab import notebook_run
-    return notebook_run
-
-
-def run_one(out: str | Path, method: str, seed: int,
-            config: ReferenceConfig = CONFIGS["reference"], *,
-            device: str = "cpu", log=print, params: dict | None = None,
-            name: str | None = None) -> Path | None:
-    """Train (or resume) and evaluate one reference run; write its folder `<name>-seed<k>` (name:
-    the method's, or a follow-up's name for `method` with `params`). A complete folder is skipped,
-    and so is one another process is running now (returns None)."""
-    name = name or method
-    folder = run_dir(Path(out), name, seed)
-    if is_complete(folder):
-        log(f"{folder.name}: complete, skipped")
-        return folder
-    cfg = config.train_config(method, seed, params)
-    cache = train.cache_path(cfg)
-    try:
-        with checkpoint.exclusive(cache / "run.lock"):
-            resume_from_partial(folder, cache, log)
-            done = _train_and_write(folder, name, method, seed, config, cfg, cache, device, log)
-            shutil.rmtree(partial_dir(folder), ignore_errors=True)
-            return done
-    except checkpoint.Busy:
-        log(f"{folder.name}: another process is running it, skipped")
-        return None
 
 
 PARTIAL_FILES = ("last.pt", "history.json")
@@ -312,12 +277,18 @@ def resume_from_partial(folder: Path, cache: Path, log=print) -> bool:
     return True
 
 
-def _train_and_write(folder: Path, name: str, method: str, seed: int, config: ReferenceConfig,
-                     cfg: train.TrainConfig, cache: Path, device: str, log) -> Path:
-    if is_complete(folder):  # another process finished it while we waited
-        return folder
+def train_and_evaluate(folder: Path, method: str, seed: int,
+                       config: ReferenceConfig = CONFIGS["reference"], *,
+                       params: dict | None = None, device: str = "cpu", log=print) -> dict:
+    """Train (or resume, also from a partial run saved beside `folder`) and evaluate one reference
+    run; write its history.json, metrics.json and target.pt (when under MAX_CHECKPOINT_BYTES)
+    into `folder`. Returns what the run's manifest records of it; the runner (`d2r run reference`)
+    writes that manifest, last, and holds the run's lock."""
+    folder = Path(folder)
+    cfg = config.train_config(method, seed, params)
+    cache = train.cache_path(cfg)
+    resume_from_partial(folder, cache, log)
     log(f"{folder.name}: training ({cfg.epochs} epochs, cache {cache})")
-    started = time.perf_counter()
     result = train.fit(cfg, cache, device=device, progress=False, log=log)
     train_seconds = sum(r.get("time_s", 0.0) for r in result.history)
     metrics, eval_seconds = _evaluate(result.target, config, cache / "reference_metrics.json", log)
@@ -337,21 +308,13 @@ def _train_and_write(folder: Path, name: str, method: str, seed: int, config: Re
                "eval_seed": EVAL_SEED,
                "test_set": "cifar10/test/mini (lossless test images 0-999)"}
     _write_json(folder / "metrics.json", metrics)
-    manifest = {
-        "method": method, "seed": seed, **({"run": name} if name != method else {}),
-        "config": dataclasses.asdict(config),
-        "train_config": cfg.as_dict(),
-        "method_params": methods.get_method(method).resolve(**cfg.method_params),
-        "deviations": config.deviations(method), "commit": _provenance().commit_label(),
-        "versions": _provenance().versions(),
-        **_device_info(device),
-        "seconds": {"train": round(train_seconds, 1), "evaluate": eval_seconds,
-                    "this_call": round(time.perf_counter() - started, 1)},
-        "checkpoint": ckpt.name if ckpt else None, "complete": True,
-    }
-    _write_json(folder / "manifest.json", manifest)
-    log(f"{folder.name}: written")
-    return folder
+    return {"method": method, "seed": seed, "config": dataclasses.asdict(config),
+            "train_config": cfg.as_dict(),
+            "method_params": methods.get_method(method).resolve(**cfg.method_params),
+            "deviations": config.deviations(method),
+            "timings": {"train": round(train_seconds, 1), "evaluate": eval_seconds},
+            "torch_threads": torch.get_num_threads(),
+            "checkpoint": ckpt.name if ckpt else None}
 
 
 def estimate(config: ReferenceConfig, method_names=METHODS, *,
@@ -381,23 +344,6 @@ def estimate(config: ReferenceConfig, method_names=METHODS, *,
     return out
 
 
-def plan(out: str | Path, method_names=METHODS, seeds=SEEDS) -> list[tuple[str, int, bool]]:
-    """(method, seed, complete) of every requested run."""
-    return [(m, s, is_complete(run_dir(Path(out), m, s))) for m in method_names for s in seeds]
-
-
-def run(out: str | Path, method_names=METHODS, seeds=SEEDS,
-        config: ReferenceConfig = CONFIGS["reference"], *,
-        device: str = "cpu", log=print) -> list[Path]:
-    """Every (method, seed) run, seed-major so that each seed finishes all methods before the next
-    starts."""
-    for name in method_names:
-        methods.get_method(name)
-    for seed in seeds:
-        validate.number("seeds", seed, min=0, integer=True)
-    return [run_one(out, m, s, config, device=device, log=log) for s in seeds for m in method_names]
-
-
 def per_epoch_validation(cfg: train.TrainConfig, x_val, y_val, *, device: str = "cpu",
                          log=lambda *a, **k: None) -> tuple[train.TrainResult, list[float]]:
     """Train `cfg` one epoch per `fit` call and, after each epoch, measure PGD-20 accuracy on a
@@ -425,8 +371,9 @@ def per_epoch_validation(cfg: train.TrainConfig, x_val, y_val, *, device: str = 
 
 # ------------------------------------------------------------------------------------------ reading
 def load(folder: str | Path) -> list[dict]:
-    """Every complete run under `folder`: dicts with method, seed, metrics, history, manifest,
-    checkpoint.
+    """Every complete run under `folder`: dicts with method (the run's name), trained_method, seed,
+    metrics, history, manifest, checkpoint, and, from either manifest format, commit (a label) and
+    seconds ({"train", "evaluate": {metric: s}}).
 
     A run folder with missing files raises (a half-written run is never read as a result). A
     relative `folder` missing here is looked up in the shipped copies (`shipped.find`)."""
@@ -437,17 +384,35 @@ def load(folder: str | Path) -> list[dict]:
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if not is_complete(sub):
             raise ValueError(f"{sub} is not a complete reference run (needs {', '.join(FILES)} "
-                             f"and a manifest with complete=true); finish it with "
-                             f"`python -m d2r_lib.reference run` or remove it")
+                             f"and a complete manifest); finish it with `d2r run reference` or "
+                             f"remove it")
         manifest = json.loads((sub / "manifest.json").read_text())
         ckpt = sub / manifest["checkpoint"] if manifest.get("checkpoint") else None
-        runs.append({"folder": sub, "method": manifest.get("run", manifest["method"]),
+        runs.append({"folder": sub, "method": _run_name(manifest),
                      "trained_method": manifest["method"], "seed": manifest["seed"],
                      "manifest": manifest,
                      "metrics": json.loads((sub / "metrics.json").read_text()),
                      "history": json.loads((sub / "history.json").read_text()),
-                     "checkpoint": ckpt})
+                     "checkpoint": ckpt, **_provenance(manifest)})
     return runs
+
+
+def _run_name(manifest: dict) -> str:
+    if "status" in manifest:  # the runner's manifest
+        return manifest["name"]
+    return manifest.get("run", manifest["method"])  # before: "run" only for a follow-up's name
+
+
+def _provenance(manifest: dict) -> dict:
+    """commit and seconds of a run, from the runner's manifest or from one written before."""
+    if "status" not in manifest:
+        seconds = manifest.get("seconds", {})
+        return {"commit": manifest.get("commit", "unknown"),
+                "seconds": {k: seconds.get(k) for k in ("train", "evaluate")}}
+    commit = manifest.get("git_commit")
+    label = "unknown" if commit is None else commit + ("+dirty" if manifest.get("git_dirty")
+                                                       else "")
+    return {"commit": label, "seconds": manifest.get("timings")}
 
 
 def load_target(run_record: dict, device: str = "cpu"):
@@ -536,75 +501,3 @@ def paired(runs: list[dict], method: str = PREREGISTERED["method"],
             rows.append({"method": method, "baseline": base, "metric": metric, "seeds": seeds,
                          "differences": diffs, "level": level, **interval(diffs, level)})
     return rows
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def _names(values, allowed, flag) -> list:
-    for v in values:
-        if v not in allowed:
-            raise ValueError(f"{flag} {v!r} is not allowed; "
-                             f"choose from {', '.join(map(str, allowed))}")
-    return list(values)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m d2r_lib.reference", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="train and evaluate the reference runs (resumable, skips "
-                                   "complete ones)")
-    p.add_argument("--out", type=Path, required=True,
-                   help="folder of the run folders, e.g. book/reference")
-    p.add_argument("--methods", nargs="+", default=list(METHODS),
-                   help="methods (default: all nine)")
-    p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS),
-                   help="seeds (default: 0 1 2)")
-    p.add_argument("--config", default="reference", help=f"one of {', '.join(CONFIGS)}")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dry-run", action="store_true", help="print what would run, train nothing")
-    p.add_argument("--estimate", action="store_true",
-                   help="with --dry-run: measure step costs here and project the hours of the "
-                        "runs to do")
-    args = parser.parse_args(argv)
-    try:
-        method_names = _names(args.methods, METHODS, "--methods")
-        for s in args.seeds:
-            if s < 0:
-                raise ValueError(f"--seeds {s} is not allowed; seeds are integers ≥ 0")
-        _names([args.config], list(CONFIGS), "--config")
-        _names([args.device], ["cpu", "cuda"], "--device")
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but no CUDA GPU is available; "
-                             "use --device cpu")
-        if args.estimate and not args.dry_run:
-            raise ValueError("--estimate only works with --dry-run (it measures, it does not "
-                             "train)")
-        if args.out.exists() and not args.out.is_dir():
-            raise ValueError(f"--out {args.out} is a file; give a folder")
-    except ValueError as err:
-        parser.exit(2, f"error: {err}\n")
-    config = CONFIGS[args.config]
-    todo = plan(args.out, method_names, args.seeds)
-    if args.dry_run:
-        print(f"configuration {config.name}: {config}")
-        for line in config.deviations("d2r"):
-            print("deviation:", line)
-        for m, s, done in todo:
-            print(f"{'complete' if done else 'to run':>9}  {run_dir(args.out, m, s)}")
-        if args.estimate:
-            per_run = estimate(config, sorted({m for m, _, done in todo if not done}),
-                               device=args.device)
-            total = sum(per_run[m] for m, _, done in todo if not done)
-            for name, seconds in per_run.items():
-                print(f"projected {name:<16}{seconds / 60:6.1f} min per run "
-                      f"(1 thread, measured now)")
-            print(f"projected total {total / 3600:.1f} h of one core; with two processes on two "
-                  f"cores about {total / 7200:.1f} h")
-        return 0
-    torch.set_flush_denormal(True)
-    run(args.out, method_names, args.seeds, config, device=args.device)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -274,3 +274,22 @@ def test_an_unfinished_run_is_saved_beside_the_shipped_runs_and_resumed_from_the
     (fresh / "history.json").write_text(json.dumps([{"epoch": e} for e in (1, 2, 3, 4)]))
     assert not reference.resume_from_partial(folder, fresh, log=lambda *a: None)
     assert (fresh / "last.pt").read_bytes() == b"epoch 4"
+
+
+def test_run_cifar_is_runs_of_the_runner(tmp_path, monkeypatch):
+    """A follow-up run is a `d2r run reference` run: its folder, the runner's manifest with the
+    follow-up's name and dose, and `reference.load` reads it back under that name."""
+    monkeypatch.setenv("D2R_CACHE_DIR", str(tmp_path / "cache"))
+    plan = [followups.Planned("dose", "tiny", "d2r_w_adv3", "d2r", 0, {"w_adv": 3.0})]
+    (folder,) = followups.run_cifar(tmp_path / "fu", plan, log=lambda *a: None)
+    assert folder == tmp_path / "fu" / "dose" / "d2r_w_adv3-seed0"
+    (run,) = reference.load(tmp_path / "fu" / "dose")
+    assert (run["method"], run["trained_method"], run["seed"]) == ("d2r_w_adv3", "d2r", 0)
+    manifest = run["manifest"]
+    assert manifest["status"] == "ok" and manifest["profile"] == "tiny"
+    assert manifest["overrides"] == {"method": "d2r", "seed": 0, "name": "d2r_w_adv3", "w_adv": 3.0}
+    assert manifest["method_params"]["w_adv"] == 3.0 and manifest["config"]["name"] == "tiny"
+    assert findings.dose_runs([], [run])[0]["w_adv"] == 3.0
+    stamp = (folder / "manifest.json").stat().st_mtime_ns
+    assert followups.run_cifar(tmp_path / "fu", plan, log=lambda *a: None) == [folder]
+    assert (folder / "manifest.json").stat().st_mtime_ns == stamp  # complete: skipped

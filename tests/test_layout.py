@@ -6,7 +6,7 @@ from pathlib import Path
 import d2r_lib
 
 PACKAGE = Path(d2r_lib.__file__).resolve().parent
-TOOLING = {"cli", "runner", "notebook_run", "bench", "projection"}
+TOOLING = {"cli", "runner", "notebook_run", "reference_run", "bench", "projection"}
 
 
 def _module_level_imports(path: Path) -> list[str]:

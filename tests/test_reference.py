@@ -1,5 +1,5 @@
-"""The reference runs: the pipeline end to end (tiny), skip and resume, the statistics, and the
-shipped runs."""
+"""The reference runs: runs of the runner (`d2r run reference`, tiny) end to end, skip and resume,
+refusals, the statistics, and the shipped runs."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from d2r_lib import data, evaluate, reference
+from d2r_lib.lab import cli
 
 SHIPPED = Path(__file__).resolve().parents[1] / "book" / "reference"
 TINY = reference.CONFIGS["tiny"]
@@ -20,27 +21,38 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
+def d2r_run(out, *argv) -> int:
+    """`d2r run reference ... --out out`, the one command of every run."""
+    return cli.main(["run", "reference", *argv, "--out", str(out)])
+
+
 def _run(out, *extra):
-    return reference.main(["run", "--out", str(out), "--methods", "pgd_at", "--seeds", "3",
-                           "--config", "tiny", *extra])
+    return d2r_run(out, "--profile", "tiny", "-p", "method=pgd_at", "-p", "seed=3", "--device",
+                   "cpu", *extra)
 
 
-def test_tiny_run_writes_a_complete_folder(tmp_path, cache):
+def test_one_d2r_run_writes_a_complete_reference_folder(tmp_path, cache):
     out = tmp_path / "ref"
     assert _run(out) == 0
     folder = out / "pgd_at-seed3"
     assert sorted(p.name for p in folder.iterdir()) == ["history.json", "manifest.json",
                                                        "metrics.json", "target.pt"]
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["method"] == "pgd_at" and manifest["seed"] == 3 and manifest["complete"] is True
+    # the runner's manifest, as every run's
+    assert manifest["kind"] == "reference" and manifest["status"] == "ok"
+    assert manifest["run"] == "pgd_at-seed3" and manifest["profile"] == "tiny"
+    assert manifest["overrides"] == {"method": "pgd_at", "seed": 3}
+    assert manifest["git_commit"] is None or len(manifest["git_commit"]) == 40
+    assert {"python", "torch", "autoattack", "d2r_lib"} <= set(manifest["versions"])
+    assert manifest["device"] == "cpu" and manifest["seconds"] > 0
+    assert manifest["peak_memory_mb"]["rss"] > 0
+    # and what the reference run adds
+    assert manifest["method"] == "pgd_at" and manifest["seed"] == 3
     assert manifest["train_config"]["seed"] == 3
     assert manifest["train_config"]["method_params"] == {"steps": 2}
     assert manifest["method_params"] == {"eps": 8 / 255, "step_size": 2 / 255, "steps": 2}
     assert manifest["config"]["name"] == "tiny"
-    assert len(manifest["commit"]) >= 40 or manifest["commit"] == "unknown"
-    assert {"python", "torch", "autoattack"} <= set(manifest["versions"])
-    assert manifest["device"] == "cpu"
-    assert set(manifest["seconds"]["evaluate"]) == set(reference.METRICS)
+    assert set(manifest["timings"]["evaluate"]) == set(reference.METRICS)
     assert any("K = 2 instead of the official 10" in d for d in manifest["deviations"])
     metrics = json.loads((folder / "metrics.json").read_text())
     assert set(reference.METRICS) <= set(metrics)
@@ -49,9 +61,13 @@ def test_tiny_run_writes_a_complete_folder(tmp_path, cache):
     assert all(0 <= metrics[m] <= 1 for m in reference.METRICS)
     history = json.loads((folder / "history.json").read_text())
     assert [r["epoch"] for r in history] == [1]
-    # the shipped checkpoint reproduces the clean accuracy, exactly
+    # the results table of the folder has the run
+    assert "| reference | tiny | 3 | pgd_at | pgd_at |" in (out / "results.md").read_text()
+    # reference.load reads it (as chapters 7 and 8 do); the checkpoint reproduces clean accuracy
     (run,) = reference.load(out)
     assert run["method"] == "pgd_at" and run["seed"] == 3
+    assert run["commit"].startswith(manifest["git_commit"] or "unknown")
+    assert run["seconds"] == manifest["timings"]
     x, y = data.cifar10("test", "mini").subset(TINY.test_images).tensors()
     assert evaluate.accuracy(reference.load_target(run), x, y) == metrics["clean"]
 
@@ -71,14 +87,59 @@ def test_the_reference_configuration_is_the_reference_profile(monkeypatch):
     assert (dose.epochs, dose.method_params) == (10, {"steps": 5, "w_adv": 10.0})
 
 
-def test_rerun_skips_a_complete_folder(tmp_path, cache, capsys):
+def test_a_second_d2r_run_skips_the_complete_folder(tmp_path, cache, capsys):
     out = tmp_path / "ref"
     _run(out)
     before = {p.name: p.stat().st_mtime_ns for p in (out / "pgd_at-seed3").iterdir()}
     capsys.readouterr()
-    _run(out)
-    assert "pgd_at-seed3: complete, skipped" in capsys.readouterr().out
+    assert _run(out) == 0
+    assert "pgd_at-seed3: complete with the same parameters, skipped" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (out / "pgd_at-seed3").iterdir()} == before
+    metrics = (out / "pgd_at-seed3" / "metrics.json").read_text()
+    assert _run(out, "--force") == 0  # written again, from the checkpoint cache: the same result
+    assert "loaded the finished run" in capsys.readouterr().out
+    assert (out / "pgd_at-seed3" / "metrics.json").read_text() == metrics
+
+
+def test_a_run_another_process_holds_is_left_to_it(tmp_path, cache, capsys):
+    """Two processes given the same command share the runs: each run is locked while it runs."""
+    import subprocess
+    import sys
+
+    from d2r_lib import train
+
+    lock = train.cache_path(TINY.train_config("pgd_at", 3)) / "run.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom d2r_lib import checkpoint\n"
+         f"with checkpoint.exclusive({str(lock)!r}):\n    print('held', flush=True)\n"
+         "    sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert _run(tmp_path / "ref") == 0
+    finally:
+        holder.communicate("")
+    out = capsys.readouterr().out
+    assert "pgd_at-seed3: another process is running it, skipped" in out
+    assert "0 of 1 run(s) complete, 1 run by another process" in out
+    assert not (tmp_path / "ref" / "pgd_at-seed3").exists()
+
+
+def test_the_plan_is_method_by_seed_and_a_follow_up_names_its_folder(tmp_path):
+    from d2r_lib.lab import runner
+
+    runs = runner.plan("reference", kind="reference", out=tmp_path / "ref",
+                       params={"method": ["pgd_at", "trades"], "seed": [0, 1, 2]})
+    assert [r.name for r in runs] == [f"{m}-seed{s}" for s in (0, 1, 2)
+                                      for m in ("pgd_at", "trades")]
+    every = runner.plan("reference", kind="reference", out=tmp_path / "ref")
+    assert len(every) == len(reference.METHODS) * len(reference.SEEDS)
+    (dose,) = runner.plan("reference", kind="reference", out=tmp_path / "dose",
+                          params={"method": "d2r", "seed": 1, "w_adv": 10, "name": "d2r_w_adv10"})
+    assert dose.name == "d2r_w_adv10-seed1" and dose.parameters["w_adv"] == 10.0
+    named = runner.plan("reference", kind="reference", out=tmp_path / "dose",
+                        params={"method": "d2r", "seed": 0, "w_adv": [3, 10]})
+    assert [r.name for r in named] == ["d2r_w_adv3-seed0", "d2r_w_adv10-seed0"]
+    assert not (tmp_path / "ref").exists() and not (tmp_path / "dose").exists()
 
 
 def test_resume_after_an_interruption(tmp_path, cache, monkeypatch, capsys):
@@ -94,14 +155,12 @@ def test_resume_after_an_interruption(tmp_path, cache, monkeypatch, capsys):
         return real(model, x, y, attack, **kw)
 
     monkeypatch.setattr(evaluate, "robust_accuracy", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        _run(out)
+    assert _run(out) == 130
     folder = out / "pgd_at-seed3"
     assert not reference.is_complete(folder) and not (folder / "manifest.json").exists()
-    assert reference.plan(out, ["pgd_at"], [3]) == [("pgd_at", 3, False)]
     calls.clear()
     capsys.readouterr()
-    _run(out)
+    assert _run(out) == 0
     log = capsys.readouterr().out
     assert "loaded the finished run" in log  # training is not repeated
     # only PGD-20 on the AutoAttack images, the one not yet done
@@ -110,32 +169,59 @@ def test_resume_after_an_interruption(tmp_path, cache, monkeypatch, capsys):
     assert reference.is_complete(folder)
 
 
-def test_bad_arguments_name_the_flag_and_write_nothing(tmp_path, capsys):
+REFUSALS = [
+    (["-p", "method=fgsm_at"], "-p method='fgsm_at': the reference runs train a registered method"),
+    (["-p", "method=pgd_at,nonsense"], "-p method='nonsense'"),
+    (["-p", "seed=-1"], "-p seed=-1: the reference runs allow an integer >= 0"),
+    (["-p", "seed=1.5"], "-p seed=1.5: the reference runs allow an integer"),
+    (["-p", "method=pgd_at", "-p", "w_adv=3"], "-p w_adv: the reference runs take method, seed"),
+    (["-p", "method=d2r", "-p", "w_adv=-3"], "-p w_adv=-3: allowed: a number >= 0"),
+    (["-p", "method=d2r,pgd_at", "-p", "name=x"], "-p name='x': give one folder name"),
+    (["-p", "method=d2r", "-p", "w_adv=3,10", "-p", "name=x"], "-p name=x: one folder name for 2"),
+    (["--profile", "huge"], "--profile huge: the reference runs' profiles: reference, "
+                            "reference_e10, reference_e20, tiny"),
+    (["--chapters", "07"], "--chapters: the reference runs are no chapter"),
+    (["--device", "tpu"], "--device tpu: allowed: auto, cpu, cuda, mps"),
+]
+
+
+@pytest.mark.parametrize("argv, message", REFUSALS, ids=[" ".join(a) for a, _ in REFUSALS])
+def test_bad_inputs_name_the_flag_and_write_nothing(argv, message, tmp_path, capsys,
+                                                    monkeypatch):
+    monkeypatch.setattr(reference, "train_and_evaluate", lambda *a, **k: pytest.fail("trained"))
     out = tmp_path / "ref"
-    for argv, flag in ((["--methods", "fgsm_at"], "--methods"), (["--seeds", "-1"], "--seeds"),
-                       (["--config", "huge"], "--config"), (["--estimate"], "--estimate")):
-        with pytest.raises(SystemExit) as err:
-            reference.main(["run", "--out", str(out), *argv])
-        assert err.value.code == 2
-        assert flag in capsys.readouterr().err
+    assert d2r_run(out, *argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("error:") == 1, err
     assert not out.exists()
 
 
-def test_dry_run_lists_the_runs_and_trains_nothing(tmp_path, capsys):
+def test_an_out_holding_chapter_runs_is_refused(tmp_path, capsys):
+    out = tmp_path / "runs"
+    (out / "07_d2r_end_to_end" / "cpu").mkdir(parents=True)
+    (out / "07_d2r_end_to_end" / "cpu" / "manifest.json").write_text("{}")
+    assert d2r_run(out, "-p", "method=pgd_at") == 2
+    assert "holds the files of another run or kind" in capsys.readouterr().err
+
+
+def test_a_folder_holding_another_run_is_refused_not_skipped(tmp_path, capsys):
     out = tmp_path / "ref"
-    assert reference.main(["run", "--out", str(out), "--dry-run"]) == 0
-    text = capsys.readouterr().out
-    assert text.count("to run") == len(reference.METHODS) * len(reference.SEEDS)
-    assert "K = 5 instead of the official 10" in text
-    assert not out.exists()
+    folder = out / "pgd_at-seed3"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({
+        "status": "ok", "profile": "reference", "overrides": {"method": "pgd_at", "seed": 3}}))
+    assert _run(out) == 2
+    assert "pgd_at-seed3 holds another run (profile reference" in capsys.readouterr().err
+    assert [p.name for p in folder.iterdir()] == ["manifest.json"]
 
 
 def test_estimate_projects_every_run_to_do(tmp_path, capsys):
-    argv = ["run", "--out", str(tmp_path / "ref"), "--config", "tiny", "--methods", "standard",
-            "pgd_at", "--seeds", "0", "1", "--dry-run", "--estimate"]
-    assert reference.main(argv) == 0
+    argv = ["--profile", "tiny", "-p", "method=standard,pgd_at", "-p", "seed=0,1", "--estimate"]
+    assert d2r_run(tmp_path / "ref", *argv) == 0
     text = capsys.readouterr().out
+    assert text.count("to run") == 4
     assert "projected standard" in text and "projected pgd_at" in text and "projected total" in text
+    assert not (tmp_path / "ref").exists()
     per_run = reference.estimate(TINY, ["standard", "pgd_at"])
     assert set(per_run) == {"standard", "pgd_at"} and 0 < per_run["standard"] < per_run["pgd_at"]
 

@@ -564,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     _add_train(sub)
     _add_evaluate(sub)
-    _add_delegated(sub, "run", "runner", "execute the chapters with papermill at a profile")
+    _add_delegated(sub, "run", "runner", "execute the chapters (papermill) or the reference runs "
+                   "at a profile")
     _add_delegated(sub, "bench", "bench", "images/s of training steps and PGD-20 evaluation here")
     _add_quickstart(sub)
     _add_demo(sub)

@@ -1,7 +1,7 @@
 """One run of a chapter notebook for the runner (`d2r run`): a fresh kernel, the manifest
-(parameters, code version, versions, device, times, peak memory, status), and the results tables of
-an output folder. Also the entry point that `--nproc-per-node` starts under torchrun:
-`python -m d2r_lib.lab.notebook_run SPEC.json`.
+(parameters, code version, versions, device, times, peak memory, status; `start_manifest` writes
+every run's, the reference runs' too), and the results tables of an output folder. Also the entry
+point that `--nproc-per-node` starts under torchrun: `python -m d2r_lib.lab.notebook_run SPEC.json`.
 Chapter 9.
 """
 
@@ -24,10 +24,11 @@ from ..validate import D2RWarning
 __all__ = [
     "MANIFEST",
     "execute",
+    "finish_manifest",
     "git_commit",
-    "commit_label",
     "versions",
     "is_complete",
+    "start_manifest",
     "train_declared",
     "write_json",
     "write_results",
@@ -63,7 +64,7 @@ def git_commit() -> tuple[str | None, str | None, bool | None]:
 
 def versions() -> dict:
     """Python's version and those of the packages a run depends on (None: not installed); every
-    manifest (runner runs and the reference runs) records them."""
+    manifest records them."""
     import importlib.metadata as md
 
     found = {"python": platform.python_version()}
@@ -76,13 +77,6 @@ def versions() -> dict:
     return found
 
 
-def commit_label() -> str:
-    """The checkout's commit as one string: "<sha>", "<sha>+dirty" or "unknown" (the reference
-    runs' manifests)."""
-    commit, _, dirty = git_commit()
-    return "unknown" if commit is None else commit + ("+dirty" if dirty else "")
-
-
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -93,6 +87,30 @@ def write_json(path: Path, blob) -> None:
 
     text = json.dumps(blob, indent=1, default=str)
     checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def start_manifest(r, **fields) -> dict:
+    """The manifest of a run as it starts, the one format of every run of the runner (a chapter's
+    notebook or a reference run): `fields` (what ran), then the run, its parameters, the code's
+    commit, the versions and the host. `finish_manifest` completes it."""
+    commit, reason, dirty = git_commit()
+    manifest = {**fields, "run": r.name, "profile": r.profile, "overrides": r.overrides,
+                "passed": r.passed, "parameters": r.parameters, "git_commit": commit,
+                "git_dirty": dirty, "versions": versions(), "status": "running",
+                "started": _now(), "host_threads": os.cpu_count()}
+    if reason:
+        manifest["git_commit_reason"] = reason
+    return manifest
+
+
+def finish_manifest(manifest: dict, status: str, seconds: float, **fields) -> dict:
+    """Complete a run's manifest: when it ended, how long it took, its status and `fields`."""
+    manifest.update(ended=_now(), seconds=round(seconds, 2), status=status, **fields)
+    return manifest
+
+
+def cpu_name() -> str:
+    return f"{platform.machine()} CPU ({os.cpu_count()} threads)"
 
 
 def _notebook_label(path: Path) -> str:
@@ -210,24 +228,7 @@ def execute(r, *, kernel: str | None = None, one_thread: bool = False, log=print
     import nbformat
     import papermill.parameterize as pm
 
-    commit, reason, dirty = git_commit()
-    manifest = {
-        "chapter": r.chapter,
-        "notebook": _notebook_label(r.notebook),
-        "run": r.name,
-        "profile": r.profile,
-        "overrides": r.overrides,
-        "passed": r.passed,
-        "parameters": r.parameters,
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "versions": versions(),
-        "status": "running",
-        "started": _now(),
-        "host_threads": os.cpu_count(),
-    }
-    if reason:
-        manifest["git_commit_reason"] = reason
+    manifest = start_manifest(r, chapter=r.chapter, notebook=_notebook_label(r.notebook))
     results = r.folder / "results"
     if results.is_dir():
         for old in results.glob("*.json"):
@@ -252,8 +253,7 @@ def execute(r, *, kernel: str | None = None, one_thread: bool = False, log=print
             nb, r.notebook.parent, kernel, env, r.folder / "kernel.log"
         )
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the manifest says so, then the runner stops
-        manifest.update(ended=_now(), seconds=round(time.perf_counter() - started, 2),
-                        status="interrupted")
+        finish_manifest(manifest, "interrupted", time.perf_counter() - started)
         write_json(r.folder / MANIFEST, manifest)
         raise
     except (
@@ -268,13 +268,12 @@ def execute(r, *, kernel: str | None = None, one_thread: bool = False, log=print
     seconds = time.perf_counter() - started
     nbformat.write(nb, r.folder / "notebook.ipynb")
     saved = experiments.load_results(results) if results.is_dir() else []
-    manifest.update(
-        ended=_now(),
-        seconds=round(seconds, 2),
-        status="failed" if error else "ok",
+    finish_manifest(
+        manifest,
+        "failed" if error else "ok",
+        seconds,
         device=saved[0]["config"]["device"] if saved else r.passed["device"],
-        device_name=probe.get("device_name")
-        or f"{platform.machine()} CPU ({os.cpu_count()} threads)",
+        device_name=probe.get("device_name") or cpu_name(),
         peak_memory_mb={
             "rss": probe.get("rss_max_mb"),
             "cuda_max_allocated": probe.get("cuda_max_allocated_mb"),
@@ -318,16 +317,38 @@ def _manifests(out: Path) -> list[tuple[Path, dict]]:
                           D2RWarning, stacklevel=3)
             continue
         if isinstance(blob, dict):
-            found.append((path.parent, blob))
+            found.append((path.parent, _current(blob)))
         else:
             warnings.warn(f"skipped the damaged manifest {path} (not a JSON object)", D2RWarning,
                           stacklevel=3)
     return found
 
 
+def _current(m: dict) -> dict:
+    """A reference run's manifest written before the runner ran them, read as the runner's."""
+    if "status" in m or m.get("complete") is not True:
+        return m
+    return {**m, "kind": "reference", "status": "ok", "profile": m["config"]["name"],
+            "name": m.get("run", m["method"]),
+            "overrides": {"method": m["method"], "seed": m["seed"]},
+            "git_commit": m["commit"].split("+")[0], "seconds": m["seconds"].get("this_call")}
+
+
+def _reference_row(folder: Path, m: dict, out: Path) -> dict:
+    from ..reference import METRICS
+
+    metrics = json.loads((folder / "metrics.json").read_text())
+    return {"run": str(folder.relative_to(out)), "chapter": "reference",
+            "profile": m.get("profile"), **m.get("overrides", {}), "seed": m.get("seed"),
+            "table": "reference", "row": m.get("name"), **{k: metrics[k] for k in METRICS}}
+
+
 def _rows(runs: list[tuple[Path, dict]], out: Path) -> list[dict]:
     rows = []
     for folder, m in runs:
+        if m.get("kind") == "reference" and m.get("status") == "ok":
+            rows.append(_reference_row(folder, m, out))
+            continue
         if m.get("status") != "ok" or not (folder / "results").is_dir():
             continue
         for item in experiments.load_results(folder / "results"):
@@ -384,9 +405,9 @@ def write_results(out) -> tuple[Path, Path, Path] | None:
     summary = [
         {
             "run": str(folder.relative_to(out)),
-            "chapter": m.get("chapter"),
+            "chapter": m.get("chapter", m.get("kind")),
             "profile": m.get("profile"),
-            "seed": (m.get("parameters") or {}).get("seed"),
+            "seed": (m.get("parameters") or m.get("overrides") or {}).get("seed"),
             **m.get("overrides", {}),
             "status": m.get("status"),
             "seconds": m.get("seconds"),
@@ -404,8 +425,6 @@ def write_results(out) -> tuple[Path, Path, Path] | None:
         "seconds",
         "peak_rss_mb",
         "git_commit",
-    "commit_label",
-    "versions",
     ]
     rows = _rows(runs, out)
     metrics = list(

@@ -1,8 +1,9 @@
-"""`d2r run`: chapters as parameterised experiments, on a laptop, on several GPUs or on a Slurm
-cluster. Chapter 9 shows it.
+"""`d2r run`: the chapters and the reference runs as parameterised experiments, at any scale.
+On a laptop, on several GPUs or on a Slurm cluster; chapter 9 shows it.
 
-    d2r run --profile P [--chapters 05 07] [-p name=value ...] [--device cuda] [--force] --out DIR
-            [--nproc-per-node N] [--cluster local|slurm ...]
+    d2r run [chapters] --profile P [--chapters 05 07] [-p name=value ...] [--device cuda] [--force]
+            --out DIR [--nproc-per-node N] [--cluster local|slurm ...]
+    d2r run reference --profile reference -p method=pgd_at,trades -p seed=0,1,2 --out book/reference
 
 Every `-p` name must be a parameter of each selected chapter (its `parameters` cell), with the
 default's type and, for the common names, a range; everything is checked before anything runs or is
@@ -12,6 +13,9 @@ own folder `DIR/<chapter>/<profile>__w_clean=0__seed=0/` holding the executed no
 chapter's saved results. `DIR/results.csv` and `DIR/results.md` gather every results table of every
 run in DIR. A run that completed with the same parameters is skipped (`--force` reruns it); training
 inside a chapter resumes from its checkpoint.
+`d2r run reference` runs the reference runs instead (`reference_run`): the profile is a
+`reference.CONFIGS` name, the parameters are method, seed, name and the methods' parameters, and
+each run writes `DIR/<method>-seed<k>/` with the same manifest format.
 Executing one run, its manifest and the results tables: `notebook_run`.
 """
 
@@ -29,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import checkpoint, experiments
-from .notebook_run import MANIFEST, execute, is_complete, write_json, write_results
+from . import notebook_run, reference_run
+from .notebook_run import MANIFEST, write_json, write_results
 
 __all__ = [
     "CHAPTER_DIR",
@@ -50,6 +55,7 @@ __all__ = [
 ROOT = Path(__file__).resolve().parents[2]
 CHAPTER_DIR = ROOT / "book"
 CLUSTERS = ("none", "local", "slurm")
+KINDS = ("chapters", reference_run.KIND)
 RESERVED = {"profile": "--profile", "device": "--device"}
 
 
@@ -121,8 +127,8 @@ later (`_method_range`)."""
 class Run:
     """One execution of one chapter with one set of parameters (one point of a sweep)."""
 
-    chapter: str  # the notebook's file stem, e.g. "07_d2r_end_to_end"
-    notebook: Path
+    chapter: str  # the notebook's file stem, e.g. "07_d2r_end_to_end"; "reference": reference run
+    notebook: Path | None  # None for a reference run
     profile: str
     passed: dict  # what papermill injects: profile, device and the -p values
     parameters: dict  # every parameter of the chapter after injection
@@ -292,9 +298,13 @@ def plan(
     params: dict | None = None,
     device: str = "auto",
     nproc_per_node: int | None = None,
+    kind: str = "chapters",
 ) -> list[Run]:
-    """Check everything and list the runs (a sweep: one run per combination). Writes nothing."""
-    if profile not in experiments.PROFILES:
+    """Check everything and list the runs (a sweep: one run per combination). Writes nothing.
+    `kind` "reference": the reference runs (`reference_run.plan`)."""
+    if kind not in KINDS:
+        raise RunnerError(f"d2r run {kind}: allowed: {', '.join(KINDS)} (default chapters)")
+    if kind == "chapters" and profile not in experiments.PROFILES:
         raise RunnerError(
             f"--profile {profile}: unknown profile; allowed: {', '.join(experiments.PROFILES)}"
         )
@@ -311,8 +321,6 @@ def plan(
         or nproc_per_node < 1
     ):
         raise RunnerError(f"--nproc-per-node {nproc_per_node}: give an integer >= 1")
-    out = Path(out).absolute()
-    _check_out(out)
     params = {
         k: (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in (params or {}).items()
     }
@@ -321,6 +329,15 @@ def plan(
             raise RunnerError(f"-p {name}: set it with {RESERVED[name]}, not -p")
         if not values:
             raise RunnerError(f"-p {name}: give at least one value")
+    if kind == reference_run.KIND:
+        if chapters:
+            raise RunnerError("--chapters: the reference runs are no chapter; leave it out")
+        if nproc_per_node is not None:
+            raise RunnerError("--nproc-per-node: the reference runs train in the runner's "
+                              "process; leave it out")
+        return reference_run.plan(profile, out=out, params=params, device=device)
+    out = Path(out).absolute()
+    _check_out(out)
     runs = []
     for notebook in _select(chapters):
         chapter = notebook.stem
@@ -364,7 +381,18 @@ def _job(r: Run, kernel, one_thread: bool) -> dict:
     """What a submitit job runs: one run (a local job keeps to one thread)."""
     if one_thread:
         os.environ["OMP_NUM_THREADS"] = "1"
-    return execute(r, kernel=kernel, one_thread=one_thread)
+    return _execute(r, kernel, one_thread=one_thread)
+
+
+def _execute(r: Run, kernel, one_thread: bool = False, log=print, force: bool = False) -> dict:
+    """One run: a chapter's notebook (`notebook_run`) or a reference run (`reference_run`)."""
+    if r.notebook is None:
+        return reference_run.execute(r, log=log, force=force)
+    return notebook_run.execute(r, kernel=kernel, one_thread=one_thread, log=log)
+
+
+def _is_complete(r: Run) -> bool:
+    return (reference_run if r.notebook is None else notebook_run).is_complete(r)
 
 
 def make_executor(cluster: str, options: dict, out: Path):
@@ -436,10 +464,13 @@ def run(
     cluster: str = "none",
     cluster_options: dict | None = None,
     kernel: str | None = None,
+    kind: str = "chapters",
     log=print,
 ) -> list[dict]:
     """Plan (every check first), execute the runs not complete yet, and write the results tables.
-    Returns one manifest per run; the skipped ones carry `"skipped": True`. Chapter 9."""
+    Returns one manifest per run; the skipped ones carry `"skipped": True`. One runner per `--out`
+    for chapters; reference runs lock each run instead, so that two processes share a plan (one
+    core each). Chapter 9."""
     if cluster not in CLUSTERS:
         raise RunnerError(f"--cluster {cluster}: allowed: {', '.join(CLUSTERS)}")
     runs = plan(
@@ -449,11 +480,14 @@ def run(
         params=params,
         device=device,
         nproc_per_node=nproc_per_node,
+        kind=kind,
     )
     out = Path(out).absolute()
     executor = (
         make_executor(cluster, dict(cluster_options or {}), out) if cluster != "none" else None
     )
+    if kind == reference_run.KIND:
+        return _run_all(runs, out, force, cluster, executor, kernel, log)
     try:
         with checkpoint.exclusive(out / ".lock"):  # one runner per --out
             return _run_all(runs, out, force, cluster, executor, kernel, log)
@@ -465,7 +499,7 @@ def _run_all(runs: list[Run], out: Path, force: bool, cluster: str, executor, ke
              log) -> list[dict]:
     todo, manifests = [], {}
     for r in runs:
-        if not force and is_complete(r):
+        if not force and _is_complete(r):
             manifests[r.name] = {**json.loads((r.folder / MANIFEST).read_text()), "skipped": True}
             log(f"{r.name}: complete with the same parameters, skipped (--force reruns it)")
         else:
@@ -476,7 +510,7 @@ def _run_all(runs: list[Run], out: Path, force: bool, cluster: str, executor, ke
     else:
         for r in todo:
             log(f"{r.name}: running")
-            manifests[r.name] = execute(r, kernel=kernel, log=log)
+            manifests[r.name] = _execute(r, kernel, log=log, force=force)
     for r in runs:
         m = manifests[r.name]
         if not m.get("skipped"):
@@ -495,7 +529,17 @@ def _run_all(runs: list[Run], out: Path, force: bool, cluster: str, executor, ke
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of `d2r run`."""
     parser.add_argument(
-        "--profile", default="cpu", help=f"one of {', '.join(experiments.PROFILES)} (default cpu)"
+        "kind",
+        nargs="?",
+        default="chapters",
+        help="chapters (default: the book's notebooks) or reference (the shipped reference runs: "
+        "-p method=... -p seed=..., one folder <out>/<method>-seed<k> each)",
+    )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help=f"one of {', '.join(experiments.PROFILES)} (default cpu); for reference runs one of "
+        "reference.CONFIGS (default reference)",
     )
     parser.add_argument(
         "--chapters",
@@ -573,15 +617,18 @@ def main(args: argparse.Namespace) -> int:
         "cpus": args.cpus_per_job,
         "parallel": args.max_parallel,
     }
+    reference = args.kind == reference_run.KIND
+    profile = args.profile or ("reference" if reference else "cpu")
     try:
         if args.estimate:
-            return _estimate(
-                plan(args.profile, out=args.out, chapters=args.chapters,
-                     params=_parse_cli(args.param), device=args.device),
-                args.device,
-            )
+            runs = plan(profile, out=args.out, chapters=args.chapters, kind=args.kind,
+                        params=_parse_cli(args.param), device=args.device)
+            if reference:
+                print(reference_run.estimate(runs, args.device))
+                return 0
+            return _estimate(runs, args.device)
         manifests = run(
-            args.profile,
+            profile,
             out=args.out,
             chapters=args.chapters,
             params=_parse_cli(args.param),
@@ -591,14 +638,17 @@ def main(args: argparse.Namespace) -> int:
             cluster=args.cluster,
             cluster_options=options,
             kernel=args.kernel,
+            kind=args.kind,
         )
     except RunnerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    failed = [m for m in manifests if m.get("status") != "ok"]
+    failed = [m for m in manifests if m.get("status") not in ("ok", "busy")]
+    busy = sum(m.get("status") == "busy" for m in manifests)
     print(
-        f"{len(manifests) - len(failed)} of {len(manifests)} run(s) complete; "
-        f"tables in {args.out}/results.md"
+        f"{len(manifests) - len(failed) - busy} of {len(manifests)} run(s) complete"
+        + (f", {busy} run by another process" if busy else "")
+        + f"; tables in {args.out}/results.md"
     )
     for m in failed:
         where = f", cell {m['error']['cell']}" if m.get("error", {}).get("cell") else ""
