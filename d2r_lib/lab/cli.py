@@ -582,11 +582,19 @@ def _interrupt(signum, frame):
     raise Interrupted("SIGTERM")
 
 
+_CTRL_C: list[int] = []  # Ctrl-C seen by this process, even if a library's import swallowed it
+
+
+def _ctrl_c(signum, frame):
+    _CTRL_C.append(signum)
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     """Run one command; returns the exit code (`EXIT_CODES`). Ctrl-C and SIGTERM stop it with one
     line and code 130, at any moment."""
     try:
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        previous = signal.signal(signal.SIGTERM, _interrupt), signal.signal(signal.SIGINT, _ctrl_c)
     except ValueError:  # not the main thread: signals stay as they are
         previous = None
     try:
@@ -597,7 +605,8 @@ def main(argv=None) -> int:
                      "atomic): run the same command again to resume", 130)
     finally:
         if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, previous[0])
+            signal.signal(signal.SIGINT, previous[1])
 
 
 def _main(argv) -> int:
@@ -616,6 +625,8 @@ def _main(argv) -> int:
 
     from .. import checkpoint, data, train
 
+    if _CTRL_C:  # a Ctrl-C while torch was loading, which an extension's import may swallow
+        raise KeyboardInterrupt
     refused = (ValueError, TypeError, OSError, checkpoint.CheckpointError, checkpoint.Busy,
                getattr(data, "DataError", ValueError))  # missing, corrupt or tampered data
     torch.set_flush_denormal(True)  # this process: barely trained models have slow denormal floats
