@@ -593,6 +593,7 @@ def _ctrl_c(signum, frame):
 def main(argv=None) -> int:
     """Run one command; returns the exit code (`EXIT_CODES`). Ctrl-C and SIGTERM stop it with one
     line and code 130, at any moment."""
+    _CTRL_C.clear()  # a Ctrl-C of an earlier call in this process is not this call's
     try:
         previous = signal.signal(signal.SIGTERM, _interrupt), signal.signal(signal.SIGINT, _ctrl_c)
     except ValueError:  # not the main thread: signals stay as they are
