@@ -72,17 +72,6 @@ def _check(name: str, values: list, chosen: list[str]) -> list:
     return list(dict.fromkeys(out))
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise _error(f"--out {out}: is a file; give a folder")
-    foreign = [p for p in ("manifest.json", "last.pt", "history.json") if (out / p).exists()]
-    foreign += [str(p.relative_to(out)) for p in out.glob(f"*/*/{MANIFEST}")][:1]
-    if foreign:  # a training run, or chapter runs of `d2r run`
-        raise _error(f"--out {out} holds the files of another run or kind ({foreign[0]}; the "
-                     "reference runs keep their manifests in <out>/<name>-seed<k>/); nothing was "
-                     "overwritten: give another folder")
-
-
 def plan(profile: str, *, out, params: dict, device: str) -> list:
     """Check everything and list the runs, one per (method, seed). Writes nothing."""
     from .runner import Run
@@ -99,7 +88,10 @@ def plan(profile: str, *, out, params: dict, device: str) -> list:
         raise _error(f"-p name={','.join(names)}: give one folder name, not a sweep")
     checked = {k: _check(k, v, chosen) for k, v in params.items()}
     out = Path(out).absolute()
-    _check_out(out)
+    from . import runner
+
+    runner.check_out(out, foreign_manifests=f"*/*/{MANIFEST}",
+                     layout="the reference runs keep their manifests in <out>/<name>-seed<k>/")
     runs = []
     for seed, method, *combo in itertools.product(seeds, chosen, *checked.values()):
         extra = dict(zip(checked, combo))

@@ -274,15 +274,18 @@ def _folder_name(profile: str, overrides: dict) -> str:
     return safe
 
 
-def _check_out(out: Path) -> None:
+def check_out(out: Path, *, foreign_manifests: str = f"*/{MANIFEST}",
+              layout: str = "`d2r run` keeps its manifests in <out>/<chapter>/<run>/") -> None:
+    """Refuse an --out that is a file, holds another kind of run (a manifest matching
+    `foreign_manifests`, or a training run's files) or cannot be written; `layout` says where this
+    kind keeps its manifests."""
     if out.exists() and not out.is_dir():
         raise RunnerError(f"--out {out}: is a file; give a folder")
     foreign = [p for p in ("manifest.json", "last.pt", "history.json") if (out / p).exists()]
-    foreign += [str(p.relative_to(out)) for p in out.glob(f"*/{MANIFEST}")][:1]
+    foreign += [str(p.relative_to(out)) for p in out.glob(foreign_manifests)][:1]
     if foreign:  # a run folder of another kind (a training run, a shipped reference run)
         raise RunnerError(f"--out {out} holds the files of another run or kind ({foreign[0]}; "
-                          f"`d2r run` keeps its manifests in <out>/<chapter>/<run>/); nothing was "
-                          "overwritten: give another folder")
+                          f"{layout}); nothing was overwritten: give another folder")
     parent = out
     while not parent.exists():
         parent = parent.parent
@@ -337,7 +340,7 @@ def plan(
                               "process; leave it out")
         return reference_run.plan(profile, out=out, params=params, device=device)
     out = Path(out).absolute()
-    _check_out(out)
+    check_out(out)
     runs = []
     for notebook in _select(chapters):
         chapter = notebook.stem
